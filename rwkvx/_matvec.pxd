@@ -1,0 +1,30 @@
+from libc.stdint cimport uint8_t
+
+cdef enum MatrixKind:
+    MATRIX_F32 = 0
+    MATRIX_U8 = 1
+
+# A weight matrix as the kernels see it: (n_rows, n_cols) row-major, the checkpoint's
+# (out, in) orientation. For MATRIX_U8, W[i, j] ~ (q[i, j] + 0.5) * ry[i] * rx[j] + my[i] + mx[j].
+cdef struct Matrix:
+    int kind
+    Py_ssize_t n_rows
+    Py_ssize_t n_cols
+    const float* f32      # (n_rows, n_cols), MATRIX_F32
+    const uint8_t* q      # (n_rows, n_cols), MATRIX_U8
+    const float* mx       # (n_cols,)
+    const float* rx       # (n_cols,)
+    const float* my       # (n_rows,)
+    const float* ry       # (n_rows,)
+
+cdef void _matvec_f32(float* out, const float* W, const float* x,
+                      Py_ssize_t n_rows, Py_ssize_t n_cols, int n_threads) noexcept nogil
+cdef void _matvec_u8(float* out, const Matrix* m, const float* x, float* xr,
+                     int n_threads) noexcept nogil
+cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
+                  int n_threads) noexcept nogil
+
+cdef class Linear:
+    cdef Matrix m
+    # the numpy arrays behind m's pointers, kept alive as long as this object
+    cdef readonly tuple arrays

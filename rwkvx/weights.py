@@ -1,0 +1,94 @@
+"""The in-memory layout of an RWKV-4 model's weights, independent of file format.
+
+Loaders fill a ModelWeights; the model and the reference read it. Names follow
+rwkv.cpp's naming of BlinkDL's tensors (``blocks.3.att.key.weight`` is
+``blocks[3]["att_key"]``). Load-time transforms are already applied: ``time_*`` vectors
+are squeezed to (n_embd,), and ``att_time_decay`` holds ``-exp(time_decay)``, the
+per-channel log-decay that the recurrence adds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from rwkvx.quant import QuantizedMatrix
+
+# (n_embd,) float32 per layer
+VECTOR_NAMES = (
+    "ln1_weight", "ln1_bias", "ln2_weight", "ln2_bias",
+    "att_time_mix_k", "att_time_mix_v", "att_time_mix_r", "att_time_first", "att_time_decay",
+    "ffn_time_mix_k", "ffn_time_mix_r",
+)
+# (n_embd, n_embd) except ffn_key (n_ffn, n_embd) and ffn_value (n_embd, n_ffn)
+MATRIX_NAMES = (
+    "att_key", "att_value", "att_receptance", "att_output",
+    "ffn_key", "ffn_receptance", "ffn_value",
+)
+
+Matrix = Union[np.ndarray, QuantizedMatrix]
+
+# State rows per layer, the order of ChatRWKV's state[5 * i + k]
+FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP = range(5)
+# pp starts at "minus infinity" (ChatRWKV's -1e30: finite, so pp - p never makes NaN)
+PP_INIT = -1e30
+
+
+@dataclass
+class ModelWeights:
+    """emb (n_vocab, n_embd) float32; ln0/ln_out vectors (n_embd,); head (n_vocab, n_embd)."""
+
+    emb: np.ndarray
+    ln0_weight: np.ndarray
+    ln0_bias: np.ndarray
+    blocks: list[dict[str, Matrix]]
+    ln_out_weight: np.ndarray
+    ln_out_bias: np.ndarray
+    head: Matrix
+    dtype: str = "float32"
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.emb.shape[0]
+
+    @property
+    def n_embd(self) -> int:
+        return self.emb.shape[1]
+
+    @property
+    def n_ffn(self) -> int:
+        return self.blocks[0]["ffn_key"].shape[0]
+
+    def arrays(self):
+        """Every array held, once each (quantised matrices contribute their parts)."""
+        def parts(m):
+            return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
+        out = [self.emb, self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias]
+        out += parts(self.head)
+        for block in self.blocks:
+            for value in block.values():
+                out += parts(value)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Weight bytes one decoded token reads: all but the unused embedding rows."""
+        return self.nbytes - self.emb.nbytes + self.emb.itemsize * self.n_embd
+
+
+def new_state(n_layer: int, n_embd: int, dtype=np.float32) -> np.ndarray:
+    """A fresh state (n_layer, 5, n_embd): zeros, with pp at PP_INIT."""
+    state = np.zeros((n_layer, 5, n_embd), dtype=dtype)
+    state[:, ATT_PP, :] = PP_INIT
+    return state

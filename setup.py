@@ -1,0 +1,109 @@
+"""Build the Cython extensions, with OpenMP where the compiler has it.
+
+Environment switches:
+  RWKVX_NO_OPENMP=1       build serial kernels without probing for OpenMP
+  RWKVX_REQUIRE_OPENMP=1  fail the build instead of falling back to serial kernels
+  RWKVX_CYTHON_DEBUG=1    bounds checks on (slow; for hunting memory errors)
+  RWKVX_ANNOTATE=1        write Cython's annotated HTML next to each .pyx
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+MOD_NAMES = ["rwkvx._parallel", "rwkvx._matvec", "rwkvx._layer"]
+
+COMPILER_DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": os.environ.get("RWKVX_CYTHON_DEBUG") == "1",
+    "wraparound": False,
+    "initializedcheck": False,
+    "nonecheck": False,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def _flag_on(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+class BuildExt(build_ext):
+    """Chooses flags once the compiler is known (it is only after finalize_options)."""
+
+    def build_extensions(self):
+        msvc = self.compiler.compiler_type == "msvc"
+        # -O3 for the vector loops; never -ffast-math: the WKV max trick relies on infinities
+        compile_args = ["/O2"] if msvc else ["-O3"]
+        link_args = []
+        openmp = self._openmp_flags(msvc)
+        if openmp:
+            compile_args += openmp[0]
+            link_args += openmp[1]
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_args + ext.extra_compile_args
+            ext.extra_link_args = link_args + ext.extra_link_args
+        super().build_extensions()
+
+    def _openmp_flags(self, msvc):
+        if _flag_on("RWKVX_NO_OPENMP"):
+            return None
+        flags = (["/openmp"], []) if msvc else (["-fopenmp"], ["-fopenmp"])
+        if self._probe(*flags):
+            return flags
+        message = "the C compiler has no working OpenMP: rwkvx will run on one thread"
+        if _flag_on("RWKVX_REQUIRE_OPENMP"):
+            sys.exit(f"error: {message} (RWKVX_REQUIRE_OPENMP is set)")
+        warnings.warn(message)
+        print(f"WARNING: {message}", file=sys.stderr)
+        return None
+
+    def _probe(self, compile_args, link_args):
+        tmp = tempfile.mkdtemp(prefix="rwkvx-openmp-")
+        try:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write(OPENMP_PROBE)
+            objects = self.compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
+            exe = os.path.join(tmp, "probe")
+            self.compiler.link_executable(objects, exe, extra_postargs=link_args)
+            subprocess.run([exe], check=True, capture_output=True)
+            return True
+        except Exception:
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+extensions = [
+    Extension(name, [name.replace(".", "/") + ".pyx"], include_dirs=["rwkvx"])
+    for name in MOD_NAMES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=COMPILER_DIRECTIVES,
+        annotate=_flag_on("RWKVX_ANNOTATE"),
+    ),
+    cmdclass={"build_ext": BuildExt},
+)
