@@ -1,0 +1,362 @@
+"""Tests for rwkvx.tokenizer: round trips, streaming that never splits a character, loading errors."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from rwkvx.errors import TokenizerError
+from rwkvx.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    WorldTokenizer,
+    load_tokenizer,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+NEOX_JSON = SHARED / "tokenizers" / "20B_tokenizer.json"
+WORLD_TXT = SHARED / "tokenizers" / "rwkv_vocab_v20230424.txt"
+
+# Multi-byte characters of every UTF-8 length: 2 (é, ö, ñ), 3 (中文, —, “”), 4 (emoji).
+TEXTS = [
+    "Hello, world!",
+    "Héllo wörld, señor — “quoted” café naïve",
+    "中文字符和日本語のテキスト",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
+    "  leading spaces\n\n\ttabs and newlines\r\n",
+    "",
+]
+
+
+def stream_all(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Push ids one at a time; return every push's result followed by flush()'s."""
+    decoder = tokenizer.stream()
+    pieces = [decoder.push(i) for i in ids]
+    pieces.append(decoder.flush())
+    return pieces
+
+
+# ---- ByteTokenizer
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_bytes_round_trip(text: str) -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == 256 and tok.eos_id is None
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_bytes_stream_never_splits_a_character(text: str) -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    pieces = stream_all(tok, ids)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_bytes_stream_holds_back_an_emoji_until_its_last_byte() -> None:
+    tok = ByteTokenizer()
+    decoder = tok.stream()
+    assert [decoder.push(b) for b in "a😀".encode("utf-8")] == ["a", "", "", "", "😀"]
+    assert decoder.flush() == ""
+
+
+def test_bytes_stream_flush_replaces_an_unfinished_character() -> None:
+    tok = ByteTokenizer()
+    ids = list("x😀".encode("utf-8"))[:3]
+    pieces = stream_all(tok, ids)
+    assert pieces == ["x", "", "", "\ufffd"]
+    assert "".join(pieces) == tok.decode(ids)
+
+
+def test_bytes_stream_equals_decode_on_random_bytes() -> None:
+    # Invalid UTF-8 must be replaced the same way whether decoded at once or byte by byte.
+    rng = random.Random(1234)
+    tok = ByteTokenizer()
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(256), rng.randrange(0x80, 0x100)]) for _ in range(rng.randrange(1, 12))]
+        assert "".join(stream_all(tok, ids)) == tok.decode(ids)
+
+
+def test_stream_returns_a_fresh_decoder() -> None:
+    tok = ByteTokenizer()
+    first = tok.stream()
+    assert first.push(0xF0) == ""
+    assert tok.stream().push(ord("a")) == "a"
+
+
+def test_bytes_decode_rejects_out_of_range_ids() -> None:
+    tok = ByteTokenizer()
+    for bad in (256, -1):
+        with pytest.raises(TokenizerError, match=r"token id: expected 0 <= id < 256"):
+            tok.decode([65, bad])
+    with pytest.raises(TokenizerError):
+        tok.stream().push(300)
+
+
+def test_encode_rejects_non_text() -> None:
+    with pytest.raises(TypeError, match="text: expected str"):
+        ByteTokenizer().encode(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(TokenizerError, match="surrogate"):
+        ByteTokenizer().encode("a\ud800b")
+
+
+# ---- HFTokenizer: GPT-NeoX 20B (byte-level BPE)
+
+
+@pytest.fixture(scope="module")
+def neox() -> HFTokenizer:
+    if not NEOX_JSON.is_file():
+        pytest.skip(f"{NEOX_JSON} not found")
+    return HFTokenizer(NEOX_JSON)
+
+
+def test_neox_vocabulary(neox: HFTokenizer) -> None:
+    assert neox.byte_level
+    assert neox.vocab_size == 50277
+    assert neox.eos_id == 0
+    assert neox.decode([0]) == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_neox_round_trip_and_stream(neox: HFTokenizer, text: str) -> None:
+    ids = neox.encode(text)
+    assert neox.decode(ids) == text
+    pieces = stream_all(neox, ids)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_neox_splits_an_emoji_over_tokens_and_streams_it_whole(neox: HFTokenizer) -> None:
+    # Byte-level BPE cuts this emoji in the middle, so one push alone would be half a character.
+    ids = neox.encode(" 😀")
+    assert len(ids) >= 2
+    pieces = stream_all(neox, ids)
+    assert [p for p in pieces if p] == [" ", "😀"]
+
+
+def test_neox_decode_matches_the_library_on_random_ids(neox: HFTokenizer) -> None:
+    rng = random.Random(7)
+    ids = [rng.randrange(neox.vocab_size) for _ in range(400)]
+    assert neox.decode(ids) == neox._hf.decode(ids, skip_special_tokens=False)
+    assert "".join(stream_all(neox, ids)) == neox.decode(ids)
+
+
+def test_neox_decode_rejects_out_of_range_ids(neox: HFTokenizer) -> None:
+    with pytest.raises(TokenizerError, match="50277"):
+        neox.decode([50277])
+
+
+# ---- HFTokenizer: not byte-level (SentencePiece-style with byte fallback), built here
+
+
+def write_sentencepiece_like(path: Path) -> Path:
+    """Write a tiny Llama-style tokenizer.json: ▁ for spaces, <0xNN> tokens for unknown bytes."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "</s>": 1}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in "▁abcdefghijklmnopqrstuvwxyzé":
+        vocab[c] = len(vocab)
+    vocab["▁h"] = len(vocab)
+    vocab["▁he"] = len(vocab)
+    tok = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=[("▁", "h"), ("▁h", "e")], byte_fallback=True, unk_token="<unk>")
+    )
+    tok.add_special_tokens([AddedToken("<unk>", special=True), AddedToken("</s>", special=True)])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.save(str(path))
+    return path
+
+
+def test_window_stream_on_a_byte_fallback_tokenizer(tmp_path: Path) -> None:
+    tok = load_tokenizer(write_sentencepiece_like(tmp_path / "tokenizer.json"), 1000)
+    assert isinstance(tok, HFTokenizer) and not tok.byte_level
+    assert tok.eos_id == 1
+    text = "hello 😀 wörld é"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = stream_all(tok, ids)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    with pytest.raises(TokenizerError):
+        tok.token_bytes(5)
+
+
+# ---- WorldTokenizer
+
+
+@pytest.fixture(scope="module")
+def world() -> WorldTokenizer:
+    if not WORLD_TXT.is_file():
+        pytest.skip(f"{WORLD_TXT} not found")
+    return WorldTokenizer(WORLD_TXT)
+
+
+def test_world_vocabulary(world: WorldTokenizer) -> None:
+    assert world.vocab_size == 65536
+    assert world.eos_id == 0
+    assert world.decode([0]) == ""
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_world_round_trip_and_stream(world: WorldTokenizer, text: str) -> None:
+    ids = world.encode(text)
+    assert world.decode(ids) == text
+    pieces = stream_all(world, ids)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_world_encoding_is_greedy_longest_match(world: WorldTokenizer) -> None:
+    data = "The quick brown fox 中文 😀\n\n    def f():".encode("utf-8")
+    ids = world.encode(data.decode("utf-8"))
+    i = 0
+    for token_id in ids:
+        token = world.token_bytes(token_id)
+        assert data.startswith(token, i)
+        # No longer token matches at this position.
+        longer = [t for t in world._table if len(t) > len(token) and data.startswith(t, i)]
+        assert longer == []
+        i += len(token)
+    assert i == len(data)
+
+
+def test_world_encodes_10kb_quickly(world: WorldTokenizer) -> None:
+    text = ("Héllo wörld 😀 中文 naïve café — “quotes”\n\ndef f(x):\n    return x ** 2\n" * 200)[:10_000]
+    start = time.perf_counter()
+    ids = world.encode(text)
+    assert time.perf_counter() - start < 0.5
+    assert world.decode(ids) == text
+
+
+def write_vocab(path: Path, extra_lines: list[str]) -> Path:
+    """Write a small World-format vocabulary: all 256 bytes, then extra_lines."""
+    lines = [f"{b + 1} {bytes([b])!r} 1" for b in range(256)]
+    path.write_text("\n".join(lines + extra_lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_world_greedy_on_a_small_vocabulary(tmp_path: Path) -> None:
+    path = write_vocab(tmp_path / "vocab.txt", ["300 'ab' 2", "301 'abcd' 4", "302 'é' 2", "303 b'\\xf0\\x9f' 2"])
+    tok = WorldTokenizer(path)
+    assert tok.encode("abcd") == [301]
+    # "abc" is not a token, so the longest match at 0 is "ab" even though "abcd" nearly fits.
+    assert tok.encode("abce") == [300, ord("c") + 1, ord("e") + 1]
+    assert tok.encode("é") == [302]
+    ids = tok.encode("😀")
+    assert ids[0] == 303 and tok.decode(ids) == "😀"
+    assert "".join(stream_all(tok, ids)) == "😀"
+    # Ids without a line decode to nothing rather than failing mid-generation.
+    assert tok.decode([0, 65535]) == ""
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("300 'abc' 2", "expected token 300 to be 2 bytes, got 3"),
+        ("300 'é' 1", "expected token 300 to be 1 bytes, got 2"),
+        ("300 abc 3", "expected 'ID REPR LEN'"),
+        ("300 __import__('os').getcwd() 1", "expected 'ID REPR LEN'"),
+        ("300 12 2", "expected 'ID REPR LEN'"),
+        ("x 'ab' 2", "expected 'ID REPR LEN'"),
+        ("70000 'ab' 2", "expected an id in 1..65535"),
+        ("5 'zz' 2", "duplicate"),
+        ("300 'a' 1", "duplicate"),
+    ],
+)
+def test_world_rejects_malformed_lines(tmp_path: Path, line: str, match: str) -> None:
+    path = write_vocab(tmp_path / "vocab.txt", [line])
+    with pytest.raises(TokenizerError, match=match) as info:
+        WorldTokenizer(path)
+    assert ":257:" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# ---- load_tokenizer
+
+
+def test_load_none_is_bytes_for_a_256_token_model() -> None:
+    assert isinstance(load_tokenizer(None, 256), ByteTokenizer)
+
+
+def test_load_none_needs_a_file_for_other_models() -> None:
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer(None, 50277)
+    message = str(info.value)
+    assert "50277" in message and "--tokenizer" in message
+    assert "20B_tokenizer.json" in message and "rwkv_vocab_v20230424.txt" in message
+    assert "\n" not in message
+
+
+def test_load_bytes_by_name() -> None:
+    assert isinstance(load_tokenizer("bytes", 256), ByteTokenizer)
+    assert isinstance(load_tokenizer("bytes", 50277), ByteTokenizer)
+    with pytest.raises(TokenizerError, match="has 256 tokens but the model's vocabulary has 97"):
+        load_tokenizer("bytes", 97)
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(TokenizerError, match="nope.json") as info:
+        load_tokenizer(missing, 50277)
+    assert "\n" not in str(info.value)
+
+
+def test_load_directory(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match=re.escape(str(tmp_path))):
+        load_tokenizer(tmp_path, 50277)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\x01\x02garbage\xff\xfe",
+        b"hello world\n",
+        b"",
+        b"{ this is not json",
+        b'{"version": "1.0", "model": {"type": "Nonsense"}}',
+        b"[1, 2, 3]",
+        b"1 'a' 1\n2 not-a-literal 1\n",
+        b"1 'a' 1\n2 '\xff' 1\n",
+    ],
+)
+def test_load_garbage_is_a_tokenizer_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "tok.json"
+    path.write_bytes(content)
+    with pytest.raises(TokenizerError, match="tok.json") as info:
+        load_tokenizer(path, 65536)
+    assert "\n" not in str(info.value)
+
+
+def test_load_detects_by_content_not_extension(tmp_path: Path) -> None:
+    path = write_vocab(tmp_path / "vocab.json", ["300 'ab' 2"])
+    assert isinstance(load_tokenizer(str(path), 65536), WorldTokenizer)
+    json_path = write_sentencepiece_like(tmp_path / "tokenizer.txt")
+    assert isinstance(load_tokenizer(json_path, 65536), HFTokenizer)
+
+
+def test_load_world_too_big_for_the_model(tmp_path: Path) -> None:
+    path = write_vocab(tmp_path / "vocab.txt", [])
+    with pytest.raises(TokenizerError, match=r"has 65536 tokens but the model's vocabulary has 50277"):
+        load_tokenizer(path, 50277)
+
+
+def test_load_shared_tokenizers(neox: HFTokenizer, world: WorldTokenizer) -> None:
+    assert isinstance(load_tokenizer(NEOX_JSON, 50277), HFTokenizer)
+    assert isinstance(load_tokenizer(str(WORLD_TXT), 65536), WorldTokenizer)
+    with pytest.raises(TokenizerError, match="has 50277 tokens but the model's vocabulary has 256"):
+        load_tokenizer(NEOX_JSON, 256)
