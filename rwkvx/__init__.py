@@ -9,8 +9,15 @@ except ImportError as e:  # pragma: no cover - only without a build
     ) from e
 
 from rwkvx.errors import CheckpointError, RwkvxError, TokenizerError
+from rwkvx.generate import TextStream, generate
 from rwkvx.model import RWKV, load
+from rwkvx.sampling import Sampler
+from rwkvx.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, WorldTokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["RWKV", "load", "RwkvxError", "CheckpointError", "TokenizerError", "__version__"]
+__all__ = [
+    "RWKV", "load", "generate", "TextStream", "Sampler",
+    "Tokenizer", "ByteTokenizer", "HFTokenizer", "WorldTokenizer", "load_tokenizer",
+    "RwkvxError", "CheckpointError", "TokenizerError", "__version__",
+]

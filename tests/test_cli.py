@@ -1,0 +1,134 @@
+"""python -m rwkvx.run end to end, and every bad input giving one line and exit status 2."""
+import subprocess
+import sys
+
+import pytest
+
+from rwkvx.run import main
+
+from conftest import TINY_MODEL, TOKENIZER_20B, save_random_model, shared_file
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "rwkvx.run", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def byte_model(tmp_path):
+    """A random model with the byte vocabulary, so the CLI picks the byte tokenizer."""
+    return save_random_model(tmp_path / "bytes.safetensors", 2, 32, 256)
+
+
+def test_generates_and_reports(byte_model):
+    result = run_cli("-m", byte_model, "-p", "Hello", "-n", "20", "-s", "7", "--temp", "0.8", "--top-k", "50")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "2 layers, 32 wide, vocabulary 256, dtype float32" in lines[0]
+    assert "generated 20 tokens" in lines[-1] and "tokens/s" in lines[-1]
+    assert "Traceback" not in result.stderr
+    # same seed, same text
+    again = run_cli("-m", byte_model, "-p", "Hello", "-n", "20", "-s", "7", "--temp", "0.8", "--top-k", "50")
+    assert again.stdout == result.stdout
+
+
+def test_prompt_from_file_and_stdin(byte_model, tmp_path):
+    (tmp_path / "prompt.txt").write_text("Once upon a time")
+    from_file = run_cli("-m", byte_model, "-f", tmp_path / "prompt.txt", "-n", "8", "--temp", "0")
+    from_stdin = run_cli("-m", byte_model, "-n", "8", "--temp", "0", stdin="Once upon a time")
+    from_arg = run_cli("-m", byte_model, "-p", "Once upon a time", "-n", "8", "--temp", "0")
+    assert from_file.returncode == from_stdin.returncode == from_arg.returncode == 0
+    assert from_file.stdout == from_stdin.stdout == from_arg.stdout
+
+
+def test_uint8_and_threads(byte_model):
+    result = run_cli("-m", byte_model, "-p", "abc", "-n", "5", "--dtype", "uint8", "-t", "1", "-s", "1")
+    assert result.returncode == 0, result.stderr
+    assert "dtype uint8, 1 threads" in result.stderr
+
+
+def test_stop_string(capsys):
+    path = shared_file(TINY_MODEL)
+    assert main(["-m", str(path), "-p", "In the", "-n", "60", "--temp", "0"]) == 0
+    full = capsys.readouterr().out
+    stop = full[5:8]
+    assert main(["-m", str(path), "-p", "In the", "-n", "60", "--temp", "0", "--stop", stop]) == 0
+    assert capsys.readouterr().out == full[:full.index(stop)]
+
+
+def test_trained_model_with_greedy_sampling_is_deterministic(capsys):
+    path = str(shared_file(TINY_MODEL))
+    outs = []
+    for dtype in ("float32", "float32", "uint8"):
+        assert main(["-m", path, "-p", "The ", "-n", "30", "--temp", "0", "--dtype", dtype]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0]) > 0
+
+
+def test_help_documents_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--prompt", "--file", "--n-predict", "--threads", "--seed", "--temp", "--top-k",
+                 "--top-p", "--presence-penalty", "--frequency-penalty", "--tokenizer", "--dtype", "--stop"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["-n", "-1"], "n-predict"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--temp", "-0.5"], "temp"),
+    (["--top-k", "-1"], "top-k"),
+    (["-t", "0"], "threads"),
+    (["--dtype", "int4"], "invalid choice: 'int4'"),
+    (["--bogus"], "unrecognized arguments"),
+    (["-s", "x"], "seed"),
+])
+def test_bad_options(byte_model, capsys, args, match):
+    assert main(["-m", str(byte_model), "-p", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rwkvx: error: ") and match in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("model,match", [
+    ("missing.safetensors", "no such file"),
+    ("garbage.bin", "not a checkpoint"),
+    ("truncated.safetensors", "truncated"),
+])
+def test_bad_model_files(tmp_path, byte_model, capsys, model, match):
+    (tmp_path / "garbage.bin").write_bytes(b"garbage" * 10)
+    (tmp_path / "truncated.safetensors").write_bytes(byte_model.read_bytes()[:5000])
+    assert main(["-m", str(tmp_path / model), "-p", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rwkvx: error: ") and match in err and err.count("\n") == 1
+
+
+def test_bad_tokenizers(tmp_path, byte_model, capsys):
+    assert main(["-m", str(byte_model), "-p", "x", "--tokenizer", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    big_vocab = shared_file(TOKENIZER_20B)
+    assert main(["-m", str(byte_model), "-p", "x", "--tokenizer", str(big_vocab)]) == 2
+    assert "50277 tokens but the model's vocabulary has 256" in capsys.readouterr().err
+
+
+def test_vocabulary_without_tokenizer(tmp_path, capsys):
+    path = save_random_model(tmp_path / "m.safetensors", 1, 8, 300)
+    assert main(["-m", str(path), "-p", "x"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+def test_missing_prompt_file(byte_model, tmp_path, capsys):
+    assert main(["-m", str(byte_model), "-f", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt: no such prompt file" in capsys.readouterr().err
+
+
+def test_empty_prompt(byte_model, capsys):
+    assert main(["-m", str(byte_model), "-p", ""]) == 2
+    assert capsys.readouterr().err.startswith("rwkvx: error: ")
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    (tmp_path / "garbage.bin").write_bytes(b"\x00" * 100)
+    result = run_cli("-m", tmp_path / "garbage.bin", "-p", "x")
+    assert result.returncode == 2
+    assert result.stderr.startswith("rwkvx: error: ") and "Traceback" not in result.stderr
