@@ -1,0 +1,43 @@
+"""Shared fixtures: seeded random checkpoints, the third-party files in ../shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvx.testing import random_tensors, write_safetensors
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY_MODEL = SHARED / "models" / "tiny-rwkv-660K-FP32.bin"
+TINY_EXPECTED = SHARED / "models" / "expected_logits.bin"
+TOKENIZER_20B = SHARED / "tokenizers" / "20B_tokenizer.json"
+
+# 108 bytes of English text, the sample on which the uint8 format's quality is measured
+ENGLISH = (b"The quick brown fox jumps over the lazy dog. In the beginning was the word, "
+           b"and the word was with the model.")
+
+
+def shared_file(path: Path) -> Path:
+    """Skip the test when ../shared (third-party test data) is not beside the project."""
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def save_random_model(path: Path, n_layer=2, n_embd=64, n_vocab=97, n_ffn=None, seed=0,
+                      dtype="float32", time_shape="blinkdl") -> Path:
+    tensors = random_tensors(n_layer, n_embd, n_vocab, n_ffn=n_ffn, seed=seed, time_shape=time_shape)
+    write_safetensors(path, tensors, dtype=dtype)
+    return path
+
+
+@pytest.fixture
+def tiny_path(tmp_path) -> Path:
+    """A seeded random model (2 layers, 64 wide, vocabulary 97) as float32 safetensors."""
+    return save_random_model(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

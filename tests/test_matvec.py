@@ -1,0 +1,104 @@
+"""Matrix-vector kernels against float64 numpy, at awkward sizes, in both instruction sets."""
+import numpy as np
+import pytest
+
+from rwkvx import _matvec
+from rwkvx._parallel import openmp_enabled
+from rwkvx.errors import RwkvxError
+from rwkvx.quant import quantize_u8
+
+SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
+LEVELS = sorted({0, _matvec.simd_level()})
+
+
+@pytest.fixture(params=LEVELS, ids=lambda level: ["portable", "avx2"][level])
+def simd(request):
+    before = _matvec.simd_level()
+    _matvec.set_simd_level(request.param)
+    yield request.param
+    _matvec.set_simd_level(before)
+
+
+def _data(rng, n_rows, n_cols):
+    w = (rng.standard_normal((n_rows, n_cols)) / np.sqrt(n_cols)).astype(np.float32)
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    return w, x
+
+
+@pytest.mark.parametrize("n_cols", SIZES)
+@pytest.mark.parametrize("n_rows", [1, 3, 17, 64])
+def test_matvec_f32_against_numpy(simd, rng, n_rows, n_cols):
+    w, x = _data(rng, n_rows, n_cols)
+    y = _matvec.Linear.f32(w)(x, n_threads=2)
+    np.testing.assert_allclose(y, w.astype(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_cols", SIZES)
+@pytest.mark.parametrize("n_rows", [1, 3, 17, 64])
+def test_matvec_u8_against_dequantized(simd, rng, n_rows, n_cols):
+    w, x = _data(rng, n_rows, n_cols)
+    qm = quantize_u8(w)
+    y = _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)(x, n_threads=2)
+    np.testing.assert_allclose(y, qm.dequantize(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+def test_portable_and_avx2_agree(rng):
+    if _matvec.simd_level() == 0:
+        pytest.skip("no AVX2 on this CPU")
+    w, x = _data(rng, 300, 1023)
+    lin = _matvec.Linear.f32(w)
+    try:
+        _matvec.set_simd_level(0)
+        portable = lin(x)
+    finally:
+        _matvec.set_simd_level(1)
+    np.testing.assert_allclose(lin(x), portable, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not openmp_enabled(), reason="built without OpenMP")
+def test_thread_counts_are_bit_identical(rng):
+    w, x = _data(rng, 1023, 257)
+    qm = quantize_u8(w)
+    for lin in (_matvec.Linear.f32(w), _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)):
+        results = [lin(x, n_threads=n) for n in (1, 2, 3, 4)]
+        for r in results[1:]:
+            assert np.array_equal(results[0], r)
+
+
+def test_read_only_inputs_are_accepted(rng):
+    w, x = _data(rng, 5, 9)
+    w.flags.writeable = False
+    x.flags.writeable = False
+    np.testing.assert_allclose(_matvec.Linear.f32(w)(x), w @ x, rtol=1e-5)
+
+
+def test_matvec_raises_on_shape_mismatch(rng):
+    w, x = _data(rng, 5, 9)
+    with pytest.raises(RwkvxError, match="matvec"):
+        _matvec.Linear.f32(w)(x[:8])
+    with pytest.raises(RwkvxError, match="matvec"):
+        _matvec.Linear.f32(w)(x, np.empty(4, np.float32))
+
+
+def test_matvec_raises_on_wrong_dtype_or_layout(rng):
+    w, x = _data(rng, 5, 9)
+    with pytest.raises(ValueError):
+        _matvec.Linear.f32(w.astype(np.float64))
+    with pytest.raises(ValueError):
+        _matvec.Linear.f32(np.asfortranarray(w))
+    with pytest.raises(ValueError):
+        _matvec.Linear.f32(w)(x.astype(np.float64))
+
+
+def test_u8_raises_on_wrong_vector_length(rng):
+    qm = quantize_u8(_data(rng, 5, 9)[0])
+    with pytest.raises(RwkvxError, match="mx"):
+        _matvec.Linear.u8(qm.q, qm.mx[:8], qm.rx, qm.my, qm.ry)
+    with pytest.raises(RwkvxError, match="ry"):
+        _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry[:4])
+
+
+def test_n_threads_must_be_positive(rng):
+    w, x = _data(rng, 5, 9)
+    with pytest.raises(RwkvxError, match="n_threads"):
+        _matvec.Linear.f32(w)(x, n_threads=0)
