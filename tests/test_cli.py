@@ -1,4 +1,5 @@
 """python -m rwkvx.run end to end, and every bad input giving one line and exit status 2."""
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ from conftest import TINY_MODEL, TOKENIZER_20B, save_random_model, shared_file
 
 
 def run_cli(*args, stdin=None):
+    # run outside the source tree, whose uncompiled rwkvx/ would shadow the installed package
     return subprocess.run([sys.executable, "-m", "rwkvx.run", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(__file__))
 
 
 @pytest.fixture

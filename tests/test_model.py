@@ -7,6 +7,10 @@ Tolerances held, and why:
 - uint8 quality vs float: KL(reference || uint8), bounded by what the `rwkv` pip package's
   `cpu fp32i8` strategy was measured to lose on the same kind of input (see the tests).
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -162,9 +166,8 @@ def test_threads_follow_omp_num_threads(tiny_path, monkeypatch):
     if not _parallel.openmp_enabled():
         pytest.skip("built without OpenMP")
     # OpenMP reads OMP_NUM_THREADS once at start-up, so check it in a fresh interpreter
-    import subprocess
-    import sys
+    # (outside the source tree, whose uncompiled rwkvx/ would shadow the installed package)
     out = subprocess.run([sys.executable, "-c", "import rwkvx, sys; print(rwkvx.load(sys.argv[1]).n_threads)",
-                          str(tiny_path)], env={**__import__("os").environ, "OMP_NUM_THREADS": "3"},
-                         capture_output=True, text=True, check=True)
+                          str(tiny_path)], env={**os.environ, "OMP_NUM_THREADS": "3"},
+                         capture_output=True, text=True, check=True, cwd=tiny_path.parent)
     assert out.stdout.strip() == "3"
