@@ -52,8 +52,10 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
-        # -O3 for the vector loops; never -ffast-math: the WKV max trick relies on infinities
-        compile_args = ["/O2"] if msvc else ["-O3"]
+        # -O3 for the vector loops; never -ffast-math: the WKV max trick relies on infinities.
+        # No contraction of a * b + c into FMAs at the compiler's whim: a bf16 matrix and its
+        # float32 twin must be summed by exactly the same operations (_simd.h).
+        compile_args = ["/O2"] if msvc else ["-O3", "-ffp-contract=off"]
         link_args = []
         openmp = self._openmp_flags(msvc)
         if openmp:

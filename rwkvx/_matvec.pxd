@@ -1,8 +1,10 @@
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint16_t
 
 cdef enum MatrixKind:
     MATRIX_F32 = 0
     MATRIX_U8 = 1
+    MATRIX_BF16 = 2
+    MATRIX_F16 = 3
 
 # A weight matrix as the kernels see it: (n_rows, n_cols) row-major, the checkpoint's
 # (out, in) orientation. For MATRIX_U8, W[i, j] ~ (q[i, j] + 0.5) * ry[i] * rx[j] + my[i] + mx[j].
@@ -11,16 +13,14 @@ cdef struct Matrix:
     Py_ssize_t n_rows
     Py_ssize_t n_cols
     const float* f32      # (n_rows, n_cols), MATRIX_F32
+    const uint16_t* h16   # (n_rows, n_cols), MATRIX_BF16 (bfloat16 bits) or MATRIX_F16
     const uint8_t* q      # (n_rows, n_cols), MATRIX_U8
     const float* mx       # (n_cols,)
     const float* rx       # (n_cols,)
     const float* my       # (n_rows,)
     const float* ry       # (n_rows,)
 
-cdef void _matvec_f32(float* out, const float* W, const float* x,
-                      Py_ssize_t n_rows, Py_ssize_t n_cols, int n_threads) noexcept nogil
-cdef void _matvec_u8(float* out, const Matrix* m, const float* x, float* xr,
-                     int n_threads) noexcept nogil
+# out (n_rows,) = m @ x (n_cols,); scratch: n_cols floats (used by MATRIX_U8)
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil
 

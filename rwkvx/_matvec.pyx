@@ -1,9 +1,10 @@
-"""Matrix-vector products: float32 and uint8-dequantising, parallel over output rows.
+"""Matrix-vector products over float32, bfloat16, float16 and uint8 weights.
 
-Over 90% of a decoded token's time is spent here, reading every weight once.
+Over 90% of a decoded token's time is spent here, reading every weight once. Work is
+split over blocks of four output rows; no row is ever shared between threads.
 """
 from cython.parallel import prange
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, uint16_t
 from libc.stdlib cimport malloc, free
 
 import numpy as np
@@ -14,11 +15,17 @@ cdef extern from "_simd.h" nogil:
     int rwkvx_detect_simd()
     int rwkvx_simd_level
     float rwkvx_dot_f32(const float* w, const float* x, Py_ssize_t n)
-    float rwkvx_dot_u8(const uint8_t* q, const float* x, Py_ssize_t n)
+    float rwkvx_dot_bf16(const uint16_t* w, const float* x, Py_ssize_t n)
+    float rwkvx_dot_f16(const uint16_t* w, const float* x, Py_ssize_t n)
+    float rwkvx_dot_u8(const uint8_t* w, const float* x, Py_ssize_t n)
     void rwkvx_dot4_f32(const float* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
-    void rwkvx_dot4_u8(const uint8_t* q, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_dot4_bf16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_dot4_f16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_dot4_u8(const uint8_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
 
 rwkvx_detect_simd()
+
+DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MATRIX_F16: "float16"}
 
 
 def simd_level() -> int:
@@ -26,72 +33,106 @@ def simd_level() -> int:
     return rwkvx_simd_level
 
 
-cdef inline void _rows_f32(float* out, const float* W, const float* x,
-                           Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t block) noexcept nogil:
-    # rows 4*block .. 4*block+3; a partial last block goes row by row. Which kernel a row
-    # gets depends only on its index, never on the thread running it.
-    cdef Py_ssize_t i = 4 * block
-    if i + 4 <= n_rows:
-        rwkvx_dot4_f32(W + i * n_cols, n_cols, x, n_cols, out + i)
+def set_simd_level(int level) -> int:
+    """Choose the inner loops: 0 portable, 1 AVX2+FMA (only where the CPU has it). Returns the level set.
+
+    For tests and measurements; the level is detected once at import.
+    """
+    if level not in (0, 1):
+        raise RwkvxError(f"simd level: expected 0 or 1, got {level}")
+    global rwkvx_simd_level
+    cdef int detected = rwkvx_detect_simd()
+    rwkvx_simd_level = min(level, detected)
+    return rwkvx_simd_level
+
+
+cdef inline void _dot4(const Matrix* m, Py_ssize_t i, const float* x, float* out) noexcept nogil:
+    # out[0..3] = rows i..i+3 of the stored matrix (q itself for uint8) times x
+    cdef Py_ssize_t n = m.n_cols
+    if m.kind == MATRIX_F32:
+        rwkvx_dot4_f32(m.f32 + i * n, n, x, n, out)
+    elif m.kind == MATRIX_BF16:
+        rwkvx_dot4_bf16(m.h16 + i * n, n, x, n, out)
+    elif m.kind == MATRIX_F16:
+        rwkvx_dot4_f16(m.h16 + i * n, n, x, n, out)
     else:
-        while i < n_rows:
-            out[i] = rwkvx_dot_f32(W + i * n_cols, x, n_cols)
-            i += 1
+        rwkvx_dot4_u8(m.q + i * n, n, x, n, out)
 
 
-cdef void _matvec_f32(float* out, const float* W, const float* x,
-                      Py_ssize_t n_rows, Py_ssize_t n_cols, int n_threads) noexcept nogil:
-    # out = W @ x, W (n_rows, n_cols) row-major, parallel over blocks of four rows. No shared
-    # accumulator, so the result is bit-identical for every n_threads.
-    cdef Py_ssize_t block
-    for block in prange((n_rows + 3) // 4, schedule="static", num_threads=n_threads):
-        _rows_f32(out, W, x, n_rows, n_cols, block)
+cdef inline float _dot1(const Matrix* m, Py_ssize_t i, const float* x) noexcept nogil:
+    cdef Py_ssize_t n = m.n_cols
+    if m.kind == MATRIX_F32:
+        return rwkvx_dot_f32(m.f32 + i * n, x, n)
+    elif m.kind == MATRIX_BF16:
+        return rwkvx_dot_bf16(m.h16 + i * n, x, n)
+    elif m.kind == MATRIX_F16:
+        return rwkvx_dot_f16(m.h16 + i * n, x, n)
+    return rwkvx_dot_u8(m.q + i * n, x, n)
 
 
-cdef inline void _rows_u8(float* out, const Matrix* m, const float* xr, float half_xr,
-                          float sum_x, float sum_mx, Py_ssize_t block) noexcept nogil:
-    cdef Py_ssize_t i = 4 * block, r, n_cols = m.n_cols
-    cdef Py_ssize_t end = i + 4
-    if end <= m.n_rows:
-        rwkvx_dot4_u8(m.q + i * n_cols, n_cols, xr, n_cols, out + i)
-    else:
-        end = m.n_rows
-        for r in range(i, end):
-            out[r] = rwkvx_dot_u8(m.q + r * n_cols, xr, n_cols)
-    for r in range(i, end):
-        out[r] = m.ry[r] * (out[r] + half_xr) + m.my[r] * sum_x + sum_mx
+cdef struct U8Sums:
+    float half_xr   # 0.5 * sum_j rx[j] x[j]
+    float x         # sum_j x[j]
+    float mx        # sum_j mx[j] x[j]
 
 
-cdef void _matvec_u8(float* out, const Matrix* m, const float* x, float* xr,
-                     int n_threads) noexcept nogil:
+cdef void _prepare_u8(const Matrix* m, const float* x, float* xr, U8Sums* sums) noexcept nogil:
     # With W[i, j] = (q[i, j] + 0.5) ry[i] rx[j] + my[i] + mx[j] and xr = rx * x:
     #   y[i] = sum_j W[i, j] x[j]
     #        = ry[i] (sum_j q[i, j] xr[j] + 0.5 sum_j xr[j]) + my[i] sum_j x[j] + sum_j mx[j] x[j]
-    # The three sums over j do not depend on i: compute them once per call, and the
-    # parallel loop is a plain u8 * f32 dot product that never forms a float weight.
-    # xr: scratch of n_cols floats.
-    cdef Py_ssize_t i, j, n_cols = m.n_cols
+    # The three sums over j do not depend on i: compute them once per product (in double,
+    # they are few), and the parallel loop is a plain u8 * f32 dot product that never
+    # forms a float weight. xr: n_cols floats.
+    cdef Py_ssize_t j
     cdef double sum_xr = 0.0, sum_x = 0.0, sum_mx = 0.0
-    for j in range(n_cols):
+    for j in range(m.n_cols):
         xr[j] = m.rx[j] * x[j]
         sum_xr += xr[j]
         sum_x += x[j]
         sum_mx += m.mx[j] * x[j]
-    cdef float half_xr = <float>(0.5 * sum_xr)
-    cdef float fsum_x = <float>sum_x
-    cdef float fsum_mx = <float>sum_mx
-    cdef Py_ssize_t block
-    for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
-        _rows_u8(out, m, xr, half_xr, fsum_x, fsum_mx, block)
+    sums.half_xr = <float>(0.5 * sum_xr)
+    sums.x = <float>sum_x
+    sums.mx = <float>sum_mx
+
+
+cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums* sums,
+                       Py_ssize_t block) noexcept nogil:
+    # rows 4*block .. 4*block+3; a partial last block goes row by row. Which kernel a row
+    # gets depends only on its index, never on the thread running it.
+    cdef Py_ssize_t i = 4 * block, r
+    cdef Py_ssize_t end = i + 4
+    if end <= m.n_rows:
+        _dot4(m, i, x, out + i)
+    else:
+        end = m.n_rows
+        for r in range(i, end):
+            out[r] = _dot1(m, r, x)
+    if m.kind == MATRIX_U8:
+        for r in range(i, end):
+            out[r] = m.ry[r] * (out[r] + sums.half_xr) + m.my[r] * sums.x + sums.mx
 
 
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil:
-    # scratch: n_cols floats, used by the uint8 path only.
-    if m.kind == MATRIX_F32:
-        _matvec_f32(out, m.f32, x, m.n_rows, m.n_cols, n_threads)
-    else:
-        _matvec_u8(out, m, x, scratch, n_threads)
+    cdef U8Sums sums
+    cdef const float* xin = x
+    cdef Py_ssize_t block
+    if m.kind == MATRIX_U8:
+        _prepare_u8(m, x, scratch, &sums)
+        xin = scratch
+    for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
+        _rows(out, m, xin, &sums, block)
+
+
+cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple arrays):
+    if n_rows == 0 or n_cols == 0:
+        raise RwkvxError(f"Linear: expected a non-empty matrix, got ({n_rows}, {n_cols})")
+    cdef Linear self = Linear.__new__(Linear)
+    self.m.kind = kind
+    self.m.n_rows = n_rows
+    self.m.n_cols = n_cols
+    self.arrays = arrays
+    return self
 
 
 def _check_vector(name, const float[::1] v, Py_ssize_t n):
@@ -100,21 +141,34 @@ def _check_vector(name, const float[::1] v, Py_ssize_t n):
 
 
 cdef class Linear:
-    """A weight matrix ready for the kernels: float32, or uint8 with its min/scale vectors.
+    """A weight matrix ready for the kernels: float32, bfloat16, float16, or uint8 with its
+    min/scale vectors. Build one with Linear.f32/bf16/f16/u8.
 
     Holds references to the arrays it points into, which may be read-only (memory-mapped).
     """
 
     @staticmethod
     def f32(W) -> Linear:
-        """W: (n_rows, n_cols) float32, C-contiguous."""
+        """W: (n_rows, n_cols) float32, C-contiguous, non-empty."""
         cdef const float[:, ::1] w = W
-        cdef Linear self = Linear.__new__(Linear)
-        self.m.kind = MATRIX_F32
-        self.m.n_rows = w.shape[0]
-        self.m.n_cols = w.shape[1]
-        self.m.f32 = &w[0, 0] if w.shape[0] > 0 and w.shape[1] > 0 else NULL
-        self.arrays = (W,)
+        cdef Linear self = _new_linear(MATRIX_F32, w.shape[0], w.shape[1], (W,))
+        self.m.f32 = &w[0, 0]
+        return self
+
+    @staticmethod
+    def bf16(W) -> Linear:
+        """W: (n_rows, n_cols) uint16 holding bfloat16 bit patterns, C-contiguous, non-empty."""
+        cdef const uint16_t[:, ::1] w = W
+        cdef Linear self = _new_linear(MATRIX_BF16, w.shape[0], w.shape[1], (W,))
+        self.m.h16 = &w[0, 0]
+        return self
+
+    @staticmethod
+    def f16(W) -> Linear:
+        """W: (n_rows, n_cols) float16, C-contiguous, non-empty."""
+        cdef const uint16_t[:, ::1] w = W.view(np.uint16)
+        cdef Linear self = _new_linear(MATRIX_F16, w.shape[0], w.shape[1], (W,))
+        self.m.h16 = &w[0, 0]
         return self
 
     @staticmethod
@@ -127,18 +181,12 @@ cdef class Linear:
         _check_vector("rx", rxv, n_cols)
         _check_vector("my", myv, n_rows)
         _check_vector("ry", ryv, n_rows)
-        if n_rows == 0 or n_cols == 0:
-            raise RwkvxError(f"q: expected a non-empty matrix, got ({n_rows}, {n_cols})")
-        cdef Linear self = Linear.__new__(Linear)
-        self.m.kind = MATRIX_U8
-        self.m.n_rows = n_rows
-        self.m.n_cols = n_cols
+        cdef Linear self = _new_linear(MATRIX_U8, n_rows, n_cols, (q, mx, rx, my, ry))
         self.m.q = &qv[0, 0]
         self.m.mx = &mxv[0]
         self.m.rx = &rxv[0]
         self.m.my = &myv[0]
         self.m.ry = &ryv[0]
-        self.arrays = (q, mx, rx, my, ry)
         return self
 
     @property
@@ -147,7 +195,7 @@ cdef class Linear:
 
     @property
     def dtype(self) -> str:
-        return "float32" if self.m.kind == MATRIX_F32 else "uint8"
+        return DTYPES[self.m.kind]
 
     @property
     def nbytes(self) -> int:
@@ -164,11 +212,6 @@ cdef class Linear:
             raise RwkvxError(f"matvec: W {self.shape}, x ({xv.shape[0]},), out ({outv.shape[0]},)")
         if n_threads < 1:
             raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-        if self.m.n_rows == 0:
-            return out
-        if self.m.n_cols == 0:
-            outv[:] = 0
-            return out
         cdef float* scratch = <float*>malloc(self.m.n_cols * sizeof(float))
         if scratch == NULL:
             raise MemoryError()
@@ -178,16 +221,3 @@ cdef class Linear:
         finally:
             free(scratch)
         return out
-
-
-def set_simd_level(int level) -> int:
-    """Choose the inner loops: 0 portable, 1 AVX2+FMA (only where the CPU has it). Returns the level set.
-
-    For tests and measurements; the level is detected once at import.
-    """
-    if level not in (0, 1):
-        raise RwkvxError(f"simd level: expected 0 or 1, got {level}")
-    global rwkvx_simd_level
-    cdef int detected = rwkvx_detect_simd()
-    rwkvx_simd_level = min(level, detected)
-    return rwkvx_simd_level

@@ -1,14 +1,17 @@
-/* Inner loops of the matrix-vector products, with a run-time choice of instruction set.
+/* Inner loops of the matrix products, with a run-time choice of instruction set.
  *
  * Decoding one token reads every weight once, so these loops must keep up with memory
  * bandwidth. GCC does not vectorise a plain float reduction without -ffast-math (it may
  * not reassociate the sum), and a portable build cannot assume AVX2. So each loop exists
  * twice: a portable version with eight independent accumulators, and an AVX2+FMA version
  * compiled through a function attribute, picked once at import by rwkvx_detect_simd().
- * No -march flag is needed and the same wheel runs on any x86-64 or other CPU.
+ * No -march flag is needed and the same build runs on any x86-64 or other CPU.
  *
- * Every row is reduced by the same code in the same order whatever the thread count,
- * so results are bit-identical for every n_threads.
+ * Weights come in four storage types, all computed in float32:
+ *   f32, bf16 (the top 16 bits of a float32), f16 (IEEE half), u8 (see _matvec.pyx).
+ * One macro template generates the loops of every type, so a bf16 matrix and the float32
+ * matrix holding the same values are summed in exactly the same order: their results are
+ * bit-identical. Every row is reduced by the same code whatever the thread count.
  */
 #ifndef RWKVX_SIMD_H
 #define RWKVX_SIMD_H
@@ -16,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define RWKVX_HAVE_X86_DISPATCH 1
@@ -24,166 +28,162 @@
 #define RWKVX_HAVE_X86_DISPATCH 0
 #endif
 
-/* 0: portable loops, 1: AVX2 + FMA. Set by rwkvx_detect_simd() at import. */
+/* 0: portable loops, 1: AVX2 + FMA (+ F16C). Set by rwkvx_detect_simd() at import. */
 static int rwkvx_simd_level = 0;
+
+/* ---- scalar conversions ------------------------------------------------------------ */
+
+static inline float rwkvx_bf16_to_f32(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float rwkvx_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {                    /* inf or nan */
+        bits = sign | 0x7f800000 | (mant << 13);
+    } else if (exp != 0) {                /* normal */
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {               /* zero */
+        bits = sign;
+    } else {                              /* subnormal: renormalise */
+        exp = 113;
+        while (!(mant & 0x400)) {
+            mant <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#define RWKVX_SCALAR_f32(p, j) ((p)[j])
+#define RWKVX_SCALAR_bf16(p, j) rwkvx_bf16_to_f32((p)[j])
+#define RWKVX_SCALAR_f16(p, j) rwkvx_f16_to_f32((p)[j])
+#define RWKVX_SCALAR_u8(p, j) ((float)(p)[j])
 
 /* ---- portable loops ---------------------------------------------------------------- */
 
-static inline float rwkvx_dot_f32_portable(const float *w, const float *x, ptrdiff_t n)
-{
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int k = 0; k < 8; k++)
-            acc[k] += w[j + k] * x[j + k];
-    float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; j < n; j++)
-        total += w[j] * x[j];
-    return total;
-}
+#define RWKVX_PORTABLE_DOT(TYPE, CTYPE)                                                     \
+    static inline float rwkvx_dot_##TYPE##_portable(const CTYPE *w, const float *x,         \
+                                                     ptrdiff_t n)                            \
+    {                                                                                        \
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                             \
+        ptrdiff_t j = 0;                                                                     \
+        for (; j + 8 <= n; j += 8)                                                           \
+            for (int k = 0; k < 8; k++)                                                      \
+                acc[k] += RWKVX_SCALAR_##TYPE(w, j + k) * x[j + k];                          \
+        float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +                              \
+                      ((acc[2] + acc[6]) + (acc[3] + acc[7]));                               \
+        for (; j < n; j++)                                                                   \
+            total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                       \
+        return total;                                                                        \
+    }
 
-static inline float rwkvx_dot_u8_portable(const uint8_t *q, const float *x, ptrdiff_t n)
-{
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int k = 0; k < 8; k++)
-            acc[k] += (float)q[j + k] * x[j + k];
-    float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; j < n; j++)
-        total += (float)q[j] * x[j];
-    return total;
-}
+RWKVX_PORTABLE_DOT(f32, float)
+RWKVX_PORTABLE_DOT(bf16, uint16_t)
+RWKVX_PORTABLE_DOT(f16, uint16_t)
+RWKVX_PORTABLE_DOT(u8, uint8_t)
 
 /* ---- AVX2 + FMA loops --------------------------------------------------------------- */
 
 #if RWKVX_HAVE_X86_DISPATCH
-#define RWKVX_AVX2 __attribute__((target("avx2,fma")))
+#define RWKVX_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* Eight weights widened to float32 in registers: the weights are never stored as floats. */
+RWKVX_AVX2 static inline __m256 rwkvx_load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+RWKVX_AVX2 static inline __m256 rwkvx_load8_bf16(const uint16_t *p)
+{
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+RWKVX_AVX2 static inline __m256 rwkvx_load8_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+RWKVX_AVX2 static inline __m256 rwkvx_load8_u8(const uint8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 
 RWKVX_AVX2 static inline float rwkvx_hsum256(__m256 v)
 {
-    __m128 lo = _mm256_castps256_ps128(v);
-    __m128 hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
     return _mm_cvtss_f32(lo);
 }
 
-/* Four accumulators hide the 4-cycle FMA latency: 32 floats (one 128-byte stretch of the
- * row) per iteration. */
-RWKVX_AVX2 static float rwkvx_dot_f32_avx2(const float *w, const float *x, ptrdiff_t n)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    ptrdiff_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    for (; j + 8 <= n; j += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-    float total = rwkvx_hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; j < n; j++)
-        total += w[j] * x[j];
-    return total;
-}
-
-/* q is widened u8 -> i32 -> f32 in registers: the weights are never stored as floats. */
-RWKVX_AVX2 static inline __m256 rwkvx_load_u8x8(const uint8_t *q)
-{
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q)));
-}
-
-RWKVX_AVX2 static float rwkvx_dot_u8_avx2(const uint8_t *q, const float *x, ptrdiff_t n)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    ptrdiff_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm256_fmadd_ps(rwkvx_load_u8x8(q + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(rwkvx_load_u8x8(q + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(rwkvx_load_u8x8(q + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(rwkvx_load_u8x8(q + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    for (; j + 8 <= n; j += 8)
-        a0 = _mm256_fmadd_ps(rwkvx_load_u8x8(q + j), _mm256_loadu_ps(x + j), a0);
-    float total = rwkvx_hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; j < n; j++)
-        total += (float)q[j] * x[j];
-    return total;
-}
-
-/* Four rows at once: each x load serves four rows, four independent streams keep more
- * memory requests in flight, and one transposing reduction finishes all four sums.
- * out4[r] = dot(q + r * stride, x, n) for r = 0..3. */
+/* The four horizontal sums of a, b, c, d in one register. */
 RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __m256 d)
 {
-    /* (a0+a1, b0+b1, a2+a3, b2+b3 | ...) then the same for c, d; then add halves */
-    __m256 ab = _mm256_hadd_ps(a, b);
-    __m256 cd = _mm256_hadd_ps(c, d);
-    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-RWKVX_AVX2 static void rwkvx_dot4_u8_avx2(const uint8_t *q, ptrdiff_t stride, const float *x,
-                                          ptrdiff_t n, float *out4)
-{
-    const uint8_t *q0 = q, *q1 = q + stride, *q2 = q + 2 * stride, *q3 = q + 3 * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    ptrdiff_t j = 0;
-    /* The hardware prefetcher falls behind on four interleaved streams: fetch the next
-     * block of four rows (contiguous, 4 * n bytes) at the pace this block is consumed,
-     * 32 bytes per step. Measured: 2-thread DRAM read 14.6 -> 25 GB/s. */
-    const char *ahead = (const char *)(q + 4 * stride);
-    for (; j + 8 <= n; j += 8) {
-        _mm_prefetch(ahead + 4 * j, _MM_HINT_T0);
-        __m256 xv = _mm256_loadu_ps(x + j);
-        a0 = _mm256_fmadd_ps(rwkvx_load_u8x8(q0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(rwkvx_load_u8x8(q1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(rwkvx_load_u8x8(q2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(rwkvx_load_u8x8(q3 + j), xv, a3);
+/* dot1: one row, for the last rows of a matrix that do not fill a block of four.
+ * dot4: four consecutive rows (stride apart) at once: each x load serves four rows, four
+ * independent streams keep more memory requests in flight, and one transposing reduction
+ * finishes all four sums. The hardware prefetcher falls behind on four interleaved
+ * streams, so the next block of four rows (contiguous) is prefetched at the pace this one
+ * is consumed, one cache line per 64 bytes read. Measured on the 169M shape, 2 threads:
+ * uint8 reads 8 -> 25 GB/s. */
+#define RWKVX_AVX2_DOTS(TYPE, CTYPE)                                                          \
+    RWKVX_AVX2 static float rwkvx_dot_##TYPE##_avx2(const CTYPE *w, const float *x, ptrdiff_t n) \
+    {                                                                                          \
+        __m256 acc = _mm256_setzero_ps();                                                      \
+        ptrdiff_t j = 0;                                                                       \
+        for (; j + 8 <= n; j += 8)                                                             \
+            acc = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w + j), _mm256_loadu_ps(x + j), acc);     \
+        float total = rwkvx_hsum256(acc);                                                      \
+        for (; j < n; j++)                                                                     \
+            total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
+        return total;                                                                          \
+    }                                                                                          \
+    RWKVX_AVX2 static void rwkvx_dot4_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,          \
+                                                    const float *x, ptrdiff_t n, float *out4)  \
+    {                                                                                          \
+        const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;     \
+        const char *ahead = (const char *)(w + 4 * stride);                                    \
+        const ptrdiff_t step_bytes = 4 * 8 * (ptrdiff_t)sizeof(CTYPE);                         \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                             \
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                             \
+        ptrdiff_t j = 0;                                                                       \
+        for (; j + 8 <= n; j += 8) {                                                           \
+            const char *pf = ahead + (j / 8) * step_bytes;                                     \
+            for (ptrdiff_t b = 0; b < step_bytes; b += 64)                                     \
+                _mm_prefetch(pf + b, _MM_HINT_T0);                                             \
+            __m256 xv = _mm256_loadu_ps(x + j);                                                \
+            a0 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w0 + j), xv, a0);                          \
+            a1 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w1 + j), xv, a1);                          \
+            a2 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w2 + j), xv, a2);                          \
+            a3 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w3 + j), xv, a3);                          \
+        }                                                                                      \
+        _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                  \
+        for (; j < n; j++) {                                                                   \
+            out4[0] += RWKVX_SCALAR_##TYPE(w0, j) * x[j];                                      \
+            out4[1] += RWKVX_SCALAR_##TYPE(w1, j) * x[j];                                      \
+            out4[2] += RWKVX_SCALAR_##TYPE(w2, j) * x[j];                                      \
+            out4[3] += RWKVX_SCALAR_##TYPE(w3, j) * x[j];                                      \
+        }                                                                                      \
     }
-    __m128 sums = rwkvx_hsum4x256(a0, a1, a2, a3);
-    _mm_storeu_ps(out4, sums);
-    for (; j < n; j++) {
-        out4[0] += (float)q0[j] * x[j];
-        out4[1] += (float)q1[j] * x[j];
-        out4[2] += (float)q2[j] * x[j];
-        out4[3] += (float)q3[j] * x[j];
-    }
-}
 
-RWKVX_AVX2 static void rwkvx_dot4_f32_avx2(const float *w, ptrdiff_t stride, const float *x,
-                                           ptrdiff_t n, float *out4)
-{
-    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    ptrdiff_t j = 0;
-    /* as for u8: prefetch the next four rows, 128 bytes per step */
-    const char *ahead = (const char *)(w + 4 * stride);
-    for (; j + 8 <= n; j += 8) {
-        _mm_prefetch(ahead + 16 * j, _MM_HINT_T0);
-        _mm_prefetch(ahead + 16 * j + 64, _MM_HINT_T0);
-        __m256 xv = _mm256_loadu_ps(x + j);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + j), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + j), xv, a3);
-    }
-    __m128 sums = rwkvx_hsum4x256(a0, a1, a2, a3);
-    _mm_storeu_ps(out4, sums);
-    for (; j < n; j++) {
-        out4[0] += w0[j] * x[j];
-        out4[1] += w1[j] * x[j];
-        out4[2] += w2[j] * x[j];
-        out4[3] += w3[j] * x[j];
-    }
-}
+RWKVX_AVX2_DOTS(f32, float)
+RWKVX_AVX2_DOTS(bf16, uint16_t)
+RWKVX_AVX2_DOTS(f16, uint16_t)
+RWKVX_AVX2_DOTS(u8, uint8_t)
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
@@ -195,7 +195,8 @@ static int rwkvx_detect_simd(void)
     int level = 0;
 #if RWKVX_HAVE_X86_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
         level = 1;
 #endif
     const char *env = getenv("RWKVX_SIMD");
@@ -205,48 +206,41 @@ static int rwkvx_detect_simd(void)
     return level;
 }
 
-static inline float rwkvx_dot_f32(const float *w, const float *x, ptrdiff_t n)
-{
 #if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level)
-        return rwkvx_dot_f32_avx2(w, x, n);
-#endif
-    return rwkvx_dot_f32_portable(w, x, n);
-}
-
-static inline float rwkvx_dot_u8(const uint8_t *q, const float *x, ptrdiff_t n)
-{
-#if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level)
-        return rwkvx_dot_u8_avx2(q, x, n);
-#endif
-    return rwkvx_dot_u8_portable(q, x, n);
-}
-
-static inline void rwkvx_dot4_u8(const uint8_t *q, ptrdiff_t stride, const float *x, ptrdiff_t n,
-                                 float *out4)
-{
-#if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level) {
-        rwkvx_dot4_u8_avx2(q, stride, x, n, out4);
-        return;
+#define RWKVX_DISPATCH_DOTS(TYPE, CTYPE)                                                      \
+    static inline float rwkvx_dot_##TYPE(const CTYPE *w, const float *x, ptrdiff_t n)         \
+    {                                                                                          \
+        if (rwkvx_simd_level)                                                                  \
+            return rwkvx_dot_##TYPE##_avx2(w, x, n);                                           \
+        return rwkvx_dot_##TYPE##_portable(w, x, n);                                           \
+    }                                                                                          \
+    static inline void rwkvx_dot4_##TYPE(const CTYPE *w, ptrdiff_t stride, const float *x,    \
+                                         ptrdiff_t n, float *out4)                             \
+    {                                                                                          \
+        if (rwkvx_simd_level) {                                                                \
+            rwkvx_dot4_##TYPE##_avx2(w, stride, x, n, out4);                                   \
+            return;                                                                            \
+        }                                                                                      \
+        for (int r = 0; r < 4; r++)                                                            \
+            out4[r] = rwkvx_dot_##TYPE##_portable(w + r * stride, x, n);                       \
+    }
+#else
+#define RWKVX_DISPATCH_DOTS(TYPE, CTYPE)                                                      \
+    static inline float rwkvx_dot_##TYPE(const CTYPE *w, const float *x, ptrdiff_t n)         \
+    {                                                                                          \
+        return rwkvx_dot_##TYPE##_portable(w, x, n);                                           \
+    }                                                                                          \
+    static inline void rwkvx_dot4_##TYPE(const CTYPE *w, ptrdiff_t stride, const float *x,    \
+                                         ptrdiff_t n, float *out4)                             \
+    {                                                                                          \
+        for (int r = 0; r < 4; r++)                                                            \
+            out4[r] = rwkvx_dot_##TYPE##_portable(w + r * stride, x, n);                       \
     }
 #endif
-    for (int r = 0; r < 4; r++)
-        out4[r] = rwkvx_dot_u8_portable(q + r * stride, x, n);
-}
 
-static inline void rwkvx_dot4_f32(const float *w, ptrdiff_t stride, const float *x, ptrdiff_t n,
-                                  float *out4)
-{
-#if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level) {
-        rwkvx_dot4_f32_avx2(w, stride, x, n, out4);
-        return;
-    }
-#endif
-    for (int r = 0; r < 4; r++)
-        out4[r] = rwkvx_dot_f32_portable(w + r * stride, x, n);
-}
+RWKVX_DISPATCH_DOTS(f32, float)
+RWKVX_DISPATCH_DOTS(bf16, uint16_t)
+RWKVX_DISPATCH_DOTS(f16, uint16_t)
+RWKVX_DISPATCH_DOTS(u8, uint8_t)
 
 #endif /* RWKVX_SIMD_H */

@@ -4,9 +4,10 @@ Formats read here, recognised by content rather than by file name:
 - safetensors with BlinkDL's key names, stored float32, float16 or bfloat16;
 - rwkv.cpp's ``.bin`` (ggmf magic, versions 100 and 101) in FP32 or FP16.
 
-Files are memory-mapped. Where the stored dtype is what the model runs in (float32
-tensors of a float32 run), the model's arrays are read-only views of the mapping: no
-copy is made and the OS pages weights in as they are first read. Otherwise tensors are
+Files are memory-mapped. Where the stored dtype is what the model runs in (bfloat16
+tensors of a bfloat16 run, and so on) and for the embedding, the model's arrays are
+read-only views of the mapping: no copy is made and the OS pages weights in as they are
+first read. Otherwise tensors are
 converted one at a time, so at most one float tensor exists besides the weights kept.
 Checkpoint key strings appear only in this module.
 """
@@ -23,9 +24,12 @@ import numpy as np
 
 from rwkvx.errors import CheckpointError, RwkvxError
 from rwkvx.quant import quantize_u8
-from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights
+from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, to_bfloat16, to_float32
 
-DTYPES = ("float32", "uint8")
+# what the weight matrices are kept in while running
+DTYPES = ("float32", "bfloat16", "float16", "uint8")
+_STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_FLOAT16_MAX = 65504.0
 
 # checkpoint suffix after "blocks.N." -> rwkvx name
 _BLOCK_KEYS = {
@@ -75,18 +79,14 @@ class TensorSource:
         self.decay_is_transformed = decay_is_transformed
         self.tensors: dict[str, tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = {}
 
+    def stored(self, name: str) -> tuple[str, np.ndarray]:
+        """The stored dtype name (F32, F16, BF16) and a view of the file (bfloat16 as uint16)."""
+        dtype, _, view = self.tensors[name]
+        return dtype, view()
+
     def float32(self, name: str) -> np.ndarray:
         """The tensor as float32: a view of the file when stored float32, else a new array."""
-        dtype, shape, view = self.tensors[name]
-        raw = view()
-        if dtype == "F32":
-            return raw
-        if dtype == "BF16":
-            # bfloat16 is the top half of a float32: widen the bits, no rounding involved
-            wide = raw.astype(np.uint32)
-            wide <<= 16
-            return wide.view(np.float32)
-        return raw.astype(np.float32)
+        return to_float32(self.stored(name)[1])
 
 
 def _fail(path: str, message: str) -> CheckpointError:
@@ -284,7 +284,7 @@ def _plan(source: TensorSource) -> tuple[int, int, int, int]:
 
 
 def load_weights(path: str | os.PathLike, dtype: str = "float32") -> ModelWeights:
-    """Read a checkpoint into ModelWeights with matrices in `dtype` ("float32" or "uint8").
+    """Read a checkpoint into ModelWeights with matrices in `dtype` (one of DTYPES).
 
     Raises CheckpointError naming the file and every problem found.
     """
@@ -298,11 +298,23 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32") -> ModelWeight
         return np.ascontiguousarray(source.float32(key).reshape(n_embd), dtype=np.float32)
 
     def matrix(key: str):
-        w = source.float32(key)
+        stored, raw = source.stored(key)
+        if stored == _STORED.get(dtype):
+            # the file holds what the kernels read: map it, copy nothing
+            return raw
+        w = to_float32(raw)
         if dtype == "uint8":
             # quantise from a private float copy, overwritten in place: one float tensor at a time
             return quantize_u8(w if w.flags.writeable else w.copy(), overwrite=True)
-        return np.ascontiguousarray(w)
+        if dtype == "bfloat16":
+            return to_bfloat16(w)
+        if dtype == "float16":
+            biggest = float(np.abs(w).max())
+            if biggest > _FLOAT16_MAX:
+                raise _fail(source.path, f"{key}: a weight of magnitude {biggest:g} does not fit "
+                                         f"float16 (max {_FLOAT16_MAX:g}); use bfloat16 or float32")
+            return w.astype(np.float16)
+        return w
 
     blocks = []
     for layer in range(n_layer):
@@ -317,7 +329,8 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32") -> ModelWeight
         blocks.append(block)
 
     return ModelWeights(
-        emb=np.ascontiguousarray(source.float32("emb.weight")),
+        # the embedding stays as stored: one row per token is widened when looked up
+        emb=source.stored("emb.weight")[1],
         ln0_weight=vector(_LN0_KEYS[0]),
         ln0_bias=vector(_LN0_KEYS[1]),
         blocks=blocks,

@@ -12,12 +12,16 @@ from rwkvx._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
-from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state
+from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
 
 
 def _linear(m) -> _matvec.Linear:
     if isinstance(m, QuantizedMatrix):
         return _matvec.Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+    if m.dtype == np.uint16:
+        return _matvec.Linear.bf16(m)
+    if m.dtype == np.float16:
+        return _matvec.Linear.f16(m)
     return _matvec.Linear.f32(m)
 
 
@@ -85,7 +89,7 @@ class RWKV:
         with self._lock:
             x, n = self._x, self.n_threads
             for token in tokens:
-                _layer.layer_norm(w.emb[token], w.ln0_weight, w.ln0_bias, x)
+                _layer.layer_norm(to_float32(w.emb[token]), w.ln0_weight, w.ln0_bias, x)
                 for block, layer_state in zip(self.blocks, state):
                     block.forward(x, layer_state, self._workspace, n)
             # the head is by far the largest matrix: only the last token needs logits
@@ -111,8 +115,9 @@ class RWKV:
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKV:
     """Load an RWKV-4 checkpoint (safetensors or rwkv.cpp .bin) to run in `dtype`.
 
-    dtype: "float32", or "uint8" to quantise the weight matrices at load (the embedding
-    stays float32). threads: kernel threads; None follows OMP_NUM_THREADS (else one per
+    dtype: the format weight matrices are kept and read in, all computed in float32:
+    "float32"; "bfloat16" (half the bytes, exact for BlinkDL's bf16 releases); "float16";
+    or "uint8" (a quarter, quantised at load). The embedding stays as stored. threads: kernel threads; None follows OMP_NUM_THREADS (else one per
     core). Raises CheckpointError for unreadable or inconsistent files, RwkvxError for
     bad arguments.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkvx.quant import QuantizedMatrix
-from rwkvx.weights import ATT_AA, ATT_BB, ATT_PP, ATT_XX, FFN_XX, ModelWeights, new_state
+from rwkvx.weights import ATT_AA, ATT_BB, ATT_PP, ATT_XX, FFN_XX, ModelWeights, new_state, to_float32
 
 LAYER_NORM_EPS = 1e-5
 
@@ -18,7 +18,7 @@ LAYER_NORM_EPS = 1e-5
 def _f64(a) -> np.ndarray:
     if isinstance(a, QuantizedMatrix):
         return a.dequantize(np.float64)
-    return np.asarray(a, dtype=np.float64)
+    return to_float32(np.asarray(a)).astype(np.float64)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ class Reference:
         state = self.new_state() if state is None else np.array(state, dtype=np.float64)
         outs = []
         for token in tokens:
-            x = layer_norm(self.emb[token].astype(np.float64), *self.ln0)
+            x = layer_norm(to_float32(self.emb[token]).astype(np.float64), *self.ln0)
             for p, s in zip(self.blocks, state):
                 x = x + time_mixing(layer_norm(x, p["ln1_weight"], p["ln1_bias"]), s, p)
                 x = x + channel_mixing(layer_norm(x, p["ln2_weight"], p["ln2_bias"]), s, p)

@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer: a Hugging Face tokenizer.json (RWKV-4 Pile/Raven: 20B_tokenizer.json), "
                         "an RWKV World vocabulary (rwkv_vocab_v20230424.txt), or 'bytes'. Default: bytes for "
                         "vocabulary-256 models, else tokenizer.json beside the model")
-    p.add_argument("--dtype", default="float32", choices=("float32", "uint8"),
-                   help="weight format to run in: float32, or uint8 (quantised at load, ~4x less memory) "
-                        "(default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "uint8"),
+                   help="format the weights are kept in (arithmetic is float32): float32; bfloat16 (half "
+                        "the memory, lossless for BlinkDL's bf16 releases); float16; uint8 (a quarter, "
+                        "quantised at load) (default: %(default)s)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("-p", "--prompt", help="prompt text")
     prompt.add_argument("-f", "--file", metavar="PATH", help="read the prompt from a file ('-' for stdin)")

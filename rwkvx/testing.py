@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from rwkvx.weights import to_bfloat16
+
 
 def random_tensors(n_layer: int, n_embd: int, n_vocab: int, *, n_ffn: int | None = None,
                    seed: int = 0, time_shape: str = "blinkdl") -> dict[str, np.ndarray]:
@@ -52,13 +54,6 @@ def random_tensors(n_layer: int, n_embd: int, n_vocab: int, *, n_ffn: int | None
     return t
 
 
-def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits += 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).astype(np.uint16)
-
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "float32",
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors as a safetensors file stored in dtype ("float32", "float16" or "bfloat16").
@@ -70,7 +65,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], d
     header, blobs, offset = {}, [], 0
     for name, value in tensors.items():
         if dtype == "bfloat16":
-            raw = to_bfloat16_bits(value)
+            raw = to_bfloat16(value)
         else:
             raw = np.ascontiguousarray(value, dtype=np.float32 if dtype == "float32" else np.float16)
         data = raw.tobytes()

@@ -27,7 +27,27 @@ MATRIX_NAMES = (
     "ffn_key", "ffn_receptance", "ffn_value",
 )
 
+# A weight matrix: float32, float16, bfloat16 (stored as uint16 bit patterns: numpy has no
+# bfloat16) or uint8 (QuantizedMatrix).
 Matrix = Union[np.ndarray, QuantizedMatrix]
+
+
+def to_bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even."""
+    f = np.ascontiguousarray(a, dtype=np.float32)
+    bits = f.view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+    # NaN must stay NaN: rounding could carry its mantissa into the exponent
+    rounded = np.where(np.isnan(f), bits | np.uint32(0x00400000), rounded)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """A float32 copy (or the array itself) of a float32, float16 or bfloat16 (uint16) array."""
+    if a.dtype == np.uint16:
+        # bfloat16 is the top half of a float32: widening is exact
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
 
 # State rows per layer, the order of ChatRWKV's state[5 * i + k]
 FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP = range(5)
@@ -37,7 +57,8 @@ PP_INIT = -1e30
 
 @dataclass
 class ModelWeights:
-    """emb (n_vocab, n_embd) float32; ln0/ln_out vectors (n_embd,); head (n_vocab, n_embd)."""
+    """emb (n_vocab, n_embd) float32, float16 or bfloat16 (as stored: a row is widened to
+    float32 when looked up); ln0/ln_out vectors (n_embd,) float32; head (n_vocab, n_embd)."""
 
     emb: np.ndarray
     ln0_weight: np.ndarray

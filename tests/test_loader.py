@@ -10,13 +10,14 @@ from rwkvx.errors import CheckpointError, RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.reference import Reference
-from rwkvx.testing import random_tensors, to_bfloat16_bits, write_safetensors
+from rwkvx.testing import random_tensors, write_safetensors
+from rwkvx.weights import to_bfloat16
 
 from conftest import TINY_MODEL, save_random_model, shared_file
 
 
 def bf16_round(a: np.ndarray) -> np.ndarray:
-    return (to_bfloat16_bits(a).astype(np.uint32) << 16).view(np.float32)
+    return (to_bfloat16(a).astype(np.uint32) << 16).view(np.float32)
 
 
 @pytest.mark.parametrize("time_shape", ["blinkdl", "flat"])
@@ -191,7 +192,7 @@ def test_later_rwkv_generations_are_named(tmp_path, key, name):
 
 
 def test_unknown_dtype_argument(tiny_path):
-    with pytest.raises(RwkvxError, match="dtype: expected one of float32, uint8, got 'int4'"):
+    with pytest.raises(RwkvxError, match="dtype: expected one of float32, bfloat16, float16, uint8, got 'int4'"):
         rwkvx.load(tiny_path, dtype="int4")
 
 
@@ -204,3 +205,26 @@ def test_bf16_model_runs_like_its_float32_rounding(tmp_path):
     assert np.array_equal(a, b)
     ref, _ = Reference(load_weights(tmp_path / "f.safetensors")).forward([1, 2, 3])
     assert np.abs(a - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("dtype,stored", [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32")])
+def test_matching_stored_dtype_is_mapped_not_copied(tmp_path, dtype, stored):
+    write_safetensors(tmp_path / "m.safetensors", random_tensors(2, 16, 10), dtype=stored)
+    w = load_weights(tmp_path / "m.safetensors", dtype=dtype)
+    for array in (w.emb, w.head, w.blocks[0]["att_key"], w.blocks[1]["ffn_value"]):
+        assert not array.flags.owndata and not array.flags.writeable
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", np.uint16), ("float16", np.float16)])
+def test_half_precision_run_from_float32_file(tiny_path, dtype, expected):
+    w = load_weights(tiny_path, dtype=dtype)
+    assert w.head.dtype == expected and w.blocks[0]["ffn_key"].dtype == expected
+    assert w.nbytes < 0.6 * load_weights(tiny_path).nbytes
+
+
+def test_float16_overflow_is_reported(tmp_path):
+    tensors = random_tensors(1, 8, 10)
+    tensors["blocks.0.att.key.weight"][0, 0] = 1e6
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    with pytest.raises(CheckpointError, match="blocks.0.att.key.weight: a weight of magnitude 1e"):
+        load_weights(tmp_path / "m.safetensors", dtype="float16")

@@ -6,6 +6,7 @@ from rwkvx import _matvec
 from rwkvx._parallel import openmp_enabled
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
+from rwkvx.weights import to_bfloat16, to_float32
 
 SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
 LEVELS = sorted({0, _matvec.simd_level()})
@@ -40,6 +41,49 @@ def test_matvec_u8_against_dequantized(simd, rng, n_rows, n_cols):
     qm = quantize_u8(w)
     y = _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)(x, n_threads=2)
     np.testing.assert_allclose(y, qm.dequantize(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+def _half(w, kind):
+    """(Linear, float32 values it holds) for a bfloat16 or float16 copy of w."""
+    if kind == "bfloat16":
+        bits = to_bfloat16(w)
+        return _matvec.Linear.bf16(bits), to_float32(bits)
+    half = w.astype(np.float16)
+    return _matvec.Linear.f16(half), half.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n_cols", SIZES)
+@pytest.mark.parametrize("n_rows", [1, 3, 17, 64])
+def test_matvec_half_against_numpy(simd, rng, kind, n_rows, n_cols):
+    w, x = _data(rng, n_rows, n_cols)
+    lin, values = _half(w, kind)
+    assert lin.dtype == kind
+    np.testing.assert_allclose(lin(x, n_threads=2), values.astype(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n_cols", SIZES)
+def test_half_is_bit_identical_to_float32_of_the_same_values(simd, rng, kind, n_cols):
+    # same loops, same summation order: only the load differs
+    w, x = _data(rng, 67, n_cols)
+    lin, values = _half(w, kind)
+    assert np.array_equal(lin(x, n_threads=2), _matvec.Linear.f32(values)(x, n_threads=2))
+
+
+def test_half_conversions_of_special_values():
+    # each row repeats one value 16 times; x = 1/16 makes every product and sum exact
+    values = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 6e-5, 6e-8, np.inf, -np.inf, 1e-40], np.float32)
+    w = np.repeat(values[:, None], 16, axis=1)
+    x = np.full(16, 1 / 16, np.float32)
+    try:
+        for kind in ("bfloat16", "float16"):
+            for level in LEVELS:
+                _matvec.set_simd_level(level)
+                lin, held = _half(w, kind)
+                np.testing.assert_array_equal(lin(x), held[:, 0], err_msg=f"{kind}, simd level {level}")
+    finally:
+        _matvec.set_simd_level(max(LEVELS))
 
 
 def test_portable_and_avx2_agree(rng):

@@ -45,13 +45,14 @@ def assert_close_to(logits, ref, tol=1e-5):
     assert err <= tol, f"max |diff| / max |logit| = {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(d) for d in s if d))
 def test_logits_against_reference(tmp_path, shape, dtype):
     n_layer, n_embd, n_vocab, n_ffn = shape
     path = save_random_model(tmp_path / "m.safetensors", n_layer, n_embd, n_vocab, n_ffn=n_ffn, seed=n_embd)
     model = rwkvx.load(path, dtype=dtype)
-    # for uint8 the reference runs on the dequantised matrices: this checks the kernels
+    # the reference runs on the matrices as held (rounded to bfloat16/float16, or
+    # dequantised): this checks the kernels, not the storage format
     ref = Reference(model.weights)
     tokens = np.random.default_rng(n_embd).integers(0, n_vocab, 60).tolist()
     ref_logits, _ = ref.forward(tokens, all_logits=True)
@@ -69,6 +70,17 @@ def test_tiny_trained_model_matches_rwkv_cpp():
     # rwkv.cpp computes in float32 too, in another order: measured max |diff| 2.6e-6 of 5.8
     assert_close_to(logits, expected, tol=1e-5)
     assert np.argmax(logits) == np.argmax(expected)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_run_is_bit_identical_to_float32_of_the_same_checkpoint(tmp_path, dtype):
+    # a bf16 (f16) checkpoint run in bfloat16 (float16) reads half the bytes of the float32
+    # run of the same file, and gives exactly the same logits
+    path = save_random_model(tmp_path / "m.safetensors", 3, 64, 300, dtype=dtype)
+    tokens = list(range(0, 300, 7))
+    half, half_state = rwkvx.load(path, dtype=dtype).forward(tokens)
+    full, full_state = rwkvx.load(path, dtype="float32").forward(tokens)
+    assert np.array_equal(half, full) and np.array_equal(half_state, full_state)
 
 
 def test_tiny_trained_model_uint8_quality():
@@ -96,7 +108,7 @@ def test_random_model_uint8_quality(tmp_path):
     assert kl_divergence(ref_logits, logits) <= 2.6e-4
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "uint8"])
 def test_splitting_the_sequence_anywhere_gives_the_same_logits(tiny_path, dtype):
     model = rwkvx.load(tiny_path, dtype=dtype)
     tokens = np.random.default_rng(5).integers(0, model.n_vocab, 12).tolist()
@@ -109,7 +121,7 @@ def test_splitting_the_sequence_anywhere_gives_the_same_logits(tiny_path, dtype)
 
 
 @pytest.mark.skipif(not _parallel.openmp_enabled(), reason="built without OpenMP")
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
 def test_thread_counts_give_identical_logits(tiny_path, dtype):
     tokens = list(range(20))
     results = [rwkvx.load(tiny_path, dtype=dtype, threads=n).forward(tokens) for n in (1, 2)]
