@@ -6,10 +6,11 @@ more than it); the matrix-vector products inside run in parallel over output row
 
 State rows per layer, as in ChatRWKV's state[5*i+k]: FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP.
 """
+from cython.parallel import prange
 from libc.math cimport expf, sqrt
 from libc.stdlib cimport malloc, free
 
-from rwkvx._matvec cimport Linear, Matrix, _matvec
+from rwkvx._matvec cimport Linear, Matrix, U8Sums, _matmul, _matvec
 from rwkvx.errors import RwkvxError
 
 cdef enum:
@@ -63,6 +64,25 @@ cdef inline void _token_shift(float* out, const float* xx, const float* sx, cons
         out[j] = xx[j] * mix[j] + sx[j] * (1.0 - mix[j])
 
 
+cdef inline float _wkv_step(float k, float v, float first, float decay, float* aa, float* bb,
+                           float* pp) noexcept nogil:
+    # wkv = (e^pp aa + e^(u+k) v) / (e^pp bb + e^(u+k)), scaled by e^-max to stay finite;
+    # then decay the state by e^w (w = -exp(time_decay)) and add this token
+    cdef float ww = first + k
+    cdef float p = pp[0] if pp[0] > ww else ww
+    cdef float e1 = expf(pp[0] - p)
+    cdef float e2 = expf(ww - p)
+    cdef float wkv = (e1 * aa[0] + e2 * v) / (e1 * bb[0] + e2)
+    ww = pp[0] + decay
+    p = ww if ww > k else k
+    e1 = expf(ww - p)
+    e2 = expf(k - p)
+    aa[0] = e1 * aa[0] + e2 * v
+    bb[0] = e1 * bb[0] + e2
+    pp[0] = p
+    return wkv
+
+
 cdef class Workspace:
     """Scratch buffers for Block.forward, allocated once per model (not thread-safe)."""
     cdef float* xx          # (n_embd,) normalised input
@@ -100,6 +120,53 @@ cdef class Workspace:
         self.out = p; p += n_embd
         self.kf = p; p += n_ffn
         self.scratch = p
+
+    def __dealloc__(self):
+        free(self.buffer)
+
+
+cdef class SeqWorkspace:
+    """Scratch for Block.forward_rows: room for up to n_max rows (tokens) per call."""
+    cdef float* xx          # (n_max, n_embd) normalised inputs
+    cdef float* xk          # (n_max, n_embd) token-shifted inputs
+    cdef float* xv
+    cdef float* xr
+    cdef float* k           # (n_max, n_embd) projections
+    cdef float* v
+    cdef float* r
+    cdef float* rwkv        # (n_max, n_embd) sigmoid(r) * wkv
+    cdef float* out         # (n_max, n_embd) output projection
+    cdef float* kf          # (n_max, n_ffn) channel-mix hidden
+    cdef float* u8_x        # (n_max, max(n_embd, n_ffn)) rx * x for uint8 products
+    cdef U8Sums* u8_sums    # (n_max,)
+    cdef float* wbuf        # (n_threads, 4, max(n_embd, n_ffn)) widened weight rows
+    cdef void* buffer
+    cdef readonly Py_ssize_t n_max, n_embd, n_ffn, n_threads
+
+    def __cinit__(self, Py_ssize_t n_max, Py_ssize_t n_embd, Py_ssize_t n_ffn, int n_threads):
+        if n_max < 1 or n_embd < 1 or n_ffn < 1 or n_threads < 1:
+            raise RwkvxError(f"SeqWorkspace: expected positive sizes, got n_max={n_max}, n_embd={n_embd}, "
+                             f"n_ffn={n_ffn}, n_threads={n_threads}")
+        self.n_max, self.n_embd, self.n_ffn, self.n_threads = n_max, n_embd, n_ffn, n_threads
+        cdef Py_ssize_t wide = max(n_embd, n_ffn)
+        cdef Py_ssize_t floats = n_max * (9 * n_embd + n_ffn + wide) + n_threads * 4 * wide
+        self.buffer = malloc(floats * sizeof(float) + n_max * sizeof(U8Sums))
+        if self.buffer == NULL:
+            raise MemoryError()
+        cdef float* p = <float*>self.buffer
+        self.xx = p; p += n_max * n_embd
+        self.xk = p; p += n_max * n_embd
+        self.xv = p; p += n_max * n_embd
+        self.xr = p; p += n_max * n_embd
+        self.k = p; p += n_max * n_embd
+        self.v = p; p += n_max * n_embd
+        self.r = p; p += n_max * n_embd
+        self.rwkv = p; p += n_max * n_embd
+        self.out = p; p += n_max * n_embd
+        self.kf = p; p += n_max * n_ffn
+        self.u8_x = p; p += n_max * wide
+        self.wbuf = p; p += n_threads * 4 * wide
+        self.u8_sums = <U8Sums*>p
 
     def __dealloc__(self):
         free(self.buffer)
@@ -186,13 +253,106 @@ cdef class Block:
             self._time_mixing(&x[0], &state[0, 0], ws, n_threads)
             self._channel_mixing(&x[0], &state[0, 0], ws, n_threads)
 
+    def forward_rows(self, float[:, ::1] X, float[:, :, ::1] states, const Py_ssize_t[::1] starts,
+                     SeqWorkspace ws, int n_threads):
+        """Move many tokens through this layer at once: one sequence's chunk, or one token
+        of each of several sequences, or any mix.
+
+        X: (n_rows, n_embd) float32, the residual streams, updated in place. Rows
+        starts[b] .. starts[b+1]-1 are consecutive tokens of sequence b, whose layer state
+        is states[b] (5, n_embd), updated in place. Every projection is one matrix-matrix
+        product over all rows; only the WKV recurrence steps token by token. Each row's
+        result is bit-identical to feeding its tokens one at a time through forward().
+        """
+        cdef Py_ssize_t n_rows = X.shape[0], n_seq = states.shape[0], b
+        if X.shape[1] != self.n_embd or states.shape[1] != 5 or states.shape[2] != self.n_embd:
+            raise RwkvxError(f"Block.forward_rows: expected X (n, {self.n_embd}) and states (b, 5, {self.n_embd}), "
+                             f"got ({X.shape[0]}, {X.shape[1]}) and ({states.shape[0]}, {states.shape[1]}, "
+                             f"{states.shape[2]})")
+        if starts.shape[0] != n_seq + 1 or starts[0] != 0 or starts[n_seq] != n_rows:
+            raise RwkvxError(f"Block.forward_rows: starts must run from 0 to {n_rows} over {n_seq + 1} entries")
+        for b in range(n_seq):
+            if starts[b + 1] < starts[b]:
+                raise RwkvxError("Block.forward_rows: starts must not decrease")
+        if ws.n_embd != self.n_embd or ws.n_ffn != self.n_ffn or n_rows > ws.n_max or n_threads > ws.n_threads:
+            raise RwkvxError("Block.forward_rows: workspace too small for this call")
+        if n_threads < 1:
+            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        if n_rows == 0:
+            return
+        with nogil:
+            self._time_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], &starts[0], n_seq, ws, n_threads)
+            self._channel_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], &starts[0], n_seq, ws, n_threads)
+
+    cdef void _norm_and_shift(self, const float* X, Py_ssize_t n_rows, float* states, Py_ssize_t xx_row,
+                              const Py_ssize_t* starts, Py_ssize_t n_seq, const float* ln_w,
+                              const float* ln_b, float* xx, float* out1, const float* mix1,
+                              float* out2, const float* mix2, float* out3, const float* mix3,
+                              int n_threads) noexcept nogil:
+        # xx = layer_norm(X); out_i = xx * mix_i + previous token's xx * (1 - mix_i), where the
+        # previous token of a sequence's first row is its state row xx_row; that state row
+        # then becomes the sequence's last xx
+        cdef Py_ssize_t n = self.n_embd, b, t
+        cdef const float* prev
+        for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            _layer_norm(xx + t * n, X + t * n, ln_w, ln_b, n)
+        for b in range(n_seq):
+            for t in range(starts[b], starts[b + 1]):
+                prev = states + (b * 5 + xx_row) * n if t == starts[b] else xx + (t - 1) * n
+                _token_shift(out1 + t * n, xx + t * n, prev, mix1, n)
+                _token_shift(out2 + t * n, xx + t * n, prev, mix2, n)
+                if out3 != NULL:
+                    _token_shift(out3 + t * n, xx + t * n, prev, mix3, n)
+            if starts[b + 1] > starts[b]:
+                for t in range(n):
+                    states[(b * 5 + xx_row) * n + t] = xx[(starts[b + 1] - 1) * n + t]
+
+    cdef void _time_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
+                                Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
+        cdef Py_ssize_t n = self.n_embd, j, b, t
+        cdef float* s
+        self._norm_and_shift(X, n_rows, states, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
+                             ws.xk, self.att_mix_k, ws.xv, self.att_mix_v, ws.xr, self.att_mix_r, n_threads)
+        # K = XK kw^T; V = XV vw^T; R = XR rw^T
+        _matmul(ws.k, n, &self.att_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        _matmul(ws.v, n, &self.att_value, ws.xv, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        _matmul(ws.r, n, &self.att_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        # the recurrence: token by token within a sequence, channels independent
+        for j in prange(n, schedule="static", num_threads=n_threads):
+            for b in range(n_seq):
+                s = states + b * 5 * n
+                for t in range(starts[b], starts[b + 1]):
+                    ws.rwkv[t * n + j] = _sigmoid(ws.r[t * n + j]) * _wkv_step(
+                        ws.k[t * n + j], ws.v[t * n + j], self.att_first[j], self.att_decay[j],
+                        s + ATT_AA * n + j, s + ATT_BB * n + j, s + ATT_PP * n + j)
+        # X += (R * WKV) ow^T
+        _matmul(ws.out, n, &self.att_output, ws.rwkv, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        for t in range(n_rows * n):
+            X[t] += ws.out[t]
+
+    cdef void _channel_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
+                                   Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
+        cdef Py_ssize_t n = self.n_embd, t
+        cdef float kf
+        self._norm_and_shift(X, n_rows, states, FFN_XX, starts, n_seq, self.ln2_w, self.ln2_b, ws.xx,
+                             ws.xk, self.ffn_mix_k, ws.xr, self.ffn_mix_r, NULL, NULL, n_threads)
+        # R = XR rw^T; KF = relu(XK kw^T)^2; X += sigmoid(R) * (KF vw^T)
+        _matmul(ws.r, n, &self.ffn_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        _matmul(ws.kf, self.n_ffn, &self.ffn_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        for t in range(n_rows * self.n_ffn):
+            kf = ws.kf[t] if ws.kf[t] > 0 else 0
+            ws.kf[t] = kf * kf
+        _matmul(ws.out, n, &self.ffn_value, ws.kf, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
+        for t in range(n_rows * n):
+            X[t] += _sigmoid(ws.r[t]) * ws.out[t]
+
     cdef void _time_mixing(self, float* x, float* state, Workspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t j, n = self.n_embd
         cdef float* sx = state + ATT_XX * n
         cdef float* aa = state + ATT_AA * n
         cdef float* bb = state + ATT_BB * n
         cdef float* pp = state + ATT_PP * n
-        cdef float ww, p, e1, e2, kj, vj, wkv
+        cdef float wkv
         _layer_norm(ws.xx, x, self.ln1_w, self.ln1_b, n)
         _token_shift(ws.xk, ws.xx, sx, self.att_mix_k, n)
         _token_shift(ws.xv, ws.xx, sx, self.att_mix_v, n)
@@ -204,22 +364,7 @@ cdef class Block:
         _matvec(ws.v, &self.att_value, ws.xv, ws.scratch, n_threads)
         _matvec(ws.r, &self.att_receptance, ws.xr, ws.scratch, n_threads)
         for j in range(n):
-            kj = ws.k[j]
-            vj = ws.v[j]
-            # wkv = (e^pp aa + e^(u+k) v) / (e^pp bb + e^(u+k)), scaled by e^-max to stay finite
-            ww = self.att_first[j] + kj
-            p = pp[j] if pp[j] > ww else ww
-            e1 = expf(pp[j] - p)
-            e2 = expf(ww - p)
-            wkv = (e1 * aa[j] + e2 * vj) / (e1 * bb[j] + e2)
-            # decay the state by e^w (w = -exp(time_decay)) and add this token
-            ww = pp[j] + self.att_decay[j]
-            p = ww if ww > kj else kj
-            e1 = expf(ww - p)
-            e2 = expf(kj - p)
-            aa[j] = e1 * aa[j] + e2 * vj
-            bb[j] = e1 * bb[j] + e2
-            pp[j] = p
+            wkv = _wkv_step(ws.k[j], ws.v[j], self.att_first[j], self.att_decay[j], aa + j, bb + j, pp + j)
             ws.rwkv[j] = _sigmoid(ws.r[j]) * wkv
         # x += ow @ (r * wkv)
         _matvec(ws.out, &self.att_output, ws.rwkv, ws.scratch, n_threads)
@@ -244,6 +389,19 @@ cdef class Block:
         _matvec(ws.out, &self.ffn_value, ws.kf, ws.scratch, n_threads)
         for j in range(n):
             x[j] += _sigmoid(ws.r[j]) * ws.out[j]
+
+
+def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[::1] bias,
+                    float[:, ::1] out, int n_threads=1):
+    """Write layer_norm(X[t]) * weight + bias into out[t] for every row; X, out (n_rows, n)."""
+    cdef Py_ssize_t n_rows = X.shape[0], n = X.shape[1], t
+    if weight.shape[0] != n or bias.shape[0] != n or out.shape[0] != n_rows or out.shape[1] != n or n == 0:
+        raise RwkvxError(f"layer_norm_rows: expected X and out ({n_rows}, {n}) and weight, bias ({n},)")
+    if n_rows == 0:
+        return
+    with nogil:
+        for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            _layer_norm(&out[t, 0], &X[t, 0], &weight[0], &bias[0], n)
 
 
 def layer_norm(const float[::1] x, const float[::1] weight, const float[::1] bias, float[::1] out):

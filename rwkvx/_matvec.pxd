@@ -20,9 +20,21 @@ cdef struct Matrix:
     const float* my       # (n_rows,)
     const float* ry       # (n_rows,)
 
+# Per-vector sums of the uint8 product (see _prepare_u8)
+cdef struct U8Sums:
+    float half_xr
+    float x
+    float mx
+
 # out (n_rows,) = m @ x (n_cols,); scratch: n_cols floats (used by MATRIX_U8)
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil
+
+# out[t, i] (row stride ldo) = sum_j m[i, j] X[t, j] for n_tok rows of X (n_tok, n_cols).
+# Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); wbuf n_threads * 4 * n_cols.
+# Each out[t] is bit-identical to _matvec of X[t].
+cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
+                  float* xr, U8Sums* sums, float* wbuf, int n_threads) noexcept nogil
 
 cdef class Linear:
     cdef Matrix m

@@ -3,7 +3,7 @@
 Over 90% of a decoded token's time is spent here, reading every weight once. Work is
 split over blocks of four output rows; no row is ever shared between threads.
 """
-from cython.parallel import prange
+from cython.parallel import prange, threadid
 from libc.stdint cimport uint8_t, uint16_t
 from libc.stdlib cimport malloc, free
 
@@ -22,6 +22,11 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_dot4_bf16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_f16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_u8(const uint8_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_widen_bf16(const uint16_t* p, float* out, Py_ssize_t n)
+    void rwkvx_widen_f16(const uint16_t* p, float* out, Py_ssize_t n)
+    void rwkvx_widen_u8(const uint8_t* p, float* out, Py_ssize_t n)
+    void rwkvx_gemm4_f32(const float* w, Py_ssize_t ldw, const float* X, Py_ssize_t ldx,
+                         Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy)
 
 rwkvx_detect_simd()
 
@@ -68,12 +73,6 @@ cdef inline float _dot1(const Matrix* m, Py_ssize_t i, const float* x) noexcept 
     elif m.kind == MATRIX_F16:
         return rwkvx_dot_f16(m.h16 + i * n, x, n)
     return rwkvx_dot_u8(m.q + i * n, x, n)
-
-
-cdef struct U8Sums:
-    float half_xr   # 0.5 * sum_j rx[j] x[j]
-    float x         # sum_j x[j]
-    float mx        # sum_j mx[j] x[j]
 
 
 cdef void _prepare_u8(const Matrix* m, const float* x, float* xr, U8Sums* sums) noexcept nogil:
@@ -133,6 +132,58 @@ cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple ar
     self.m.n_cols = n_cols
     self.arrays = arrays
     return self
+
+
+cdef inline void _widen_rows(const Matrix* m, Py_ssize_t i, Py_ssize_t n_rows, float* out) noexcept nogil:
+    # rows i .. i+n_rows-1 as float32 (exact), one after another in out
+    cdef Py_ssize_t r, n = m.n_cols
+    for r in range(n_rows):
+        if m.kind == MATRIX_BF16:
+            rwkvx_widen_bf16(m.h16 + (i + r) * n, out + r * n, n)
+        elif m.kind == MATRIX_F16:
+            rwkvx_widen_f16(m.h16 + (i + r) * n, out + r * n, n)
+        else:
+            rwkvx_widen_u8(m.q + (i + r) * n, out + r * n, n)
+
+
+cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
+                            Py_ssize_t n_tok, const U8Sums* sums, float* wbuf,
+                            Py_ssize_t block) noexcept nogil:
+    # out[:, 4*block .. 4*block+3] for every token; the same kernels as _rows, so each
+    # token's result equals the matrix-vector product's
+    cdef Py_ssize_t i = 4 * block, r, t, n = m.n_cols
+    cdef Py_ssize_t end = i + 4
+    cdef const float* w
+    if end <= m.n_rows:
+        if m.kind == MATRIX_F32:
+            w = m.f32 + i * n
+        else:
+            # widen once, use for every token of the chunk
+            _widen_rows(m, i, 4, wbuf)
+            w = wbuf
+        rwkvx_gemm4_f32(w, n, X, n, n_tok, n, out + i, ldo)
+    else:
+        end = m.n_rows
+        for r in range(i, end):
+            for t in range(n_tok):
+                out[t * ldo + r] = _dot1(m, r, X + t * n)
+    if m.kind == MATRIX_U8:
+        for t in range(n_tok):
+            for r in range(i, end):
+                out[t * ldo + r] = (m.ry[r] * (out[t * ldo + r] + sums[t].half_xr)
+                                    + m.my[r] * sums[t].x + sums[t].mx)
+
+
+cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
+                  float* xr, U8Sums* sums, float* wbuf, int n_threads) noexcept nogil:
+    cdef Py_ssize_t t, block, n = m.n_cols
+    cdef const float* xin = X
+    if m.kind == MATRIX_U8:
+        for t in prange(n_tok, schedule="static", num_threads=n_threads):
+            _prepare_u8(m, X + t * n, xr + t * n, &sums[t])
+        xin = xr
+    for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
+        _gemm_rows(out, ldo, m, xin, n_tok, sums, wbuf + 4 * n * threadid(), block)
 
 
 def _check_vector(name, const float[::1] v, Py_ssize_t n):
@@ -220,4 +271,32 @@ cdef class Linear:
                 _matvec(&outv[0], &self.m, &xv[0], scratch, n_threads)
         finally:
             free(scratch)
+        return out
+
+    def matmul(self, X, out=None, *, int n_threads=1):
+        """Return X @ W.T as float32 (n_tok, n_rows): row t equals self(X[t]) bit for bit.
+
+        X: (n_tok, n_cols) float32 C-contiguous; out: optional (n_tok, n_rows).
+        """
+        cdef const float[:, ::1] xv = X
+        cdef Py_ssize_t n_tok = xv.shape[0], n_cols = self.m.n_cols
+        if out is None:
+            out = np.empty((n_tok, self.m.n_rows), dtype=np.float32)
+        cdef float[:, ::1] outv = out
+        if xv.shape[1] != n_cols or outv.shape[0] != n_tok or outv.shape[1] != self.m.n_rows:
+            raise RwkvxError(f"matmul: W {self.shape}, X ({n_tok}, {xv.shape[1]}), "
+                             f"out ({outv.shape[0]}, {outv.shape[1]})")
+        if n_threads < 1:
+            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        if n_tok == 0:
+            return out
+        xr = np.empty((n_tok, n_cols), dtype=np.float32)
+        sums = np.empty(n_tok * sizeof(U8Sums), dtype=np.uint8)
+        wbuf = np.empty(n_threads * 4 * n_cols, dtype=np.float32)
+        cdef float[:, ::1] xrv = xr
+        cdef unsigned char[::1] sumsv = sums
+        cdef float[::1] wbufv = wbuf
+        with nogil:
+            _matmul(&outv[0, 0], self.m.n_rows, &self.m, &xv[0, 0], n_tok, &xrv[0, 0],
+                    <U8Sums*>&sumsv[0], &wbufv[0], n_threads)
         return out

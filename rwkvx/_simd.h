@@ -184,6 +184,86 @@ RWKVX_AVX2_DOTS(f32, float)
 RWKVX_AVX2_DOTS(bf16, uint16_t)
 RWKVX_AVX2_DOTS(f16, uint16_t)
 RWKVX_AVX2_DOTS(u8, uint8_t)
+
+/* Widen n stored weights to float32 (exact for every type), for the matrix-matrix path. */
+RWKVX_AVX2 static void rwkvx_widen_bf16_avx2(const uint16_t *p, float *out, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, rwkvx_load8_bf16(p + j));
+    for (; j < n; j++)
+        out[j] = rwkvx_bf16_to_f32(p[j]);
+}
+
+RWKVX_AVX2 static void rwkvx_widen_f16_avx2(const uint16_t *p, float *out, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, rwkvx_load8_f16(p + j));
+    for (; j < n; j++)
+        out[j] = rwkvx_f16_to_f32(p[j]);
+}
+
+RWKVX_AVX2 static void rwkvx_widen_u8_avx2(const uint8_t *p, float *out, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, rwkvx_load8_u8(p + j));
+    for (; j < n; j++)
+        out[j] = (float)p[j];
+}
+
+/* Y[t, r] = dot(w + r * ldw, X + t * ldx) for four rows r and n_tok tokens t: the
+ * matrix-matrix product of sequence mode and batched decoding. Three tokens at a time
+ * keep twelve accumulators in registers, so each weight vector loaded serves three
+ * tokens. Every (t, r) pair is summed exactly as rwkvx_dot4_f32_avx2 sums row r against
+ * one vector -- one accumulator over steps of 8, the same four-way reduction, the same
+ * scalar tail -- so a token's result does not depend on the tokens processed with it. */
+RWKVX_AVX2 static void rwkvx_gemm4_f32_avx2(const float *w, ptrdiff_t ldw, const float *X,
+                                           ptrdiff_t ldx, ptrdiff_t n_tok, ptrdiff_t n,
+                                           float *Y, ptrdiff_t ldy)
+{
+    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
+    ptrdiff_t t = 0;
+    for (; t + 3 <= n_tok; t += 3) {
+        const float *x0 = X + t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx;
+        __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps(),
+               c03 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(),
+               c12 = _mm256_setzero_ps(), c13 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(),
+               c21 = _mm256_setzero_ps(), c22 = _mm256_setzero_ps(), c23 = _mm256_setzero_ps();
+        ptrdiff_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            __m256 a = _mm256_loadu_ps(x0 + j), b = _mm256_loadu_ps(x1 + j), c = _mm256_loadu_ps(x2 + j);
+            __m256 v = _mm256_loadu_ps(w0 + j);
+            c00 = _mm256_fmadd_ps(v, a, c00);
+            c10 = _mm256_fmadd_ps(v, b, c10);
+            c20 = _mm256_fmadd_ps(v, c, c20);
+            v = _mm256_loadu_ps(w1 + j);
+            c01 = _mm256_fmadd_ps(v, a, c01);
+            c11 = _mm256_fmadd_ps(v, b, c11);
+            c21 = _mm256_fmadd_ps(v, c, c21);
+            v = _mm256_loadu_ps(w2 + j);
+            c02 = _mm256_fmadd_ps(v, a, c02);
+            c12 = _mm256_fmadd_ps(v, b, c12);
+            c22 = _mm256_fmadd_ps(v, c, c22);
+            v = _mm256_loadu_ps(w3 + j);
+            c03 = _mm256_fmadd_ps(v, a, c03);
+            c13 = _mm256_fmadd_ps(v, b, c13);
+            c23 = _mm256_fmadd_ps(v, c, c23);
+        }
+        float *y0 = Y + t * ldy, *y1 = y0 + ldy, *y2 = y1 + ldy;
+        _mm_storeu_ps(y0, rwkvx_hsum4x256(c00, c01, c02, c03));
+        _mm_storeu_ps(y1, rwkvx_hsum4x256(c10, c11, c12, c13));
+        _mm_storeu_ps(y2, rwkvx_hsum4x256(c20, c21, c22, c23));
+        for (; j < n; j++) {
+            y0[0] += w0[j] * x0[j]; y0[1] += w1[j] * x0[j]; y0[2] += w2[j] * x0[j]; y0[3] += w3[j] * x0[j];
+            y1[0] += w0[j] * x1[j]; y1[1] += w1[j] * x1[j]; y1[2] += w2[j] * x1[j]; y1[3] += w3[j] * x1[j];
+            y2[0] += w0[j] * x2[j]; y2[1] += w1[j] * x2[j]; y2[2] += w2[j] * x2[j]; y2[3] += w3[j] * x2[j];
+        }
+    }
+    for (; t < n_tok; t++)
+        rwkvx_dot4_f32_avx2(w, ldw, X + t * ldx, n, Y + t * ldy);
+}
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
@@ -242,5 +322,43 @@ RWKVX_DISPATCH_DOTS(f32, float)
 RWKVX_DISPATCH_DOTS(bf16, uint16_t)
 RWKVX_DISPATCH_DOTS(f16, uint16_t)
 RWKVX_DISPATCH_DOTS(u8, uint8_t)
+
+/* Matrix-matrix building blocks: widen a row of stored weights to float32 (exact), and
+ * four rows against n_tok tokens (see rwkvx_gemm4_f32_avx2). */
+#if RWKVX_HAVE_X86_DISPATCH
+#define RWKVX_WIDEN_AVX2(TYPE, p, out, n)              \
+    if (rwkvx_simd_level) {                            \
+        rwkvx_widen_##TYPE##_avx2(p, out, n);          \
+        return;                                        \
+    }
+#else
+#define RWKVX_WIDEN_AVX2(TYPE, p, out, n)
+#endif
+
+#define RWKVX_WIDEN(TYPE, CTYPE)                                                       \
+    static inline void rwkvx_widen_##TYPE(const CTYPE *p, float *out, ptrdiff_t n)     \
+    {                                                                                   \
+        RWKVX_WIDEN_AVX2(TYPE, p, out, n)                                               \
+        for (ptrdiff_t j = 0; j < n; j++)                                               \
+            out[j] = RWKVX_SCALAR_##TYPE(p, j);                                         \
+    }
+
+RWKVX_WIDEN(bf16, uint16_t)
+RWKVX_WIDEN(f16, uint16_t)
+RWKVX_WIDEN(u8, uint8_t)
+
+static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t ldx,
+                                   ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level) {
+        rwkvx_gemm4_f32_avx2(w, ldw, X, ldx, n_tok, n, Y, ldy);
+        return;
+    }
+#endif
+    for (ptrdiff_t t = 0; t < n_tok; t++)
+        for (int r = 0; r < 4; r++)
+            Y[t * ldy + r] = rwkvx_dot_f32_portable(w + r * ldw, X + t * ldx, n);
+}
 
 #endif /* RWKVX_SIMD_H */

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -13,6 +13,11 @@ from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
+
+
+# Tokens per matrix-matrix pass in sequence mode: enough to turn each weight read into
+# many multiply-adds, small enough that the activations stay in cache.
+DEFAULT_CHUNK_SIZE = 64
 
 
 def _linear(m) -> _matvec.Linear:
@@ -43,6 +48,9 @@ class RWKV:
         self._workspace = _layer.Workspace(weights.n_embd, weights.n_ffn)
         self._x = np.empty(weights.n_embd, dtype=np.float32)
         self._x_norm = np.empty(weights.n_embd, dtype=np.float32)
+        self._seq_ws = None
+        # tokens per pass over the weights in sequence mode (prompts, batches)
+        self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
 
     n_layer = property(lambda self: self.weights.n_layer)
@@ -75,27 +83,105 @@ class RWKV:
             raise RwkvxError(f"state: expected a float32 array {expected}, got {got}")
         return np.array(state, dtype=np.float32, order="C")
 
-    def forward(self, tokens: Iterable[int], state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Feed tokens in order; return (logits after the last token, new state).
+    def forward(self, tokens: Iterable[int], state: np.ndarray | None = None, *,
+                all_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Feed tokens in order; return (logits, new state).
 
         tokens: ints with 0 <= token < n_vocab. state: None for a fresh start, or a state
         from an earlier call, which is NOT modified (a prompt's state can seed many
-        continuations). logits: float32 (n_vocab,); new state: float32 (n_layer, 5, n_embd).
+        continuations). logits: float32 (n_vocab,) after the last token, or
+        (len(tokens), n_vocab) after every token with all_logits=True (for perplexity).
+        new state: float32 (n_layer, 5, n_embd).
+
+        Several tokens are processed chunk_size at a time as matrix-matrix products (only
+        the WKV recurrence steps token by token); the results are bit-identical to feeding
+        the tokens one by one.
         """
         tokens = self._check_tokens(tokens)
         state = self.new_state() if state is None else self._check_state(state)
-        logits = np.empty(self.n_vocab, dtype=np.float32)
-        w = self.weights
         with self._lock:
-            x, n = self._x, self.n_threads
-            for token in tokens:
-                _layer.layer_norm(to_float32(w.emb[token]), w.ln0_weight, w.ln0_bias, x)
-                for block, layer_state in zip(self.blocks, state):
-                    block.forward(x, layer_state, self._workspace, n)
-            # the head is by far the largest matrix: only the last token needs logits
-            _layer.layer_norm(x, w.ln_out_weight, w.ln_out_bias, self._x_norm)
-            self.head(self._x_norm, logits, n_threads=n)
-        return logits, state
+            if len(tokens) == 1 and not all_logits:
+                return self._decode(tokens[0], state), state
+            stacked = state[:, None]  # (n_layer, 1, 5, n_embd): a batch of one, shares memory
+            logits = self._run_rows([tokens], stacked, all_logits)
+        return (logits if all_logits else logits[0]), state
+
+    def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
+                      states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Advance several independent sequences in one pass over the weights.
+
+        tokens_per_sequence: B lists of tokens (one each when decoding). states: None, or B
+        entries that are None (fresh) or states from earlier calls; they are NOT modified.
+        Returns logits float32 (B, n_vocab) after each sequence's last token and B new
+        states. Each sequence's results are bit-identical to running it alone.
+        """
+        if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
+            raise RwkvxError("tokens_per_sequence: expected a list of token lists")
+        if not tokens_per_sequence:
+            raise RwkvxError("tokens_per_sequence: expected at least one sequence, got none")
+        token_lists = [self._check_tokens(t) for t in tokens_per_sequence]
+        n_seq = len(token_lists)
+        if states is None:
+            states = [None] * n_seq
+        if isinstance(states, np.ndarray) or len(states) != n_seq:
+            raise RwkvxError(f"states: expected a list of {n_seq} states (or None entries)")
+        stacked = np.empty((self.n_layer, n_seq, 5, self.n_embd), dtype=np.float32)
+        for b, st in enumerate(states):
+            stacked[:, b] = self.new_state() if st is None else self._check_state(st)
+        with self._lock:
+            logits = self._run_rows(token_lists, stacked, all_logits=False)
+        return logits, [np.ascontiguousarray(stacked[:, b]) for b in range(n_seq)]
+
+    def _decode(self, token: int, state: np.ndarray) -> np.ndarray:
+        # one token: matrix-vector products, the memory-bound path
+        w, x, n = self.weights, self._x, self.n_threads
+        _layer.layer_norm(to_float32(w.emb[token]), w.ln0_weight, w.ln0_bias, x)
+        for block, layer_state in zip(self.blocks, state):
+            block.forward(x, layer_state, self._workspace, n)
+        _layer.layer_norm(x, w.ln_out_weight, w.ln_out_bias, self._x_norm)
+        logits = np.empty(self.n_vocab, dtype=np.float32)
+        self.head(self._x_norm, logits, n_threads=n)
+        return logits
+
+    def _seq_workspace(self, n_rows: int) -> _layer.SeqWorkspace:
+        ws = self._seq_ws
+        if ws is None or ws.n_max < n_rows:
+            ws = self._seq_ws = _layer.SeqWorkspace(n_rows, self.n_embd, self.weights.n_ffn, self.n_threads)
+        return ws
+
+    def _run_rows(self, token_lists: list[list[int]], stacked: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run B sequences (consecutive in stacked (n_layer, B, 5, n_embd), updated in place)
+        through the model, at most chunk_size tokens per pass over the weights."""
+        w, n = self.weights, self.n_threads
+        rows = [(b, t) for b, toks in enumerate(token_lists) for t in toks]
+        chunk = max(1, int(self.chunk_size))
+        ws = self._seq_workspace(min(chunk, len(rows)))
+        final = np.empty((len(token_lists), self.n_embd), dtype=np.float32)
+        outputs = []
+        for begin in range(0, len(rows), chunk):
+            part = rows[begin:begin + chunk]
+            seqs = [b for b, _ in part]
+            first, last = seqs[0], seqs[-1]
+            # starts[i] = first row of sequence first+i within this chunk
+            starts = np.searchsorted(np.asarray(seqs), np.arange(first, last + 2)).astype(np.intp)
+            x = to_float32(w.emb[np.fromiter((t for _, t in part), dtype=np.intp, count=len(part))])
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            _layer.layer_norm_rows(x, w.ln0_weight, w.ln0_bias, x, n)
+            for block, layer_states in zip(self.blocks, stacked):
+                block.forward_rows(x, layer_states[first:last + 1], starts, ws, n)
+            if all_logits:
+                outputs.append(self._head_rows(x))
+            # a sequence whose last token is in this chunk: keep that row for the head
+            for b in range(first, last + 1):
+                end = begin + starts[b - first + 1]
+                if end == len(rows) or rows[end][0] != b:
+                    final[b] = x[starts[b - first + 1] - 1]
+        return np.concatenate(outputs) if all_logits else self._head_rows(final)
+
+    def _head_rows(self, x: np.ndarray) -> np.ndarray:
+        xn = np.empty_like(x)
+        _layer.layer_norm_rows(x, self.weights.ln_out_weight, self.weights.ln_out_bias, xn, self.n_threads)
+        return self.head.matmul(xn, n_threads=self.n_threads)
 
     @property
     def nbytes(self) -> int:

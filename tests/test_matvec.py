@@ -86,6 +86,30 @@ def test_half_conversions_of_special_values():
         _matvec.set_simd_level(max(LEVELS))
 
 
+def _all_kinds(w):
+    qm = quantize_u8(w)
+    return [_matvec.Linear.f32(w), _half(w, "bfloat16")[0], _half(w, "float16")[0],
+            _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)]
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n_cols", [1, 7, 17, 33, 127])
+@pytest.mark.parametrize("n_rows", [1, 3, 5, 17])
+def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
+    w, _ = _data(rng, n_rows, n_cols)
+    X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+    for lin in _all_kinds(w):
+        Y = lin.matmul(X, n_threads=2)
+        for t in range(n_tok):
+            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+
+
+def test_matmul_raises_on_shape_mismatch(rng):
+    w, _ = _data(rng, 5, 9)
+    with pytest.raises(RwkvxError, match="matmul"):
+        _matvec.Linear.f32(w).matmul(np.zeros((3, 8), np.float32))
+
+
 def test_portable_and_avx2_agree(rng):
     if _matvec.simd_level() == 0:
         pytest.skip("no AVX2 on this CPU")
