@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text; may be repeated")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=None, metavar="N",
+                   help="prompt tokens processed per pass over the weights (default: 64)")
     return p
 
 
@@ -150,6 +152,8 @@ def _run(args) -> int:
 
     start = time.perf_counter()
     model = load(args.model, dtype=args.dtype, threads=args.threads)
+    if args.batch_size is not None:
+        model.chunk_size = args.batch_size
     load_seconds = time.perf_counter() - start
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model, model.n_vocab)
     tokenizer = load_tokenizer(tokenizer_path, model.n_vocab)

@@ -43,10 +43,21 @@ def test_prompt_from_file_and_stdin(byte_model, tmp_path):
     assert from_file.stdout == from_stdin.stdout == from_arg.stdout
 
 
-def test_uint8_and_threads(byte_model):
-    result = run_cli("-m", byte_model, "-p", "abc", "-n", "5", "--dtype", "uint8", "-t", "1", "-s", "1")
+@pytest.mark.parametrize("dtype", ["uint8", "bfloat16", "float16"])
+def test_dtypes_and_threads(byte_model, dtype):
+    result = run_cli("-m", byte_model, "-p", "abc", "-n", "5", "--dtype", dtype, "-t", "1", "-s", "1")
     assert result.returncode == 0, result.stderr
-    assert "dtype uint8, 1 threads" in result.stderr
+    assert f"dtype {dtype}, 1 threads" in result.stderr
+
+
+def test_batch_size_does_not_change_the_text(capsys):
+    path = str(shared_file(TINY_MODEL))
+    outs = []
+    for batch in ("1", "3", "64"):
+        assert main(["-m", path, "-p", "A prompt of a few dozen bytes, fed in chunks.", "-n", "20",
+                     "--temp", "0", "-b", batch]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_stop_string(capsys):
@@ -85,6 +96,7 @@ def test_help_documents_every_flag():
     (["--dtype", "int4"], "invalid choice: 'int4'"),
     (["--bogus"], "unrecognized arguments"),
     (["-s", "x"], "seed"),
+    (["-b", "0"], "batch-size"),
 ])
 def test_bad_options(byte_model, capsys, args, match):
     assert main(["-m", str(byte_model), "-p", "x", *args]) == 2
