@@ -34,17 +34,18 @@ DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MA
 
 
 def simd_level() -> int:
-    """0: portable loops; 1: AVX2 + FMA. Set RWKVX_SIMD=0 before import to force 0."""
+    """0: portable loops; 1: AVX2 + FMA; 2: AVX-512. RWKVX_SIMD=N before import caps it."""
     return rwkvx_simd_level
 
 
 def set_simd_level(int level) -> int:
-    """Choose the inner loops: 0 portable, 1 AVX2+FMA (only where the CPU has it). Returns the level set.
+    """Choose the inner loops: 0 portable, 1 AVX2+FMA, 2 AVX-512 (capped at what the CPU has).
+    Returns the level set.
 
     For tests and measurements; the level is detected once at import.
     """
-    if level not in (0, 1):
-        raise RwkvxError(f"simd level: expected 0 or 1, got {level}")
+    if level not in (0, 1, 2):
+        raise RwkvxError(f"simd level: expected 0, 1 or 2, got {level}")
     global rwkvx_simd_level
     cdef int detected = rwkvx_detect_simd()
     rwkvx_simd_level = min(level, detected)
