@@ -10,7 +10,7 @@ from cython.parallel import prange
 from libc.math cimport expf, sqrt
 from libc.stdlib cimport malloc, free
 
-from rwkvx._matvec cimport Linear, Matrix, U8Sums, _matmul, _matvec
+from rwkvx._matvec cimport Linear, Matrix, MatvecJob, U8Sums, _matmul, _matvec, _matvec_jobs
 from rwkvx.errors import RwkvxError
 
 cdef enum:
@@ -95,7 +95,7 @@ cdef class Workspace:
     cdef float* rwkv        # (n_embd,) sigmoid(r) * wkv
     cdef float* out         # (n_embd,) output projection
     cdef float* kf          # (n_ffn,) channel-mix hidden
-    cdef float* scratch     # (max(n_embd, n_ffn),) for uint8 products
+    cdef float* scratch     # (3 * max(n_embd, n_ffn),) for uint8 products, up to 3 fused
     cdef float* buffer
     cdef readonly Py_ssize_t n_embd, n_ffn
 
@@ -105,7 +105,7 @@ cdef class Workspace:
         self.n_embd = n_embd
         self.n_ffn = n_ffn
         cdef Py_ssize_t wide = max(n_embd, n_ffn)
-        self.buffer = <float*>malloc((9 * n_embd + n_ffn + wide) * sizeof(float))
+        self.buffer = <float*>malloc((9 * n_embd + n_ffn + 3 * wide) * sizeof(float))
         if self.buffer == NULL:
             raise MemoryError()
         cdef float* p = self.buffer
@@ -359,10 +359,12 @@ cdef class Block:
         _token_shift(ws.xr, ws.xx, sx, self.att_mix_r, n)
         for j in range(n):
             sx[j] = ws.xx[j]
-        # k = kw @ xk; v = vw @ xv; r = sigmoid(rw @ xr)
-        _matvec(ws.k, &self.att_key, ws.xk, ws.scratch, n_threads)
-        _matvec(ws.v, &self.att_value, ws.xv, ws.scratch, n_threads)
-        _matvec(ws.r, &self.att_receptance, ws.xr, ws.scratch, n_threads)
+        # k = kw @ xk; v = vw @ xv; r = sigmoid(rw @ xr), in one parallel loop
+        cdef MatvecJob jobs[3]
+        jobs[0] = MatvecJob(ws.k, &self.att_key, ws.xk)
+        jobs[1] = MatvecJob(ws.v, &self.att_value, ws.xv)
+        jobs[2] = MatvecJob(ws.r, &self.att_receptance, ws.xr)
+        _matvec_jobs(jobs, 3, ws.scratch, n_threads)
         for j in range(n):
             wkv = _wkv_step(ws.k[j], ws.v[j], self.att_first[j], self.att_decay[j], aa + j, bb + j, pp + j)
             ws.rwkv[j] = _sigmoid(ws.r[j]) * wkv
@@ -381,8 +383,10 @@ cdef class Block:
         for j in range(n):
             sx[j] = ws.xx[j]
         # r = sigmoid(rw @ xr); k = relu(kw @ xk)^2; x += r * (vw @ k)
-        _matvec(ws.r, &self.ffn_receptance, ws.xr, ws.scratch, n_threads)
-        _matvec(ws.kf, &self.ffn_key, ws.xk, ws.scratch, n_threads)
+        cdef MatvecJob jobs[2]
+        jobs[0] = MatvecJob(ws.r, &self.ffn_receptance, ws.xr)
+        jobs[1] = MatvecJob(ws.kf, &self.ffn_key, ws.xk)
+        _matvec_jobs(jobs, 2, ws.scratch, n_threads)
         for j in range(self.n_ffn):
             kf = ws.kf[j] if ws.kf[j] > 0 else 0
             ws.kf[j] = kf * kf

@@ -26,9 +26,19 @@ cdef struct U8Sums:
     float x
     float mx
 
+# One matrix-vector product of a fused group: out (n_rows,) = m @ x (n_cols,)
+cdef struct MatvecJob:
+    float* out
+    const Matrix* m
+    const float* x
+
 # out (n_rows,) = m @ x (n_cols,); scratch: n_cols floats (used by MATRIX_U8)
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil
+
+# Up to 4 independent products in one parallel loop (one barrier instead of several);
+# scratch: the jobs' n_cols summed. Each result is bit-identical to _matvec's.
+cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil
 
 # out[t, i] (row stride ldo) = sum_j m[i, j] X[t, j] for n_tok rows of X (n_tok, n_cols).
 # Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); wbuf n_threads * 4 * n_cols.

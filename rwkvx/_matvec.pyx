@@ -124,6 +124,30 @@ cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
         _rows(out, m, xin, &sums, block)
 
 
+cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil:
+    # the blocks of all jobs form one index space, so no thread waits at a barrier between
+    # the products of a fused group
+    cdef U8Sums sums[4]
+    cdef const float* xin[4]
+    cdef Py_ssize_t first[5]
+    cdef Py_ssize_t block, local
+    cdef int k, job
+    first[0] = 0
+    for k in range(n_jobs):
+        xin[k] = jobs[k].x
+        if jobs[k].m.kind == MATRIX_U8:
+            _prepare_u8(jobs[k].m, jobs[k].x, scratch, &sums[k])
+            xin[k] = scratch
+            scratch += jobs[k].m.n_cols
+        first[k + 1] = first[k] + (jobs[k].m.n_rows + 3) // 4
+    for block in prange(first[n_jobs], schedule="static", num_threads=n_threads):
+        job = 0
+        while block >= first[job + 1]:
+            job = job + 1
+        local = block - first[job]
+        _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
+
+
 cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple arrays):
     if n_rows == 0 or n_cols == 0:
         raise RwkvxError(f"Linear: expected a non-empty matrix, got ({n_rows}, {n_cols})")
