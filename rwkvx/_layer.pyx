@@ -1,8 +1,10 @@
 """The RWKV-4 layer math: layer norm, time mixing (WKV), channel mixing.
 
 One call of Block.forward moves one token through one layer and updates that layer's
-state in place. Elementwise work over n_embd stays serial (starting threads would cost
-more than it); the matrix-vector products inside run in parallel over output rows.
+state in place. Its elementwise work over n_embd stays serial (starting threads would
+cost more than it); the matrix-vector products inside run in parallel over output rows.
+Block.forward_rows does the same for many tokens at once, where layer norm and the WKV
+recurrence (over channels) are worth running in parallel too.
 
 State rows per layer, as in ChatRWKV's state[5*i+k]: FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP.
 """
@@ -199,6 +201,9 @@ cdef class Block:
         missing = [n for n in VECTOR_NAMES if n not in vectors] + [n for n in LINEAR_NAMES if n not in linears]
         if missing:
             raise RwkvxError(f"Block: missing {', '.join(missing)}")
+        for name in LINEAR_NAMES:
+            if not isinstance(linears[name], Linear):
+                raise RwkvxError(f"{name}: expected a Linear, got {type(linears[name]).__name__}")
         cdef Linear key = linears["ffn_key"]
         self.n_embd = key.m.n_cols
         self.n_ffn = key.m.n_rows
@@ -236,7 +241,7 @@ cdef class Block:
             raise RwkvxError(f"{name}: expected ({self.n_embd},) float32, got ({v.shape[0]},)")
         return &v[0]
 
-    def forward(self, float[::1] x, float[:, ::1] state, Workspace ws, int n_threads):
+    def forward(self, float[::1] x, float[:, ::1] state, Workspace ws not None, int n_threads):
         """Move one token through this layer.
 
         x: (n_embd,) float32, the residual stream, updated in place.
@@ -254,7 +259,7 @@ cdef class Block:
             self._channel_mixing(&x[0], &state[0, 0], ws, n_threads)
 
     def forward_rows(self, float[:, ::1] X, float[:, :, ::1] states, const Py_ssize_t[::1] starts,
-                     SeqWorkspace ws, int n_threads):
+                     SeqWorkspace ws not None, int n_threads):
         """Move many tokens through this layer at once: one sequence's chunk, or one token
         of each of several sequences, or any mix.
 
@@ -401,6 +406,8 @@ def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[
     cdef Py_ssize_t n_rows = X.shape[0], n = X.shape[1], t
     if weight.shape[0] != n or bias.shape[0] != n or out.shape[0] != n_rows or out.shape[1] != n or n == 0:
         raise RwkvxError(f"layer_norm_rows: expected X and out ({n_rows}, {n}) and weight, bias ({n},)")
+    if n_threads < 1:
+        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
     if n_rows == 0:
         return
     with nogil:

@@ -1,7 +1,18 @@
 """The thread policy, visible from Python."""
+import os
+
 cimport rwkvx._omp as _omp
 
 from rwkvx.errors import RwkvxError
+
+# More threads than cores only make each barrier wait for the scheduler; far more can
+# exhaust the OpenMP runtime, which then aborts the process.
+THREADS_PER_CORE_LIMIT = 4
+
+
+def max_threads() -> int:
+    """The largest thread count accepted: THREADS_PER_CORE_LIMIT per core."""
+    return THREADS_PER_CORE_LIMIT * (os.cpu_count() or 1)
 
 
 def openmp_enabled() -> bool:
@@ -20,8 +31,11 @@ def effective_n_threads(n_threads=None) -> int:
             raise RwkvxError(f"threads: expected a positive int or None, got {n_threads!r}")
         if n_threads < 1:
             raise RwkvxError(f"threads: expected a positive int, got {n_threads}")
+        if n_threads > max_threads():
+            raise RwkvxError(f"threads: expected at most {max_threads()} ({THREADS_PER_CORE_LIMIT} per core "
+                             f"on this machine), got {n_threads}")
     if not _omp.RWKVX_OPENMP:
         return 1
     if n_threads is None:
-        return max(1, _omp.omp_get_max_threads())
+        return min(max(1, _omp.omp_get_max_threads()), max_threads())
     return n_threads

@@ -1,6 +1,7 @@
 """RWKV: owns the weights, scratch buffers and thread count; runs tokens through the layers."""
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from typing import Iterable, Sequence
@@ -13,6 +14,13 @@ from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
+
+
+def _token_id(value) -> int:
+    # ints and numpy integers only: a float or a bool is never silently taken as an id
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("a bool is not a token id")
+    return operator.index(value)
 
 
 # Tokens per matrix-matrix pass in sequence mode: enough to turn each weight read into
@@ -39,7 +47,7 @@ class RWKV:
 
     def __init__(self, weights: ModelWeights, threads: int | None = None):
         self.weights = weights
-        self.n_threads = effective_n_threads(threads)
+        self._n_threads = effective_n_threads(threads)
         self.blocks = [
             _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: _linear(b[n]) for n in MATRIX_NAMES})
             for b in weights.blocks
@@ -52,6 +60,11 @@ class RWKV:
         # tokens per pass over the weights in sequence mode (prompts, batches)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
+
+    @property
+    def n_threads(self) -> int:
+        """Kernel threads, fixed at load (scratch buffers are sized for them)."""
+        return self._n_threads
 
     n_layer = property(lambda self: self.weights.n_layer)
     n_embd = property(lambda self: self.weights.n_embd)
@@ -66,8 +79,8 @@ class RWKV:
         if isinstance(tokens, (str, bytes)):
             raise RwkvxError("tokens: expected a sequence of ints, got a string (encode it with a tokenizer)")
         try:
-            tokens = [int(t) for t in tokens]
-        except (TypeError, ValueError):
+            tokens = [_token_id(t) for t in tokens]
+        except TypeError:
             raise RwkvxError("tokens: expected a sequence of ints") from None
         if not tokens:
             raise RwkvxError("tokens: expected at least one token, got none")

@@ -129,6 +129,33 @@ def test_thread_counts_give_identical_logits(tiny_path, dtype):
     assert np.array_equal(results[0][1], results[1][1])
 
 
+@pytest.mark.skipif(not _parallel.openmp_enabled(), reason="built without OpenMP")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
+def test_thread_counts_give_identical_decoding(tiny_path, dtype):
+    runs = []
+    for n in (1, 2, 3):
+        model, state, out = rwkvx.load(tiny_path, dtype=dtype, threads=n), None, []
+        for token in range(15):
+            logits, state = model.forward([token], state)
+            out.append(logits)
+        runs.append((np.stack(out), state))
+    for logits, state in runs[1:]:
+        assert np.array_equal(logits, runs[0][0]) and np.array_equal(state, runs[0][1])
+
+
+def test_numpy_integer_tokens_are_accepted(tiny_path):
+    model = rwkvx.load(tiny_path)
+    a, _ = model.forward(np.array([1, 2, 3], dtype=np.int64))
+    b, _ = model.forward([1, 2, 3])
+    assert np.array_equal(a, b)
+
+
+def test_n_threads_is_fixed_at_load(tiny_path):
+    model = rwkvx.load(tiny_path, threads=1)
+    with pytest.raises(AttributeError):
+        model.n_threads = 2
+
+
 def test_state_passed_in_is_not_modified(tiny_path):
     model = rwkvx.load(tiny_path)
     _, state = model.forward([1, 2, 3])
@@ -154,6 +181,10 @@ def test_model_attributes(tiny_path):
     ([], "at least one token"),
     ("abc", "string"),
     ([1.5j], "sequence of ints"),
+    ([2.9], "sequence of ints"),
+    ([float("inf")], "sequence of ints"),
+    (np.array([1.0, 2.0]), "sequence of ints"),
+    ([True], "sequence of ints"),
 ])
 def test_forward_raises_on_bad_tokens(tiny_path, tokens, match):
     with pytest.raises(RwkvxError, match=match):
@@ -168,7 +199,7 @@ def test_forward_raises_on_bad_state(tiny_path):
         model.forward([1], [[0.0]])
 
 
-@pytest.mark.parametrize("threads", [0, -2, 1.5, "2", True])
+@pytest.mark.parametrize("threads", [0, -2, 1.5, "2", True, 100000])
 def test_load_raises_on_bad_threads(tiny_path, threads):
     with pytest.raises(RwkvxError, match="threads"):
         rwkvx.load(tiny_path, threads=threads)
