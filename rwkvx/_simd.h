@@ -3,8 +3,9 @@
  * Decoding one token reads every weight once, so these loops must keep up with memory
  * bandwidth. GCC does not vectorise a plain float reduction without -ffast-math (it may
  * not reassociate the sum), and a portable build cannot assume AVX2. So each loop exists
- * twice: a portable version with eight independent accumulators, and an AVX2+FMA version
- * compiled through a function attribute, picked once at import by rwkvx_detect_simd().
+ * three times: a portable version with eight independent accumulators, and AVX2+FMA and
+ * AVX-512 versions compiled through function attributes, picked once at import by
+ * rwkvx_detect_simd().
  * No -march flag is needed and the same build runs on any x86-64 or other CPU.
  *
  * Weights come in four storage types, all computed in float32:

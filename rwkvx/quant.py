@@ -12,7 +12,7 @@ every entry lands in [0, 1], and keeps floor(256 * entry): each weight is off by
 most half a step of 1/256 of its row and column scale. The 1/256 is split as 1/16
 into each of rx and ry, as in ChatRWKV.
 
-The kernels never rebuild W: see _matvec_u8 for the algebra they use instead.
+The kernels never rebuild W: see _prepare_u8 in _matvec.pyx for the algebra they use instead.
 """
 from __future__ import annotations
 
