@@ -174,18 +174,6 @@ def test_trained_model_matches_rwkvx(td, tmp_path):
     assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_split_holds_out_five_percent_by_document(td):
-    documents = [(f"doc{i}", "x" * (100 + 37 * i)) for i in range(60)]
-    train, heldout = td.split_documents(documents)
-    assert set(train).isdisjoint(heldout)
-    assert sorted(train + heldout) == sorted(name for name, _ in documents)
-    sizes = dict(documents)
-    held_bytes = sum(len(sizes[n]) for n in heldout)
-    total = sum(len(t) for _, t in documents)
-    assert 0.05 * total <= held_bytes < 0.05 * total + max(len(t) for _, t in documents)
-    assert td.split_documents(list(reversed(documents)))[1] == list(reversed(heldout))
-
-
 def test_lr_schedule_warmup_does_not_depend_on_total(td):
     # what makes a --minutes run reproducible with --steps
     for step in range(100):
