@@ -1,35 +1,45 @@
 """Checkpoint files -> ModelWeights: format detection, name map, load-time transforms, checks.
 
-Formats read here, recognised by content rather than by file name:
-- safetensors with BlinkDL's key names, stored float32, float16 or bfloat16;
-- rwkv.cpp's ``.bin`` (ggmf magic, versions 100 and 101) in FP32 or FP16.
+Formats, recognised by content rather than by file name (readers in the modules named):
+- safetensors with BlinkDL's or transformers' key names, stored float32, float16 or
+  bfloat16 (safetensors_io);
+- rwkvx's own safetensors layout, written by ``python -m rwkvx.convert``: weights already
+  in the run dtype and transformed (safetensors_io);
+- PyTorch ``.pth`` zip checkpoints (BlinkDL's releases), read without torch and without
+  running any code from the file (pth);
+- rwkv.cpp ``.bin`` files: FP32, FP16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (ggml);
+- Hugging Face RwkvForCausalLM folders: config.json plus safetensors or pytorch_model.bin,
+  sharded or not (hf).
 
-Files are memory-mapped. Where the stored dtype is what the model runs in (bfloat16
-tensors of a bfloat16 run, and so on) and for the embedding, the model's arrays are
-read-only views of the mapping: no copy is made and the OS pages weights in as they are
-first read. Otherwise tensors are
-converted one at a time, so at most one float tensor exists besides the weights kept.
-Checkpoint key strings appear only in this module.
+Memory. Files are memory-mapped. Where the stored dtype is what the model runs in (bfloat16
+tensors of a bfloat16 run, every tensor of a converted file loaded in its dtype) and for the
+embedding, the model's arrays are read-only views of the mapping: no copy is made and the
+OS pages weights in as they are first read. Every other tensor is read privately and
+converted on its own, so a load holds the weights it keeps plus one tensor in float32.
+
+Checkpoint key strings (BlinkDL's names) appear only here and in the format readers.
 """
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import re
-import struct
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 
-from rwkvx.errors import CheckpointError, RwkvxError
+from rwkvx import ggml, hf, pth
+from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
-from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, to_bfloat16, to_float32
+from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
+from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, RUN_STORED, MappedFile, Progress, QuantizedTensor,
+                              TensorSource, fail)
+from rwkvx.weights import MATRIX_NAMES, ModelWeights, to_bfloat16
 
 # what the weight matrices are kept in while running
 DTYPES = ("float32", "bfloat16", "float16", "uint8")
-_STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _FLOAT16_MAX = 65504.0
+_RUN_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # checkpoint suffix after "blocks.N." -> rwkvx name
 _BLOCK_KEYS = {
@@ -52,7 +62,6 @@ _BLOCK_KEYS = {
     "ffn.receptance.weight": "ffn_receptance",
     "ffn.value.weight": "ffn_value",
 }
-_TOP_KEYS = ("emb.weight", "ln_out.weight", "ln_out.bias", "head.weight")
 _LN0_KEYS = ("blocks.0.ln0.weight", "blocks.0.ln0.bias")
 
 # Key fragments of the later RWKV generations, to name what a file is instead of
@@ -63,202 +72,109 @@ _OTHER_ARCHITECTURES = (
     (re.compile(r"\.(time_faaaa|ln_x\.weight|gate\.weight)$"), "RWKV-5"),
 )
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_GGML_MAGIC = 0x67676D66
-_GGML_TYPES = {0: ("F32", np.float32), 1: ("F16", np.float16)}
-_GGML_QUANT_NAMES = {2: "Q4_0", 3: "Q4_1", 7: "Q5_0", 8: "Q5_1", 9: "Q8_0"}
+FORMAT_NAMES = {
+    "safetensors": "safetensors",
+    FORMAT_NAME: "rwkvx (converted by rwkvx.convert)",
+    "pth": "PyTorch zip checkpoint (torch.save)",
+    "rwkv.cpp": "rwkv.cpp (ggml)",
+    "hf": "Hugging Face folder (RwkvForCausalLM)",
+}
 
 
-class TensorSource:
-    """Named raw tensors of one file: name -> (stored dtype name, shape, array view)."""
-
-    def __init__(self, path: str, fmt: str, decay_is_transformed: bool):
-        self.path = path
-        self.format = fmt
-        # rwkv.cpp stores att.time_decay as -exp(raw) already
-        self.decay_is_transformed = decay_is_transformed
-        self.tensors: dict[str, tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = {}
-
-    def stored(self, name: str) -> tuple[str, np.ndarray]:
-        """The stored dtype name (F32, F16, BF16) and a view of the file (bfloat16 as uint16)."""
-        dtype, _, view = self.tensors[name]
-        return dtype, view()
-
-    def float32(self, name: str) -> np.ndarray:
-        """The tensor as float32: a view of the file when stored float32, else a new array."""
-        return to_float32(self.stored(name)[1])
-
-
-def _fail(path: str, message: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {message}")
-
-
-def _open_map(path: str) -> tuple[mmap.mmap | None, int]:
-    try:
-        if os.path.isdir(path):
-            raise _fail(path, "is a directory, not a checkpoint file")
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise _fail(path, "file is empty")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), size
-    except FileNotFoundError:
-        raise _fail(path, "no such file") from None
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except OSError as e:
-        raise _fail(path, f"cannot read: {e.strerror or e}") from None
-
-
-def _view(buf, np_dtype, offset: int, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
-    count = int(np.prod(shape, dtype=np.int64))
-
-    def make() -> np.ndarray:
-        return np.frombuffer(buf, dtype=np_dtype, count=count, offset=offset).reshape(shape)
-
-    return make
-
-
-def open_safetensors(path: str, buf: mmap.mmap, size: int) -> TensorSource:
-    """Parse and check a safetensors header; tensors become lazy views of the mapping."""
-    (header_len,) = struct.unpack("<Q", buf[:8])
-    if 8 + header_len > size:
-        raise _fail(path, f"truncated: the header needs {8 + header_len} bytes, the file has {size}")
-    try:
-        header = json.loads(bytes(buf[8:8 + header_len]))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _fail(path, f"safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "safetensors header is not a JSON object")
-    data_start = 8 + header_len
-    data_size = size - data_start
-    source = TensorSource(path, "safetensors", decay_is_transformed=False)
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape + (begin, end)):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"tensor {name}: malformed header entry {entry!r}") from None
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise _fail(path, f"tensor {name}: unsupported dtype {dtype} (expected F32, F16 or BF16)")
-        np_dtype = _SAFETENSORS_DTYPES[dtype]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
-        if end - begin != nbytes:
-            raise _fail(path, f"tensor {name}: shape {list(shape)} {dtype} needs {nbytes} bytes, "
-                              f"its offsets span {end - begin}")
-        if end > data_size:
-            raise _fail(path, f"truncated: tensor {name} ends at byte {data_start + end}, "
-                              f"the file has {size}")
-        spans.append((begin, end, name))
-        source.tensors[name] = (dtype, shape, _view(buf, np_dtype, data_start + begin, shape))
-    spans.sort()
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise _fail(path, f"tensors {name_a} and {name_b} overlap in the file")
-    return source
-
-
-def open_ggml(path: str, buf: mmap.mmap, size: int) -> TensorSource:
-    """Parse rwkv.cpp's format (see the README of the test models for its layout)."""
-    if size < 24:
-        raise _fail(path, "truncated: rwkv.cpp header is 24 bytes")
-    _, version, n_vocab, n_embd, _, _ = struct.unpack_from("<6i", buf, 0)
-    if version not in (100, 101):
-        raise _fail(path, f"rwkv.cpp file version {version} is not supported (expected 100 or 101)")
-    source = TensorSource(path, "rwkv.cpp", decay_is_transformed=True)
-    pos = 24
-    while pos < size:
-        if pos + 12 > size:
-            raise _fail(path, f"truncated: tensor header at byte {pos}")
-        n_dims, key_len, type_id = struct.unpack_from("<3i", buf, pos)
-        pos += 12
-        if not 1 <= n_dims <= 4 or not 0 < key_len < 4096:
-            raise _fail(path, f"corrupt tensor header at byte {pos - 12}")
-        if pos + 4 * n_dims + key_len > size:
-            raise _fail(path, f"truncated: tensor header at byte {pos - 12}")
-        dims = struct.unpack_from(f"<{n_dims}i", buf, pos)
-        pos += 4 * n_dims
-        try:
-            name = bytes(buf[pos:pos + key_len]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _fail(path, f"tensor name at byte {pos} is not UTF-8") from None
-        pos += key_len
-        if type_id in _GGML_QUANT_NAMES:
-            raise _fail(path, f"tensor {name} is {_GGML_QUANT_NAMES[type_id]}: quantised rwkv.cpp "
-                              "files are not supported yet (use an FP32 or FP16 file)")
-        if type_id not in _GGML_TYPES:
-            raise _fail(path, f"tensor {name}: unknown rwkv.cpp data type {type_id}")
-        if any(d < 0 for d in dims):
-            raise _fail(path, f"tensor {name}: negative dimension {dims}")
-        dtype, np_dtype = _GGML_TYPES[type_id]
-        # rwkv.cpp stores dimensions reversed against PyTorch's shape
-        shape = tuple(reversed(dims))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
-        if pos + nbytes > size:
-            raise _fail(path, f"truncated: tensor {name} needs {nbytes} bytes at byte {pos}, "
-                              f"the file has {size}")
-        source.tensors[name] = (dtype, shape, _view(buf, np_dtype, pos, shape))
-        pos += nbytes
-    emb = source.tensors.get("emb.weight")
-    if emb is not None and emb[1] != (n_vocab, n_embd):
-        raise _fail(path, f"header says n_vocab={n_vocab}, n_embd={n_embd} but emb.weight is {list(emb[1])}")
-    return source
-
+# ---- opening: format detection by content ----
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
-    """Recognise the file's format by its first bytes and index its tensors."""
+    """Recognise a checkpoint's format by its content and index its tensors (nothing is read yet)."""
     path = os.fspath(path)
-    buf, size = _open_map(path)
-    head = bytes(buf[:8])
-    if head[:4] == b"PK\x03\x04":
-        raise _fail(path, "is a PyTorch zip checkpoint (.pth); convert it to safetensors first "
-                          "(see 'Getting a model' in the README)")
+    if os.path.isdir(path):
+        source = hf.open_folder(path, _open_file)
+    else:
+        source = _open_file(path)
+        hf.normalise_names(source)
+    return source
+
+
+def _open_file(path: str) -> TensorSource:
+    file = MappedFile(path)
+    head = file.head(16)
+    if head[:4] == pth.ZIP_MAGIC:
+        return pth.open_pth(file)
     if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-        raise _fail(path, "is a pickle file; rwkvx does not unpickle (convert it to safetensors)")
-    if len(head) >= 4 and struct.unpack("<I", head[:4])[0] == _GGML_MAGIC:
-        return open_ggml(path, buf, size)
-    if len(head) == 8:
-        (header_len,) = struct.unpack("<Q", head)
-        if 2 <= header_len <= 100_000_000 and bytes(buf[8:9]) == b"{":
-            return open_safetensors(path, buf, size)
-    raise _fail(path, "not a checkpoint rwkvx can read (expected safetensors or an rwkv.cpp .bin file)")
+        raise fail(path, "is a legacy PyTorch pickle file (torch.save before 1.6, or with "
+                         "_use_new_zipfile_serialization=False); rwkvx does not unpickle such files: "
+                         "load and save it again with a current torch, which writes the zip format")
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") == ggml.MAGIC:
+        return ggml.open_ggml(file)
+    if looks_like_safetensors(head):
+        return open_safetensors(file)
+    raise fail(path, "not a checkpoint rwkvx can read (expected safetensors, a PyTorch .pth zip, "
+                     "an rwkv.cpp .bin file or a Hugging Face folder)")
 
 
 def _check_architecture(source: TensorSource) -> None:
     for pattern, name in _OTHER_ARCHITECTURES:
         if any(pattern.search(key) for key in source.tensors):
-            raise _fail(source.path, f"this is an {name} checkpoint; rwkvx supports RWKV-4")
+            raise fail(source.path, f"this is an {name} checkpoint; rwkvx supports RWKV-4")
 
 
-def _plan(source: TensorSource) -> tuple[int, int, int, int]:
-    """Check every name and shape; return (n_layer, n_embd, n_vocab, n_ffn) or raise listing all problems."""
+# ---- the plan: every tensor's name, shape and role, checked before any data is read ----
+
+@dataclass(frozen=True)
+class Plan:
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ffn: int
+
+    def entries(self) -> list[tuple[str, str, int, str]]:
+        """(checkpoint key, kind, layer or -1, rwkvx name) in load order; kind is emb, vector or matrix."""
+        out = [("emb.weight", "emb", -1, "emb"),
+               (_LN0_KEYS[0], "vector", -1, "ln0_weight"), (_LN0_KEYS[1], "vector", -1, "ln0_bias")]
+        for layer in range(self.n_layer):
+            for suffix, name in _BLOCK_KEYS.items():
+                kind = "matrix" if name in MATRIX_NAMES else "vector"
+                out.append((f"blocks.{layer}.{suffix}", kind, layer, name))
+        out += [("ln_out.weight", "vector", -1, "ln_out_weight"), ("ln_out.bias", "vector", -1, "ln_out_bias"),
+                ("head.weight", "matrix", -1, "head")]
+        return out
+
+    def matrix_shapes(self) -> list[tuple[int, int]]:
+        c, f = self.n_embd, self.n_ffn
+        return [(c, c)] * 5 * self.n_layer + [(f, c), (c, f)] * self.n_layer + [(self.n_vocab, c)]
+
+
+def plan(source: TensorSource) -> Plan:
+    """Check every name and shape; return the model's sizes or raise listing all problems."""
+    _check_architecture(source)
     names = set(source.tensors)
-    if "emb.weight" not in names or len(source.tensors["emb.weight"][1]) != 2:
+    emb = source.tensors.get("emb.weight")
+    if emb is None or len(emb.shape) != 2:
         found = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-        raise _fail(source.path, f"no 2-D emb.weight: not an RWKV-4 checkpoint (found {found or 'no tensors'})")
-    n_vocab, n_embd = source.tensors["emb.weight"][1]
+        raise fail(source.path, f"no 2-D emb.weight: not an RWKV-4 checkpoint "
+                                f"({FORMAT_NAMES.get(source.format, source.format)}, "
+                                f"found {found or 'no tensors'})")
+    n_vocab, n_embd = emb.shape
     layers = {int(m.group(1)) for key in names if (m := re.match(r"blocks\.(\d+)\.", key))}
     n_layer = max(layers) + 1 if layers else 0
     if n_layer == 0:
-        raise _fail(source.path, "no blocks.N.* tensors: not an RWKV-4 checkpoint")
+        raise fail(source.path, "no blocks.N.* tensors: not an RWKV-4 checkpoint")
     ffn_key = source.tensors.get("blocks.0.ffn.key.weight")
-    n_ffn = ffn_key[1][0] if ffn_key is not None and len(ffn_key[1]) == 2 else 4 * n_embd
+    n_ffn = ffn_key.shape[0] if ffn_key is not None and len(ffn_key.shape) == 2 else 4 * n_embd
+    result = Plan(n_layer, n_embd, n_vocab, n_ffn)
 
     vec = (n_embd,)
-    expected = {"emb.weight": (n_vocab, n_embd), "ln_out.weight": vec, "ln_out.bias": vec,
-                "head.weight": (n_vocab, n_embd), _LN0_KEYS[0]: vec, _LN0_KEYS[1]: vec}
-    for layer in range(n_layer):
-        for suffix, name in _BLOCK_KEYS.items():
-            shape = vec if name in VECTOR_NAMES else (n_embd, n_embd)
-            if name == "ffn_key":
-                shape = (n_ffn, n_embd)
-            elif name == "ffn_value":
-                shape = (n_embd, n_ffn)
-            expected[f"blocks.{layer}.{suffix}"] = shape
+    expected = {}
+    for key, kind, _, name in result.entries():
+        if kind == "vector":
+            expected[key] = vec
+        elif name == "ffn_key":
+            expected[key] = (n_ffn, n_embd)
+        elif name == "ffn_value":
+            expected[key] = (n_embd, n_ffn)
+        elif name in ("emb", "head"):
+            expected[key] = (n_vocab, n_embd)
+        else:
+            expected[key] = (n_embd, n_embd)
 
     problems = []
     missing = [key for key in expected if key not in names]
@@ -270,7 +186,8 @@ def _plan(source: TensorSource) -> tuple[int, int, int, int]:
     for key, shape in expected.items():
         if key not in names:
             continue
-        actual = source.tensors[key][1]
+        tensor = source.tensors[key]
+        actual = tensor.shape
         # time_* vectors are stored (1, 1, C) by BlinkDL's trainer and (C,) by converters
         if len(shape) == 1:
             ok = int(np.prod(actual)) == shape[0] and sum(d != 1 for d in actual) <= 1
@@ -278,65 +195,203 @@ def _plan(source: TensorSource) -> tuple[int, int, int, int]:
             ok = actual == shape
         if not ok:
             problems.append(f"{key}: expected {list(shape)}, got {list(actual)}")
+        elif tensor.dtype not in FLOAT_DTYPES and not isinstance(tensor, (QuantizedTensor, ggml.GgmlQuantTensor)):
+            problems.append(f"{key}: stored as {tensor.dtype}, expected floating point")
     if problems:
-        raise _fail(source.path, "; ".join(problems))
-    return n_layer, n_embd, n_vocab, n_ffn
+        raise fail(source.path, "; ".join(problems))
+    return result
 
 
-def load_weights(path: str | os.PathLike, dtype: str = "float32") -> ModelWeights:
-    """Read a checkpoint into ModelWeights with matrices in `dtype` (one of DTYPES).
+# ---- per-tensor conversion to what the model keeps ----
 
-    Raises CheckpointError naming the file and every problem found.
+def _embedding(source: TensorSource, tensor) -> np.ndarray:
+    # the embedding stays as stored (one row per token is widened when looked up)
+    if tensor.dtype in ("F32", "F16", "BF16"):
+        view = tensor.view()
+        return view if view is not None else tensor.read()
+    if isinstance(tensor, QuantizedTensor):
+        raise fail(source.path, "emb.weight: an embedding stored as uint8 is not supported")
+    return tensor.float32()
+
+
+def _vector(source: TensorSource, key: str, tensor, n_embd: int) -> np.ndarray:
+    if isinstance(tensor, QuantizedTensor):
+        raise fail(source.path, f"{key}: expected a float32 vector, got a uint8 matrix")
+    view = tensor.view() if tensor.dtype == "F32" else None
+    v = (view if view is not None else tensor.float32()).reshape(n_embd)
+    if key.endswith(".att.time_decay") and not source.decay_is_transformed:
+        # the real decay per token is e^{-e^x}: keep its log, -e^x, computed in float64
+        v = (-np.exp(v.astype(np.float64))).astype(np.float32)
+    return v
+
+
+def _matrix(source: TensorSource, key: str, tensor, dtype: str):
+    if isinstance(tensor, QuantizedTensor):
+        if dtype == "uint8":
+            # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are
+            return tensor.view()
+        raise fail(source.path, f"holds uint8 weights (converted with --dtype uint8), which cannot be "
+                                f"loaded as {dtype}: load it with dtype uint8, or convert the original "
+                                f"checkpoint to {dtype}")
+    if tensor.dtype == RUN_STORED.get(dtype):
+        # the file holds what the kernels read: map it, copy nothing
+        view = tensor.view()
+        return view if view is not None else tensor.read()
+    # a private float32 copy, converted on its own: one float tensor at a time
+    w = tensor.float32()
+    if dtype == "uint8":
+        return quantize_u8(w, overwrite=True)
+    if dtype == "bfloat16":
+        return to_bfloat16(w)
+    if dtype == "float16":
+        biggest = float(max(w.max(), -w.min())) if w.size else 0.0
+        if biggest > _FLOAT16_MAX:
+            raise fail(source.path, f"{key}: a weight of magnitude {biggest:g} does not fit "
+                                    f"float16 (max {_FLOAT16_MAX:g}); use bfloat16 or float32")
+        return w.astype(np.float16)
+    return w
+
+
+def iter_weights(source: TensorSource, the_plan: Plan, dtype: str) -> Iterator[tuple[str, str, int, str, object, int]]:
+    """Convert tensor by tensor: yields (key, kind, layer, rwkvx name, value, stored bytes).
+
+    value is what ModelWeights keeps: a float32 vector, the embedding as stored, or a matrix
+    in `dtype` (a QuantizedMatrix for uint8). Transforms are applied.
     """
+    for key, kind, layer, name in the_plan.entries():
+        tensor = source.tensors[key]
+        if kind == "emb":
+            value = _embedding(source, tensor)
+        elif kind == "vector":
+            value = _vector(source, key, tensor, the_plan.n_embd)
+        else:
+            value = _matrix(source, key, tensor, dtype)
+        yield key, kind, layer, name, value, tensor.nbytes
+        # the caller holds what it keeps: don't pin this tensor while the next is converted
+        del value
+
+
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise RwkvxError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
+                 progress: Optional[bool] = None) -> ModelWeights:
+    """Read a checkpoint (file or Hugging Face folder) into ModelWeights with matrices in `dtype`.
+
+    dtype: one of DTYPES. progress: None draws a progress bar on stderr when it is a terminal
+    and the load takes over a second; False never; True always (after a second).
+    Raises CheckpointError naming the file and every problem found.
+    """
+    check_dtype(dtype)
     source = open_checkpoint(path)
-    _check_architecture(source)
-    n_layer, n_embd, _, _ = _plan(source)
+    the_plan = plan(source)
+    total = sum(source.tensors[key].nbytes for key, *_ in the_plan.entries())
+    bar = Progress(f"loading {os.path.basename(os.path.normpath(source.path))}", total, enabled=progress)
+    top: dict[str, object] = {}
+    blocks: list[dict] = [{} for _ in range(the_plan.n_layer)]
+    try:
+        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype):
+            (blocks[layer] if layer >= 0 else top)[name] = value
+            bar.advance(nbytes)
+    finally:
+        bar.close()
+    info = {"path": source.path, "format": source.format, "file_size": source.file_size}
+    if source.metadata:
+        info["metadata"] = dict(source.metadata)
+    return ModelWeights(blocks=blocks, dtype=dtype, source=source.format, info=info, **top)
 
-    def vector(key: str) -> np.ndarray:
-        return np.ascontiguousarray(source.float32(key).reshape(n_embd), dtype=np.float32)
 
-    def matrix(key: str):
-        stored, raw = source.stored(key)
-        if stored == _STORED.get(dtype):
-            # the file holds what the kernels read: map it, copy nothing
-            return raw
-        w = to_float32(raw)
+# ---- --info: what a checkpoint holds and what it needs, without reading weights ----
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    format: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ffn: int
+    stored: str
+    embedding: str
+    file_size: int
+    n_params: int
+    # run dtype -> (weight bytes, extra bytes while loading, how) or None when not loadable
+    memory: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"file          {self.path} ({_size(self.file_size)})",
+            f"format        {FORMAT_NAMES.get(self.format, self.format)}",
+            f"architecture  RWKV-4: {self.n_layer} layers, n_embd {self.n_embd}, vocabulary {self.n_vocab}, "
+            f"ffn {self.n_ffn} ({self.n_params / 1e6:.1f}M parameters)",
+            f"stored        {self.stored}; embedding {self.embedding}",
+        ]
+        if self.format == FORMAT_NAME:
+            m = self.metadata
+            lines.append(f"converted     to {m.get('dtype')} from {m.get('source')} ({m.get('source_format')}), "
+                         f"rwkvx file format version {m.get('format_version')}")
+        lines.append("memory by --dtype (weights held; extra while loading):")
+        for dtype, entry in self.memory.items():
+            if entry is None:
+                lines.append(f"  {dtype:<9}  -          not loadable: the file holds uint8 weights")
+                continue
+            nbytes, extra, how = entry
+            extra_text = f", +{_size(extra)} while loading" if extra else ""
+            lines.append(f"  {dtype:<9}  {_size(nbytes):>9}  {how}{extra_text}")
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _dtype_summary(tensors: list) -> str:
+    counts: dict[str, int] = {}
+    for t in tensors:
+        label = "uint8 (rwkvx)" if isinstance(t, QuantizedTensor) else DTYPE_NAMES.get(t.dtype, t.dtype)
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{k} ({v} tensors)" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def describe(path: str | os.PathLike) -> CheckpointInfo:
+    """Format, shapes, stored dtypes and the memory each run dtype needs; reads headers only."""
+    source = open_checkpoint(path)
+    p = plan(source)
+    entries = p.entries()
+    matrices = [source.tensors[k] for k, kind, _, _ in entries if kind == "matrix"]
+    emb = source.tensors["emb.weight"]
+    emb_bytes = emb.nbytes if emb.dtype in ("F32", "F16", "BF16") else emb.size * 4
+    n_vectors = sum(1 for _, kind, _, _ in entries if kind == "vector")
+    vector_bytes = n_vectors * p.n_embd * 4
+    shapes = p.matrix_shapes()
+    elements = sum(r * c for r, c in shapes)
+    largest = max(r * c for r, c in shapes)
+    memory = {}
+    for dtype in DTYPES:
         if dtype == "uint8":
-            # quantise from a private float copy, overwritten in place: one float tensor at a time
-            return quantize_u8(w if w.flags.writeable else w.copy(), overwrite=True)
-        if dtype == "bfloat16":
-            return to_bfloat16(w)
-        if dtype == "float16":
-            biggest = float(np.abs(w).max())
-            if biggest > _FLOAT16_MAX:
-                raise _fail(source.path, f"{key}: a weight of magnitude {biggest:g} does not fit "
-                                         f"float16 (max {_FLOAT16_MAX:g}); use bfloat16 or float32")
-            return w.astype(np.float16)
-        return w
+            nbytes = sum(r * c + 8 * (r + c) for r, c in shapes)
+        else:
+            nbytes = elements * _RUN_ITEMSIZE[dtype]
+        quantized = all(isinstance(t, QuantizedTensor) for t in matrices)
+        if quantized and dtype != "uint8":
+            memory[dtype] = None
+            continue
+        if quantized or all(t.dtype == RUN_STORED.get(dtype) for t in matrices):
+            how, extra = "mapped from the file, no copy", 0
+        elif dtype == "uint8":
+            # one matrix in float32, its finiteness check and its uint8 result while quantised
+            how, extra = "quantised at load", largest * 6
+        else:
+            how, extra = "converted at load", largest * 4
+        memory[dtype] = (nbytes + emb_bytes + vector_bytes, extra, how)
+    return CheckpointInfo(
+        path=source.path, format=source.format, n_layer=p.n_layer, n_embd=p.n_embd, n_vocab=p.n_vocab,
+        n_ffn=p.n_ffn, stored=_dtype_summary(matrices), embedding=_dtype_summary([emb]),
+        file_size=source.file_size, n_params=elements + emb.size + n_vectors * p.n_embd,
+        memory=memory, metadata=dict(source.metadata))
 
-    blocks = []
-    for layer in range(n_layer):
-        block = {}
-        for suffix, name in _BLOCK_KEYS.items():
-            key = f"blocks.{layer}.{suffix}"
-            block[name] = matrix(key) if name in MATRIX_NAMES else vector(key)
-        if not source.decay_is_transformed:
-            # the real decay per token is e^{-e^x}: keep its log, -e^x, computed in float64
-            raw = block["att_time_decay"].astype(np.float64)
-            block["att_time_decay"] = (-np.exp(raw)).astype(np.float32)
-        blocks.append(block)
-
-    return ModelWeights(
-        # the embedding stays as stored: one row per token is widened when looked up
-        emb=source.stored("emb.weight")[1],
-        ln0_weight=vector(_LN0_KEYS[0]),
-        ln0_bias=vector(_LN0_KEYS[1]),
-        blocks=blocks,
-        ln_out_weight=vector("ln_out.weight"),
-        ln_out_bias=vector("ln_out.bias"),
-        head=matrix("head.weight"),
-        dtype=dtype,
-        source=source.format,
-    )

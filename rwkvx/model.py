@@ -10,6 +10,7 @@ import numpy as np
 
 from rwkvx import _layer, _matvec
 from rwkvx._parallel import effective_n_threads
+from rwkvx.demo import resolve as resolve_demo
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
@@ -212,14 +213,17 @@ class RWKV:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKV:
-    """Load an RWKV-4 checkpoint (safetensors or rwkv.cpp .bin) to run in `dtype`.
+    """Load an RWKV-4 checkpoint to run in `dtype`.
 
+    path: a checkpoint file or folder in any format rwkvx reads (see the README), or
+    "demo" for the small model packaged with rwkvx.
     dtype: the format weight matrices are kept and read in, all computed in float32:
     "float32"; "bfloat16" (half the bytes, exact for BlinkDL's bf16 releases); "float16";
-    or "uint8" (a quarter, quantised at load). The embedding stays as stored. threads: kernel threads; None follows OMP_NUM_THREADS (else one per
-    core). Raises CheckpointError for unreadable or inconsistent files, RwkvxError for
-    bad arguments.
+    or "uint8" (a quarter, quantised at load). The embedding stays as stored.
+    threads: kernel threads; None follows OMP_NUM_THREADS (else one per core).
+    Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
+    arguments.
     """
     if threads is not None:
         effective_n_threads(threads)
-    return RWKV(load_weights(path, dtype), threads=threads)
+    return RWKV(load_weights(resolve_demo(path), dtype), threads=threads)

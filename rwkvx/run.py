@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import secrets
 import sys
 import time
 
+from rwkvx import demo
 from rwkvx.errors import RwkvxError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                "(0 = greedy), top-k, top-p, then a seeded draw. Threads: --threads, else "
                "OMP_NUM_THREADS, else one per core.",
     )
-    p.add_argument("-m", "--model", required=True, metavar="PATH",
-                   help="checkpoint: safetensors with BlinkDL's key names, or an rwkv.cpp .bin (FP32/FP16)")
+    p.add_argument("-m", "--model", default=demo.NAME, metavar="PATH",
+                   help="checkpoint file or folder (safetensors, BlinkDL .pth, Hugging Face folder, rwkv.cpp "
+                        ".bin), or 'demo' for the small model packaged with rwkvx (default: %(default)s)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer: a Hugging Face tokenizer.json (RWKV-4 Pile/Raven: 20B_tokenizer.json), "
                         "an RWKV World vocabulary (rwkv_vocab_v20230424.txt), or 'bytes'. Default: bytes for "
@@ -96,18 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text; may be repeated")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    p.add_argument("--info", action="store_true",
+                   help="print the model's format, architecture, shapes, stored dtype and the memory each "
+                        "--dtype needs, reading only headers (no weights); then exit")
     p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=None, metavar="N",
                    help="prompt tokens processed per pass over the weights (default: 64)")
     return p
 
 
-def _read_prompt(args) -> str:
+def _read_prompt(args, is_demo: bool) -> str:
     if args.prompt is not None:
         return args.prompt
-    if args.file is None and sys.stdin.isatty():
-        raise RwkvxError("no prompt: give -p TEXT, -f FILE, or pipe text to stdin")
-    if args.file in (None, "-"):
-        return sys.stdin.read()
+    if args.file is None:
+        # the demo runs with no input at all; other models need a prompt
+        text = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
+        if not text and is_demo:
+            return demo.DEFAULT_PROMPT
+        if not text and (sys.stdin is None or sys.stdin.isatty()):
+            raise RwkvxError("no prompt: give -p TEXT, -f FILE, or pipe text to stdin")
+        return text
+    if args.file == "-":
+        return _read_stdin()
     try:
         with open(args.file, encoding="utf-8") as f:
             return f.read()
@@ -119,6 +129,13 @@ def _read_prompt(args) -> str:
         raise RwkvxError(f"{args.file}: cannot read prompt file: {e.strerror or e}") from None
 
 
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise RwkvxError("the prompt on stdin is not UTF-8 text") from None
+
+
 def _default_tokenizer(model_path: str, n_vocab: int):
     beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "tokenizer.json")
     if n_vocab != 256 and os.path.isfile(beside):
@@ -127,6 +144,10 @@ def _default_tokenizer(model_path: str, n_vocab: int):
 
 
 def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
     # ru_maxrss is in KiB on Linux, bytes on macOS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
@@ -142,7 +163,12 @@ def _run(args) -> int:
     from rwkvx.sampling import Sampler
     from rwkvx.tokenizer import load_tokenizer
 
-    prompt = _read_prompt(args)
+    if args.info:
+        from rwkvx.loader import describe
+        print(describe(args.model))
+        return EXIT_OK
+    is_demo = demo.resolve(args.model) != args.model
+    prompt = _read_prompt(args, is_demo)
     if not prompt:
         raise RwkvxError("the prompt is empty")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -160,10 +186,20 @@ def _run(args) -> int:
     _log(f"{args.model}: {model.n_layer} layers, {model.n_embd} wide, vocabulary {model.n_vocab}, "
          f"dtype {model.dtype}, {model.n_threads} threads, weights {model.nbytes / 1e6:.1f} MB, "
          f"peak RSS {_peak_rss_mb():.0f} MB, loaded in {load_seconds:.2f} s, seed {seed}")
+    if is_demo:
+        _log(f"this is rwkvx's small demo model, trained on Python's own documentation ({demo.CARD}); "
+             "for real text run a real checkpoint: python -m rwkvx.run -m RWKV-4-Pile-169M.pth "
+             "--tokenizer 20B_tokenizer.json -p \"...\"")
+    if args.prompt is None and args.file is None and prompt == demo.DEFAULT_PROMPT:
+        # show what the continuation continues
+        sys.stdout.write(prompt)
 
     stream = generate(model, tokenizer, prompt, max_tokens=args.n_predict, sampler=sampler,
                       stop=args.stop, ignore_eos=args.ignore_eos)
     out = sys.stdout
+    # a terminal or pipe that cannot show a character gets a replacement, not a crash
+    if hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")
     for piece in stream:
         out.write(piece)
         out.flush()

@@ -101,11 +101,25 @@ def test_not_a_checkpoint(tmp_path, content):
     expect_error(tmp_path / "x.bin", "not a checkpoint")
 
 
-def test_pytorch_zip_is_refused_with_advice(tmp_path):
+def test_pytorch_zip_without_tensors_names_its_format(tmp_path):
     import zipfile
     with zipfile.ZipFile(tmp_path / "m.pth", "w") as z:
         z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
-    expect_error(tmp_path / "m.pth", "PyTorch")
+    expect_error(tmp_path / "m.pth",
+                 "not an RWKV-4 checkpoint \\(PyTorch zip checkpoint \\(torch.save\\), found no tensors")
+
+
+def test_integer_tensor_where_a_weight_belongs(tmp_path):
+    from test_formats_pth import state_dict_pickle, write_zip
+    tensors = random_tensors(1, 8, 10)
+    entries, storages = [], {}
+    for i, (name, value) in enumerate(tensors.items()):
+        cls, raw = ("LongStorage", value.astype(np.int64)) if name == "ln_out.bias" else ("FloatStorage", value)
+        strides = [int(np.prod(value.shape[d + 1:])) for d in range(value.ndim)]
+        entries.append((name, cls, str(i), raw.size, 0, value.shape, strides))
+        storages[str(i)] = raw.tobytes()
+    write_zip(tmp_path / "m.pth", state_dict_pickle(entries), storages)
+    expect_error(tmp_path / "m.pth", "ln_out.bias: stored as I64, expected floating point")
 
 
 def test_pickle_is_refused_without_unpickling(tmp_path):

@@ -1,0 +1,154 @@
+"""Convert any checkpoint rwkvx reads into rwkvx's own layout, ready to map at load.
+
+    python -m rwkvx.convert RWKV-4-Pile-430M-20220808-8066.pth rwkv-430m-uint8.safetensors --dtype uint8
+
+The output is a safetensors file (see safetensors_io for the layout) whose matrices are
+already in the run dtype, with every load-time transform applied: att.time_decay holds
+-exp(raw), time_* vectors are (n_embd,) float32, and a uint8 matrix is stored as its five
+parts. The embedding stays as stored (float32, float16 or bfloat16; dequantised ggml
+embeddings become float32). Loading it with the same dtype maps every array: no float copy
+and no quantisation work. The header's metadata records format, format_version,
+architecture, dtype and the source file.
+
+Conversion streams tensor by tensor (each is read, converted, written and dropped), with a
+progress bar on stderr when stderr is a terminal; the output appears under its name only
+once complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from rwkvx.errors import RwkvxError
+from rwkvx.loader import DTYPES, check_dtype, iter_weights, open_checkpoint, plan
+from rwkvx.quant import QuantizedMatrix
+from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter
+from rwkvx.tensorfile import RUN_STORED, Progress
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overwrite: bool = False,
+            progress: bool | None = None) -> dict:
+    """Write `src` (any readable checkpoint) to `dst` in rwkvx's layout with matrices in `dtype`.
+
+    Returns the metadata written. Raises CheckpointError for unreadable sources, RwkvxError
+    for bad arguments (unknown dtype, dst exists without overwrite, dst is src).
+    """
+    check_dtype(dtype)
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.exists(dst):
+        if os.path.exists(src) and os.path.samefile(src, dst):
+            raise RwkvxError(f"{dst}: is the source; write the conversion to another file")
+        if not overwrite:
+            raise RwkvxError(f"{dst}: exists (pass --force to overwrite)")
+        if os.path.isdir(dst):
+            raise RwkvxError(f"{dst}: is a directory")
+    source = open_checkpoint(src)
+    the_plan = plan(source)
+
+    specs = []
+    for key, kind, _, _ in the_plan.entries():
+        tensor = source.tensors[key]
+        shape = tensor.shape
+        if kind == "emb":
+            # the embedding stays as stored, as the loader keeps it
+            specs.append((key, tensor.dtype if tensor.dtype in ("F32", "F16", "BF16") else "F32", shape))
+        elif kind == "vector":
+            specs.append((key, "F32", (the_plan.n_embd,)))
+        elif dtype == "uint8":
+            n_rows, n_cols = shape
+            specs += [(f"{key}.q", "U8", (n_rows, n_cols)), (f"{key}.mx", "F32", (n_cols,)),
+                      (f"{key}.rx", "F32", (n_cols,)), (f"{key}.my", "F32", (n_rows,)),
+                      (f"{key}.ry", "F32", (n_rows,))]
+        else:
+            specs.append((key, RUN_STORED[dtype], shape))
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "architecture": "RWKV-4",
+        "dtype": dtype,
+        "source": os.path.basename(os.path.normpath(source.path)),
+        "source_format": source.format,
+        "n_layer": str(the_plan.n_layer),
+        "n_embd": str(the_plan.n_embd),
+        "n_vocab": str(the_plan.n_vocab),
+        "n_ffn": str(the_plan.n_ffn),
+        "time_decay": "-exp(raw)",
+    }
+
+    total = sum(source.tensors[key].nbytes for key, *_ in the_plan.entries())
+    bar = Progress(f"converting to {dtype}", total, enabled=progress, delay=0.0)
+    try:
+        writer = SafetensorsWriter(dst, specs, metadata)
+    except OSError as e:
+        raise RwkvxError(f"{dst}: cannot write: {e.strerror or e}") from None
+    try:
+        with writer:
+            for key, _, _, _, value, nbytes in iter_weights(source, the_plan, dtype):
+                if isinstance(value, QuantizedMatrix):
+                    for part in QUANT_PARTS:
+                        writer.write(f"{key}.{part}", getattr(value, part))
+                else:
+                    writer.write(key, value)
+                del value
+                bar.advance(nbytes)
+    except OSError as e:
+        raise RwkvxError(f"{dst}: cannot write: {e.strerror or e}") from None
+    finally:
+        bar.close()
+    return metadata
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise RwkvxError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m rwkvx.convert",
+        description="Convert an RWKV-4 checkpoint (safetensors, PyTorch .pth, rwkv.cpp .bin, Hugging Face "
+                    "folder) into rwkvx's layout: weights already in the run dtype and transformed, so "
+                    "loading maps the file with no conversion work.",
+    )
+    p.add_argument("src", metavar="SRC", help="the checkpoint to convert (file or Hugging Face folder)")
+    p.add_argument("dst", metavar="DST", help="the .safetensors file to write")
+    p.add_argument("--dtype", required=True, choices=DTYPES,
+                   help="the run dtype the weight matrices are stored in; load the result with the same --dtype")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter; returns the exit status (0 ok, 1 failure, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+        start = time.perf_counter()
+        meta = convert(args.src, args.dst, args.dtype, overwrite=args.force)
+        size = os.path.getsize(args.dst)
+        print(f"rwkvx: wrote {args.dst}: RWKV-4 {meta['n_layer']} layers x {meta['n_embd']}, vocabulary "
+              f"{meta['n_vocab']}, {args.dtype}, {size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
+        return EXIT_OK
+    except RwkvxError as e:
+        print(f"rwkvx: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rwkvx: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("rwkvx: error: out of memory", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as e:  # a bug, not the user's input: say so in one line
+        if os.environ.get("RWKVX_DEBUG"):
+            raise
+        print(f"rwkvx: internal error: {type(e).__name__}: {e} (set RWKVX_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Hugging Face RWKV-4 models (transformers' RwkvForCausalLM): a folder, or its weight files.
+
+A folder holds config.json and the weights as model.safetensors, shards listed by
+model.safetensors.index.json, pytorch_model.bin, or shards listed by
+pytorch_model.bin.index.json. Tensor names differ from BlinkDL's only in spelling
+(rwkv.blocks.N.attention.time_mix_key is blocks.N.att.time_mix_k, and so on) and are
+translated here, so everything after this module sees BlinkDL's names.
+
+transformers stores the weights exactly as trained. In inference mode it divides each
+block's attention.output and feed_forward.value weights by 2**(block // rescale_every)
+and halves the hidden state after every rescale_every blocks, to keep float16
+activations in range. The two cancel (every block's input passes through a LayerNorm,
+which ignores scale), so rwkvx runs the stored weights unchanged; logits agree with
+transformers' to the precision of LayerNorm's epsilon.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+from rwkvx.tensorfile import TensorSource, fail
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+# transformers' name (after an optional "rwkv." prefix) -> BlinkDL's
+_RENAMES = (
+    (re.compile(r"^embeddings\.weight$"), "emb.weight"),
+    (re.compile(r"^blocks\.(\d+)\.pre_ln\.(weight|bias)$"), r"blocks.\1.ln0.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attention\.time_mix_key$"), r"blocks.\1.att.time_mix_k"),
+    (re.compile(r"^blocks\.(\d+)\.attention\.time_mix_value$"), r"blocks.\1.att.time_mix_v"),
+    (re.compile(r"^blocks\.(\d+)\.attention\.time_mix_receptance$"), r"blocks.\1.att.time_mix_r"),
+    (re.compile(r"^blocks\.(\d+)\.attention\.(time_decay|time_first)$"), r"blocks.\1.att.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attention\.(key|value|receptance|output)\.weight$"), r"blocks.\1.att.\2.weight"),
+    (re.compile(r"^blocks\.(\d+)\.feed_forward\.time_mix_key$"), r"blocks.\1.ffn.time_mix_k"),
+    (re.compile(r"^blocks\.(\d+)\.feed_forward\.time_mix_receptance$"), r"blocks.\1.ffn.time_mix_r"),
+    (re.compile(r"^blocks\.(\d+)\.feed_forward\.(key|receptance|value)\.weight$"), r"blocks.\1.ffn.\2.weight"),
+)
+_HF_MARKERS = re.compile(r"(^|\.)(embeddings\.weight|attention\.time_mix_key|feed_forward\.key\.weight)$")
+
+
+def normalise_names(source: TensorSource) -> None:
+    """Rename transformers' tensor names to BlinkDL's, in place, if the source uses them."""
+    if not any(_HF_MARKERS.search(name) for name in source.tensors):
+        return
+    renamed = {}
+    for name, tensor in source.tensors.items():
+        new = name[len("rwkv."):] if name.startswith("rwkv.") else name
+        for pattern, replacement in _RENAMES:
+            if pattern.match(new):
+                new = pattern.sub(replacement, new)
+                break
+        if new in renamed:
+            raise fail(source.path, f"tensors {name} and another both mean {new}")
+        renamed[new] = tensor
+    source.tensors = renamed
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise fail(path, f"cannot read JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise fail(path, "is not a JSON object")
+    return value
+
+
+def check_config(folder: str, config: dict) -> None:
+    """Refuse configs of other architectures, naming what they are."""
+    model_type = str(config.get("model_type", ""))
+    later = re.fullmatch(r"rwkv[-_]?([5-9])", model_type)
+    if later:
+        raise fail(folder, f"this is an RWKV-{later.group(1)} checkpoint; rwkvx supports RWKV-4")
+    if model_type != "rwkv":
+        raise fail(folder, f"config.json says model_type {model_type!r}: rwkvx runs RWKV-4 models "
+                           "(model_type 'rwkv')")
+    hidden, attention = config.get("hidden_size"), config.get("attention_hidden_size")
+    if attention is not None and attention != hidden:
+        raise fail(folder, f"config.json: attention_hidden_size {attention} differs from hidden_size "
+                           f"{hidden}; rwkvx supports RWKV-4 with equal sizes")
+
+
+def open_folder(folder: str, open_file: Callable[[str], TensorSource]) -> TensorSource:
+    """Index a Hugging Face model folder's tensors (all shards) under BlinkDL's names."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise fail(folder, "is a directory without config.json: not a Hugging Face model folder "
+                           "(give a checkpoint file, or a folder with config.json)")
+    config = _read_json(folder, "config.json")
+    check_config(folder, config)
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise fail(folder, f"no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    chosen = present[0]
+    if chosen.endswith(".index.json"):
+        weight_map = _read_json(folder, chosen).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise fail(os.path.join(folder, chosen), "has no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
+    else:
+        shards = [chosen]
+
+    source = TensorSource(folder, "hf")
+    source.config = config
+    for shard in shards:
+        if os.path.basename(shard) != shard:
+            raise fail(os.path.join(folder, chosen), f"shard {shard!r} is not a file name in the folder")
+        part = open_file(os.path.join(folder, shard))
+        source.files += part.files
+        for name, tensor in part.tensors.items():
+            if name in source.tensors:
+                raise fail(folder, f"tensor {name} appears in more than one shard")
+            source.tensors[name] = tensor
+    normalise_names(source)
+    if "head.weight" not in source.tensors and config.get("tie_word_embeddings") and "emb.weight" in source.tensors:
+        # tied weights: the output head is the embedding matrix
+        source.tensors["head.weight"] = source.tensors["emb.weight"]
+    return source

@@ -1,0 +1,188 @@
+"""safetensors: the reader (any writer's files, and rwkvx's own layout) and a streaming writer.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each tensor
+name to {dtype, shape, data_offsets} (plus an optional "__metadata__" of strings), then
+the raw data. Every offset in the header is checked against the file before use.
+
+rwkvx's own layout (written by ``python -m rwkvx.convert``) is a safetensors file whose
+metadata has ``format = "rwkvx"``. Its tensors are already what the model runs on: matrices
+in the run dtype, time_* vectors squeezed to (n_embd,) float32, att.time_decay holding
+-exp(raw), and a uint8 matrix ``K`` stored as ``K.q`` (uint8), ``K.mx``, ``K.rx``, ``K.my``,
+``K.ry`` (float32; see quant.py). Loading it maps every array: nothing is converted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, QuantizedTensor, Tensor, TensorSource, fail, n_elements
+
+# what rwkvx's own files say about themselves
+FORMAT_NAME = "rwkvx"
+FORMAT_VERSION = 1
+QUANT_PARTS = ("q", "mx", "rx", "my", "ry")
+
+_READ_DTYPES = ("F32", "F16", "BF16", "U8")
+_MAX_HEADER = 100_000_000
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= _MAX_HEADER and head[8:9] == b"{"
+
+
+def open_safetensors(file: MappedFile) -> TensorSource:
+    """Parse and check a safetensors header; tensors stay in the file until asked for."""
+    path, size = file.path, file.size
+    if size < 8:
+        raise fail(path, "truncated: the safetensors header length is 8 bytes")
+    (header_len,) = struct.unpack("<Q", file.head(8))
+    if 8 + header_len > size:
+        raise fail(path, f"truncated: the header needs {8 + header_len} bytes, the file has {size}")
+    try:
+        header = json.loads(bytes(file.map[8:8 + header_len]))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(path, f"safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise fail(path, "safetensors __metadata__ is not a JSON object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    source = TensorSource(path, "safetensors")
+    source.files.append(file)
+    source.metadata = {str(k): str(v) for k, v in metadata.items()}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape + (begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise fail(path, f"tensor {name}: malformed header entry {entry!r}") from None
+        if dtype not in _READ_DTYPES:
+            raise fail(path, f"tensor {name}: unsupported dtype {dtype} (expected F32, F16, BF16 or U8)")
+        nbytes = n_elements(shape) * NUMPY_DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise fail(path, f"tensor {name}: shape {list(shape)} {dtype} needs {nbytes} bytes, "
+                             f"its offsets span {end - begin}")
+        if end > data_size:
+            raise fail(path, f"truncated: tensor {name} ends at byte {data_start + end}, the file has {size}")
+        spans.append((begin, end, name))
+        source.tensors[name] = Tensor(name, file, dtype, shape, data_start + begin)
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise fail(path, f"tensors {name_a} and {name_b} overlap in the file")
+    if source.metadata.get("format") == FORMAT_NAME:
+        _read_rwkvx_layout(source)
+    return source
+
+
+def _read_rwkvx_layout(source: TensorSource) -> None:
+    """Check an rwkvx file's metadata and group each uint8 matrix's five parts."""
+    meta, path = source.metadata, source.path
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise fail(path, f"rwkvx file with a malformed format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise fail(path, f"written by a newer rwkvx (file format version {version}); "
+                         f"this rwkvx reads version {FORMAT_VERSION} and older")
+    source.format = FORMAT_NAME
+    source.decay_is_transformed = True
+    for name in [n for n in source.tensors if n.endswith(".q")]:
+        base = name[:-2]
+        parts = {p: source.tensors.get(f"{base}.{p}") for p in QUANT_PARTS}
+        missing = [p for p, t in parts.items() if t is None]
+        if missing:
+            raise fail(path, f"uint8 matrix {base}: missing {', '.join(base + '.' + p for p in missing)}")
+        q = parts["q"]
+        n_rows, n_cols = q.shape if len(q.shape) == 2 else (-1, -1)
+        expected = {"q": ("U8", (n_rows, n_cols)), "mx": ("F32", (n_cols,)), "rx": ("F32", (n_cols,)),
+                    "my": ("F32", (n_rows,)), "ry": ("F32", (n_rows,))}
+        for p, (dtype, shape) in expected.items():
+            if (parts[p].dtype, parts[p].shape) != (dtype, shape):
+                raise fail(path, f"{base}.{p}: expected {list(shape)} {dtype}, "
+                                 f"got {list(parts[p].shape)} {parts[p].dtype}")
+        for p in QUANT_PARTS:
+            del source.tensors[f"{base}.{p}"]
+        source.tensors[base] = QuantizedTensor(base, parts)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, without holding more than one in memory.
+
+    The header (names, dtypes, shapes, hence every offset) is fixed up front, so tensors
+    can be written in any order, each straight to its place. Tensors are laid out by
+    decreasing item size after an aligned header, so every one starts aligned for its
+    dtype and can be mapped as a numpy array. The file appears under its name only when
+    close() finds every tensor written; abort() (or an exception inside ``with``)
+    removes the partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        self._tmp = self.path + ".part"
+        order = sorted(specs, key=lambda s: -NUMPY_DTYPES[s[1]].itemsize)
+        header, offset = {}, 0
+        self._layout = {}
+        for name, dtype, shape in order:
+            if name in self._layout:
+                raise ValueError(f"SafetensorsWriter: duplicate tensor name {name}")
+            nbytes = n_elements(shape) * NUMPY_DTYPES[dtype].itemsize
+            header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+            self._layout[name] = (dtype, tuple(int(d) for d in shape), offset, nbytes)
+            offset += nbytes
+        if metadata:
+            header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        # pad with spaces so tensor data starts 64-byte aligned
+        text += b" " * (-(8 + len(text)) % 64)
+        self._data_start = 8 + len(text)
+        self.size = self._data_start + offset
+        self._written: set[str] = set()
+        self._f = open(self._tmp, "wb")
+        self._f.write(struct.pack("<Q", len(text)))
+        self._f.write(text)
+        self._f.truncate(self.size)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        dtype, shape, offset, nbytes = self._layout[name]
+        expected = NUMPY_DTYPES[dtype]
+        if array.dtype != expected or tuple(array.shape) != shape:
+            raise ValueError(f"SafetensorsWriter: {name}: expected {list(shape)} {dtype}, "
+                             f"got {list(array.shape)} {array.dtype}")
+        self._f.seek(self._data_start + offset)
+        self._f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        self._written.add(name)
+
+    def close(self) -> None:
+        missing = [n for n in self._layout if n not in self._written]
+        if missing:
+            self.abort()
+            raise ValueError(f"SafetensorsWriter: {len(missing)} tensor(s) never written: {', '.join(missing[:5])}")
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
