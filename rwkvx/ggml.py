@@ -142,7 +142,7 @@ def open_ggml(file: MappedFile) -> TensorSource:
         else:
             raise fail(path, f"tensor {name}: unknown rwkv.cpp data type {type_id} (known: 0 FP32, "
                              "1 FP16, 2 Q4_0, 3 Q4_1, 7 Q5_0, 8 Q5_1, 9 Q8_0)")
-        if pos + tensor.nbytes > size:
+        if tensor.nbytes <= 0 or pos + tensor.nbytes > size:
             raise fail(path, f"truncated: tensor {name} needs {tensor.nbytes} bytes at byte {pos}, "
                              f"the file has {size}")
         source.tensors[name] = tensor

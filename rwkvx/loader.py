@@ -155,9 +155,20 @@ def plan(source: TensorSource) -> Plan:
                                 f"found {found or 'no tensors'})")
     n_vocab, n_embd = emb.shape
     layers = {int(m.group(1)) for key in names if (m := re.match(r"blocks\.(\d+)\.", key))}
-    n_layer = max(layers) + 1 if layers else 0
+    n_layer = len(layers)
     if n_layer == 0:
         raise fail(source.path, "no blocks.N.* tensors: not an RWKV-4 checkpoint")
+    if max(layers) != n_layer - 1:
+        # say which layers are missing in ranges, rather than listing every tensor of each
+        absent = sorted(set(range(max(layers) + 1)) - layers)
+        spans, start = [], absent[0]
+        for prev, cur in zip(absent, absent[1:] + [None]):
+            if cur != prev + 1:
+                spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+                start = cur
+        shown = ", ".join(spans[:10]) + (", ..." if len(spans) > 10 else "")
+        raise fail(source.path, f"layers must be numbered 0..N-1: blocks {shown} are missing "
+                                f"(highest is blocks.{max(layers)})")
     ffn_key = source.tensors.get("blocks.0.ffn.key.weight")
     n_ffn = ffn_key.shape[0] if ffn_key is not None and len(ffn_key.shape) == 2 else 4 * n_embd
     result = Plan(n_layer, n_embd, n_vocab, n_ffn)

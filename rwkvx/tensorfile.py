@@ -13,6 +13,7 @@ then asks each tensor for one of two things:
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -48,7 +49,8 @@ def fail(path: str, message: str) -> CheckpointError:
 
 
 def n_elements(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    # Python ints: a crafted shape must not wrap around int64 and pass the size checks
+    return math.prod(int(d) for d in shape)
 
 
 class MappedFile:
@@ -187,7 +189,12 @@ class QuantizedTensor:
         return sum(t.nbytes for t in self.parts.values())
 
     def view(self) -> QuantizedMatrix:
-        return QuantizedMatrix(**{k: t.view() for k, t in self.parts.items()})
+        # a part the mapping cannot view (misaligned) is read instead
+        parts = {}
+        for k, t in self.parts.items():
+            v = t.view()
+            parts[k] = v if v is not None else t.read()
+        return QuantizedMatrix(**parts)
 
 
 def widen(a: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:

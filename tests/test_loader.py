@@ -242,3 +242,24 @@ def test_float16_overflow_is_reported(tmp_path):
     write_safetensors(tmp_path / "m.safetensors", tensors)
     with pytest.raises(CheckpointError, match="blocks.0.att.key.weight: a weight of magnitude 1e"):
         load_weights(tmp_path / "m.safetensors", dtype="float16")
+
+
+def test_sparse_layer_numbers_are_reported_as_ranges(tmp_path):
+    tensors = random_tensors(1, 8, 10)
+    tensors["blocks.20000.ln1.weight"] = np.ones(8, np.float32)
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    message = expect_error(tmp_path / "m.safetensors", "blocks 1-19999 are missing")
+    assert len(message) < 300
+
+
+def test_shapes_that_overflow_int64_are_refused(tmp_path):
+    tensors = random_tensors(1, 8, 10)
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    path = tmp_path / "m.safetensors"
+
+    def edit(h):
+        begin = h["head.weight"]["data_offsets"][0]
+        h["head.weight"] = {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [begin, begin]}
+    _rewrite_header(path, edit)
+    with pytest.raises(CheckpointError):
+        rwkvx.load(path)
