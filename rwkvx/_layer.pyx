@@ -85,6 +85,37 @@ cdef inline float _wkv_step(float k, float v, float first, float decay, float* a
     return wkv
 
 
+cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const float* states,
+                            Py_ssize_t xx_row, const Py_ssize_t* starts, Py_ssize_t n_seq,
+                            float* out1, const float* mix1, float* out2, const float* mix2,
+                            float* out3, const float* mix3) noexcept nogil:
+    # token shift of row t: its previous token is row t-1, or for the first row of sequence
+    # b, that sequence's state row
+    cdef Py_ssize_t b = 0
+    while starts[b + 1] <= t:
+        b += 1
+    cdef const float* prev = states + (b * 5 + xx_row) * n if t == starts[b] else xx + (t - 1) * n
+    _token_shift(out1 + t * n, xx + t * n, prev, mix1, n)
+    _token_shift(out2 + t * n, xx + t * n, prev, mix2, n)
+    if out3 != NULL:
+        _token_shift(out3 + t * n, xx + t * n, prev, mix3, n)
+
+
+cdef inline void _wkv_rows(const float* k, const float* v, const float* r, float* rwkv, const float* first, const float* decay, float* states,
+                           const Py_ssize_t* starts, Py_ssize_t n_seq, Py_ssize_t n,
+                           Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    # rwkv[t, j] = sigmoid(r[t, j]) * wkv for channels j0..j1-1 of every row, in token order
+    cdef Py_ssize_t b, t, j
+    cdef float* s
+    for b in range(n_seq):
+        s = states + b * 5 * n
+        for t in range(starts[b], starts[b + 1]):
+            for j in range(j0, j1):
+                rwkv[t * n + j] = _sigmoid(r[t * n + j]) * _wkv_step(
+                    k[t * n + j], v[t * n + j], first[j], decay[j],
+                    s + ATT_AA * n + j, s + ATT_BB * n + j, s + ATT_PP * n + j)
+
+
 cdef class Workspace:
     """Scratch buffers for Block.forward, allocated once per model (not thread-safe)."""
     cdef float* xx          # (n_embd,) normalised input
@@ -298,41 +329,32 @@ cdef class Block:
         # previous token of a sequence's first row is its state row xx_row; that state row
         # then becomes the sequence's last xx
         cdef Py_ssize_t n = self.n_embd, b, t
-        cdef const float* prev
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             _layer_norm(xx + t * n, X + t * n, ln_w, ln_b, n)
+        for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            _shift_row(t, n, xx, states, xx_row, starts, n_seq, out1, mix1, out2, mix2, out3, mix3)
         for b in range(n_seq):
-            for t in range(starts[b], starts[b + 1]):
-                prev = states + (b * 5 + xx_row) * n if t == starts[b] else xx + (t - 1) * n
-                _token_shift(out1 + t * n, xx + t * n, prev, mix1, n)
-                _token_shift(out2 + t * n, xx + t * n, prev, mix2, n)
-                if out3 != NULL:
-                    _token_shift(out3 + t * n, xx + t * n, prev, mix3, n)
             if starts[b + 1] > starts[b]:
                 for t in range(n):
                     states[(b * 5 + xx_row) * n + t] = xx[(starts[b + 1] - 1) * n + t]
 
     cdef void _time_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
                                 Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
-        cdef Py_ssize_t n = self.n_embd, j, b, t
-        cdef float* s
+        cdef Py_ssize_t n = self.n_embd, block, t
         self._norm_and_shift(X, n_rows, states, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
                              ws.xk, self.att_mix_k, ws.xv, self.att_mix_v, ws.xr, self.att_mix_r, n_threads)
         # K = XK kw^T; V = XV vw^T; R = XR rw^T
         _matmul(ws.k, n, &self.att_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
         _matmul(ws.v, n, &self.att_value, ws.xv, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
         _matmul(ws.r, n, &self.att_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
-        # the recurrence: token by token within a sequence, channels independent
-        for j in prange(n, schedule="static", num_threads=n_threads):
-            for b in range(n_seq):
-                s = states + b * 5 * n
-                for t in range(starts[b], starts[b + 1]):
-                    ws.rwkv[t * n + j] = _sigmoid(ws.r[t * n + j]) * _wkv_step(
-                        ws.k[t * n + j], ws.v[t * n + j], self.att_first[j], self.att_decay[j],
-                        s + ATT_AA * n + j, s + ATT_BB * n + j, s + ATT_PP * n + j)
+        # the recurrence: token by token within a sequence, channels independent; 16
+        # channels (one cache line of each row) per task, so each token's row is read once
+        for block in prange((n + 15) // 16, schedule="static", num_threads=n_threads):
+            _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, starts, n_seq, n, block * 16,
+                      min(block * 16 + 16, n))
         # X += (R * WKV) ow^T
         _matmul(ws.out, n, &self.att_output, ws.rwkv, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
-        for t in range(n_rows * n):
+        for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
             X[t] += ws.out[t]
 
     cdef void _channel_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
@@ -344,11 +366,11 @@ cdef class Block:
         # R = XR rw^T; KF = relu(XK kw^T)^2; X += sigmoid(R) * (KF vw^T)
         _matmul(ws.r, n, &self.ffn_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
         _matmul(ws.kf, self.n_ffn, &self.ffn_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
-        for t in range(n_rows * self.n_ffn):
+        for t in prange(n_rows * self.n_ffn, schedule="static", num_threads=n_threads):
             kf = ws.kf[t] if ws.kf[t] > 0 else 0
             ws.kf[t] = kf * kf
         _matmul(ws.out, n, &self.ffn_value, ws.kf, n_rows, ws.u8_x, ws.u8_sums, ws.wbuf, n_threads)
-        for t in range(n_rows * n):
+        for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
             X[t] += _sigmoid(ws.r[t]) * ws.out[t]
 
     cdef void _time_mixing(self, float* x, float* state, Workspace ws, int n_threads) noexcept nogil:

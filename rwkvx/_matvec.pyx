@@ -13,6 +13,7 @@ from rwkvx.errors import RwkvxError
 
 cdef extern from "_simd.h" nogil:
     int rwkvx_detect_simd()
+    int rwkvx_best_simd()
     int rwkvx_simd_level
     float rwkvx_dot_f32(const float* w, const float* x, Py_ssize_t n)
     float rwkvx_dot_bf16(const uint16_t* w, const float* x, Py_ssize_t n)
@@ -34,8 +35,14 @@ DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MA
 
 
 def simd_level() -> int:
-    """0: portable loops; 1: AVX2 + FMA; 2: AVX-512. RWKVX_SIMD=N before import caps it."""
+    """The inner loops in use: 0 portable; 1 AVX2 + FMA (the default where the CPU has it);
+    2 AVX-512 (opt-in: RWKVX_SIMD=2 before import)."""
     return rwkvx_simd_level
+
+
+def best_simd_level() -> int:
+    """The highest level this CPU supports."""
+    return rwkvx_best_simd()
 
 
 def set_simd_level(int level) -> int:
@@ -47,8 +54,7 @@ def set_simd_level(int level) -> int:
     if level not in (0, 1, 2):
         raise RwkvxError(f"simd level: expected 0, 1 or 2, got {level}")
     global rwkvx_simd_level
-    cdef int detected = rwkvx_detect_simd()
-    rwkvx_simd_level = min(level, detected)
+    rwkvx_simd_level = min(level, rwkvx_best_simd())
     return rwkvx_simd_level
 
 

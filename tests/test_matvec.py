@@ -1,4 +1,6 @@
 """Matrix-vector kernels against float64 numpy, at awkward sizes, in both instruction sets."""
+import os
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,8 @@ from rwkvx.weights import to_bfloat16, to_float32
 
 SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
 # every instruction set this CPU has: each must be right on its own
-LEVELS = list(range(_matvec.simd_level() + 1))
+LEVELS = list(range(_matvec.best_simd_level() + 1))
+DEFAULT_LEVEL = _matvec.simd_level()
 LEVEL_NAMES = ["portable", "avx2", "avx512"]
 
 
@@ -20,6 +23,10 @@ def simd(request):
     _matvec.set_simd_level(request.param)
     yield request.param
     _matvec.set_simd_level(before)
+
+
+def test_default_level_is_avx2_where_the_cpu_has_it():
+    assert DEFAULT_LEVEL == min(1, _matvec.best_simd_level()) or "RWKVX_SIMD" in os.environ
 
 
 def _data(rng, n_rows, n_cols):
@@ -85,7 +92,7 @@ def test_half_conversions_of_special_values():
                 lin, held = _half(w, kind)
                 np.testing.assert_array_equal(lin(x), held[:, 0], err_msg=f"{kind}, simd level {level}")
     finally:
-        _matvec.set_simd_level(max(LEVELS))
+        _matvec.set_simd_level(DEFAULT_LEVEL)
 
 
 def _all_kinds(w):
@@ -123,7 +130,7 @@ def test_instruction_sets_agree(rng):
             _matvec.set_simd_level(level)
             results.append(lin(x))
     finally:
-        _matvec.set_simd_level(max(LEVELS))
+        _matvec.set_simd_level(DEFAULT_LEVEL)
     for r in results[1:]:
         np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-6)
 
