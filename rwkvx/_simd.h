@@ -154,8 +154,9 @@ RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __
             total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
         return total;                                                                          \
     }                                                                                          \
-    RWKVX_AVX2 static void rwkvx_dot4_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,          \
-                                                    const float *x, ptrdiff_t n, float *out4)  \
+    RWKVX_AVX2 static inline void rwkvx_dot4_##TYPE##_avx2_pf(const CTYPE *w, ptrdiff_t stride, \
+                                                              const float *x, ptrdiff_t n,    \
+                                                              float *out4, int prefetch)      \
     {                                                                                          \
         const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;     \
         const char *ahead = (const char *)(w + 4 * stride);                                    \
@@ -165,7 +166,7 @@ RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __
         ptrdiff_t j = 0;                                                                       \
         for (; j + 8 <= n; j += 8) {                                                           \
             const char *pf = ahead + (j / 8) * step_bytes;                                     \
-            for (ptrdiff_t b = 0; b < step_bytes; b += 64)                                     \
+            for (ptrdiff_t b = 0; prefetch && b < step_bytes; b += 64)                         \
                 _mm_prefetch(pf + b, _MM_HINT_T0);                                             \
             __m256 xv = _mm256_loadu_ps(x + j);                                                \
             a0 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w0 + j), xv, a0);                          \
@@ -180,6 +181,11 @@ RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __
             out4[2] += RWKVX_SCALAR_##TYPE(w2, j) * x[j];                                      \
             out4[3] += RWKVX_SCALAR_##TYPE(w3, j) * x[j];                                      \
         }                                                                                      \
+    }                                                                                          \
+    RWKVX_AVX2 static void rwkvx_dot4_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,          \
+                                                    const float *x, ptrdiff_t n, float *out4)  \
+    {                                                                                          \
+        rwkvx_dot4_##TYPE##_avx2_pf(w, stride, x, n, out4, 1);                                 \
     }
 
 RWKVX_AVX2_DOTS(f32, float)
@@ -263,8 +269,11 @@ RWKVX_AVX2 static void rwkvx_gemm4_f32_avx2(const float *w, ptrdiff_t ldw, const
             y2[0] += w0[j] * x2[j]; y2[1] += w1[j] * x2[j]; y2[2] += w2[j] * x2[j]; y2[3] += w3[j] * x2[j];
         }
     }
+    /* the last tokens: dot4 without its prefetch, since w may be a thread's buffer of
+     * widened rows and what lies past it is another thread's, being written (fetching it
+     * made the lines bounce between cores and halved 8-token bf16/u8 products) */
     for (; t < n_tok; t++)
-        rwkvx_dot4_f32_avx2(w, ldw, X + t * ldx, n, Y + t * ldy);
+        rwkvx_dot4_f32_avx2_pf(w, ldw, X + t * ldx, n, Y + t * ldy, 0);
 }
 
 /* ---- AVX-512 loops ------------------------------------------------------------------
@@ -312,9 +321,10 @@ RWKVX_AVX512 static inline __m256 rwkvx_fold512(__m512 v)
             total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
         return total;                                                                          \
     }                                                                                          \
-    RWKVX_AVX512 static void rwkvx_dot4_##TYPE##_avx512(const CTYPE *w, ptrdiff_t stride,      \
-                                                        const float *x, ptrdiff_t n,           \
-                                                        float *out4)                           \
+    RWKVX_AVX512 static inline void rwkvx_dot4_##TYPE##_avx512_pf(const CTYPE *w,              \
+                                                                  ptrdiff_t stride,            \
+                                                                  const float *x, ptrdiff_t n, \
+                                                                  float *out4, int prefetch)   \
     {                                                                                          \
         const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;     \
         const char *ahead = (const char *)(w + 4 * stride);                                    \
@@ -324,7 +334,7 @@ RWKVX_AVX512 static inline __m256 rwkvx_fold512(__m512 v)
         ptrdiff_t j = 0;                                                                       \
         for (; j + 16 <= n; j += 16) {                                                         \
             const char *pf = ahead + (j / 16) * step_bytes;                                    \
-            for (ptrdiff_t b = 0; b < step_bytes; b += 64)                                     \
+            for (ptrdiff_t b = 0; prefetch && b < step_bytes; b += 64)                         \
                 _mm_prefetch(pf + b, _MM_HINT_T0);                                             \
             __m512 xv = _mm512_loadu_ps(x + j);                                                \
             a0 = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w0 + j), xv, a0);                         \
@@ -340,6 +350,12 @@ RWKVX_AVX512 static inline __m256 rwkvx_fold512(__m512 v)
             out4[2] += RWKVX_SCALAR_##TYPE(w2, j) * x[j];                                      \
             out4[3] += RWKVX_SCALAR_##TYPE(w3, j) * x[j];                                      \
         }                                                                                      \
+    }                                                                                          \
+    RWKVX_AVX512 static void rwkvx_dot4_##TYPE##_avx512(const CTYPE *w, ptrdiff_t stride,      \
+                                                        const float *x, ptrdiff_t n,           \
+                                                        float *out4)                           \
+    {                                                                                          \
+        rwkvx_dot4_##TYPE##_avx512_pf(w, stride, x, n, out4, 1);                               \
     }
 
 RWKVX_AVX512_DOTS(f32, float)
@@ -415,7 +431,7 @@ RWKVX_AVX512 static void rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, c
         }
     }
     for (; t < n_tok; t++)
-        rwkvx_dot4_f32_avx512(w, ldw, X + t * ldx, n, Y + t * ldy);
+        rwkvx_dot4_f32_avx512_pf(w, ldw, X + t * ldx, n, Y + t * ldy, 0);
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
