@@ -25,15 +25,8 @@ cdef enum:
 # torch.nn.functional.layer_norm's default, which the models were trained with
 cdef double LAYER_NORM_EPS = 1e-5
 
-VECTOR_NAMES = (
-    "ln1_weight", "ln1_bias", "ln2_weight", "ln2_bias",
-    "att_time_mix_k", "att_time_mix_v", "att_time_mix_r", "att_time_first", "att_time_decay",
-    "ffn_time_mix_k", "ffn_time_mix_r",
-)
-LINEAR_NAMES = (
-    "att_key", "att_value", "att_receptance", "att_output",
-    "ffn_key", "ffn_receptance", "ffn_value",
-)
+# a Block's weights by name: the vectors, and the matrices as Linear objects
+from rwkvx.weights import MATRIX_NAMES as LINEAR_NAMES, VECTOR_NAMES
 
 
 cdef inline float _sigmoid(float x) noexcept nogil:

@@ -21,14 +21,12 @@ import os
 import sys
 import time
 
+from rwkvx._cli import EXIT_OK, Parser, run_main
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import DTYPES, check_dtype, iter_weights, open_checkpoint, plan
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter
 from rwkvx.tensorfile import RUN_STORED, Progress
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overwrite: bool = False,
             progress: bool | None = None) -> dict:
@@ -102,13 +100,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
     return metadata
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise RwkvxError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m rwkvx.convert",
         description="Convert an RWKV-4 checkpoint (safetensors, PyTorch .pth, rwkv.cpp .bin, Hugging Face "
                     "folder) into rwkvx's layout: weights already in the run dtype and transformed, so "
@@ -122,32 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _convert_cli(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    meta = convert(args.src, args.dst, args.dtype, overwrite=args.force)
+    size = os.path.getsize(args.dst)
+    print(f"rwkvx: wrote {args.dst}: RWKV-4 {meta['n_layer']} layers x {meta['n_embd']}, vocabulary "
+          f"{meta['n_vocab']}, {args.dtype}, {size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the exit status (0 ok, 1 failure, 2 bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-        start = time.perf_counter()
-        meta = convert(args.src, args.dst, args.dtype, overwrite=args.force)
-        size = os.path.getsize(args.dst)
-        print(f"rwkvx: wrote {args.dst}: RWKV-4 {meta['n_layer']} layers x {meta['n_embd']}, vocabulary "
-              f"{meta['n_vocab']}, {args.dtype}, {size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
-        return EXIT_OK
-    except RwkvxError as e:
-        print(f"rwkvx: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("rwkvx: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("rwkvx: error: out of memory", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as e:  # a bug, not the user's input: say so in one line
-        if os.environ.get("RWKVX_DEBUG"):
-            raise
-        print(f"rwkvx: internal error: {type(e).__name__}: {e} (set RWKVX_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+    return run_main(lambda: _convert_cli(argv))
 
 
 if __name__ == "__main__":

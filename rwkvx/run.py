@@ -15,15 +15,8 @@ import sys
 import time
 
 from rwkvx import demo
+from rwkvx._cli import EXIT_OK, Parser, run_main
 from rwkvx.errors import RwkvxError
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # one line, no usage dump: the same shape as every other rwkvx error
-        raise RwkvxError(message)
 
 
 def _int_at_least(low: int):
@@ -53,7 +46,7 @@ def _float_in(low: float, high: float = float("inf"), low_open: bool = False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m rwkvx.run",
         description="Generate text with an RWKV-4 model on the CPU. The continuation of the "
                     "prompt streams to stdout; statistics go to stderr.",
@@ -219,29 +212,8 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failure, 2 bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-        return _run(args)
-    except RwkvxError as e:
-        print(f"rwkvx: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): stop quietly, without a second error on exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
-    except KeyboardInterrupt:
-        print("rwkvx: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("rwkvx: error: out of memory (try --dtype uint8 or a smaller model)", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as e:  # a bug, not the user's input: say so in one line
-        if os.environ.get("RWKVX_DEBUG"):
-            raise
-        print(f"rwkvx: internal error: {type(e).__name__}: {e} (set RWKVX_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+    return run_main(lambda: _run(build_parser().parse_args(argv)),
+                    out_of_memory_hint=" (try --dtype uint8 or a smaller model)")
 
 
 if __name__ == "__main__":
