@@ -50,6 +50,17 @@ def _flag_on(name):
 class BuildExt(build_ext):
     """Chooses flags once the compiler is known (it is only after finalize_options)."""
 
+    def run(self):
+        super().run()
+        if not self.inplace:
+            # Also put the compiled modules beside the sources: a user who runs
+            # `python -m rwkvx.run` from the checkout imports the rwkvx/ folder there, not
+            # the installed copy, and it must work too. (The files are git-ignored.)
+            try:
+                self.copy_extensions_to_source()
+            except OSError as e:
+                print(f"WARNING: could not copy the extensions into the source tree: {e}", file=sys.stderr)
+
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
         # -O3 for the vector loops; never -ffast-math: the WKV max trick relies on infinities.
