@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from rwkvx import ggml, hf, pth
+from rwkvx import demo, ggml, hf, pth
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
@@ -84,8 +84,11 @@ FORMAT_NAMES = {
 # ---- opening: format detection by content ----
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
-    """Recognise a checkpoint's format by its content and index its tensors (nothing is read yet)."""
-    path = os.fspath(path)
+    """Recognise a checkpoint's format by its content and index its tensors (nothing is read yet).
+
+    The name "demo" (when no such file exists) is the model packaged with rwkvx.
+    """
+    path = os.fspath(demo.resolve(path))
     if os.path.isdir(path):
         source = hf.open_folder(path, _open_file)
     else:

@@ -10,7 +10,6 @@ import numpy as np
 
 from rwkvx import _layer, _matvec
 from rwkvx._parallel import effective_n_threads
-from rwkvx.demo import resolve as resolve_demo
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
@@ -226,4 +225,4 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     """
     if threads is not None:
         effective_n_threads(threads)
-    return RWKV(load_weights(resolve_demo(path), dtype), threads=threads)
+    return RWKV(load_weights(path, dtype), threads=threads)

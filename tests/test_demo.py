@@ -59,6 +59,14 @@ def test_heldout_quality_per_dtype(heldout):
     assert abs(losses["uint8"] - losses["float32"]) <= 0.02 * losses["float32"]
 
 
+def test_info_and_convert_know_the_demo_name(capsys, tmp_path):
+    assert main(["--info", "-m", "demo"]) == 0
+    assert "4 layers, n_embd 192" in capsys.readouterr().out
+    from rwkvx.convert import main as convert_main
+    assert convert_main(["demo", str(tmp_path / "d.safetensors"), "--dtype", "uint8"]) == 0
+    assert rwkvx.load(tmp_path / "d.safetensors", dtype="uint8").n_layer == 4
+
+
 def test_greedy_generation_is_deterministic(capsys):
     outs = []
     for _ in range(2):
