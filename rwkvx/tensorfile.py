@@ -25,6 +25,7 @@ import numpy as np
 
 from rwkvx.errors import CheckpointError
 from rwkvx.quant import QuantizedMatrix
+from rwkvx.weights import widen
 
 # stored dtype names (safetensors' spelling) -> the numpy dtype holding them; bfloat16 is
 # kept as its uint16 bit patterns, since numpy has no bfloat16
@@ -195,18 +196,6 @@ class QuantizedTensor:
             v = t.view()
             parts[k] = v if v is not None else t.read()
         return QuantizedMatrix(**parts)
-
-
-def widen(a: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """float32 from a float16, float64 or bfloat16 (uint16) array, into `out` if given."""
-    if out is None:
-        out = np.empty(a.shape, dtype=np.float32)
-    if a.dtype == np.uint16:
-        # bfloat16 is the top half of a float32: widening is exact
-        np.left_shift(a, 16, out=out.view(np.uint32), dtype=np.uint32)
-    else:
-        out[...] = a
-    return out
 
 
 class TensorSource:

@@ -9,7 +9,7 @@ per-channel log-decay that the recurrence adds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -42,12 +42,21 @@ def to_bfloat16(a: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def to_float32(a: np.ndarray) -> np.ndarray:
-    """A float32 copy (or the array itself) of a float32, float16 or bfloat16 (uint16) array."""
+def widen(a: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 from a float16, float64 or bfloat16 (uint16) array, into `out` if given."""
+    if out is None:
+        out = np.empty(a.shape, dtype=np.float32)
     if a.dtype == np.uint16:
         # bfloat16 is the top half of a float32: widening is exact
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32, copy=False)
+        np.left_shift(a, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = a
+    return out
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """The array itself if float32, else a float32 copy of a float16 or bfloat16 (uint16) one."""
+    return a if a.dtype == np.float32 else widen(a)
 
 # State rows per layer, the order of ChatRWKV's state[5 * i + k]
 FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP = range(5)
