@@ -47,6 +47,9 @@ import sys
 import tempfile
 import time
 
+# scripts/ is first on sys.path when a script runs
+from _args import positive_int
+
 # name: (n_layer, n_embd, n_vocab); "tiny" is for smoke tests and not listed in --help
 SHAPES = {
     "169M": (12, 768, 50277),
@@ -675,16 +678,6 @@ def _l3_text() -> str:
 
 # ---- command line ----
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
-    return value
-
-
 def _shape(text: str) -> str:
     if text not in SHAPES:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(PUBLIC_SHAPES)}, got {text!r}")
@@ -709,18 +702,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random bf16 weights of this RWKV-4 shape (169M 12x768, 430M 24x1024, 1.5B 24x2048)")
     parser.add_argument("--dtypes", type=_dtypes, default=list(DTYPES),
                         help=f"comma-separated (default {','.join(DTYPES)})")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="threads (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads (default 2)")
     parser.add_argument("--thread-sweep", action="store_true", help="run every thread count 1..--threads")
-    parser.add_argument("--pp", type=_positive_int, default=256, help="prompt tokens (default 256)")
-    parser.add_argument("--tg", type=_positive_int, default=32, help="decode tokens (and batch steps) per round (default 32)")
-    parser.add_argument("--batch", type=_positive_int, default=8, help="sequences in batched decoding (default 8)")
-    parser.add_argument("--runs", type=_positive_int, default=5, help="rounds; the median is reported (default 5)")
-    parser.add_argument("--chunk-size", type=_positive_int, default=None,
+    parser.add_argument("--pp", type=positive_int, default=256, help="prompt tokens (default 256)")
+    parser.add_argument("--tg", type=positive_int, default=32, help="decode tokens (and batch steps) per round (default 32)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences in batched decoding (default 8)")
+    parser.add_argument("--runs", type=positive_int, default=5, help="rounds; the median is reported (default 5)")
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="rwkvx tokens per sequence-mode pass (default: the model's)")
-    parser.add_argument("--numpy-chunk-size", type=_positive_int, default=None,
+    parser.add_argument("--numpy-chunk-size", type=positive_int, default=None,
                         help="numpy baseline tokens per GEMM pass (default: the whole prompt)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the numpy baseline")
-    parser.add_argument("--bandwidth-mib", type=_positive_int, default=1024,
+    parser.add_argument("--bandwidth-mib", type=positive_int, default=1024,
                         help="size of the bandwidth test array (default 1024 MiB; keep it well above L3)")
     parser.add_argument("--schedule", choices=("auto", "interleaved", "sequential"), default="auto",
                         help="interleave rounds across child processes, or run them one at a time (default auto)")

@@ -25,6 +25,9 @@ import sys
 import tempfile
 import time
 
+# scripts/ is first on sys.path when a script runs
+from _args import positive_int
+
 # RWKV-4 169M (RWKV-4-Pile-169M): 12 layers, n_embd 768, GPT-NeoX vocabulary
 DEFAULT_SHAPE = {"layers": 12, "embd": 768, "vocab": 50277}
 WARMUP_TOKENS = 4
@@ -33,30 +36,20 @@ WARMUP_TOKENS = 4
 PAUSE_S = 0.2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_decode",
         description="Per-token decode: rwkvx float32 and uint8 vs numpy (OpenBLAS W @ x), interleaved.")
     shape = parser.add_argument_group("random model shape (default RWKV-4 169M; not with --model)")
-    shape.add_argument("--layers", type=_positive_int, default=None, help=f"n_layer (default {DEFAULT_SHAPE['layers']})")
-    shape.add_argument("--embd", type=_positive_int, default=None, help=f"n_embd (default {DEFAULT_SHAPE['embd']})")
-    shape.add_argument("--vocab", type=_positive_int, default=None, help=f"n_vocab (default {DEFAULT_SHAPE['vocab']})")
+    shape.add_argument("--layers", type=positive_int, default=None, help=f"n_layer (default {DEFAULT_SHAPE['layers']})")
+    shape.add_argument("--embd", type=positive_int, default=None, help=f"n_embd (default {DEFAULT_SHAPE['embd']})")
+    shape.add_argument("--vocab", type=positive_int, default=None, help=f"n_vocab (default {DEFAULT_SHAPE['vocab']})")
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="benchmark this checkpoint (safetensors or rwkv.cpp .bin) instead of a random one")
-    parser.add_argument("--threads", type=_positive_int, default=2,
+    parser.add_argument("--threads", type=positive_int, default=2,
                         help="threads for rwkvx and for OpenBLAS (default 2)")
-    parser.add_argument("--tokens", type=_positive_int, default=32, help="decode tokens per round (default 32)")
-    parser.add_argument("--runs", type=_positive_int, default=5, help="rounds; the median is reported (default 5)")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="decode tokens per round (default 32)")
+    parser.add_argument("--runs", type=positive_int, default=5, help="rounds; the median is reported (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids (default 0)")
     return parser
 

@@ -61,6 +61,7 @@ from torch import nn
 
 # the data lives beside this script, torch-free, so tests can rebuild the held-out text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _args import positive_int  # noqa: E402
 from demo_corpus import build_corpus  # noqa: E402
 
 N_VOCAB = 256
@@ -370,16 +371,6 @@ def make_optimizer(model: RWKV4, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -393,23 +384,23 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--layers", type=_positive_int, default=4)
-    p.add_argument("--embd", type=_positive_int, default=256)
-    p.add_argument("--ctx", type=_positive_int, default=256, help="training context in bytes")
-    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--embd", type=positive_int, default=256)
+    p.add_argument("--ctx", type=positive_int, default=256, help="training context in bytes")
+    p.add_argument("--batch", type=positive_int, default=16)
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    budget.add_argument("--steps", type=positive_int, help="optimizer steps")
     budget.add_argument("--minutes", type=_positive_float,
                         help="time budget: the step count is fixed from the speed measured during warmup")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=_positive_int, default=100, help="warmup steps")
+    p.add_argument("--warmup", type=positive_int, default=100, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=_positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads")
-    p.add_argument("--chunk", type=_positive_int, default=8, help="WKV chunk length in training")
-    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations")
-    p.add_argument("--eval-windows", type=_positive_int, default=48,
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads")
+    p.add_argument("--chunk", type=positive_int, default=8, help="WKV chunk length in training")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="steps between evaluations")
+    p.add_argument("--eval-windows", type=positive_int, default=48,
                    help="held-out windows in periodic evaluations (the final one uses all)")
     return p
 
