@@ -41,10 +41,12 @@ cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
 cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil
 
 # out[t, i] (row stride ldo) = sum_j m[i, j] X[t, j] for n_tok rows of X (n_tok, n_cols).
-# Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); wbuf n_threads * 4 * n_cols.
-# Each out[t] is bit-identical to _matvec of X[t].
+# Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); xpack xpack_floats(n_tok,
+# n_cols); wbuf n_threads * 4 * n_cols. Each out[t] is bit-identical to _matvec of X[t].
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
-                  float* xr, U8Sums* sums, float* wbuf, int n_threads) noexcept nogil
+                  float* xr, U8Sums* sums, float* xpack, float* wbuf, int n_threads) noexcept nogil
+
+cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols)
 
 cdef class Linear:
     cdef Matrix m

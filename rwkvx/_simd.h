@@ -3,9 +3,9 @@
  * Decoding one token reads every weight once, so these loops must keep up with memory
  * bandwidth. GCC does not vectorise a plain float reduction without -ffast-math (it may
  * not reassociate the sum), and a portable build cannot assume AVX2. So each loop exists
- * three times: a portable version with eight independent accumulators, and AVX2+FMA and
- * AVX-512 versions compiled through function attributes, picked once at import by
- * rwkvx_detect_simd().
+ * as a portable version with eight independent accumulators and an AVX2+FMA version, and
+ * the matrix-matrix loop also as AVX-512 (with the AVX2 summation order), compiled
+ * through function attributes and picked once at import by rwkvx_detect_simd().
  * No -march flag is needed and the same build runs on any x86-64 or other CPU.
  *
  * Weights come in four storage types, all computed in float32:
@@ -29,8 +29,8 @@
 #define RWKVX_HAVE_X86_DISPATCH 0
 #endif
 
-/* 0: portable loops, 1: AVX2 + FMA (+ F16C), 2: AVX-512F. Set by rwkvx_detect_simd() at
- * import (see RWKVX_DEFAULT_LEVEL). */
+/* 0: portable loops, 1: AVX2 + FMA (+ F16C), 2: as 1 with AVX-512F matrix-matrix
+ * products. Set by rwkvx_detect_simd() at import (see RWKVX_DEFAULT_LEVEL). */
 static int rwkvx_simd_level = 0;
 
 /* ---- scalar conversions ------------------------------------------------------------ */
@@ -72,6 +72,12 @@ static inline float rwkvx_f16_to_f32(uint16_t h)
 #define RWKVX_SCALAR_bf16(p, j) rwkvx_bf16_to_f32((p)[j])
 #define RWKVX_SCALAR_f16(p, j) rwkvx_f16_to_f32((p)[j])
 #define RWKVX_SCALAR_u8(p, j) ((float)(p)[j])
+
+/* Floats from one packed pair of tokens to the next (see rwkvx_pack_pair). One cache line more than the values: a
+ * stride of a multiple of 4 KiB would put the pairs a tile reads, and the weight rows,
+ * into one L1 set (measured on the 430M shape: 256-token float32 prompts 20% slower
+ * whenever the buffers happened to be so aligned). */
+static inline ptrdiff_t rwkvx_pack_stride(ptrdiff_t n) { return (n / 8) * 16 + 16; }
 
 /* ---- portable loops ---------------------------------------------------------------- */
 
@@ -193,33 +199,28 @@ RWKVX_AVX2_DOTS(bf16, uint16_t)
 RWKVX_AVX2_DOTS(f16, uint16_t)
 RWKVX_AVX2_DOTS(u8, uint8_t)
 
-/* Widen n stored weights to float32 (exact for every type), for the matrix-matrix path. */
-RWKVX_AVX2 static void rwkvx_widen_bf16_avx2(const uint16_t *p, float *out, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(out + j, rwkvx_load8_bf16(p + j));
-    for (; j < n; j++)
-        out[j] = rwkvx_bf16_to_f32(p[j]);
-}
+/* Widen n stored weights to float32 (exact for every type), for the matrix-matrix path.
+ * The next n weights are prefetched at the pace these are read: the caller widens a
+ * block of rows, then spends a while multiplying it, and the hardware prefetcher does not
+ * carry a stream across that pause or a page boundary (measured: 8-token bf16 products
+ * XXX). */
+#define RWKVX_AVX2_WIDEN(TYPE, CTYPE)                                                         \
+    RWKVX_AVX2 static void rwkvx_widen_##TYPE##_avx2(const CTYPE *p, float *out, ptrdiff_t n)  \
+    {                                                                                          \
+        const char *ahead = (const char *)(p + n);                                             \
+        ptrdiff_t j = 0;                                                                       \
+        for (; j + 8 <= n; j += 8) {                                                           \
+            if ((j * (ptrdiff_t)sizeof(CTYPE)) % 64 == 0)                                      \
+                _mm_prefetch(ahead + j * (ptrdiff_t)sizeof(CTYPE), _MM_HINT_T0);               \
+            _mm256_storeu_ps(out + j, rwkvx_load8_##TYPE(p + j));                              \
+        }                                                                                      \
+        for (; j < n; j++)                                                                     \
+            out[j] = RWKVX_SCALAR_##TYPE(p, j);                                                \
+    }
 
-RWKVX_AVX2 static void rwkvx_widen_f16_avx2(const uint16_t *p, float *out, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(out + j, rwkvx_load8_f16(p + j));
-    for (; j < n; j++)
-        out[j] = rwkvx_f16_to_f32(p[j]);
-}
-
-RWKVX_AVX2 static void rwkvx_widen_u8_avx2(const uint8_t *p, float *out, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(out + j, rwkvx_load8_u8(p + j));
-    for (; j < n; j++)
-        out[j] = (float)p[j];
-}
+RWKVX_AVX2_WIDEN(bf16, uint16_t)
+RWKVX_AVX2_WIDEN(f16, uint16_t)
+RWKVX_AVX2_WIDEN(u8, uint8_t)
 
 /* Y[t, r] = dot(w + r * ldw, X + t * ldx) for four rows r and n_tok tokens t: the
  * matrix-matrix product of sequence mode and batched decoding. Three tokens at a time
@@ -277,13 +278,16 @@ RWKVX_AVX2 static void rwkvx_gemm4_f32_avx2(const float *w, ptrdiff_t ldw, const
 }
 
 /* ---- AVX-512 loops ------------------------------------------------------------------
- * The same shapes as the AVX2 loops with 16 lanes: on CPUs that have it, matrix-matrix
- * products run at up to twice the AVX2 rate. Within a level every kernel shares one
- * summation order (one accumulator per row over steps of 16, folded to 8 lanes, the same
- * reductions and scalar tails as AVX2), so levels are never mixed within a run. */
+ * Matrix-matrix products only. Matrix-vector products stay AVX2 at every level: measured
+ * on a 2-core Xeon (430M model, 2 threads), 16-lane loops made bfloat16 decode slower,
+ * 37.9 against 29.7 ms/token, and so did 16-element steps in AVX2 (the prefetch stops
+ * keeping up). So the AVX-512 product keeps the AVX2 summation order exactly -- eight
+ * lanes per (row, token), steps of eight, the same reduction and tail -- and gets its
+ * width from pairs of tokens instead: one 16-lane register holds the eight lanes of token
+ * t in its low half and those of token t + 1 in its high half. The chunk's inputs are
+ * first packed in that layout (rwkvx_pack_pair); each weight vector is broadcast to both
+ * halves. Results are bit-identical to the AVX2 loops, at twice their arithmetic rate. */
 #define RWKVX_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
-RWKVX_AVX512 static inline __m512 rwkvx_load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 
 RWKVX_AVX512 static inline __m512 rwkvx_load16_bf16(const uint16_t *p)
 {
@@ -301,75 +305,18 @@ RWKVX_AVX512 static inline __m512 rwkvx_load16_u8(const uint8_t *p)
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* 16 lanes -> 8 lanes: low half + high half */
-RWKVX_AVX512 static inline __m256 rwkvx_fold512(__m512 v)
-{
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    return _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-}
-
-#define RWKVX_AVX512_DOTS(TYPE, CTYPE)                                                        \
-    RWKVX_AVX512 static float rwkvx_dot_##TYPE##_avx512(const CTYPE *w, const float *x,        \
-                                                        ptrdiff_t n)                           \
-    {                                                                                          \
-        __m512 acc = _mm512_setzero_ps();                                                      \
-        ptrdiff_t j = 0;                                                                       \
-        for (; j + 16 <= n; j += 16)                                                           \
-            acc = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w + j), _mm512_loadu_ps(x + j), acc);    \
-        float total = rwkvx_hsum256(rwkvx_fold512(acc));                                       \
-        for (; j < n; j++)                                                                     \
-            total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
-        return total;                                                                          \
-    }                                                                                          \
-    RWKVX_AVX512 static inline void rwkvx_dot4_##TYPE##_avx512_pf(const CTYPE *w,              \
-                                                                  ptrdiff_t stride,            \
-                                                                  const float *x, ptrdiff_t n, \
-                                                                  float *out4, int prefetch)   \
-    {                                                                                          \
-        const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;     \
-        const char *ahead = (const char *)(w + 4 * stride);                                    \
-        const ptrdiff_t step_bytes = 4 * 16 * (ptrdiff_t)sizeof(CTYPE);                        \
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                             \
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();                             \
-        ptrdiff_t j = 0;                                                                       \
-        for (; j + 16 <= n; j += 16) {                                                         \
-            const char *pf = ahead + (j / 16) * step_bytes;                                    \
-            for (ptrdiff_t b = 0; prefetch && b < step_bytes; b += 64)                         \
-                _mm_prefetch(pf + b, _MM_HINT_T0);                                             \
-            __m512 xv = _mm512_loadu_ps(x + j);                                                \
-            a0 = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w0 + j), xv, a0);                         \
-            a1 = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w1 + j), xv, a1);                         \
-            a2 = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w2 + j), xv, a2);                         \
-            a3 = _mm512_fmadd_ps(rwkvx_load16_##TYPE(w3 + j), xv, a3);                         \
-        }                                                                                      \
-        _mm_storeu_ps(out4, rwkvx_hsum4x256(rwkvx_fold512(a0), rwkvx_fold512(a1),              \
-                                            rwkvx_fold512(a2), rwkvx_fold512(a3)));            \
-        for (; j < n; j++) {                                                                   \
-            out4[0] += RWKVX_SCALAR_##TYPE(w0, j) * x[j];                                      \
-            out4[1] += RWKVX_SCALAR_##TYPE(w1, j) * x[j];                                      \
-            out4[2] += RWKVX_SCALAR_##TYPE(w2, j) * x[j];                                      \
-            out4[3] += RWKVX_SCALAR_##TYPE(w3, j) * x[j];                                      \
-        }                                                                                      \
-    }                                                                                          \
-    RWKVX_AVX512 static void rwkvx_dot4_##TYPE##_avx512(const CTYPE *w, ptrdiff_t stride,      \
-                                                        const float *x, ptrdiff_t n,           \
-                                                        float *out4)                           \
-    {                                                                                          \
-        rwkvx_dot4_##TYPE##_avx512_pf(w, stride, x, n, out4, 1);                               \
-    }
-
-RWKVX_AVX512_DOTS(f32, float)
-RWKVX_AVX512_DOTS(bf16, uint16_t)
-RWKVX_AVX512_DOTS(f16, uint16_t)
-RWKVX_AVX512_DOTS(u8, uint8_t)
-
+/* as rwkvx_widen_*_avx2 */
 #define RWKVX_AVX512_WIDEN(TYPE, CTYPE)                                                       \
     RWKVX_AVX512 static void rwkvx_widen_##TYPE##_avx512(const CTYPE *p, float *out,           \
                                                          ptrdiff_t n)                          \
     {                                                                                          \
+        const char *ahead = (const char *)(p + n);                                             \
         ptrdiff_t j = 0;                                                                       \
-        for (; j + 16 <= n; j += 16)                                                           \
+        for (; j + 16 <= n; j += 16) {                                                         \
+            if ((j * (ptrdiff_t)sizeof(CTYPE)) % 64 == 0)                                      \
+                _mm_prefetch(ahead + j * (ptrdiff_t)sizeof(CTYPE), _MM_HINT_T0);               \
             _mm512_storeu_ps(out + j, rwkvx_load16_##TYPE(p + j));                             \
+        }                                                                                      \
         for (; j < n; j++)                                                                     \
             out[j] = RWKVX_SCALAR_##TYPE(p, j);                                                \
     }
@@ -378,71 +325,81 @@ RWKVX_AVX512_WIDEN(bf16, uint16_t)
 RWKVX_AVX512_WIDEN(f16, uint16_t)
 RWKVX_AVX512_WIDEN(u8, uint8_t)
 
-/* Four rows against four tokens at a time: sixteen accumulators in registers. Each
- * (t, r) pair is summed exactly as rwkvx_dot4_f32_avx512 sums row r. */
-RWKVX_AVX512 static void rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
-                                               ptrdiff_t ldx, ptrdiff_t n_tok, ptrdiff_t n,
-                                               float *Y, ptrdiff_t ldy)
+/* Four rows against NP packed pairs of tokens (tokens t0 .. t0 + 2 NP - 1, those below
+ * n_tok written): 4 x NP accumulators, 24 of the 32 registers at NP = 6. NP is a
+ * constant at every call, so the loops unroll and the accumulators stay in registers. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_t ldp,
+                         const int NP, const float *X, ptrdiff_t ldx, ptrdiff_t t0,
+                         ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy)
 {
-    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-    ptrdiff_t t = 0;
-    for (; t + 4 <= n_tok; t += 4) {
-        const float *x0 = X + t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-        __m512 c[4][4];
-        for (int a = 0; a < 4; a++)
+    const ptrdiff_t n8 = n / 8;
+    __m512 c[6][4];
+#pragma GCC unroll 24
+    for (int k = 0; k < NP * 4; k++)
+        c[k / 4][k % 4] = _mm512_setzero_ps();
+    for (ptrdiff_t b = 0; b < n8; b++) {
+        __m512 v[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            v[r] = _mm512_castpd_ps(
+                _mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)(w + r * ldw + 8 * b))));
+#pragma GCC unroll 6
+        for (int a = 0; a < NP; a++) {
+            __m512 xv = _mm512_loadu_ps(P + a * ldp + 16 * b);
+#pragma GCC unroll 4
             for (int r = 0; r < 4; r++)
-                c[a][r] = _mm512_setzero_ps();
-        ptrdiff_t j = 0;
-        for (; j + 16 <= n; j += 16) {
-            __m512 xa = _mm512_loadu_ps(x0 + j), xb = _mm512_loadu_ps(x1 + j);
-            __m512 xc = _mm512_loadu_ps(x2 + j), xd = _mm512_loadu_ps(x3 + j);
-            __m512 v = _mm512_loadu_ps(w0 + j);
-            c[0][0] = _mm512_fmadd_ps(v, xa, c[0][0]);
-            c[1][0] = _mm512_fmadd_ps(v, xb, c[1][0]);
-            c[2][0] = _mm512_fmadd_ps(v, xc, c[2][0]);
-            c[3][0] = _mm512_fmadd_ps(v, xd, c[3][0]);
-            v = _mm512_loadu_ps(w1 + j);
-            c[0][1] = _mm512_fmadd_ps(v, xa, c[0][1]);
-            c[1][1] = _mm512_fmadd_ps(v, xb, c[1][1]);
-            c[2][1] = _mm512_fmadd_ps(v, xc, c[2][1]);
-            c[3][1] = _mm512_fmadd_ps(v, xd, c[3][1]);
-            v = _mm512_loadu_ps(w2 + j);
-            c[0][2] = _mm512_fmadd_ps(v, xa, c[0][2]);
-            c[1][2] = _mm512_fmadd_ps(v, xb, c[1][2]);
-            c[2][2] = _mm512_fmadd_ps(v, xc, c[2][2]);
-            c[3][2] = _mm512_fmadd_ps(v, xd, c[3][2]);
-            v = _mm512_loadu_ps(w3 + j);
-            c[0][3] = _mm512_fmadd_ps(v, xa, c[0][3]);
-            c[1][3] = _mm512_fmadd_ps(v, xb, c[1][3]);
-            c[2][3] = _mm512_fmadd_ps(v, xc, c[2][3]);
-            c[3][3] = _mm512_fmadd_ps(v, xd, c[3][3]);
+                c[a][r] = _mm512_fmadd_ps(v[r], xv, c[a][r]);
         }
-        const float *xs[4] = {x0, x1, x2, x3};
-        for (int a = 0; a < 4; a++) {
-            float *y = Y + (t + a) * ldy;
-            _mm_storeu_ps(y, rwkvx_hsum4x256(rwkvx_fold512(c[a][0]), rwkvx_fold512(c[a][1]),
-                                             rwkvx_fold512(c[a][2]), rwkvx_fold512(c[a][3])));
-            for (ptrdiff_t k = j; k < n; k++) {
-                y[0] += w0[k] * xs[a][k];
-                y[1] += w1[k] * xs[a][k];
-                y[2] += w2[k] * xs[a][k];
-                y[3] += w3[k] * xs[a][k];
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < NP; a++) {
+        for (int h = 0; h < 2; h++) {
+            ptrdiff_t t = t0 + 2 * a + h;
+            if (t >= n_tok)
+                break;
+            __m256 s[4];
+            for (int r = 0; r < 4; r++)
+                s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[a][r]), 1))
+                         : _mm512_castps512_ps256(c[a][r]);
+            const float *x = X + t * ldx;
+            float *y = Y + t * ldy;
+            _mm_storeu_ps(y, rwkvx_hsum4x256(s[0], s[1], s[2], s[3]));
+            for (ptrdiff_t k = 8 * n8; k < n; k++) {
+                y[0] += w[k] * x[k];
+                y[1] += w[ldw + k] * x[k];
+                y[2] += w[2 * ldw + k] * x[k];
+                y[3] += w[3 * ldw + k] * x[k];
             }
         }
     }
-    for (; t < n_tok; t++)
-        rwkvx_dot4_f32_avx512_pf(w, ldw, X + t * ldx, n, Y + t * ldy, 0);
+}
+
+RWKVX_AVX512 static void rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
+                                               ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
+                                               ptrdiff_t n, float *Y, ptrdiff_t ldy)
+{
+    const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
+    ptrdiff_t a = 0;
+    for (; a + 6 <= n_pairs; a += 6)
+        rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y, ldy);
+    const float *p = P + a * ldp;
+    switch (n_pairs - a) {
+    case 5: rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, 5, X, ldx, 2 * a, n_tok, n, Y, ldy); break;
+    case 4: rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, 4, X, ldx, 2 * a, n_tok, n, Y, ldy); break;
+    case 3: rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, 3, X, ldx, 2 * a, n_tok, n, Y, ldy); break;
+    case 2: rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, 2, X, ldx, 2 * a, n_tok, n, Y, ldy); break;
+    case 1: rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, 1, X, ldx, 2 * a, n_tok, n, Y, ldy); break;
+    default: break;
+    }
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
 
-/* The level used unless RWKVX_SIMD asks otherwise: AVX2. Measured on a 2-core Xeon with
- * AVX-512 (430M model, 2 threads): bfloat16 decode 29.7 ms/token with AVX2 against 37.9
- * with AVX-512 (widening 16 lanes costs more than the wider FMAs save on a memory-bound
- * loop), float32 decode equal, 256-token float32 prompt 182 against 204 tokens/s. Decoding
- * matters most, so AVX-512 is opt-in: RWKVX_SIMD=2. */
-#define RWKVX_DEFAULT_LEVEL 1
+/* The level used unless RWKVX_SIMD asks otherwise: the best the CPU has (all levels from
+ * AVX2 up give bit-identical results). */
+#define RWKVX_DEFAULT_LEVEL 2
 
 /* The best level this CPU supports. */
 static int rwkvx_best_simd(void)
@@ -477,8 +434,6 @@ static int rwkvx_detect_simd(void)
 #define RWKVX_DISPATCH_DOTS(TYPE, CTYPE)                                                      \
     static inline float rwkvx_dot_##TYPE(const CTYPE *w, const float *x, ptrdiff_t n)         \
     {                                                                                          \
-        if (rwkvx_simd_level >= 2)                                                             \
-            return rwkvx_dot_##TYPE##_avx512(w, x, n);                                         \
         if (rwkvx_simd_level)                                                                  \
             return rwkvx_dot_##TYPE##_avx2(w, x, n);                                           \
         return rwkvx_dot_##TYPE##_portable(w, x, n);                                           \
@@ -486,10 +441,6 @@ static int rwkvx_detect_simd(void)
     static inline void rwkvx_dot4_##TYPE(const CTYPE *w, ptrdiff_t stride, const float *x,    \
                                          ptrdiff_t n, float *out4)                             \
     {                                                                                          \
-        if (rwkvx_simd_level >= 2) {                                                           \
-            rwkvx_dot4_##TYPE##_avx512(w, stride, x, n, out4);                                 \
-            return;                                                                            \
-        }                                                                                      \
         if (rwkvx_simd_level) {                                                                \
             rwkvx_dot4_##TYPE##_avx2(w, stride, x, n, out4);                                   \
             return;                                                                            \
@@ -544,12 +495,33 @@ RWKVX_WIDEN(bf16, uint16_t)
 RWKVX_WIDEN(f16, uint16_t)
 RWKVX_WIDEN(u8, uint8_t)
 
+/* Pair p of the rows of X (tokens 2p and 2p + 1) in the layout of the AVX-512 product:
+ * for each block of eight columns, token 2p's eight values then token 2p + 1's (zeros
+ * past the last token). Columns past the last whole block are not packed. */
+static inline void rwkvx_pack_pair(const float *X, ptrdiff_t ldx, ptrdiff_t n_tok, ptrdiff_t p,
+                                   ptrdiff_t n, float *P)
+{
+    const ptrdiff_t n8 = n / 8;
+    const float *x0 = X + 2 * p * ldx, *x1 = x0 + ldx;
+    float *out = P + p * rwkvx_pack_stride(n);
+    for (ptrdiff_t b = 0; b < n8; b++) {
+        memcpy(out + 16 * b, x0 + 8 * b, 8 * sizeof(float));
+        if (2 * p + 1 < n_tok)
+            memcpy(out + 16 * b + 8, x1 + 8 * b, 8 * sizeof(float));
+        else
+            memset(out + 16 * b + 8, 0, 8 * sizeof(float));
+    }
+}
+
+/* Rows w .. w + 3 ldw against the n_tok rows of X. P: X packed by rwkvx_pack_pair, read
+ * only at level 2. */
 static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t ldx,
-                                   ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy)
+                                   const float *P, ptrdiff_t n_tok, ptrdiff_t n, float *Y,
+                                   ptrdiff_t ldy)
 {
 #if RWKVX_HAVE_X86_DISPATCH
     if (rwkvx_simd_level >= 2) {
-        rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, n_tok, n, Y, ldy);
+        rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy);
         return;
     }
     if (rwkvx_simd_level) {
@@ -557,6 +529,7 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
         return;
     }
 #endif
+    (void)P;
     for (ptrdiff_t t = 0; t < n_tok; t++)
         for (int r = 0; r < 4; r++)
             Y[t * ldy + r] = rwkvx_dot_f32_portable(w + r * ldw, X + t * ldx, n);

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the model's format, architecture, shapes, stored dtype and the memory each "
                         "--dtype needs, reading only headers (no weights); then exit")
     p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=None, metavar="N",
-                   help="prompt tokens processed per pass over the weights (default: 64)")
+                   help="prompt tokens processed per pass over the weights (default: 128)")
     return p
 
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from rwkvx.model import DEFAULT_CHUNK_SIZE
 from rwkvx.run import main
 
 from conftest import TINY_MODEL, TOKENIZER_20B, save_random_model, shared_file
@@ -86,6 +87,8 @@ def test_help_documents_every_flag():
     for flag in ("--model", "--prompt", "--file", "--n-predict", "--threads", "--seed", "--temp", "--top-k",
                  "--top-p", "--presence-penalty", "--frequency-penalty", "--tokenizer", "--dtype", "--stop"):
         assert flag in result.stdout
+    # the help states the model's real default chunk
+    assert f"(default: {DEFAULT_CHUNK_SIZE})" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("args,match", [
