@@ -13,7 +13,7 @@ from libc.math cimport expf, sqrt
 from libc.stdlib cimport malloc, free
 
 from rwkvx._matvec cimport (Linear, Matrix, MatvecJob, U8Sums, _matmul, _matvec, _matvec_jobs,
-                            xpack_floats)
+                            wbuf_floats, xpack_floats)
 from rwkvx.errors import RwkvxError
 
 cdef enum:
@@ -152,6 +152,11 @@ cdef class Workspace:
         free(self.buffer)
 
 
+cdef extern from "_alloc.h" nogil:
+    void* rwkvx_alloc_huge(size_t size)
+    void rwkvx_free_huge(void* p)
+
+
 cdef enum:
     STAGGER = 16    # floats: one cache line
 
@@ -177,7 +182,7 @@ cdef class SeqWorkspace:
     cdef float* kf          # (n_max, n_ffn) channel-mix hidden
     cdef float* u8_x        # (n_max, max(n_embd, n_ffn)) rx * x for uint8 products
     cdef U8Sums* u8_sums    # (n_max,)
-    cdef float* wbuf        # (n_threads, 4, max(n_embd, n_ffn)) widened weight rows
+    cdef float* wbuf        # n_threads * wbuf_floats(max(n_embd, n_ffn)) widened weight rows
     cdef float* xpack       # xpack_floats(n_max, max(n_embd, n_ffn)) inputs packed for AVX-512
     cdef void* buffer
     cdef readonly Py_ssize_t n_max, n_embd, n_ffn, n_threads
@@ -193,9 +198,9 @@ cdef class SeqWorkspace:
         # and a product reads and writes row t of several at once -- falls in a different
         # L1 set (measured on the 430M shape: 256-token float32 prompts 20% slower when
         # every buffer began at the same 4 KiB offset)
-        cdef Py_ssize_t floats = (n_max * (9 * n_embd + n_ffn + wide) + n_threads * 4 * wide + packed
+        cdef Py_ssize_t floats = (n_max * (9 * n_embd + n_ffn + wide) + n_threads * wbuf_floats(wide) + packed
                                   + 14 * STAGGER)
-        self.buffer = malloc(floats * sizeof(float) + n_max * sizeof(U8Sums))
+        self.buffer = rwkvx_alloc_huge(floats * sizeof(float) + n_max * sizeof(U8Sums))
         if self.buffer == NULL:
             raise MemoryError()
         cdef float* p = <float*>self.buffer
@@ -210,12 +215,12 @@ cdef class SeqWorkspace:
         self.out = _take(&p, n_max * n_embd)
         self.kf = _take(&p, n_max * n_ffn)
         self.u8_x = _take(&p, n_max * wide)
-        self.wbuf = _take(&p, n_threads * 4 * wide)
+        self.wbuf = _take(&p, n_threads * wbuf_floats(wide))
         self.xpack = _take(&p, packed)
         self.u8_sums = <U8Sums*>p
 
     def __dealloc__(self):
-        free(self.buffer)
+        rwkvx_free_huge(self.buffer)
 
 
 cdef class Block:

@@ -27,10 +27,20 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_widen_f16(const uint16_t* p, float* out, Py_ssize_t n)
     void rwkvx_widen_u8(const uint8_t* p, float* out, Py_ssize_t n)
     Py_ssize_t rwkvx_pack_stride(Py_ssize_t n)
+    enum:
+        RWKVX_WIDEN_BF16
+        RWKVX_WIDEN_F16
+        RWKVX_WIDEN_U8
+    ctypedef struct rwkvx_widen_job:
+        int kind
+        const void* src
+        float* dst
+        Py_ssize_t count
     void rwkvx_pack_pair(const float* X, Py_ssize_t ldx, Py_ssize_t n_tok, Py_ssize_t p,
                          Py_ssize_t n, float* P)
     void rwkvx_gemm4_f32(const float* w, Py_ssize_t ldw, const float* X, Py_ssize_t ldx,
-                         const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy)
+                         const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy,
+                         const rwkvx_widen_job* job)
 
 rwkvx_detect_simd()
 
@@ -181,22 +191,43 @@ cdef inline void _widen_rows(const Matrix* m, Py_ssize_t i, Py_ssize_t n_rows, f
         rwkvx_widen_u8(m.q + i * m.n_cols, out, n)
 
 
+cdef inline const void* _stored_rows(const Matrix* m, Py_ssize_t i) noexcept nogil:
+    if m.kind == MATRIX_U8:
+        return m.q + i * m.n_cols
+    return m.h16 + i * m.n_cols
+
+
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
                             const float* xpack, Py_ssize_t n_tok, const U8Sums* sums,
                             float* wbuf, Py_ssize_t block) noexcept nogil:
     # out[:, 4*block .. 4*block+3] for every token; the same kernels as _rows, so each
-    # token's result equals the matrix-vector product's
+    # token's result equals the matrix-vector product's. wbuf: this thread's
+    # wbuf_floats(n_cols): two buffers of four widened rows, block b's in buffer b % 2,
+    # then the number of the block whose rows were widened ahead.
     cdef Py_ssize_t i = 4 * block, r, t, n = m.n_cols
     cdef Py_ssize_t end = i + 4
+    cdef Py_ssize_t* ahead = <Py_ssize_t*>(wbuf + 8 * n)
     cdef const float* w
+    cdef rwkvx_widen_job job
+    cdef rwkvx_widen_job* next_job = NULL
     if end <= m.n_rows:
         if m.kind == MATRIX_F32:
             w = m.f32 + i * n
         else:
-            # widen once, use for every token of the chunk
-            _widen_rows(m, i, 4, wbuf)
-            w = wbuf
-        rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo)
+            # widened once, used for every token; the next block is widened while this
+            # one is multiplied (a thread's blocks come in order)
+            w = wbuf + (block % 2) * 4 * n
+            if ahead[0] != block:
+                _widen_rows(m, i, 4, <float*>w)
+            if end + 4 <= m.n_rows:
+                job.kind = (RWKVX_WIDEN_BF16 if m.kind == MATRIX_BF16 else
+                            RWKVX_WIDEN_F16 if m.kind == MATRIX_F16 else RWKVX_WIDEN_U8)
+                job.src = _stored_rows(m, end)
+                job.dst = wbuf + ((block + 1) % 2) * 4 * n
+                job.count = 4 * n
+                next_job = &job
+                ahead[0] = block + 1
+        rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo, next_job)
     else:
         end = m.n_rows
         for r in range(i, end):
@@ -226,13 +257,22 @@ cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, P
     if rwkvx_simd_level >= 2:
         for p in prange((n_tok + 1) // 2, schedule="static", num_threads=n_threads):
             rwkvx_pack_pair(xin, n, n_tok, p, n, xpack)
+    cdef Py_ssize_t per_thread = wbuf_floats(n)
     t0 = 0
     while t0 < n_tok:
         n_sub = min(per_pass, n_tok - t0)
+        for t in range(n_threads):
+            (<Py_ssize_t*>(wbuf + t * per_thread + 8 * n))[0] = -1    # nothing widened ahead
         for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
             _gemm_rows(out + t0 * ldo, ldo, m, xin + t0 * n, xpack + t0 // 2 * rwkvx_pack_stride(n), n_sub,
-                       sums + t0, wbuf + 4 * n * threadid(), block)
+                       sums + t0, wbuf + per_thread * threadid(), block)
         t0 += n_sub
+
+
+cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil:
+    """Size of _matmul's widened-rows scratch per thread (see _gemm_rows); a multiple of
+    16 floats, so each thread's part keeps the buffer's alignment."""
+    return 8 * n_cols + 16
 
 
 cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols):
@@ -346,7 +386,7 @@ cdef class Linear:
             return out
         xr = np.empty((n_tok, n_cols), dtype=np.float32)
         sums = np.empty(n_tok * sizeof(U8Sums), dtype=np.uint8)
-        wbuf = np.empty(n_threads * 4 * n_cols, dtype=np.float32)
+        wbuf = np.empty(n_threads * wbuf_floats(n_cols), dtype=np.float32)
         xpack = np.empty(xpack_floats(n_tok, n_cols), dtype=np.float32)
         cdef float[:, ::1] xrv = xr
         cdef unsigned char[::1] sumsv = sums

@@ -113,6 +113,17 @@ def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
             assert np.array_equal(Y[t], lin(X[t])), lin.dtype
 
 
+def test_matmul_in_several_passes_equals_matvec(simd, rng):
+    # wide rows: the product takes the tokens a few at a time (inputs kept to L2's size),
+    # and widens each block of rows ahead, once per pass
+    w, _ = _data(rng, 21, 8201)
+    X = rng.standard_normal((37, 8201)).astype(np.float32)
+    for lin in _all_kinds(w):
+        Y = lin.matmul(X, n_threads=2)
+        for t in range(37):
+            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+
+
 def test_matmul_raises_on_shape_mismatch(rng):
     w, _ = _data(rng, 5, 9)
     with pytest.raises(RwkvxError, match="matmul"):
