@@ -25,8 +25,8 @@ def _token_id(value) -> int:
 
 # Tokens per matrix-matrix pass in sequence mode: enough to turn each weight read into
 # many multiply-adds (the products split a chunk further so that their inputs stay in
-# L2). Measured on the 430M shape, float32, 256-token prompt: 64 tokens 250, 128 265,
-# 256 267 tokens/s; 128 needs half 256's scratch.
+# L2). Measured on the 430M shape, float32, 256-token prompt: 64 tokens 277, 128 300,
+# 256 303 tokens/s; 128 needs half 256's scratch.
 DEFAULT_CHUNK_SIZE = 128
 
 
