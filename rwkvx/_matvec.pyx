@@ -23,9 +23,6 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_dot4_bf16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_f16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_u8(const uint8_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
-    void rwkvx_widen_bf16(const uint16_t* p, float* out, Py_ssize_t n)
-    void rwkvx_widen_f16(const uint16_t* p, float* out, Py_ssize_t n)
-    void rwkvx_widen_u8(const uint8_t* p, float* out, Py_ssize_t n)
     Py_ssize_t rwkvx_pack_stride(Py_ssize_t n)
     enum:
         RWKVX_WIDEN_BF16
@@ -36,6 +33,7 @@ cdef extern from "_simd.h" nogil:
         const void* src
         float* dst
         Py_ssize_t count
+    void rwkvx_widen_rest(const rwkvx_widen_job* job, Py_ssize_t start)
     void rwkvx_pack_pair(const float* X, Py_ssize_t ldx, Py_ssize_t n_tok, Py_ssize_t p,
                          Py_ssize_t n, float* P)
     void rwkvx_gemm4_f32(const float* w, Py_ssize_t ldw, const float* X, Py_ssize_t ldx,
@@ -179,22 +177,19 @@ cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple ar
     return self
 
 
-cdef inline void _widen_rows(const Matrix* m, Py_ssize_t i, Py_ssize_t n_rows, float* out) noexcept nogil:
-    # rows i .. i+n_rows-1 as float32 (exact), one after another in out: they are
-    # contiguous, so one call widens them all (and prefetches the next n_rows)
-    cdef Py_ssize_t n = m.n_cols * n_rows
-    if m.kind == MATRIX_BF16:
-        rwkvx_widen_bf16(m.h16 + i * m.n_cols, out, n)
-    elif m.kind == MATRIX_F16:
-        rwkvx_widen_f16(m.h16 + i * m.n_cols, out, n)
-    else:
-        rwkvx_widen_u8(m.q + i * m.n_cols, out, n)
-
-
-cdef inline const void* _stored_rows(const Matrix* m, Py_ssize_t i) noexcept nogil:
+cdef inline rwkvx_widen_job _widen_job(const Matrix* m, Py_ssize_t i, float* out) noexcept nogil:
+    # rows i .. i+3 of a bf16, f16 or uint8 matrix, to be widened to float32 (exact) in
+    # out, one after another: they are contiguous, so one job covers them all
+    cdef rwkvx_widen_job job
+    job.dst = out
+    job.count = 4 * m.n_cols
     if m.kind == MATRIX_U8:
-        return m.q + i * m.n_cols
-    return m.h16 + i * m.n_cols
+        job.kind = RWKVX_WIDEN_U8
+        job.src = m.q + i * m.n_cols
+    else:
+        job.kind = RWKVX_WIDEN_BF16 if m.kind == MATRIX_BF16 else RWKVX_WIDEN_F16
+        job.src = m.h16 + i * m.n_cols
+    return job
 
 
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
@@ -208,6 +203,7 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
     cdef Py_ssize_t end = i + 4
     cdef Py_ssize_t* ahead = <Py_ssize_t*>(wbuf + 8 * n)
     cdef const float* w
+    cdef float* widened
     cdef rwkvx_widen_job job
     cdef rwkvx_widen_job* next_job = NULL
     if end <= m.n_rows:
@@ -216,15 +212,13 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         else:
             # widened once, used for every token; the next block is widened while this
             # one is multiplied (a thread's blocks come in order)
-            w = wbuf + (block % 2) * 4 * n
+            widened = wbuf + (block % 2) * 4 * n
             if ahead[0] != block:
-                _widen_rows(m, i, 4, <float*>w)
+                job = _widen_job(m, i, widened)
+                rwkvx_widen_rest(&job, 0)
+            w = widened
             if end + 4 <= m.n_rows:
-                job.kind = (RWKVX_WIDEN_BF16 if m.kind == MATRIX_BF16 else
-                            RWKVX_WIDEN_F16 if m.kind == MATRIX_F16 else RWKVX_WIDEN_U8)
-                job.src = _stored_rows(m, end)
-                job.dst = wbuf + ((block + 1) % 2) * 4 * n
-                job.count = 4 * n
+                job = _widen_job(m, end, wbuf + ((block + 1) % 2) * 4 * n)
                 next_job = &job
                 ahead[0] = block + 1
         rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo, next_job)

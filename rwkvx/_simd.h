@@ -349,8 +349,9 @@ RWKVX_AVX512 static inline void rwkvx_widen32_avx512(const rwkvx_widen_job *job,
 
 /* Four rows against NP packed pairs of tokens (tokens t0 .. t0 + 2 NP - 1, those below
  * n_tok written): 4 x NP accumulators, 24 of the 32 registers at NP = 6. NP is a
- * constant at every call, so the loops unroll and the accumulators stay in registers. */
-RWKVX_AVX512 static inline __attribute__((always_inline)) void
+ * constant at every call, so the loops unroll and the accumulators stay in registers.
+ * Returns how many of job's values it widened (from the start). */
+RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
 rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_t ldp,
                          const int NP, const float *X, ptrdiff_t ldx, ptrdiff_t t0,
                          ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy,
@@ -358,7 +359,7 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
 {
     const ptrdiff_t n8 = n / 8;
     /* the job's values are widened 32 per step: four rows of n take n / 8 steps */
-    const ptrdiff_t job_steps = job ? job->count / 32 : 0;
+    const ptrdiff_t job_steps = job ? (job->count / 32 < n8 ? job->count / 32 : n8) : 0;
     __m512 c[6][4];
 #pragma GCC unroll 24
     for (int k = 0; k < NP * 4; k++)
@@ -400,20 +401,24 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
             }
         }
     }
+    return 32 * job_steps;
 }
 
-RWKVX_AVX512 static void rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
-                                               ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
-                                               ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                                               const rwkvx_widen_job *job)
+/* Returns how many of job's values it widened (from the start). */
+RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
+                                                    ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
+                                                    ptrdiff_t n, float *Y, ptrdiff_t ldy,
+                                                    const rwkvx_widen_job *job)
 {
     const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
-    ptrdiff_t a = 0;
+    ptrdiff_t a = 0, widened = 0;
     /* the first tile carries the widening job */
     for (; a + 6 <= n_pairs; a += 6, job = NULL)
-        rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y, ldy, job);
+        widened += rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y,
+                                            ldy, job);
     const float *p = P + a * ldp;
-#define RWKVX_TILE(NP) rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, job)
+#define RWKVX_TILE(NP) \
+    widened += rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, job)
     switch (n_pairs - a) {
     case 5: RWKVX_TILE(5); break;
     case 4: RWKVX_TILE(4); break;
@@ -423,6 +428,7 @@ RWKVX_AVX512 static void rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, c
     default: break;
     }
 #undef RWKVX_TILE
+    return widened;
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
@@ -544,7 +550,8 @@ static inline void rwkvx_pack_pair(const float *X, ptrdiff_t ldx, ptrdiff_t n_to
     }
 }
 
-static inline void rwkvx_widen_part(const rwkvx_widen_job *job, ptrdiff_t from)
+/* A widening job's values from `from` on. */
+static inline void rwkvx_widen_rest(const rwkvx_widen_job *job, ptrdiff_t from)
 {
     if (job->kind == RWKVX_WIDEN_BF16)
         rwkvx_widen_bf16((const uint16_t *)job->src + from, job->dst + from, job->count - from);
@@ -566,8 +573,7 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
     ptrdiff_t widened = 0;
 #if RWKVX_HAVE_X86_DISPATCH
     if (rwkvx_simd_level >= 2) {
-        rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, job);
-        widened = job && n_tok > 0 ? (job->count / 32 < n / 8 ? job->count / 32 : n / 8) * 32 : 0;
+        widened = rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, job);
     } else if (rwkvx_simd_level) {
         rwkvx_gemm4_f32_avx2(w, ldw, X, ldx, n_tok, n, Y, ldy);
     } else
@@ -579,7 +585,7 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
                 Y[t * ldy + r] = rwkvx_dot_f32_portable(w + r * ldw, X + t * ldx, n);
     }
     if (job)
-        rwkvx_widen_part(job, widened);
+        rwkvx_widen_rest(job, widened);
 }
 
 #endif /* RWKVX_SIMD_H */
