@@ -240,9 +240,10 @@ cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, P
     cdef const float* xin = X
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on
-    # the 430M shape, 256-token float32 prompts: 512 KB of inputs per pass 280-296
-    # tokens/s; 1 MB 240-300 (varying from run to run: with 4 KiB pages, how many of
-    # them meet in one L2 set is chance); 256 KB 270-280.
+    # the 430M shape, 256-token float32 prompts, scratch on 4 KiB pages: 512 KB of inputs
+    # per pass 280-296 tokens/s; 1 MB 240-300 (how many pages meet in one L2 set is
+    # chance); 256 KB 270-280. On huge pages (SeqWorkspace) 512 KB and 1 MB are even:
+    # medians of four runs 293 and 299.
     cdef Py_ssize_t per_pass = max(8, (1 << 17) // n // 2 * 2)
     if m.kind == MATRIX_U8:
         for t in prange(n_tok, schedule="static", num_threads=n_threads):
