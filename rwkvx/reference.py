@@ -31,6 +31,24 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def wkv_step(k: np.ndarray, v: np.ndarray, aa: np.ndarray, bb: np.ndarray, pp: np.ndarray, p: dict):
+    """One WKV step, in the dtype of its inputs; k, v, aa, bb, pp (n_embd,) or (B, n_embd).
+    Returns (wkv, aa, bb, pp) after this token."""
+    # wkv = (e^pp * aa + e^(u + k) * v) / (e^pp * bb + e^(u + k)), scaled by e^-max
+    ww = p["att_time_first"] + k
+    qq = np.maximum(pp, ww)
+    e1 = np.exp(pp - qq)
+    e2 = np.exp(ww - qq)
+    wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
+
+    # decay the running sums by e^w (w = -e^time_decay), then add this token
+    ww = pp + p["att_time_decay"]
+    qq = np.maximum(ww, k)
+    e1 = np.exp(ww - qq)
+    e2 = np.exp(k - qq)
+    return wkv, e1 * aa + e2 * v, e1 * bb + e2, qq
+
+
 def time_mixing(x: np.ndarray, s: np.ndarray, p: dict) -> np.ndarray:
     """x: ln1(x) (n_embd,); s: this layer's state (5, n_embd), updated in place."""
     last_x = s[ATT_XX]
@@ -43,20 +61,7 @@ def time_mixing(x: np.ndarray, s: np.ndarray, p: dict) -> np.ndarray:
     k = p["att_key"] @ xk
     v = p["att_value"] @ xv
 
-    aa, bb, pp = s[ATT_AA], s[ATT_BB], s[ATT_PP]
-    ww = p["att_time_first"] + k
-    qq = np.maximum(pp, ww)
-    e1 = np.exp(pp - qq)
-    e2 = np.exp(ww - qq)
-    wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
-
-    ww = pp + p["att_time_decay"]
-    qq = np.maximum(ww, k)
-    e1 = np.exp(ww - qq)
-    e2 = np.exp(k - qq)
-    s[ATT_AA] = e1 * aa + e2 * v
-    s[ATT_BB] = e1 * bb + e2
-    s[ATT_PP] = qq
+    wkv, s[ATT_AA], s[ATT_BB], s[ATT_PP] = wkv_step(k, v, s[ATT_AA], s[ATT_BB], s[ATT_PP], p)
     return p["att_output"] @ (r * wkv)
 
 

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from rwkvx.reference import wkv_step
 from rwkvx.weights import (ATT_AA, ATT_BB, ATT_PP, ATT_XX, FFN_XX, MATRIX_NAMES, ModelWeights, new_state,
                            to_float32)
 
@@ -45,23 +46,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def _mix(x: np.ndarray, last_x: np.ndarray, p: dict, name: str) -> np.ndarray:
     # x * time_mix + last_x * (1 - time_mix)
     return x * p[name] + last_x * p["1-" + name]
-
-
-def wkv_step(k: np.ndarray, v: np.ndarray, aa: np.ndarray, bb: np.ndarray, pp: np.ndarray, p: dict):
-    """One WKV step; k, v, aa, bb, pp (n_embd,) or (B, n_embd). Returns (wkv, aa, bb, pp) after this token."""
-    # wkv = (e^pp * aa + e^(u + k) * v) / (e^pp * bb + e^(u + k)), scaled by e^-max
-    ww = p["att_time_first"] + k
-    qq = np.maximum(pp, ww)
-    e1 = np.exp(pp - qq)
-    e2 = np.exp(ww - qq)
-    wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
-
-    # decay the running sums by e^w (w = -e^time_decay), then add this token
-    ww = pp + p["att_time_decay"]
-    qq = np.maximum(ww, k)
-    e1 = np.exp(ww - qq)
-    e2 = np.exp(k - qq)
-    return wkv, e1 * aa + e2 * v, e1 * bb + e2, qq
 
 
 # ---- one token: matrix-vector products ----
