@@ -40,6 +40,13 @@ def stream_all(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
+def assert_streams_whole(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
+    """Streaming ids gives back text, and no piece carries half a character."""
+    pieces = stream_all(tokenizer, ids)
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
 # ---- ByteTokenizer
 
 
@@ -56,9 +63,7 @@ def test_bytes_round_trip(text: str) -> None:
 def test_bytes_stream_never_splits_a_character(text: str) -> None:
     tok = ByteTokenizer()
     ids = tok.encode(text)
-    pieces = stream_all(tok, ids)
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    assert_streams_whole(tok, ids, text)
 
 
 def test_bytes_stream_holds_back_an_emoji_until_its_last_byte() -> None:
@@ -129,9 +134,7 @@ def test_neox_vocabulary(neox: HFTokenizer) -> None:
 def test_neox_round_trip_and_stream(neox: HFTokenizer, text: str) -> None:
     ids = neox.encode(text)
     assert neox.decode(ids) == text
-    pieces = stream_all(neox, ids)
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    assert_streams_whole(neox, ids, text)
 
 
 def test_neox_splits_an_emoji_over_tokens_and_streams_it_whole(neox: HFTokenizer) -> None:
@@ -188,9 +191,7 @@ def test_window_stream_on_a_byte_fallback_tokenizer(tmp_path: Path) -> None:
     text = "hello 😀 wörld é"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    pieces = stream_all(tok, ids)
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    assert_streams_whole(tok, ids, text)
     with pytest.raises(TokenizerError):
         tok.token_bytes(5)
 
@@ -215,9 +216,7 @@ def test_world_vocabulary(world: WorldTokenizer) -> None:
 def test_world_round_trip_and_stream(world: WorldTokenizer, text: str) -> None:
     ids = world.encode(text)
     assert world.decode(ids) == text
-    pieces = stream_all(world, ids)
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    assert_streams_whole(world, ids, text)
 
 
 def test_world_encoding_is_greedy_longest_match(world: WorldTokenizer) -> None:
