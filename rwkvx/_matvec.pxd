@@ -42,7 +42,8 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
 
 # out[t, i] (row stride ldo) = sum_j m[i, j] X[t, j] for n_tok rows of X (n_tok, n_cols).
 # Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); xpack xpack_floats(n_tok,
-# n_cols); wbuf n_threads * wbuf_floats(n_cols), 8-byte aligned. Each out[t] is
+# n_cols); wbuf n_threads * wbuf_floats(n_cols). Scratch should start on a cache line (64 bytes)
+# for speed: the products store whole vectors to it. Each out[t] is
 # bit-identical to _matvec of X[t].
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
                   float* xr, U8Sums* sums, float* xpack, float* wbuf, int n_threads) noexcept nogil

@@ -23,6 +23,8 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_dot4_bf16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_f16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_u8(const uint8_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_prepare_u8(const float* rx, const float* mx, const float* x, float* xr, Py_ssize_t n,
+                          double* sums)
     Py_ssize_t rwkvx_pack_stride(Py_ssize_t n)
     enum:
         RWKVX_WIDEN_BF16
@@ -101,16 +103,11 @@ cdef void _prepare_u8(const Matrix* m, const float* x, float* xr, U8Sums* sums) 
     # The three sums over j do not depend on i: compute them once per product (in double,
     # they are few), and the parallel loop is a plain u8 * f32 dot product that never
     # forms a float weight. xr: n_cols floats.
-    cdef Py_ssize_t j
-    cdef double sum_xr = 0.0, sum_x = 0.0, sum_mx = 0.0
-    for j in range(m.n_cols):
-        xr[j] = m.rx[j] * x[j]
-        sum_xr += xr[j]
-        sum_x += x[j]
-        sum_mx += m.mx[j] * x[j]
-    sums.half_xr = <float>(0.5 * sum_xr)
-    sums.x = <float>sum_x
-    sums.mx = <float>sum_mx
+    cdef double s[3]
+    rwkvx_prepare_u8(m.rx, m.mx, x, xr, m.n_cols, s)
+    sums.half_xr = <float>(0.5 * s[0])
+    sums.x = <float>s[1]
+    sums.mx = <float>s[2]
 
 
 cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums* sums,
@@ -246,11 +243,13 @@ cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, P
     # medians of four runs 293 and 299.
     cdef Py_ssize_t per_pass = max(8, (1 << 17) // n // 2 * 2)
     if m.kind == MATRIX_U8:
-        for t in prange(n_tok, schedule="static", num_threads=n_threads):
-            _prepare_u8(m, X + t * n, xr + t * n, &sums[t])
         xin = xr
-    if rwkvx_simd_level >= 2:
-        for p in prange((n_tok + 1) // 2, schedule="static", num_threads=n_threads):
+    # one parallel loop over pairs of tokens prepares and packs the inputs
+    for p in prange((n_tok + 1) // 2, schedule="static", num_threads=n_threads):
+        if m.kind == MATRIX_U8:
+            for t in range(2 * p, min(2 * p + 2, n_tok)):
+                _prepare_u8(m, X + t * n, xr + t * n, &sums[t])
+        if rwkvx_simd_level >= 2:
             rwkvx_pack_pair(xin, n, n_tok, p, n, xpack)
     cdef Py_ssize_t per_thread = wbuf_floats(n)
     t0 = 0
@@ -273,6 +272,14 @@ cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil:
 cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols):
     """Size of _matmul's packed-input scratch for n_tok rows of n_cols (at least 1)."""
     return (n_tok + 1) // 2 * rwkvx_pack_stride(n_cols)
+
+
+def _aligned_floats(Py_ssize_t n):
+    # n float32 starting on a cache line: the products store whole 64-byte vectors to
+    # their scratch, and one that splits two lines costs two
+    raw = np.empty(n + 16, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + n]
 
 
 def _check_vector(name, const float[::1] v, Py_ssize_t n):
@@ -381,8 +388,8 @@ cdef class Linear:
             return out
         xr = np.empty((n_tok, n_cols), dtype=np.float32)
         sums = np.empty(n_tok * sizeof(U8Sums), dtype=np.uint8)
-        wbuf = np.empty(n_threads * wbuf_floats(n_cols), dtype=np.float32)
-        xpack = np.empty(xpack_floats(n_tok, n_cols), dtype=np.float32)
+        wbuf = _aligned_floats(n_threads * wbuf_floats(n_cols))
+        xpack = _aligned_floats(xpack_floats(n_tok, n_cols))
         cdef float[:, ::1] xrv = xr
         cdef unsigned char[::1] sumsv = sums
         cdef float[::1] wbufv = wbuf, xpackv = xpack

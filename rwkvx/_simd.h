@@ -114,6 +114,37 @@ RWKVX_PORTABLE_DOT(bf16, uint16_t)
 RWKVX_PORTABLE_DOT(f16, uint16_t)
 RWKVX_PORTABLE_DOT(u8, uint8_t)
 
+/* The input side of a uint8 product (see _prepare_u8 in _matvec.pyx): xr = rx * x, and
+ * the sums of xr, of x and of mx * x in double, returned in sums[0..2]. Eight partial
+ * sums each, reduced as rwkvx_sum8d does, so the AVX2 version's results are the same. */
+static inline double rwkvx_sum8d(const double *a)
+{
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+static inline void rwkvx_prepare_u8_portable(const float *rx, const float *mx, const float *x,
+                                             float *xr, ptrdiff_t n, double *sums)
+{
+    double s_xr[8] = {0}, s_x[8] = {0}, s_mx[8] = {0};
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) {
+            xr[j + k] = rx[j + k] * x[j + k];
+            s_xr[k] += xr[j + k];
+            s_x[k] += x[j + k];
+            s_mx[k] += (double)mx[j + k] * x[j + k];
+        }
+    sums[0] = rwkvx_sum8d(s_xr);
+    sums[1] = rwkvx_sum8d(s_x);
+    sums[2] = rwkvx_sum8d(s_mx);
+    for (; j < n; j++) {
+        xr[j] = rx[j] * x[j];
+        sums[0] += xr[j];
+        sums[1] += x[j];
+        sums[2] += (double)mx[j] * x[j];
+    }
+}
+
 /* ---- AVX2 + FMA loops --------------------------------------------------------------- */
 
 #if RWKVX_HAVE_X86_DISPATCH
@@ -226,6 +257,47 @@ RWKVX_AVX2_WIDEN(bf16, uint16_t)
 RWKVX_AVX2_WIDEN(f16, uint16_t)
 RWKVX_AVX2_WIDEN(u8, uint8_t)
 
+/* rwkvx_prepare_u8_portable in registers: lanes 0-3 of the partial sums in one register of
+ * doubles, lanes 4-7 in another. A single chain of scalar double adds made this loop 3% of
+ * an 8-sequence uint8 batch step. */
+RWKVX_AVX2 static void rwkvx_prepare_u8_avx2(const float *rx, const float *mx, const float *x,
+                                            float *xr, ptrdiff_t n, double *sums)
+{
+    __m256d xr_lo = _mm256_setzero_pd(), xr_hi = _mm256_setzero_pd();
+    __m256d x_lo = _mm256_setzero_pd(), x_hi = _mm256_setzero_pd();
+    __m256d mx_lo = _mm256_setzero_pd(), mx_hi = _mm256_setzero_pd();
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j), mv = _mm256_loadu_ps(mx + j);
+        __m256 r = _mm256_mul_ps(_mm256_loadu_ps(rx + j), xv);
+        _mm256_storeu_ps(xr + j, r);
+        __m256d xl = _mm256_cvtps_pd(_mm256_castps256_ps128(xv));
+        __m256d xh = _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1));
+        xr_lo = _mm256_add_pd(xr_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(r)));
+        xr_hi = _mm256_add_pd(xr_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)));
+        x_lo = _mm256_add_pd(x_lo, xl);
+        x_hi = _mm256_add_pd(x_hi, xh);
+        mx_lo = _mm256_add_pd(mx_lo, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(mv)), xl));
+        mx_hi = _mm256_add_pd(mx_hi, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(mv, 1)), xh));
+    }
+    double a[8];
+    _mm256_storeu_pd(a, xr_lo);
+    _mm256_storeu_pd(a + 4, xr_hi);
+    sums[0] = rwkvx_sum8d(a);
+    _mm256_storeu_pd(a, x_lo);
+    _mm256_storeu_pd(a + 4, x_hi);
+    sums[1] = rwkvx_sum8d(a);
+    _mm256_storeu_pd(a, mx_lo);
+    _mm256_storeu_pd(a + 4, mx_hi);
+    sums[2] = rwkvx_sum8d(a);
+    for (; j < n; j++) {
+        xr[j] = rx[j] * x[j];
+        sums[0] += xr[j];
+        sums[1] += x[j];
+        sums[2] += (double)mx[j] * x[j];
+    }
+}
+
 /* Y[t, r] = dot(w + r * ldw, X + t * ldx) for four rows r and n_tok tokens t: the
  * matrix-matrix product of sequence mode and batched decoding. Three tokens at a time
  * keep twelve accumulators in registers, so each weight vector loaded serves three
@@ -324,22 +396,24 @@ RWKVX_AVX512_WIDEN(bf16, uint16_t)
 RWKVX_AVX512_WIDEN(f16, uint16_t)
 RWKVX_AVX512_WIDEN(u8, uint8_t)
 
-/* Values off .. off + 31 of a widening job, prefetching a kilobyte ahead (the loads
- * come a few at a time between multiply-adds, too sparse for the hardware prefetcher). */
-RWKVX_AVX512 static inline void rwkvx_widen32_avx512(const rwkvx_widen_job *job, ptrdiff_t off)
+/* Values off .. off + 31 of a widening job of the given kind, prefetching a kilobyte ahead
+ * (the loads come a few at a time between multiply-adds, too sparse for the hardware
+ * prefetcher). kind is a constant at every call, so no test of it is left in the loop. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_widen32_avx512(const int kind, const void *src, float *dst, ptrdiff_t off)
 {
-    float *out = job->dst + off;
-    if (job->kind == RWKVX_WIDEN_U8) {
-        const uint8_t *p = (const uint8_t *)job->src + off;
+    float *out = dst + off;
+    if (kind == RWKVX_WIDEN_U8) {
+        const uint8_t *p = (const uint8_t *)src + off;
         if (off % 64 == 0)
             _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
         _mm512_storeu_ps(out, rwkvx_load16_u8(p));
         _mm512_storeu_ps(out + 16, rwkvx_load16_u8(p + 16));
         return;
     }
-    const uint16_t *p = (const uint16_t *)job->src + off;
+    const uint16_t *p = (const uint16_t *)src + off;
     _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
-    if (job->kind == RWKVX_WIDEN_BF16) {
+    if (kind == RWKVX_WIDEN_BF16) {
         _mm512_storeu_ps(out, rwkvx_load16_bf16(p));
         _mm512_storeu_ps(out + 16, rwkvx_load16_bf16(p + 16));
     } else {
@@ -349,25 +423,28 @@ RWKVX_AVX512 static inline void rwkvx_widen32_avx512(const rwkvx_widen_job *job,
 }
 
 /* Four rows against NP packed pairs of tokens (tokens t0 .. t0 + 2 NP - 1, those below
- * n_tok written): 4 x NP accumulators, 24 of the 32 registers at NP = 6. NP is a
- * constant at every call, so the loops unroll and the accumulators stay in registers.
- * Returns how many of job's values it widened (from the start). */
+ * n_tok written): 4 x NP accumulators, 24 of the 32 registers at NP = 6. NP and kind are
+ * constants at every call, so the loops unroll and the accumulators stay in registers.
+ * kind (0 for none): job's kind, whose values this tile widens from the start; returns
+ * how many. */
 RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
 rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_t ldp,
                          const int NP, const float *X, ptrdiff_t ldx, ptrdiff_t t0,
                          ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                         const rwkvx_widen_job *job)
+                         const int kind, const rwkvx_widen_job *job)
 {
     const ptrdiff_t n8 = n / 8;
     /* the job's values are widened 32 per step: four rows of n take n / 8 steps */
-    const ptrdiff_t job_steps = job ? (job->count / 32 < n8 ? job->count / 32 : n8) : 0;
+    const ptrdiff_t job_steps = kind ? (job->count / 32 < n8 ? job->count / 32 : n8) : 0;
+    const void *src = kind ? job->src : NULL;
+    float *dst = kind ? job->dst : NULL;
     __m512 c[6][4];
 #pragma GCC unroll 24
     for (int k = 0; k < NP * 4; k++)
         c[k / 4][k % 4] = _mm512_setzero_ps();
     for (ptrdiff_t b = 0; b < n8; b++) {
-        if (b < job_steps)
-            rwkvx_widen32_avx512(job, 32 * b);
+        if (kind && b < job_steps)
+            rwkvx_widen32_avx512(kind, src, dst, 32 * b);
         __m512 v[4];
 #pragma GCC unroll 4
         for (int r = 0; r < 4; r++)
@@ -405,21 +482,19 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
     return 32 * job_steps;
 }
 
-/* Returns how many of job's values it widened (from the start). */
-RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
-                                                    ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
-                                                    ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                                                    const rwkvx_widen_job *job)
+/* The tiles from pair a on, none of them widening. */
+RWKVX_AVX512 static void rwkvx_gemm4_tiles_avx512(const float *w, ptrdiff_t ldw, const float *X,
+                                                 ptrdiff_t ldx, const float *P, ptrdiff_t a,
+                                                 ptrdiff_t n_tok, ptrdiff_t n, float *Y,
+                                                 ptrdiff_t ldy)
 {
     const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
-    ptrdiff_t a = 0, widened = 0;
-    /* the first tile carries the widening job */
-    for (; a + 6 <= n_pairs; a += 6, job = NULL)
-        widened += rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y,
-                                            ldy, job);
+    for (; a + 6 <= n_pairs; a += 6)
+        rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y, ldy, 0,
+                                 NULL);
     const float *p = P + a * ldp;
 #define RWKVX_TILE(NP) \
-    widened += rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, job)
+    rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, 0, NULL)
     switch (n_pairs - a) {
     case 5: RWKVX_TILE(5); break;
     case 4: RWKVX_TILE(4); break;
@@ -429,7 +504,53 @@ RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t l
     default: break;
     }
 #undef RWKVX_TILE
+}
+
+/* The first tile (up to six pairs) widens job, of kind `kind`, then the other tiles follow.
+ * One copy per kind: measured on 8-token uint8 products of 4096 x 1024 (2 threads), one
+ * loop testing the job's kind at every step took 0.41 ms, a loop made for uint8 0.32. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
+rwkvx_gemm4_widening_avx512(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t ldx,
+                            const float *P, ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy,
+                            const int kind, const rwkvx_widen_job *job)
+{
+    const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
+    const ptrdiff_t first = n_pairs < 6 ? n_pairs : 6;
+    ptrdiff_t widened = 0;
+#define RWKVX_TILE(NP) \
+    widened = rwkvx_gemm4_pairs_avx512(w, ldw, P, ldp, NP, X, ldx, 0, n_tok, n, Y, ldy, kind, job)
+    switch (first) {
+    case 6: RWKVX_TILE(6); break;
+    case 5: RWKVX_TILE(5); break;
+    case 4: RWKVX_TILE(4); break;
+    case 3: RWKVX_TILE(3); break;
+    case 2: RWKVX_TILE(2); break;
+    case 1: RWKVX_TILE(1); break;
+    default: break;
+    }
+#undef RWKVX_TILE
+    if (first < n_pairs)
+        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, first, n_tok, n, Y, ldy);
     return widened;
+}
+
+/* Returns how many of job's values it widened (from the start). */
+RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
+                                                    ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
+                                                    ptrdiff_t n, float *Y, ptrdiff_t ldy,
+                                                    const rwkvx_widen_job *job)
+{
+    switch (job ? job->kind : 0) {
+    case RWKVX_WIDEN_BF16:
+        return rwkvx_gemm4_widening_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, RWKVX_WIDEN_BF16, job);
+    case RWKVX_WIDEN_F16:
+        return rwkvx_gemm4_widening_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, RWKVX_WIDEN_F16, job);
+    case RWKVX_WIDEN_U8:
+        return rwkvx_gemm4_widening_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, RWKVX_WIDEN_U8, job);
+    default:
+        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, 0, n_tok, n, Y, ldy);
+        return 0;
+    }
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
@@ -504,6 +625,18 @@ RWKVX_DISPATCH_DOTS(f32, float)
 RWKVX_DISPATCH_DOTS(bf16, uint16_t)
 RWKVX_DISPATCH_DOTS(f16, uint16_t)
 RWKVX_DISPATCH_DOTS(u8, uint8_t)
+
+static inline void rwkvx_prepare_u8(const float *rx, const float *mx, const float *x, float *xr,
+                                    ptrdiff_t n, double *sums)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level) {
+        rwkvx_prepare_u8_avx2(rx, mx, x, xr, n, sums);
+        return;
+    }
+#endif
+    rwkvx_prepare_u8_portable(rx, mx, x, xr, n, sums);
+}
 
 /* Matrix-matrix building blocks: widen a row of stored weights to float32 (exact), and
  * four rows against n_tok tokens (see rwkvx_gemm4_f32_avx2). */
