@@ -20,7 +20,8 @@ cdef struct Matrix:
     const float* my       # (n_rows,)
     const float* ry       # (n_rows,)
 
-# Per-vector sums of the uint8 product (see _prepare_u8)
+# Per-vector sums of the uint8 product (see _prepare_u8); the layout of rwkvx_u8_sums in
+# _simd.h, which the kernels are given
 cdef struct U8Sums:
     float half_xr
     float x

@@ -38,9 +38,17 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_widen_rest(const rwkvx_widen_job* job, Py_ssize_t start)
     void rwkvx_pack_pair(const float* X, Py_ssize_t ldx, Py_ssize_t n_tok, Py_ssize_t p,
                          Py_ssize_t n, float* P)
+    ctypedef struct rwkvx_u8_sums:
+        pass
+    ctypedef struct rwkvx_u8_affine:
+        const float* ry
+        const float* my
+        const rwkvx_u8_sums* sums
+    void rwkvx_u8_finish(float* y, const float* ry, const float* my, const rwkvx_u8_sums* s,
+                         Py_ssize_t count)
     void rwkvx_gemm4_f32(const float* w, Py_ssize_t ldw, const float* X, Py_ssize_t ldx,
                          const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy,
-                         const rwkvx_widen_job* job)
+                         const rwkvx_widen_job* job, const rwkvx_u8_affine* u8)
 
 rwkvx_detect_simd()
 
@@ -123,8 +131,7 @@ cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums
         for r in range(i, end):
             out[r] = _dot1(m, r, x)
     if m.kind == MATRIX_U8:
-        for r in range(i, end):
-            out[r] = m.ry[r] * (out[r] + sums.half_xr) + m.my[r] * sums.x + sums.mx
+        rwkvx_u8_finish(out + i, m.ry + i, m.my + i, <const rwkvx_u8_sums*>sums, end - i)
 
 
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
@@ -203,6 +210,13 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
     cdef float* widened
     cdef rwkvx_widen_job job
     cdef rwkvx_widen_job* next_job = NULL
+    cdef rwkvx_u8_affine u8
+    cdef rwkvx_u8_affine* finish = NULL
+    if m.kind == MATRIX_U8:
+        u8.ry = m.ry + i
+        u8.my = m.my + i
+        u8.sums = <const rwkvx_u8_sums*>sums
+        finish = &u8
     if end <= m.n_rows:
         if m.kind == MATRIX_F32:
             w = m.f32 + i * n
@@ -218,17 +232,14 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
                 job = _widen_job(m, end, wbuf + ((block + 1) % 2) * 4 * n)
                 next_job = &job
                 ahead[0] = block + 1
-        rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo, next_job)
+        rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo, next_job, finish)
     else:
         end = m.n_rows
-        for r in range(i, end):
-            for t in range(n_tok):
-                out[t * ldo + r] = _dot1(m, r, X + t * n)
-    if m.kind == MATRIX_U8:
         for t in range(n_tok):
             for r in range(i, end):
-                out[t * ldo + r] = (m.ry[r] * (out[t * ldo + r] + sums[t].half_xr)
-                                    + m.my[r] * sums[t].x + sums[t].mx)
+                out[t * ldo + r] = _dot1(m, r, X + t * n)
+            if finish != NULL:
+                rwkvx_u8_finish(out + t * ldo + i, u8.ry, u8.my, u8.sums + t, end - i)
 
 
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,

@@ -133,17 +133,18 @@ def test_matmul_raises_on_shape_mismatch(rng):
 def test_instruction_sets_agree(rng):
     if len(LEVELS) == 1:
         pytest.skip("no vector instruction set on this CPU")
+    # every storage kind: uint8 also has its own input sums per level (rwkvx_prepare_u8)
     w, x = _data(rng, 300, 1023)
-    lin = _matvec.Linear.f32(w)
-    results = []
-    try:
-        for level in LEVELS:
-            _matvec.set_simd_level(level)
-            results.append(lin(x))
-    finally:
-        _matvec.set_simd_level(DEFAULT_LEVEL)
-    for r in results[1:]:
-        np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-6)
+    for lin in _all_kinds(w):
+        results = []
+        try:
+            for level in LEVELS:
+                _matvec.set_simd_level(level)
+                results.append(lin(x))
+        finally:
+            _matvec.set_simd_level(DEFAULT_LEVEL)
+        for r in results[1:]:
+            np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-5, err_msg=lin.dtype)
 
 
 @pytest.mark.parametrize("n_cols", [8, 15, 16, 24, 31, 33, 100, 1023])
