@@ -29,8 +29,10 @@ child times, per candidate (rotating), each measurement after a pause and one un
 Bandwidth: numpy sgemv (W @ x) on a float32 matrix of --bandwidth-mib (default 1 GiB, over
 twice the 480 MB L3 reported here) and a sum of the same array split across the thread
 count's Python threads (numpy releases the GIL), each 3 passes per round; "measured
-bandwidth" is the larger of the two medians.
-tg GB/s = weight bytes read per token / median time per token.
+bandwidth" is the larger of the two medians, "best" the fastest single round of either.
+tg GB/s = weight bytes read per token / median time per token. The bandwidth target is
+checked twice: median tg GB/s against measured bandwidth, and the fastest tg round against
+the best bandwidth round; a round disturbed by another tenant moves the first, not both.
 
 Output: a markdown table (median, [min-max] over rounds), the issue's target ratios, then
 one JSON line per row and per bandwidth measurement. Progress goes to stderr. Speed is
@@ -497,6 +499,7 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
         bw[f"{kind}_gb_s"], bw[f"{kind}_gb_s_min"], bw[f"{kind}_gb_s_max"] = _median_min_max(values)
         bw[f"{kind}_gb_s_runs"] = [round(v, 3) for v in values]
     bw["measured_gb_s"] = max(bw["sgemv_gb_s"], bw["sum_gb_s"])
+    bw["best_gb_s"] = max(bw["sgemv_gb_s_max"], bw["sum_gb_s_max"])
 
     rows = []
     for dtype, child in results["models"].items():
@@ -523,6 +526,7 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
                 "batch_vs_tg": (args.batch / batch_med) / (1 / tg_med),
                 "bytes_per_token": bpt, "weight_nbytes": child.ready["nbytes"],
                 "tg_gb_s": gb_s, "bandwidth_fraction": gb_s / bw["measured_gb_s"],
+                "bandwidth_fraction_best": bpt / min(tg_s) / 1e9 / bw["best_gb_s"],
                 "peak_rss_mb": child.done["peak_rss_mb"], "rss_mb": child.done["rss_mb"],
                 "rss_shared_with": "rwkvx float32" if name == "numpy" and "rwkvx" in child.spec["candidates"] else None,
                 "load_s": child.ready["load_s"],
@@ -566,12 +570,17 @@ def target_lines(rows: list[dict], bw: dict, args, shape_name: str | None) -> li
     """The issue's targets as ratio lines, for one thread count."""
     rwkvx = {r["dtype"]: r for r in rows if r["candidate"] == "rwkvx"}
     numpy_row = next((r for r in rows if r["candidate"] == "numpy"), None)
-    lines = [f"threads={bw['threads']}, measured bandwidth {bw['measured_gb_s']:.2f} GB/s:"]
+    lines = [f"threads={bw['threads']}, measured bandwidth {bw['measured_gb_s']:.2f} GB/s (best round "
+             f"{bw['best_gb_s']:.2f}):"]
     for dtype in ("float32", "bfloat16", "float16"):
         if dtype in rwkvx:
-            frac = rwkvx[dtype]["bandwidth_fraction"]
-            lines.append(_target(f"{dtype} tg reads weights at", f"{100 * frac:.0f}% of measured bandwidth",
-                                 f"≥ {100 * TARGET_BW_FRACTION:.0f}%", frac >= TARGET_BW_FRACTION))
+            # met only if it holds both ways: median against median, and the fastest decode
+            # round against the fastest bandwidth round (a disturbed bandwidth round lowers
+            # the median and would flatter every ratio)
+            frac, best = rwkvx[dtype]["bandwidth_fraction"], rwkvx[dtype]["bandwidth_fraction_best"]
+            lines.append(_target(f"{dtype} tg reads weights at",
+                                 f"{100 * frac:.0f}% of measured bandwidth, best vs best {100 * best:.0f}%",
+                                 f"≥ {100 * TARGET_BW_FRACTION:.0f}% both", min(frac, best) >= TARGET_BW_FRACTION))
     if "uint8" in rwkvx:
         lines.append(f"- uint8 tg reads weights at {100 * rwkvx['uint8']['bandwidth_fraction']:.0f}% of measured "
                      f"bandwidth (info: its target is the time ratio below)")
