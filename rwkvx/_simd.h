@@ -452,7 +452,7 @@ RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
 rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_t ldp,
                          const int NP, const float *X, ptrdiff_t ldx, ptrdiff_t t0,
                          ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                         const int kind, const rwkvx_widen_job *job, const rwkvx_u8_affine *u8)
+                         const int kind, const rwkvx_widen_job *job)
 {
     const ptrdiff_t n8 = n / 8;
     /* the job's values are widened 32 per step: four rows of n take n / 8 steps */
@@ -498,41 +498,43 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
                 y[2] += w[2 * ldw + k] * x[k];
                 y[3] += w[3 * ldw + k] * x[k];
             }
-            if (u8) {
-                /* rwkvx_u8_finish on four lanes: the same operations, lane by lane */
-                const rwkvx_u8_sums *st = u8->sums + t;
-                __m128 v = _mm_add_ps(_mm_loadu_ps(y), _mm_set1_ps(st->half_xr));
-                v = _mm_add_ps(_mm_mul_ps(_mm_loadu_ps(u8->ry), v),
-                               _mm_mul_ps(_mm_loadu_ps(u8->my), _mm_set1_ps(st->x)));
-                _mm_storeu_ps(y, _mm_add_ps(v, _mm_set1_ps(st->mx)));
-            }
         }
     }
     return 32 * job_steps;
+}
+
+/* One tile of np pairs (1 to 6) from pair a, widening job if kind is not 0; returns how many
+ * of its values it widened. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
+rwkvx_gemm4_tile_avx512(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t ldx,
+                        const float *P, ptrdiff_t a, ptrdiff_t np, ptrdiff_t n_tok, ptrdiff_t n,
+                        float *Y, ptrdiff_t ldy, const int kind, const rwkvx_widen_job *job)
+{
+    const ptrdiff_t ldp = rwkvx_pack_stride(n);
+    const float *p = P + a * ldp;
+#define RWKVX_TILE(NP) \
+    return rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, kind, job)
+    switch (np) {
+    case 6: RWKVX_TILE(6);
+    case 5: RWKVX_TILE(5);
+    case 4: RWKVX_TILE(4);
+    case 3: RWKVX_TILE(3);
+    case 2: RWKVX_TILE(2);
+    default: RWKVX_TILE(1);
+    }
+#undef RWKVX_TILE
 }
 
 /* The tiles from pair a on, none of them widening. */
 RWKVX_AVX512 static void rwkvx_gemm4_tiles_avx512(const float *w, ptrdiff_t ldw, const float *X,
                                                  ptrdiff_t ldx, const float *P, ptrdiff_t a,
                                                  ptrdiff_t n_tok, ptrdiff_t n, float *Y,
-                                                 ptrdiff_t ldy, const rwkvx_u8_affine *u8)
+                                                 ptrdiff_t ldy)
 {
-    const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
-    for (; a + 6 <= n_pairs; a += 6)
-        rwkvx_gemm4_pairs_avx512(w, ldw, P + a * ldp, ldp, 6, X, ldx, 2 * a, n_tok, n, Y, ldy, 0,
-                                 NULL, u8);
-    const float *p = P + a * ldp;
-#define RWKVX_TILE(NP) \
-    rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, 0, NULL, u8)
-    switch (n_pairs - a) {
-    case 5: RWKVX_TILE(5); break;
-    case 4: RWKVX_TILE(4); break;
-    case 3: RWKVX_TILE(3); break;
-    case 2: RWKVX_TILE(2); break;
-    case 1: RWKVX_TILE(1); break;
-    default: break;
-    }
-#undef RWKVX_TILE
+    const ptrdiff_t n_pairs = (n_tok + 1) / 2;
+    for (; a < n_pairs; a += 6)
+        rwkvx_gemm4_tile_avx512(w, ldw, X, ldx, P, a, n_pairs - a < 6 ? n_pairs - a : 6, n_tok,
+                                n, Y, ldy, 0, NULL);
 }
 
 /* The first tile (up to six pairs) widens job, of kind `kind`, then the other tiles follow.
@@ -541,25 +543,13 @@ RWKVX_AVX512 static void rwkvx_gemm4_tiles_avx512(const float *w, ptrdiff_t ldw,
 RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
 rwkvx_gemm4_widening_avx512(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t ldx,
                             const float *P, ptrdiff_t n_tok, ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                            const int kind, const rwkvx_widen_job *job, const rwkvx_u8_affine *u8)
+                            const int kind, const rwkvx_widen_job *job)
 {
-    const ptrdiff_t ldp = rwkvx_pack_stride(n), n_pairs = (n_tok + 1) / 2;
-    const ptrdiff_t first = n_pairs < 6 ? n_pairs : 6;
-    ptrdiff_t widened = 0;
-#define RWKVX_TILE(NP) \
-    widened = rwkvx_gemm4_pairs_avx512(w, ldw, P, ldp, NP, X, ldx, 0, n_tok, n, Y, ldy, kind, job, u8)
-    switch (first) {
-    case 6: RWKVX_TILE(6); break;
-    case 5: RWKVX_TILE(5); break;
-    case 4: RWKVX_TILE(4); break;
-    case 3: RWKVX_TILE(3); break;
-    case 2: RWKVX_TILE(2); break;
-    case 1: RWKVX_TILE(1); break;
-    default: break;
-    }
-#undef RWKVX_TILE
+    const ptrdiff_t n_pairs = (n_tok + 1) / 2, first = n_pairs < 6 ? n_pairs : 6;
+    ptrdiff_t widened = rwkvx_gemm4_tile_avx512(w, ldw, X, ldx, P, 0, first, n_tok, n, Y, ldy,
+                                                kind, job);
     if (first < n_pairs)
-        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, first, n_tok, n, Y, ldy, u8);
+        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, first, n_tok, n, Y, ldy);
     return widened;
 }
 
@@ -567,17 +557,16 @@ rwkvx_gemm4_widening_avx512(const float *w, ptrdiff_t ldw, const float *X, ptrdi
 RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t ldw, const float *X,
                                                     ptrdiff_t ldx, const float *P, ptrdiff_t n_tok,
                                                     ptrdiff_t n, float *Y, ptrdiff_t ldy,
-                                                    const rwkvx_widen_job *job,
-                                                    const rwkvx_u8_affine *u8)
+                                                    const rwkvx_widen_job *job)
 {
 #define RWKVX_WIDENING(KIND) \
-    rwkvx_gemm4_widening_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, KIND, job, u8)
+    rwkvx_gemm4_widening_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, KIND, job)
     switch (job ? job->kind : 0) {
     case RWKVX_WIDEN_BF16: return RWKVX_WIDENING(RWKVX_WIDEN_BF16);
     case RWKVX_WIDEN_F16: return RWKVX_WIDENING(RWKVX_WIDEN_F16);
     case RWKVX_WIDEN_U8: return RWKVX_WIDENING(RWKVX_WIDEN_U8);
     default:
-        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, 0, n_tok, n, Y, ldy, u8);
+        rwkvx_gemm4_tiles_avx512(w, ldw, X, ldx, P, 0, n_tok, n, Y, ldy);
         return 0;
     }
 #undef RWKVX_WIDENING
@@ -727,8 +716,8 @@ static inline void rwkvx_widen_rest(const rwkvx_widen_job *job, ptrdiff_t from)
 
 /* Rows w .. w + 3 ldw against the n_tok rows of X. P: X packed by rwkvx_pack_pair, read
  * only at level 2. job, if not NULL, is also done: at level 2 interleaved with the
- * arithmetic, else after it. u8, if not NULL, finishes the rows as uint8 products (at
- * level 2 while the results are still in registers). Measured on the 430M shape, 2
+ * arithmetic, else after it. u8, if not NULL, finishes the rows as uint8 products
+ * (rwkvx_u8_finish, the one definition every path uses). Measured on the 430M shape, 2
  * threads, 8-token bfloat16 products: widening each block before multiplying it 0.49-0.52
  * ms per 4096 x 1024 matrix, widening the next one in between the multiply-adds 0.41-0.43
  * (float32 0.37). */
@@ -740,8 +729,7 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
     ptrdiff_t widened = 0;
 #if RWKVX_HAVE_X86_DISPATCH
     if (rwkvx_simd_level >= 2) {
-        widened = rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, job, u8);
-        u8 = NULL;
+        widened = rwkvx_gemm4_f32_avx512(w, ldw, X, ldx, P, n_tok, n, Y, ldy, job);
     } else if (rwkvx_simd_level) {
         rwkvx_gemm4_f32_avx2(w, ldw, X, ldx, n_tok, n, Y, ldy);
     } else
