@@ -143,6 +143,18 @@ static inline double rwkvx_sum8d(const double *a)
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
+/* Columns from .. n - 1 (past the last whole step of eight), added to sums in order. */
+static inline void rwkvx_prepare_u8_rest(const float *rx, const float *mx, const float *x,
+                                         float *xr, ptrdiff_t from, ptrdiff_t n, double *sums)
+{
+    for (ptrdiff_t j = from; j < n; j++) {
+        xr[j] = rx[j] * x[j];
+        sums[0] += xr[j];
+        sums[1] += x[j];
+        sums[2] += (double)mx[j] * x[j];
+    }
+}
+
 static inline void rwkvx_prepare_u8_portable(const float *rx, const float *mx, const float *x,
                                              float *xr, ptrdiff_t n, double *sums)
 {
@@ -158,12 +170,7 @@ static inline void rwkvx_prepare_u8_portable(const float *rx, const float *mx, c
     sums[0] = rwkvx_sum8d(s_xr);
     sums[1] = rwkvx_sum8d(s_x);
     sums[2] = rwkvx_sum8d(s_mx);
-    for (; j < n; j++) {
-        xr[j] = rx[j] * x[j];
-        sums[0] += xr[j];
-        sums[1] += x[j];
-        sums[2] += (double)mx[j] * x[j];
-    }
+    rwkvx_prepare_u8_rest(rx, mx, x, xr, j, n, sums);
 }
 
 /* ---- AVX2 + FMA loops --------------------------------------------------------------- */
@@ -311,12 +318,7 @@ RWKVX_AVX2 static void rwkvx_prepare_u8_avx2(const float *rx, const float *mx, c
     _mm256_storeu_pd(a, mx_lo);
     _mm256_storeu_pd(a + 4, mx_hi);
     sums[2] = rwkvx_sum8d(a);
-    for (; j < n; j++) {
-        xr[j] = rx[j] * x[j];
-        sums[0] += xr[j];
-        sums[1] += x[j];
-        sums[2] += (double)mx[j] * x[j];
-    }
+    rwkvx_prepare_u8_rest(rx, mx, x, xr, j, n, sums);
 }
 
 /* Y[t, r] = dot(w + r * ldw, X + t * ldx) for four rows r and n_tok tokens t: the
