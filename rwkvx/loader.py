@@ -16,11 +16,14 @@ tensors of a bfloat16 run, every tensor of a converted file loaded in its dtype)
 embedding, the model's arrays are read-only views of the mapping: no copy is made and the
 OS pages weights in as they are first read. Every other tensor is read privately and
 converted on its own, so a load holds the weights it keeps plus one tensor in float32.
+Mappings and the block that converted matrices are moved into ask for 2 MB pages
+(hugepages), which decoding reads faster.
 
 Checkpoint key strings (BlinkDL's names) appear only here and in the format readers.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import numpy as np
 
 from rwkvx import demo, ggml, hf, pth
 from rwkvx.errors import RwkvxError
+from rwkvx.hugepages import Arena
 from rwkvx.quant import quantize_u8
 from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
 from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, RUN_STORED, MappedFile, Progress, QuantizedTensor,
@@ -239,7 +243,7 @@ def _vector(source: TensorSource, key: str, tensor, n_embd: int) -> np.ndarray:
     return v
 
 
-def _matrix(source: TensorSource, key: str, tensor, dtype: str):
+def _matrix(source: TensorSource, key: str, tensor, dtype: str, keep):
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
             # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are
@@ -254,24 +258,39 @@ def _matrix(source: TensorSource, key: str, tensor, dtype: str):
     # a private float32 copy, converted on its own: one float tensor at a time
     w = tensor.float32()
     if dtype == "uint8":
-        return quantize_u8(w, overwrite=True)
+        m = quantize_u8(w, overwrite=True)
+        return dataclasses.replace(m, q=keep(m.q))
     if dtype == "bfloat16":
-        return to_bfloat16(w)
+        return keep(to_bfloat16(w))
     if dtype == "float16":
         biggest = float(max(w.max(), -w.min())) if w.size else 0.0
         if biggest > _FLOAT16_MAX:
             raise fail(source.path, f"{key}: a weight of magnitude {biggest:g} does not fit "
                                     f"float16 (max {_FLOAT16_MAX:g}); use bfloat16 or float32")
-        return w.astype(np.float16)
-    return w
+        return keep(w.astype(np.float16))
+    return keep(w)
 
 
-def iter_weights(source: TensorSource, the_plan: Plan, dtype: str) -> Iterator[tuple[str, str, int, str, object, int]]:
+def _converted_nbytes(source: TensorSource, the_plan: Plan, dtype: str) -> int:
+    """Bytes of the matrices _matrix converts (rather than maps) for `dtype`."""
+    itemsize = 1 if dtype == "uint8" else _RUN_ITEMSIZE[dtype]
+    total = 0
+    for key, kind, _, _ in the_plan.entries():
+        tensor = source.tensors[key]
+        if kind == "matrix" and not isinstance(tensor, QuantizedTensor) and tensor.dtype != RUN_STORED.get(dtype):
+            total += Arena.arena_nbytes(tensor.size * itemsize)
+    return total
+
+
+def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Optional[Arena] = None,
+                 ) -> Iterator[tuple[str, str, int, str, object, int]]:
     """Convert tensor by tensor: yields (key, kind, layer, rwkvx name, value, stored bytes).
 
     value is what ModelWeights keeps: a float32 vector, the embedding as stored, or a matrix
-    in `dtype` (a QuantizedMatrix for uint8). Transforms are applied.
+    in `dtype` (a QuantizedMatrix for uint8). Transforms are applied. Converted matrices
+    are moved into `arena` when one is given.
     """
+    keep = arena.keep if arena is not None else (lambda a: a)
     for key, kind, layer, name in the_plan.entries():
         tensor = source.tensors[key]
         if kind == "emb":
@@ -279,7 +298,7 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str) -> Iterator[t
         elif kind == "vector":
             value = _vector(source, key, tensor, the_plan.n_embd)
         else:
-            value = _matrix(source, key, tensor, dtype)
+            value = _matrix(source, key, tensor, dtype, keep)
         yield key, kind, layer, name, value, tensor.nbytes
         # the caller holds what it keeps: don't pin this tensor while the next is converted
         del value
@@ -305,8 +324,10 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
     bar = Progress(f"loading {os.path.basename(os.path.normpath(source.path))}", total, enabled=progress)
     top: dict[str, object] = {}
     blocks: list[dict] = [{} for _ in range(the_plan.n_layer)]
+    # converted matrices go to one block in 2 MB pages, as a mapped file's are (hugepages)
+    arena = Arena(_converted_nbytes(source, the_plan, dtype))
     try:
-        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype):
+        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype, arena):
             (blocks[layer] if layer >= 0 else top)[name] = value
             bar.advance(nbytes)
     finally:

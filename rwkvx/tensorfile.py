@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from rwkvx.errors import CheckpointError
+from rwkvx.hugepages import ask_for_huge_pages
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.weights import widen
 
@@ -79,6 +80,7 @@ class MappedFile:
             self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise fail(self.path, f"cannot map: {e.strerror or e}") from None
+        ask_for_huge_pages(self.map)
 
     def head(self, n: int) -> bytes:
         return bytes(self.map[:n])

@@ -1,0 +1,65 @@
+"""2 MB pages for weights: the arena converted matrices live in, and the advice on mappings."""
+import mmap
+import sys
+
+import numpy as np
+import pytest
+
+from rwkvx.hugepages import HUGE_PAGE, Arena, ask_for_huge_pages, drop_from_page_cache
+from rwkvx.loader import load_weights
+from rwkvx.quant import QuantizedMatrix
+from rwkvx.testing import random_tensors, write_safetensors
+
+
+def test_arena_copies_arrays_aligned_and_falls_back_when_full():
+    arena = Arena(1000)
+    a = np.arange(10, dtype=np.float32).reshape(2, 5)
+    kept = arena.keep(a)
+    assert kept is not a and kept.dtype == a.dtype and kept.shape == a.shape
+    np.testing.assert_array_equal(kept, a)
+    # the first array starts on a 2 MB boundary, the next on a cache line
+    assert kept.ctypes.data % HUGE_PAGE == 0
+    b = arena.keep(np.ones(3, dtype=np.uint16))
+    assert b.ctypes.data % 64 == 0 and b.ctypes.data > kept.ctypes.data
+    a[:] = -1  # a copy, not a view of the original
+    assert kept[0, 0] == 0
+    too_big = np.zeros(1000, dtype=np.uint8)
+    assert arena.keep(too_big) is too_big
+    empty = Arena(0)
+    assert empty.keep(a) is a
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+def test_converted_matrices_share_one_block(tmp_path, dtype):
+    tensors = random_tensors(2, 32, 50)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, tensors, dtype="bfloat16")
+    w = load_weights(path, dtype=dtype)
+    matrices = [w.head] + [b[n] for b in w.blocks for n in ("att_key", "ffn_value")]
+    arrays = [m.q if isinstance(m, QuantizedMatrix) else m for m in matrices]
+    bases = set()
+    for a in arrays:
+        assert not a.flags.owndata and a.ctypes.data % 64 == 0
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        bases.add(id(base))
+    assert len(bases) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_mapped_files_are_advised_huge_pages(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * (4 << 20))
+    drop_from_page_cache(path)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    ask_for_huge_pages(mapping)
+    start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
+    flags = next(line for line in lines[header:] if line.startswith("VmFlags:"))
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE")
+    assert " hg" in flags
