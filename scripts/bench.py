@@ -101,6 +101,17 @@ def _rss_mb() -> tuple[float, float]:
     return round(peak_mb, 1), round(current_mb, 1)
 
 
+def _huge_page_mb() -> float | None:
+    """Resident memory of this process in 2 MB pages (anonymous and file-backed), in MB."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return None
+    kib = sum(int(fields.get(k, "0 kB").split()[0]) for k in ("AnonHugePages", "FilePmdMapped"))
+    return round(kib * 1024 / 1e6, 1)
+
+
 def _serve(rounds) -> None:
     """Answer the parent: 'round R' runs rounds(R) and sends its result; 'exit' sends the RSS and returns."""
     for line in sys.stdin:
@@ -114,11 +125,14 @@ def _serve(rounds) -> None:
 
 
 def _child_write(spec: dict) -> None:
+    from rwkvx.hugepages import drop_from_page_cache
     from rwkvx.testing import random_tensors, write_safetensors
 
     n_layer, n_embd, n_vocab = spec["shape"]
     tensors = random_tensors(n_layer, n_embd, n_vocab, seed=spec["seed"])
     write_safetensors(spec["path"], tensors, dtype="bfloat16")
+    # loaded as a downloaded checkpoint would be after a reboot: read from disk into huge pages
+    drop_from_page_cache(spec["path"])
     _send({"event": "written", "path": spec["path"]})
 
 
@@ -302,6 +316,7 @@ def _child_model(spec: dict) -> None:
         c.warm_up()
     sanity = _sanity(model, baseline, ids) if baseline is not None else {}
     peak, current = _rss_mb()
+    huge_mb = _huge_page_mb()
 
     def rounds(r: int) -> dict:
         gc.collect()
@@ -313,6 +328,7 @@ def _child_model(spec: dict) -> None:
             gc.enable()
 
     _send({"event": "ready", "load_s": round(load_s, 3), "rss_after_load_mb": current, "peak_rss_load_mb": peak,
+           "huge_page_mb": huge_mb,
            "n_layer": model.n_layer, "n_embd": model.n_embd, "n_vocab": n_vocab, "n_ffn": model.weights.n_ffn,
            "n_threads": model.n_threads, "chunk_size": model.chunk_size, "nbytes": model.nbytes,
            "bytes_per_token": model.bytes_per_token, "rwkvx": rwkvx.__version__, "openmp": openmp_enabled(),
@@ -530,6 +546,7 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
                 "peak_rss_mb": child.done["peak_rss_mb"], "rss_mb": child.done["rss_mb"],
                 "rss_shared_with": "rwkvx float32" if name == "numpy" and "rwkvx" in child.spec["candidates"] else None,
                 "load_s": child.ready["load_s"],
+                "huge_page_mb": child.ready["huge_page_mb"],
                 "pp_s_runs": [round(v, 5) for v in pp_s],
                 "tg_ms_per_token_runs": [round(v * 1e3, 4) for v in tg_s],
                 "batch_s_per_step_runs": [round(v, 5) for v in batch_s],
@@ -641,6 +658,12 @@ def report(args, source: str, shape_name: str | None, schedule: str, schedule_no
     if any(r["rss_shared_with"] for r in all_rows):
         print()
         print("† the numpy baseline runs in the rwkvx float32 process on the same weight arrays: one RSS for both")
+    huge = [f"{r['dtype']} {r['huge_page_mb']:.0f} of {r['weight_nbytes'] / 1e6:.0f} MB" for r in all_rows
+            if r["candidate"] == "rwkvx" and r["huge_page_mb"] is not None]
+    if huge:
+        print()
+        print(f"resident in 2 MB pages after load (weights of 4 KB pages cost a TLB miss per page read): "
+              f"{', '.join(huge)}")
     cached = sorted({r["dtype"] for r in all_rows if l3 is not None and r["bytes_per_token"] < l3})
     if cached:
         print(f"note: {', '.join(cached)} read less than the reported L3 ({l3 / 2**20:.0f} MiB) per token, so decode "
