@@ -66,7 +66,10 @@ class BuildExt(build_ext):
         # -O3 for the vector loops; never -ffast-math: the WKV max trick relies on infinities.
         # No contraction of a * b + c into FMAs at the compiler's whim: a bf16 matrix and its
         # float32 twin must be summed by exactly the same operations (_simd.h).
-        compile_args = ["/O2"] if msvc else ["-O3", "-ffp-contract=off"]
+        # -fno-trapping-math: floating-point exceptions are never enabled here, and without
+        # it GCC keeps the comparisons of the exponential's loops as branches, so they do
+        # not vectorise (_elementwise.h); no result changes.
+        compile_args = ["/O2"] if msvc else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
         link_args = []
         openmp = self._openmp_flags(msvc)
         if openmp:

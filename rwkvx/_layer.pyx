@@ -9,8 +9,10 @@ recurrence (over channels) are worth running in parallel too.
 State rows per layer, as in ChatRWKV's state[5*i+k]: FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP.
 """
 from cython.parallel import prange
-from libc.math cimport expf, sqrt
+from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
+
+import numpy as np
 
 from rwkvx._matvec cimport (Linear, Matrix, MatvecJob, U8Sums, _matmul, _matvec, _matvec_jobs,
                             wbuf_floats, xpack_floats)
@@ -30,29 +32,12 @@ cdef double LAYER_NORM_EPS = 1e-5
 from rwkvx.weights import MATRIX_NAMES as LINEAR_NAMES, VECTOR_NAMES
 
 
-cdef inline float _sigmoid(float x) noexcept nogil:
-    return 1.0 / (1.0 + expf(-x))
-
-
-cdef extern from *:
-    """
-    /* x = max(x, 0)^2, without a branch: the sign of a projection is random, and a branch
-     * on it (which compilers emit for x > 0 ? x : 0) was mispredicted half the time --
-     * measured at 4% of an 8-sequence uint8 batch step, in that loop alone. Clearing
-     * every value whose sign bit is set is integer work that vectorises. */
-    static inline void rwkvx_relu_square(float *x, Py_ssize_t n)
-    {
-        for (Py_ssize_t j = 0; j < n; j++) {
-            uint32_t bits;
-            memcpy(&bits, x + j, sizeof bits);
-            bits &= ~(uint32_t)((int32_t)bits >> 31);
-            float y;
-            memcpy(&y, &bits, sizeof y);
-            x[j] = y * y;
-        }
-    }
-    """
-    void rwkvx_relu_square(float* x, Py_ssize_t n) noexcept nogil
+cdef extern from "_elementwise.h" nogil:
+    void rwkvx_wkv(Py_ssize_t n, const float* k, const float* v, const float* r, const float* first,
+                   const float* decay, float* aa, float* bb, float* pp, float* out)
+    void rwkvx_add_gated(Py_ssize_t n, float* x, const float* r, const float* y)
+    void rwkvx_relu_square(float* x, Py_ssize_t n)
+    float rwkvx_expf(float x)
 
 
 cdef void _layer_norm(float* out, const float* x, const float* w, const float* b,
@@ -81,25 +66,6 @@ cdef inline void _token_shift(float* out, const float* xx, const float* sx, cons
         out[j] = xx[j] * mix[j] + sx[j] * (1.0 - mix[j])
 
 
-cdef inline float _wkv_step(float k, float v, float first, float decay, float* aa, float* bb,
-                           float* pp) noexcept nogil:
-    # wkv = (e^pp aa + e^(u+k) v) / (e^pp bb + e^(u+k)), scaled by e^-max to stay finite;
-    # then decay the state by e^w (w = -exp(time_decay)) and add this token
-    cdef float ww = first + k
-    cdef float p = pp[0] if pp[0] > ww else ww
-    cdef float e1 = expf(pp[0] - p)
-    cdef float e2 = expf(ww - p)
-    cdef float wkv = (e1 * aa[0] + e2 * v) / (e1 * bb[0] + e2)
-    ww = pp[0] + decay
-    p = ww if ww > k else k
-    e1 = expf(ww - p)
-    e2 = expf(k - p)
-    aa[0] = e1 * aa[0] + e2 * v
-    bb[0] = e1 * bb[0] + e2
-    pp[0] = p
-    return wkv
-
-
 cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const float* states,
                             Py_ssize_t xx_row, const Py_ssize_t* starts, Py_ssize_t n_seq,
                             float* out1, const float* mix1, float* out2, const float* mix2,
@@ -116,19 +82,18 @@ cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const f
         _token_shift(out3 + t * n, xx + t * n, prev, mix3, n)
 
 
-cdef inline void _wkv_rows(const float* k, const float* v, const float* r, float* rwkv, const float* first, const float* decay, float* states,
-                           const Py_ssize_t* starts, Py_ssize_t n_seq, Py_ssize_t n,
-                           Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+cdef inline void _wkv_rows(const float* k, const float* v, const float* r, float* rwkv, const float* first,
+                           const float* decay, float* states, const Py_ssize_t* starts, Py_ssize_t n_seq,
+                           Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
     # rwkv[t, j] = sigmoid(r[t, j]) * wkv for channels j0..j1-1 of every row, in token order
-    cdef Py_ssize_t b, t, j
+    cdef Py_ssize_t b, t, o
     cdef float* s
     for b in range(n_seq):
-        s = states + b * 5 * n
+        s = states + b * 5 * n + j0
         for t in range(starts[b], starts[b + 1]):
-            for j in range(j0, j1):
-                rwkv[t * n + j] = _sigmoid(r[t * n + j]) * _wkv_step(
-                    k[t * n + j], v[t * n + j], first[j], decay[j],
-                    s + ATT_AA * n + j, s + ATT_BB * n + j, s + ATT_PP * n + j)
+            o = t * n + j0
+            rwkvx_wkv(j1 - j0, k + o, v + o, r + o, first + j0, decay + j0, s + ATT_AA * n,
+                      s + ATT_BB * n, s + ATT_PP * n, rwkv + o)
 
 
 cdef class Workspace:
@@ -391,11 +356,11 @@ cdef class Block:
                 ws.wbuf, n_threads)
         _matmul(ws.r, n, &self.att_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
                 ws.wbuf, n_threads)
-        # the recurrence: token by token within a sequence, channels independent; 16
-        # channels (one cache line of each row) per task, so each token's row is read once
-        for block in prange((n + 15) // 16, schedule="static", num_threads=n_threads):
-            _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, starts, n_seq, n, block * 16,
-                      min(block * 16 + 16, n))
+        # the recurrence: token by token within a sequence, channels independent; 64
+        # channels (four cache lines of each row, whole vectors) per task
+        for block in prange((n + 63) // 64, schedule="static", num_threads=n_threads):
+            _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, starts, n_seq, n, block * 64,
+                      min(block * 64 + 64, n))
         # X += (R * WKV) ow^T
         _matmul(ws.out, n, &self.att_output, ws.rwkv, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
                 ws.wbuf, n_threads)
@@ -416,8 +381,8 @@ cdef class Block:
             rwkvx_relu_square(ws.kf + t * self.n_ffn, self.n_ffn)
         _matmul(ws.out, n, &self.ffn_value, ws.kf, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
                 ws.wbuf, n_threads)
-        for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
-            X[t] += _sigmoid(ws.r[t]) * ws.out[t]
+        for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            rwkvx_add_gated(n, X + t * n, ws.r + t * n, ws.out + t * n)
 
     cdef void _time_mixing(self, float* x, float* state, Workspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t j, n = self.n_embd
@@ -425,7 +390,6 @@ cdef class Block:
         cdef float* aa = state + ATT_AA * n
         cdef float* bb = state + ATT_BB * n
         cdef float* pp = state + ATT_PP * n
-        cdef float wkv
         _layer_norm(ws.xx, x, self.ln1_w, self.ln1_b, n)
         _token_shift(ws.xk, ws.xx, sx, self.att_mix_k, n)
         _token_shift(ws.xv, ws.xx, sx, self.att_mix_v, n)
@@ -438,9 +402,7 @@ cdef class Block:
         jobs[1] = MatvecJob(ws.v, &self.att_value, ws.xv)
         jobs[2] = MatvecJob(ws.r, &self.att_receptance, ws.xr)
         _matvec_jobs(jobs, 3, ws.scratch, n_threads)
-        for j in range(n):
-            wkv = _wkv_step(ws.k[j], ws.v[j], self.att_first[j], self.att_decay[j], aa + j, bb + j, pp + j)
-            ws.rwkv[j] = _sigmoid(ws.r[j]) * wkv
+        rwkvx_wkv(n, ws.k, ws.v, ws.r, self.att_first, self.att_decay, aa, bb, pp, ws.rwkv)
         # x += ow @ (r * wkv)
         _matvec(ws.out, &self.att_output, ws.rwkv, ws.scratch, n_threads)
         for j in range(n):
@@ -461,8 +423,7 @@ cdef class Block:
         _matvec_jobs(jobs, 2, ws.scratch, n_threads)
         rwkvx_relu_square(ws.kf, self.n_ffn)
         _matvec(ws.out, &self.ffn_value, ws.kf, ws.scratch, n_threads)
-        for j in range(n):
-            x[j] += _sigmoid(ws.r[j]) * ws.out[j]
+        rwkvx_add_gated(n, x, ws.r, ws.out)
 
 
 def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[::1] bias,
@@ -488,3 +449,13 @@ def layer_norm(const float[::1] x, const float[::1] weight, const float[::1] bia
                          f"weight ({weight.shape[0]},), bias ({bias.shape[0]},), out ({out.shape[0]},)")
     with nogil:
         _layer_norm(&out[0], &x[0], &weight[0], &bias[0], n)
+
+
+def exp_f32(const float[::1] x):
+    """e^x as the layer kernels compute it (_elementwise.h), for checking against float64."""
+    out = np.empty(x.shape[0], dtype=np.float32)
+    cdef float[::1] o = out
+    cdef Py_ssize_t j
+    for j in range(x.shape[0]):
+        o[j] = rwkvx_expf(x[j])
+    return out

@@ -25,6 +25,25 @@ def test_layer_norm_raises_on_length_mismatch(rng):
         _layer.layer_norm(x, x[:4], x, np.empty(5, np.float32))
 
 
+def test_exp_within_two_ulp_of_float64():
+    # every float32 from the smallest normal result to the largest finite one, thinned
+    bits = np.arange(np.float32(-87.33).view(np.int32), np.float32(-1e-30).view(np.int32), 97, dtype=np.int32)
+    x = np.concatenate([bits.view(np.float32), np.linspace(-1, 88.72, 200_001, dtype=np.float32), np.zeros(1, np.float32)])
+    got = _layer.exp_f32(x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - want) / ulp) <= 2.0
+    assert _layer.exp_f32(np.zeros(1, np.float32))[0] == 1.0  # the WKV's e^0 of the larger term
+
+
+def test_exp_edges():
+    x = np.array([-np.inf, -1e30, -88.0, 88.73, 1e30, np.inf, np.nan], dtype=np.float32)
+    got = _layer.exp_f32(x)
+    # below 2^-126 flushes to 0; overflow is infinite; NaN stays NaN
+    np.testing.assert_array_equal(got[:6], [0, 0, 0, np.inf, np.inf, np.inf])
+    assert np.isnan(got[6])
+
+
 @pytest.mark.parametrize("n_embd,n_ffn", [(1, 3), (17, 33), (64, 256)])
 def test_block_against_reference(tmp_path, rng, n_embd, n_ffn):
     weights = load_weights(save_random_model(tmp_path / "m.safetensors", 1, n_embd, 11, n_ffn=n_ffn))
