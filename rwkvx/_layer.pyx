@@ -14,8 +14,8 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from rwkvx._matvec cimport (Linear, Matrix, MatvecJob, U8Sums, _matmul, _matvec, _matvec_jobs,
-                            wbuf_floats, xpack_floats)
+from rwkvx._matvec cimport (Linear, Matrix, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec,
+                            _matvec_jobs, wbuf_floats, xpack_floats)
 from rwkvx.errors import RwkvxError
 
 cdef enum:
@@ -168,10 +168,11 @@ cdef class SeqWorkspace:
     cdef float* rwkv        # (n_max, n_embd) sigmoid(r) * wkv
     cdef float* out         # (n_max, n_embd) output projection
     cdef float* kf          # (n_max, n_ffn) channel-mix hidden
-    cdef float* u8_x        # (n_max, max(n_embd, n_ffn)) rx * x for uint8 products
-    cdef U8Sums* u8_sums    # (n_max,)
+    # per product of a fused group (up to three, the first as wide as the widest input):
+    cdef float* u8_x[3]     # (n_max, n_cols) rx * x for uint8 products
+    cdef U8Sums* u8_sums[3] # (n_max,)
+    cdef float* xpack[3]    # xpack_floats(n_max, n_cols) inputs packed for AVX-512
     cdef float* wbuf        # n_threads * wbuf_floats(max(n_embd, n_ffn)) widened weight rows
-    cdef float* xpack       # xpack_floats(n_max, max(n_embd, n_ffn)) inputs packed for AVX-512
     cdef void* buffer
     cdef readonly Py_ssize_t n_max, n_embd, n_ffn, n_threads
 
@@ -186,9 +187,10 @@ cdef class SeqWorkspace:
         # and a product reads and writes row t of several at once -- falls in a different
         # L1 set. Measured on the 430M shape, 256-token float32 prompt, medians of four
         # interleaved runs: 301 tokens/s with the gaps, 293 without (near the noise).
-        cdef Py_ssize_t floats = (n_max * (9 * n_embd + n_ffn + wide) + n_threads * wbuf_floats(wide) + packed
-                                  + 28 * STAGGER)
-        self.buffer = rwkvx_alloc_huge(floats * sizeof(float) + n_max * sizeof(U8Sums))
+        cdef Py_ssize_t packed_narrow = xpack_floats(n_max, n_embd)
+        cdef Py_ssize_t floats = (n_max * (11 * n_embd + n_ffn + wide) + n_threads * wbuf_floats(wide) + packed
+                                  + 2 * packed_narrow + 34 * STAGGER)
+        self.buffer = rwkvx_alloc_huge(floats * sizeof(float) + 3 * n_max * sizeof(U8Sums))
         if self.buffer == NULL:
             raise MemoryError()
         cdef float* p = <float*>self.buffer
@@ -202,10 +204,21 @@ cdef class SeqWorkspace:
         self.rwkv = _take(&p, n_max * n_embd)
         self.out = _take(&p, n_max * n_embd)
         self.kf = _take(&p, n_max * n_ffn)
-        self.u8_x = _take(&p, n_max * wide)
+        self.u8_x[0] = _take(&p, n_max * wide)
+        self.u8_x[1] = _take(&p, n_max * n_embd)
+        self.u8_x[2] = _take(&p, n_max * n_embd)
         self.wbuf = _take(&p, n_threads * wbuf_floats(wide))
-        self.xpack = _take(&p, packed)
-        self.u8_sums = <U8Sums*>p
+        self.xpack[0] = _take(&p, packed)
+        self.xpack[1] = _take(&p, packed_narrow)
+        self.xpack[2] = _take(&p, packed_narrow)
+        self.u8_sums[0] = <U8Sums*>p
+        self.u8_sums[1] = self.u8_sums[0] + n_max
+        self.u8_sums[2] = self.u8_sums[1] + n_max
+
+    cdef inline MatmulJob job(self, Py_ssize_t slot, float* out, Py_ssize_t ldo, const Matrix* m,
+                              const float* x) noexcept nogil:
+        # a product of a fused group, with slot's scratch (slot 0 for inputs wider than n_embd)
+        return MatmulJob(out, ldo, m, x, self.u8_x[slot], self.u8_sums[slot], self.xpack[slot])
 
     def __dealloc__(self):
         rwkvx_free_huge(self.buffer)
@@ -349,21 +362,20 @@ cdef class Block:
         cdef Py_ssize_t n = self.n_embd, block, t
         self._norm_and_shift(X, n_rows, states, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
                              ws.xk, self.att_mix_k, ws.xv, self.att_mix_v, ws.xr, self.att_mix_r, n_threads)
-        # K = XK kw^T; V = XV vw^T; R = XR rw^T
-        _matmul(ws.k, n, &self.att_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
-        _matmul(ws.v, n, &self.att_value, ws.xv, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
-        _matmul(ws.r, n, &self.att_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
+        # K = XK kw^T; V = XV vw^T; R = XR rw^T, in one parallel loop
+        cdef MatmulJob jobs[3]
+        jobs[0] = ws.job(0, ws.k, n, &self.att_key, ws.xk)
+        jobs[1] = ws.job(1, ws.v, n, &self.att_value, ws.xv)
+        jobs[2] = ws.job(2, ws.r, n, &self.att_receptance, ws.xr)
+        _matmul_jobs(jobs, 3, n_rows, ws.wbuf, n_threads)
         # the recurrence: token by token within a sequence, channels independent; 64
         # channels (four cache lines of each row, whole vectors) per task
         for block in prange((n + 63) // 64, schedule="static", num_threads=n_threads):
             _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, starts, n_seq, n, block * 64,
                       min(block * 64 + 64, n))
         # X += (R * WKV) ow^T
-        _matmul(ws.out, n, &self.att_output, ws.rwkv, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
+        jobs[0] = ws.job(0, ws.out, n, &self.att_output, ws.rwkv)
+        _matmul_jobs(jobs, 1, n_rows, ws.wbuf, n_threads)
         for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
             X[t] += ws.out[t]
 
@@ -372,15 +384,15 @@ cdef class Block:
         cdef Py_ssize_t n = self.n_embd, t
         self._norm_and_shift(X, n_rows, states, FFN_XX, starts, n_seq, self.ln2_w, self.ln2_b, ws.xx,
                              ws.xk, self.ffn_mix_k, ws.xr, self.ffn_mix_r, NULL, NULL, n_threads)
-        # R = XR rw^T; KF = relu(XK kw^T)^2; X += sigmoid(R) * (KF vw^T)
-        _matmul(ws.r, n, &self.ffn_receptance, ws.xr, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
-        _matmul(ws.kf, self.n_ffn, &self.ffn_key, ws.xk, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
+        # R = XR rw^T; KF = relu(XK kw^T)^2 (one parallel loop); X += sigmoid(R) * (KF vw^T)
+        cdef MatmulJob jobs[2]
+        jobs[0] = ws.job(1, ws.r, n, &self.ffn_receptance, ws.xr)
+        jobs[1] = ws.job(2, ws.kf, self.n_ffn, &self.ffn_key, ws.xk)
+        _matmul_jobs(jobs, 2, n_rows, ws.wbuf, n_threads)
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             rwkvx_relu_square(ws.kf + t * self.n_ffn, self.n_ffn)
-        _matmul(ws.out, n, &self.ffn_value, ws.kf, n_rows, ws.u8_x, ws.u8_sums, ws.xpack,
-                ws.wbuf, n_threads)
+        jobs[0] = ws.job(0, ws.out, n, &self.ffn_value, ws.kf)
+        _matmul_jobs(jobs, 1, n_rows, ws.wbuf, n_threads)
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             rwkvx_add_gated(n, X + t * n, ws.r + t * n, ws.out + t * n)
 

@@ -49,6 +49,23 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
                   float* xr, U8Sums* sums, float* xpack, float* wbuf, int n_threads) noexcept nogil
 
+# One product of a fused group of matrix-matrix products: out[t, i] (row stride ldo) =
+# sum_j m[i, j] x[t, j], with that product's own scratch (as _matmul's).
+cdef struct MatmulJob:
+    float* out
+    Py_ssize_t ldo
+    const Matrix* m
+    const float* x
+    float* xr
+    U8Sums* sums
+    float* xpack
+
+# Up to 4 independent matrix-matrix products over the same n_tok tokens, in one parallel
+# loop per step; wbuf: n_threads * wbuf_floats(the widest n_cols). Each result is
+# bit-identical to _matmul's.
+cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbuf,
+                       int n_threads) noexcept nogil
+
 cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols)
 cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil
 

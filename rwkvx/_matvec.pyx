@@ -198,14 +198,14 @@ cdef inline rwkvx_widen_job _widen_job(const Matrix* m, Py_ssize_t i, float* out
 
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
                             const float* xpack, Py_ssize_t n_tok, const U8Sums* sums,
-                            float* wbuf, Py_ssize_t block) noexcept nogil:
+                            float* wbuf, Py_ssize_t* ahead, Py_ssize_t block, Py_ssize_t key) noexcept nogil:
     # out[:, 4*block .. 4*block+3] for every token; the same kernels as _rows, so each
-    # token's result equals the matrix-vector product's. wbuf: this thread's
-    # wbuf_floats(n_cols): two buffers of four widened rows, block b's in buffer b % 2,
-    # then the number of the block whose rows were widened ahead.
+    # token's result equals the matrix-vector product's. wbuf: this thread's two buffers of
+    # four widened rows (8 n_cols floats), the block with key k's in buffer k % 2; ahead:
+    # this thread's key of the block whose rows were widened ahead (keys number a parallel
+    # loop's blocks, so that a thread's next block has the next key).
     cdef Py_ssize_t i = 4 * block, r, t, n = m.n_cols
     cdef Py_ssize_t end = i + 4
-    cdef Py_ssize_t* ahead = <Py_ssize_t*>(wbuf + 8 * n)
     cdef const float* w
     cdef float* widened
     cdef rwkvx_widen_job job
@@ -223,15 +223,15 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         else:
             # widened once, used for every token; the next block is widened while this
             # one is multiplied (a thread's blocks come in order)
-            widened = wbuf + (block % 2) * 4 * n
-            if ahead[0] != block:
+            widened = wbuf + (key % 2) * 4 * n
+            if ahead[0] != key:
                 job = _widen_job(m, i, widened)
                 rwkvx_widen_rest(&job, 0)
             w = widened
             if end + 4 <= m.n_rows:
-                job = _widen_job(m, end, wbuf + ((block + 1) % 2) * 4 * n)
+                job = _widen_job(m, end, wbuf + ((key + 1) % 2) * 4 * n)
                 next_job = &job
-                ahead[0] = block + 1
+                ahead[0] = key + 1
         rwkvx_gemm4_f32(w, n, X, n, xpack, n_tok, n, out + i, ldo, next_job, finish)
     else:
         end = m.n_rows
@@ -244,33 +244,57 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
 
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
                   float* xr, U8Sums* sums, float* xpack, float* wbuf, int n_threads) noexcept nogil:
-    cdef Py_ssize_t t, p, block, t0, n_sub, n = m.n_cols
-    cdef const float* xin = X
+    cdef MatmulJob job = MatmulJob(out, ldo, m, X, xr, sums, xpack)
+    _matmul_jobs(&job, 1, n_tok, wbuf, n_threads)
+
+
+cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbuf,
+                       int n_threads) noexcept nogil:
+    # As _matvec_jobs: one parallel loop prepares every job's inputs, and the blocks of
+    # all jobs form one index space, so threads meet at two barriers, not two per job.
+    cdef Py_ssize_t t, jp, block, local, t0, n_sub, n, wide = 0
+    cdef Py_ssize_t n_pairs = (n_tok + 1) // 2
+    cdef const float* xin[4]
+    cdef Py_ssize_t first[5]
+    cdef int k, j
+    cdef const Matrix* m
+    first[0] = 0
+    for k in range(n_jobs):
+        xin[k] = jobs[k].xr if jobs[k].m.kind == MATRIX_U8 else jobs[k].x
+        first[k + 1] = first[k] + (jobs[k].m.n_rows + 3) // 4
+        wide = max(wide, jobs[k].m.n_cols)
+    for jp in prange(n_jobs * n_pairs, schedule="static", num_threads=n_threads):
+        j = jp // n_pairs
+        m = jobs[j].m
+        if m.kind == MATRIX_U8:
+            for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
+                _prepare_u8(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols, &jobs[j].sums[t])
+        if rwkvx_simd_level >= 2:
+            rwkvx_pack_pair(xin[j], m.n_cols, n_tok, jp % n_pairs, m.n_cols, jobs[j].xpack)
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on
     # the 430M shape, 256-token float32 prompts, scratch on 4 KiB pages: 512 KB of inputs
     # per pass 280-296 tokens/s; 1 MB 240-300 (how many pages meet in one L2 set is
     # chance); 256 KB 270-280. On huge pages (SeqWorkspace) 512 KB and 1 MB are even:
     # medians of four runs 293 and 299.
-    cdef Py_ssize_t per_pass = max(8, (1 << 17) // n // 2 * 2)
-    if m.kind == MATRIX_U8:
-        xin = xr
-    # one parallel loop over pairs of tokens prepares and packs the inputs
-    for p in prange((n_tok + 1) // 2, schedule="static", num_threads=n_threads):
-        if m.kind == MATRIX_U8:
-            for t in range(2 * p, min(2 * p + 2, n_tok)):
-                _prepare_u8(m, X + t * n, xr + t * n, &sums[t])
-        if rwkvx_simd_level >= 2:
-            rwkvx_pack_pair(xin, n, n_tok, p, n, xpack)
-    cdef Py_ssize_t per_thread = wbuf_floats(n)
+    cdef Py_ssize_t per_pass = max(8, (1 << 17) // wide // 2 * 2)
+    # per thread: two buffers of four widened rows, then the key of the block widened ahead
+    cdef Py_ssize_t per_thread = wbuf_floats(wide)
     t0 = 0
     while t0 < n_tok:
         n_sub = min(per_pass, n_tok - t0)
         for t in range(n_threads):
-            (<Py_ssize_t*>(wbuf + t * per_thread + 8 * n))[0] = -1    # nothing widened ahead
-        for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
-            _gemm_rows(out + t0 * ldo, ldo, m, xin + t0 * n, xpack + t0 // 2 * rwkvx_pack_stride(n), n_sub,
-                       sums + t0, wbuf + per_thread * threadid(), block)
+            (<Py_ssize_t*>(wbuf + t * per_thread + 8 * wide))[0] = -1    # nothing widened ahead
+        for block in prange(first[n_jobs], schedule="static", num_threads=n_threads):
+            j = 0
+            while block >= first[j + 1]:
+                j = j + 1
+            local = block - first[j]
+            n = jobs[j].m.n_cols
+            _gemm_rows(jobs[j].out + t0 * jobs[j].ldo, jobs[j].ldo, jobs[j].m, xin[j] + t0 * n,
+                       jobs[j].xpack + t0 // 2 * rwkvx_pack_stride(n), n_sub, jobs[j].sums + t0,
+                       wbuf + per_thread * threadid(),
+                       <Py_ssize_t*>(wbuf + per_thread * threadid() + 8 * wide), local, block)
         t0 += n_sub
 
 
