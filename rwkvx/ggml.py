@@ -24,6 +24,7 @@ other tensor). Version 100 files used an older, incompatible block layout: refus
 from __future__ import annotations
 
 import struct
+from typing import Optional
 
 import numpy as np
 
@@ -83,16 +84,19 @@ class GgmlQuantTensor(Tensor):
     def read(self) -> np.ndarray:
         return self.float32()
 
-    def float32(self) -> np.ndarray:
+    def float32(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The dequantised tensor (into `out`, C-contiguous float32, if given)."""
         block = _BLOCK_BYTES[self.dtype]
         n_blocks = self.size // QK
-        out = np.empty((n_blocks, QK), dtype=np.float32)
+        if out is None:
+            out = np.empty(self.shape, dtype=np.float32)
+        blocks = out.reshape(n_blocks, QK)
         for start in range(0, n_blocks, _BLOCKS_PER_STEP):
             stop = min(start + _BLOCKS_PER_STEP, n_blocks)
             raw = np.empty((stop - start, block), dtype=np.uint8)
             self.file.read_into(raw, self.offset + start * block)
-            dequantize_blocks(self.dtype, raw, out[start:stop])
-        return out.reshape(self.shape)
+            dequantize_blocks(self.dtype, raw, blocks[start:stop])
+        return out
 
 
 def open_ggml(file: MappedFile) -> TensorSource:

@@ -8,6 +8,7 @@ quietly does nothing more than a plain mapping or allocation would.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from typing import Optional
@@ -83,12 +84,20 @@ class Arena:
         """Room an array of nbytes takes in an arena."""
         return -(-nbytes // _ALIGN) * _ALIGN
 
-    def keep(self, array: np.ndarray) -> np.ndarray:
-        """A copy of `array` (C order) in the block, or `array` itself if it is full."""
+    def take(self, shape: tuple[int, ...], dtype) -> Optional[np.ndarray]:
+        """An uninitialised C-order array in the block, or None if it does not fit."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
         start = self.arena_nbytes(self._used)
-        if self._map is None or start + array.nbytes > self._size:
+        if self._map is None or start + nbytes > self._size:
+            return None
+        self._used = start + nbytes
+        return self._buffer[start:self._used].view(dtype).reshape(shape)
+
+    def keep(self, array: np.ndarray) -> np.ndarray:
+        """A copy of `array` in the block, or `array` itself if it does not fit."""
+        out = self.take(array.shape, array.dtype)
+        if out is None:
             return array
-        self._used = start + array.nbytes
-        out = self._buffer[start:self._used].view(array.dtype).reshape(array.shape)
         np.copyto(out, array)
         return out

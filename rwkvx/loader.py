@@ -23,7 +23,6 @@ Checkpoint key strings (BlinkDL's names) appear only here and in the format read
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -243,7 +242,7 @@ def _vector(source: TensorSource, key: str, tensor, n_embd: int) -> np.ndarray:
     return v
 
 
-def _matrix(source: TensorSource, key: str, tensor, dtype: str, keep):
+def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena):
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
             # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are
@@ -255,20 +254,25 @@ def _matrix(source: TensorSource, key: str, tensor, dtype: str, keep):
         # the file holds what the kernels read: map it, copy nothing
         view = tensor.view()
         return view if view is not None else tensor.read()
-    # a private float32 copy, converted on its own: one float tensor at a time
-    w = tensor.float32()
+    # a private float32 copy, converted on its own: one float tensor at a time; results
+    # are written to the arena directly where the conversion allows
+    shape = tuple(tensor.shape)
+    w = tensor.float32(out=arena.take(shape, np.float32) if dtype == "float32" else None)
     if dtype == "uint8":
-        m = quantize_u8(w, overwrite=True)
-        return dataclasses.replace(m, q=keep(m.q))
+        return quantize_u8(w, overwrite=True, q_out=arena.take(shape, np.uint8))
     if dtype == "bfloat16":
-        return keep(to_bfloat16(w))
+        return arena.keep(to_bfloat16(w))
     if dtype == "float16":
         biggest = float(max(w.max(), -w.min())) if w.size else 0.0
         if biggest > _FLOAT16_MAX:
             raise fail(source.path, f"{key}: a weight of magnitude {biggest:g} does not fit "
                                     f"float16 (max {_FLOAT16_MAX:g}); use bfloat16 or float32")
-        return keep(w.astype(np.float16))
-    return keep(w)
+        out = arena.take(shape, np.float16)
+        if out is None:
+            return w.astype(np.float16)
+        np.copyto(out, w, casting="same_kind")
+        return out
+    return w
 
 
 def _converted_nbytes(source: TensorSource, the_plan: Plan, dtype: str) -> int:
@@ -290,7 +294,7 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Option
     in `dtype` (a QuantizedMatrix for uint8). Transforms are applied. Converted matrices
     are moved into `arena` when one is given.
     """
-    keep = arena.keep if arena is not None else (lambda a: a)
+    arena = arena if arena is not None else Arena(0)
     for key, kind, layer, name in the_plan.entries():
         tensor = source.tensors[key]
         if kind == "emb":
@@ -298,7 +302,7 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Option
         elif kind == "vector":
             value = _vector(source, key, tensor, the_plan.n_embd)
         else:
-            value = _matrix(source, key, tensor, dtype, keep)
+            value = _matrix(source, key, tensor, dtype, arena)
         yield key, kind, layer, name, value, tensor.nbytes
         # the caller holds what it keeps: don't pin this tensor while the next is converted
         del value

@@ -54,11 +54,12 @@ def _safe_scale(r: np.ndarray) -> np.ndarray:
     return np.where(r > 0, r, np.float32(1.0)).astype(np.float32)
 
 
-def quantize_u8(w: np.ndarray, *, overwrite: bool = False) -> QuantizedMatrix:
+def quantize_u8(w: np.ndarray, *, overwrite: bool = False, q_out: np.ndarray | None = None) -> QuantizedMatrix:
     """Quantise a float matrix (n_rows, n_cols) to the uint8 format.
 
     The work is done in float32 in one buffer: a copy of w, or w itself when overwrite
     is True (the loader passes a temporary it owns, so no second float copy exists).
+    q_out: where to write q (uint8, w's shape, C-contiguous), if given.
     """
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise RwkvxError(f"quantize_u8: expected a non-empty 2-D matrix, got shape {w.shape}")
@@ -86,7 +87,11 @@ def quantize_u8(w: np.ndarray, *, overwrite: bool = False) -> QuantizedMatrix:
     work *= 256.0
     np.floor(work, out=work)
     np.clip(work, 0, 255, out=work)
-    q = work.astype(np.uint8)
+    if q_out is None:
+        q = work.astype(np.uint8)
+    else:
+        np.copyto(q_out, work, casting="unsafe")
+        q = q_out
     return QuantizedMatrix(
         q=q,
         mx=np.ascontiguousarray(mx, dtype=np.float32),

@@ -154,21 +154,26 @@ class Tensor:
             buf, self.shape, tuple(s * dtype.itemsize for s in self.strides), writeable=False)
         return np.ascontiguousarray(strided)
 
-    def float32(self) -> np.ndarray:
-        """A private, writable float32 copy, widened chunk by chunk from half precision."""
+    def float32(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """A private, writable float32 copy (into `out`, C-contiguous, if given), widened
+        chunk by chunk from half precision."""
         if self.dtype not in FLOAT_DTYPES:
             raise fail(self.file.path, f"tensor {self.name}: stored as {self.dtype}, expected floating point")
-        if self.dtype == "F32":
-            return self.read()
+        if out is None:
+            out = np.empty(self.shape, dtype=np.float32)
+        if self.dtype == "F32" and self.strides is None:
+            self.file.read_into(out, self.offset)
+            return out
         if self.strides is not None:
-            return widen(self.read())
+            out[...] = self.read()
+            return out
         dtype = self._np_dtype()
-        out = np.empty(self.size, dtype=np.float32)
+        flat = out.reshape(-1)
         for start in range(0, self.size, _CHUNK):
             chunk = np.empty(min(_CHUNK, self.size - start), dtype=dtype)
             self.file.read_into(chunk, self.offset + start * dtype.itemsize)
-            widen(chunk, out=out[start:start + len(chunk)])
-        return out.reshape(self.shape)
+            widen(chunk, out=flat[start:start + len(chunk)])
+        return out
 
 
 class QuantizedTensor:
