@@ -5,9 +5,10 @@ import sys
 import numpy as np
 import pytest
 
-from rwkvx.hugepages import HUGE_PAGE, Arena, ask_for_huge_pages, drop_from_page_cache
+from rwkvx.hugepages import HUGE_PAGE, Arena, drop_from_page_cache
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
+from rwkvx.tensorfile import MappedFile
 from rwkvx.testing import random_tensors, write_safetensors
 
 
@@ -47,19 +48,27 @@ def test_converted_matrices_share_one_block(tmp_path, dtype):
     assert len(bases) == 1
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() in (None, "never"),
+                    reason="needs Linux with transparent huge pages")
 def test_mapped_files_are_advised_huge_pages(tmp_path):
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("this Python has no MADV_HUGEPAGE")
     path = tmp_path / "f.bin"
     path.write_bytes(b"\0" * (4 << 20))
     drop_from_page_cache(path)
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    ask_for_huge_pages(mapping)
-    start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    mapped = MappedFile(path)  # how every checkpoint reader maps a file
+    start = np.frombuffer(mapped.map, dtype=np.uint8).ctypes.data
     with open("/proc/self/smaps") as f:
         lines = f.read().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
     flags = next(line for line in lines[header:] if line.startswith("VmFlags:"))
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        pytest.skip("no MADV_HUGEPAGE")
     assert " hg" in flags
