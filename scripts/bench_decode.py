@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model is not None:
             return run(args, args.model, f"checkpoint {args.model}")
+        from rwkvx.hugepages import drop_from_page_cache
         from rwkvx.testing import random_tensors, write_safetensors
 
         with tempfile.TemporaryDirectory(prefix="rwkvx-bench-") as tmp:
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             tensors = random_tensors(args.layers, args.embd, args.vocab, seed=args.seed)
             write_safetensors(path, tensors)
             del tensors
+            # loaded as after a reboot: read back from disk into 2 MB pages (rwkvx.hugepages)
+            drop_from_page_cache(path)
             # the models map the file, so it stays until they are gone
             return run(args, path, f"random weights (seed {args.seed})")
     except RwkvxError as e:
