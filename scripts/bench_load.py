@@ -16,8 +16,8 @@ after one decoded token, when every weight has been read once:
 
 Targets (issue 3): (c) and (d) peak RSS within 1.1x the file size + 100 MB and load under
 1 s plus page-in; (b) peak RSS within the uint8 weights + the largest float tensor + 100 MB.
-The files are read from the page cache (warm) after the first run; the script does not drop
-caches.
+The .pth is read from the page cache (warm) after the first run. rwkvx.convert evicts what
+it writes (see rwkvx.hugepages), so the converted files' first token reads them from disk.
 """
 from __future__ import annotations
 
