@@ -49,6 +49,9 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_gemm4_f32(const float* w, Py_ssize_t ldw, const float* X, Py_ssize_t ldx,
                          const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy,
                          const rwkvx_widen_job* job, const rwkvx_u8_affine* u8)
+    int rwkvx_gemm4_stored(int kind, const void* src, const void* next, const float* X,
+                           const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy,
+                           const rwkvx_u8_affine* u8)
 
 rwkvx_detect_simd()
 
@@ -196,6 +199,13 @@ cdef inline rwkvx_widen_job _widen_job(const Matrix* m, Py_ssize_t i, float* out
     return job
 
 
+cdef inline const void* _stored_rows(const Matrix* m, Py_ssize_t i) noexcept nogil:
+    # where row i of a bf16, f16 or uint8 matrix is stored
+    if m.kind == MATRIX_U8:
+        return m.q + i * m.n_cols
+    return m.h16 + i * m.n_cols
+
+
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
                             const float* xpack, Py_ssize_t n_tok, const U8Sums* sums,
                             float* wbuf, Py_ssize_t* ahead, Py_ssize_t block, Py_ssize_t key) noexcept nogil:
@@ -218,6 +228,12 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         u8.sums = <const rwkvx_u8_sums*>sums
         finish = &u8
     if end <= m.n_rows:
+        if m.kind != MATRIX_F32:
+            # a few tokens (batched decoding): widened in the tile, in small spans
+            job = _widen_job(m, i, NULL)
+            if rwkvx_gemm4_stored(job.kind, job.src, _stored_rows(m, end) if end + 4 <= m.n_rows else NULL,
+                                  X, xpack, n_tok, n, out + i, ldo, finish):
+                return
         if m.kind == MATRIX_F32:
             w = m.f32 + i * n
         else:
@@ -260,7 +276,9 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
     cdef const Matrix* m
     first[0] = 0
     for k in range(n_jobs):
-        xin[k] = jobs[k].xr if jobs[k].m.kind == MATRIX_U8 else jobs[k].x
+        xin[k] = jobs[k].x
+        if jobs[k].m.kind == MATRIX_U8:
+            xin[k] = jobs[k].xr
         first[k + 1] = first[k] + (jobs[k].m.n_rows + 3) // 4
         wide = max(wide, jobs[k].m.n_cols)
     for jp in prange(n_jobs * n_pairs, schedule="static", num_threads=n_threads):

@@ -573,6 +573,141 @@ RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t l
     }
 #undef RWKVX_WIDENING
 }
+/* Values src[off .. off + count - 1] of a widening kind, widened to float32 in dst (count a
+ * multiple of 8). */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *dst,
+                        ptrdiff_t count)
+{
+    ptrdiff_t j = 0;
+    for (; j + 16 <= count; j += 16) {
+        if (kind == RWKVX_WIDEN_U8)
+            _mm512_store_ps(dst + j, rwkvx_load16_u8((const uint8_t *)src + off + j));
+        else if (kind == RWKVX_WIDEN_BF16)
+            _mm512_store_ps(dst + j, rwkvx_load16_bf16((const uint16_t *)src + off + j));
+        else
+            _mm512_store_ps(dst + j, rwkvx_load16_f16((const uint16_t *)src + off + j));
+    }
+    for (; j < count; j++)
+        dst[j] = kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src + off, j)
+               : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src + off, j)
+                                          : RWKVX_SCALAR_f16((const uint16_t *)src + off, j);
+}
+
+/* Columns per step of rwkvx_gemm4_stored_avx512's widening. */
+#define RWKVX_SPAN 64
+
+/* As rwkvx_gemm4_pairs_avx512, for four rows of stored weights (kind, row stride n) against
+ * NP pairs of tokens, all the tile there is: the rows are widened RWKVX_SPAN columns at a
+ * time into 1 KiB on the stack just before their multiply-adds, while the same span of the
+ * next block (next, or NULL) is prefetched. Widening the whole next block into a 16 KiB
+ * buffer instead kept it, the block being multiplied and the packed inputs (32 KiB at 8
+ * tokens of 1024) in use at once, more than L1's 48 KiB: in a C harness, 8-token uint8
+ * products of 4096 x 1024, 2 threads, streaming, took 0.360-0.367 ms that way and
+ * 0.336-0.338 this way (1024 x 4096: 0.412-0.414 and 0.384-0.399). */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *next,
+                                const float *P, ptrdiff_t ldp, const int NP, const float *X,
+                                ptrdiff_t ldx, ptrdiff_t n_tok, ptrdiff_t n, float *Y,
+                                ptrdiff_t ldy)
+{
+    const ptrdiff_t n8 = n / 8, size = kind == RWKVX_WIDEN_U8 ? 1 : 2;
+    float wb[4][RWKVX_SPAN] __attribute__((aligned(64)));
+    __m512 c[6][4];
+#pragma GCC unroll 24
+    for (int k = 0; k < NP * 4; k++)
+        c[k / 4][k % 4] = _mm512_setzero_ps();
+    for (ptrdiff_t b0 = 0; b0 < n8; b0 += RWKVX_SPAN / 8) {
+        const ptrdiff_t steps = n8 - b0 < RWKVX_SPAN / 8 ? n8 - b0 : RWKVX_SPAN / 8;
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            rwkvx_widen_span_avx512(kind, src, r * n + 8 * b0, wb[r], 8 * steps);
+        if (next) {
+            /* the next block's bytes in as many equal parts as this block has spans */
+            const char *pf = (const char *)next + 4 * 8 * b0 * size;
+            for (ptrdiff_t line = 0; line < 4 * 8 * steps * size; line += 64)
+                _mm_prefetch(pf + line, _MM_HINT_T0);
+        }
+        for (ptrdiff_t s = 0; s < steps; s++) {
+            const ptrdiff_t b = b0 + s;
+            __m512 v[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                v[r] = _mm512_castpd_ps(
+                    _mm512_broadcast_f64x4(_mm256_load_pd((const double *)(wb[r] + 8 * s))));
+#pragma GCC unroll 6
+            for (int a = 0; a < NP; a++) {
+                __m512 xv = _mm512_loadu_ps(P + a * ldp + 16 * b);
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++)
+                    c[a][r] = _mm512_fmadd_ps(v[r], xv, c[a][r]);
+            }
+        }
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < NP; a++) {
+        for (int h = 0; h < 2; h++) {
+            ptrdiff_t t = 2 * a + h;
+            if (t >= n_tok)
+                break;
+            __m256 s[4];
+            for (int r = 0; r < 4; r++)
+                s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[a][r]), 1))
+                         : _mm512_castps512_ps256(c[a][r]);
+            const float *x = X + t * ldx;
+            float *y = Y + t * ldy;
+            _mm_storeu_ps(y, rwkvx_hsum4x256(s[0], s[1], s[2], s[3]));
+            for (ptrdiff_t k = 8 * n8; k < n; k++) {
+                float w[4];
+                for (int r = 0; r < 4; r++)
+                    w[r] = kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src, r * n + k)
+                         : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src, r * n + k)
+                                                    : RWKVX_SCALAR_f16((const uint16_t *)src, r * n + k);
+                y[0] += w[0] * x[k];
+                y[1] += w[1] * x[k];
+                y[2] += w[2] * x[k];
+                y[3] += w[3] * x[k];
+            }
+        }
+    }
+}
+
+/* The tile of np (1 to 6) pairs for rwkvx_gemm4_stored. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_gemm4_stored_kind_avx512(const int kind, const void *src, const void *next, const float *X,
+                               const float *P, ptrdiff_t np, ptrdiff_t n_tok, ptrdiff_t n,
+                               float *Y, ptrdiff_t ldy)
+{
+    const ptrdiff_t ldp = rwkvx_pack_stride(n);
+#define RWKVX_TILE(NP) \
+    rwkvx_gemm4_stored_pairs_avx512(kind, src, next, P, ldp, NP, X, n, n_tok, n, Y, ldy); return
+    switch (np) {
+    case 6: RWKVX_TILE(6);
+    case 5: RWKVX_TILE(5);
+    case 4: RWKVX_TILE(4);
+    case 3: RWKVX_TILE(3);
+    case 2: RWKVX_TILE(2);
+    default: RWKVX_TILE(1);
+    }
+#undef RWKVX_TILE
+}
+
+RWKVX_AVX512 static void rwkvx_gemm4_stored_avx512(int kind, const void *src, const void *next,
+                                                  const float *X, const float *P, ptrdiff_t n_tok,
+                                                  ptrdiff_t n, float *Y, ptrdiff_t ldy)
+{
+    const ptrdiff_t np = (n_tok + 1) / 2;
+    switch (kind) {
+    case RWKVX_WIDEN_U8:
+        rwkvx_gemm4_stored_kind_avx512(RWKVX_WIDEN_U8, src, next, X, P, np, n_tok, n, Y, ldy);
+        return;
+    case RWKVX_WIDEN_BF16:
+        rwkvx_gemm4_stored_kind_avx512(RWKVX_WIDEN_BF16, src, next, X, P, np, n_tok, n, Y, ldy);
+        return;
+    default:
+        rwkvx_gemm4_stored_kind_avx512(RWKVX_WIDEN_F16, src, next, X, P, np, n_tok, n, Y, ldy);
+    }
+}
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
@@ -747,6 +882,32 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
             rwkvx_u8_finish(Y + t * ldy, u8->ry, u8->my, u8->sums + t, 4);
     if (job)
         rwkvx_widen_rest(job, widened);
+}
+
+/* Tokens up to which rwkvx_gemm4_stored takes a product (six pairs: one tile). */
+#define RWKVX_STORED_MAX_TOKENS 12
+
+/* Four rows of stored weights (kind RWKVX_WIDEN_*, row stride n) against n_tok rows of X
+ * (row stride n), packed in P, widening as it goes (rwkvx_gemm4_stored_pairs_avx512); next:
+ * the next block's weights to prefetch, or NULL. Only at level 2 and for up to
+ * RWKVX_STORED_MAX_TOKENS tokens: returns 0, doing nothing, otherwise. Results are
+ * bit-identical to widening the rows and calling rwkvx_gemm4_f32. */
+static inline int rwkvx_gemm4_stored(int kind, const void *src, const void *next, const float *X,
+                                     const float *P, ptrdiff_t n_tok, ptrdiff_t n, float *Y,
+                                     ptrdiff_t ldy, const rwkvx_u8_affine *u8)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level >= 2 && n_tok <= RWKVX_STORED_MAX_TOKENS) {
+        rwkvx_gemm4_stored_avx512(kind, src, next, X, P, n_tok, n, Y, ldy);
+        if (u8)
+            for (ptrdiff_t t = 0; t < n_tok; t++)
+                rwkvx_u8_finish(Y + t * ldy, u8->ry, u8->my, u8->sums + t, 4);
+        return 1;
+    }
+#endif
+    (void)kind, (void)src, (void)next, (void)X, (void)P, (void)n_tok, (void)n, (void)Y;
+    (void)ldy, (void)u8;
+    return 0;
 }
 
 #endif /* RWKVX_SIMD_H */
