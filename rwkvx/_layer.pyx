@@ -67,7 +67,7 @@ cdef inline void _token_shift(float* out, const float* xx, const float* sx, cons
 
 
 cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const float* states,
-                            Py_ssize_t xx_row, const Py_ssize_t* starts, Py_ssize_t n_seq,
+                            Py_ssize_t ss, Py_ssize_t xx_row, const Py_ssize_t* starts, Py_ssize_t n_seq,
                             float* out1, const float* mix1, float* out2, const float* mix2,
                             float* out3, const float* mix3) noexcept nogil:
     # token shift of row t: its previous token is row t-1, or for the first row of sequence
@@ -75,7 +75,7 @@ cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const f
     cdef Py_ssize_t b = 0
     while starts[b + 1] <= t:
         b += 1
-    cdef const float* prev = states + (b * 5 + xx_row) * n if t == starts[b] else xx + (t - 1) * n
+    cdef const float* prev = states + b * ss + xx_row * n if t == starts[b] else xx + (t - 1) * n
     _token_shift(out1 + t * n, xx + t * n, prev, mix1, n)
     _token_shift(out2 + t * n, xx + t * n, prev, mix2, n)
     if out3 != NULL:
@@ -83,13 +83,13 @@ cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const f
 
 
 cdef inline void _wkv_rows(const float* k, const float* v, const float* r, float* rwkv, const float* first,
-                           const float* decay, float* states, const Py_ssize_t* starts, Py_ssize_t n_seq,
-                           Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+                           const float* decay, float* states, Py_ssize_t ss, const Py_ssize_t* starts,
+                           Py_ssize_t n_seq, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
     # rwkv[t, j] = sigmoid(r[t, j]) * wkv for channels j0..j1-1 of every row, in token order
     cdef Py_ssize_t b, t, o
     cdef float* s
     for b in range(n_seq):
-        s = states + b * 5 * n + j0
+        s = states + b * ss + j0
         for t in range(starts[b], starts[b + 1]):
             o = t * n + j0
             rwkvx_wkv(j1 - j0, k + o, v + o, r + o, first + j0, decay + j0, s + ATT_AA * n,
@@ -308,22 +308,29 @@ cdef class Block:
             self._time_mixing(&x[0], &state[0, 0], ws, n_threads)
             self._channel_mixing(&x[0], &state[0, 0], ws, n_threads)
 
-    def forward_rows(self, float[:, ::1] X, float[:, :, ::1] states, const Py_ssize_t[::1] starts,
+    def forward_rows(self, float[:, ::1] X, float[:, :, :] states, const Py_ssize_t[::1] starts,
                      SeqWorkspace ws not None, int n_threads):
         """Move many tokens through this layer at once: one sequence's chunk, or one token
         of each of several sequences, or any mix.
 
         X: (n_rows, n_embd) float32, the residual streams, updated in place. Rows
         starts[b] .. starts[b+1]-1 are consecutive tokens of sequence b, whose layer state
-        is states[b] (5, n_embd), updated in place. Every projection is one matrix-matrix
-        product over all rows; only the WKV recurrence steps token by token. Each row's
-        result is bit-identical to feeding its tokens one at a time through forward().
+        is states[b] (5, n_embd), updated in place; its rows must be contiguous, while
+        sequences may lie any whole number of floats apart (a layer's slice of a batch of
+        whole-model states). Every projection is one matrix-matrix product over all rows;
+        only the WKV recurrence steps token by token. Each row's result is bit-identical to
+        feeding its tokens one at a time through forward().
         """
         cdef Py_ssize_t n_rows = X.shape[0], n_seq = states.shape[0], b
+        # floats from one sequence's state to the next
+        cdef Py_ssize_t ss = states.strides[0] // <Py_ssize_t>sizeof(float)
         if X.shape[1] != self.n_embd or states.shape[1] != 5 or states.shape[2] != self.n_embd:
             raise RwkvxError(f"Block.forward_rows: expected X (n, {self.n_embd}) and states (b, 5, {self.n_embd}), "
                              f"got ({X.shape[0]}, {X.shape[1]}) and ({states.shape[0]}, {states.shape[1]}, "
                              f"{states.shape[2]})")
+        if (states.strides[2] != sizeof(float) or states.strides[1] != self.n_embd * <Py_ssize_t>sizeof(float)
+                or states.strides[0] % sizeof(float)):
+            raise RwkvxError("Block.forward_rows: each sequence's state rows must be contiguous")
         if starts.shape[0] != n_seq + 1 or starts[0] != 0 or starts[n_seq] != n_rows:
             raise RwkvxError(f"Block.forward_rows: starts must run from 0 to {n_rows} over {n_seq + 1} entries")
         for b in range(n_seq):
@@ -336,10 +343,11 @@ cdef class Block:
         if n_rows == 0:
             return
         with nogil:
-            self._time_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], &starts[0], n_seq, ws, n_threads)
-            self._channel_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], &starts[0], n_seq, ws, n_threads)
+            self._time_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], ss, &starts[0], n_seq, ws, n_threads)
+            self._channel_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], ss, &starts[0], n_seq, ws, n_threads)
 
-    cdef void _norm_and_shift(self, const float* X, Py_ssize_t n_rows, float* states, Py_ssize_t xx_row,
+    cdef void _norm_and_shift(self, const float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
+                              Py_ssize_t xx_row,
                               const Py_ssize_t* starts, Py_ssize_t n_seq, const float* ln_w,
                               const float* ln_b, float* xx, float* out1, const float* mix1,
                               float* out2, const float* mix2, float* out3, const float* mix3,
@@ -351,16 +359,17 @@ cdef class Block:
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             _layer_norm(xx + t * n, X + t * n, ln_w, ln_b, n)
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
-            _shift_row(t, n, xx, states, xx_row, starts, n_seq, out1, mix1, out2, mix2, out3, mix3)
+            _shift_row(t, n, xx, states, ss, xx_row, starts, n_seq, out1, mix1, out2, mix2, out3, mix3)
         for b in range(n_seq):
             if starts[b + 1] > starts[b]:
                 for t in range(n):
-                    states[(b * 5 + xx_row) * n + t] = xx[(starts[b + 1] - 1) * n + t]
+                    states[b * ss + xx_row * n + t] = xx[(starts[b + 1] - 1) * n + t]
 
-    cdef void _time_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
+    cdef void _time_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
+                                const Py_ssize_t* starts,
                                 Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t n = self.n_embd, block, t
-        self._norm_and_shift(X, n_rows, states, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
+        self._norm_and_shift(X, n_rows, states, ss, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
                              ws.xk, self.att_mix_k, ws.xv, self.att_mix_v, ws.xr, self.att_mix_r, n_threads)
         # K = XK kw^T; V = XV vw^T; R = XR rw^T, in one parallel loop
         cdef MatmulJob jobs[3]
@@ -371,18 +380,19 @@ cdef class Block:
         # the recurrence: token by token within a sequence, channels independent; 64
         # channels (four cache lines of each row, whole vectors) per task
         for block in prange((n + 63) // 64, schedule="static", num_threads=n_threads):
-            _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, starts, n_seq, n, block * 64,
-                      min(block * 64 + 64, n))
+            _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, ss, starts, n_seq, n,
+                      block * 64, min(block * 64 + 64, n))
         # X += (R * WKV) ow^T
         jobs[0] = ws.job(0, ws.out, n, &self.att_output, ws.rwkv)
         _matmul_jobs(jobs, 1, n_rows, ws.wbuf, n_threads)
         for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
             X[t] += ws.out[t]
 
-    cdef void _channel_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, const Py_ssize_t* starts,
+    cdef void _channel_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
+                                   const Py_ssize_t* starts,
                                    Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t n = self.n_embd, t
-        self._norm_and_shift(X, n_rows, states, FFN_XX, starts, n_seq, self.ln2_w, self.ln2_b, ws.xx,
+        self._norm_and_shift(X, n_rows, states, ss, FFN_XX, starts, n_seq, self.ln2_w, self.ln2_b, ws.xx,
                              ws.xk, self.ffn_mix_k, ws.xr, self.ffn_mix_r, NULL, NULL, n_threads)
         # R = XR rw^T; KF = relu(XK kw^T)^2 (one parallel loop); X += sigmoid(R) * (KF vw^T)
         cdef MatmulJob jobs[2]

@@ -91,12 +91,12 @@ class RWKV:
             raise RwkvxError(f"token id {bad[0]} out of range: the vocabulary has ids 0..{self.n_vocab - 1}")
         return tokens
 
-    def _check_state(self, state) -> np.ndarray:
+    def _check_state(self, state, copy: bool = True) -> np.ndarray:
         expected = (self.n_layer, 5, self.n_embd)
         if not isinstance(state, np.ndarray) or state.shape != expected:
             got = state.shape if isinstance(state, np.ndarray) else type(state).__name__
             raise RwkvxError(f"state: expected a float32 array {expected}, got {got}")
-        return np.array(state, dtype=np.float32, order="C")
+        return np.array(state, dtype=np.float32, order="C") if copy else state
 
     def forward(self, tokens: Iterable[int], state: np.ndarray | None = None, *,
                 all_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -140,12 +140,16 @@ class RWKV:
             states = [None] * n_seq
         if isinstance(states, np.ndarray) or len(states) != n_seq:
             raise RwkvxError(f"states: expected a list of {n_seq} states (or None entries)")
-        stacked = np.empty((self.n_layer, n_seq, 5, self.n_embd), dtype=np.float32)
+        # the new states, one block: each sequence's state is a C-contiguous (n_layer, 5,
+        # n_embd) part of it, returned as is (copying them out took 1.2 ms of a 44 ms
+        # 8-sequence uint8 step on the 430M shape)
+        block = np.empty((n_seq, self.n_layer, 5, self.n_embd), dtype=np.float32)
         for b, st in enumerate(states):
-            stacked[:, b] = self.new_state() if st is None else self._check_state(st)
+            block[b] = self.new_state() if st is None else self._check_state(st, copy=False)
         with self._lock:
-            logits = self._run_rows(token_lists, stacked, all_logits=False)
-        return logits, [np.ascontiguousarray(stacked[:, b]) for b in range(n_seq)]
+            # per layer, the batch's states (n_seq, 5, n_embd), sequences a state apart
+            logits = self._run_rows(token_lists, block.transpose(1, 0, 2, 3), all_logits=False)
+        return logits, list(block)
 
     def _decode(self, token: int, state: np.ndarray) -> np.ndarray:
         # one token: matrix-vector products, the memory-bound path
@@ -165,8 +169,9 @@ class RWKV:
         return ws
 
     def _run_rows(self, token_lists: list[list[int]], stacked: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Run B sequences (consecutive in stacked (n_layer, B, 5, n_embd), updated in place)
-        through the model, at most chunk_size tokens per pass over the weights."""
+        """Run B sequences (their states in stacked (n_layer, B, 5, n_embd), updated in place;
+        each (5, n_embd) contiguous) through the model, at most chunk_size tokens per pass
+        over the weights."""
         w, n = self.weights, self.n_threads
         rows = [(b, t) for b, toks in enumerate(token_lists) for t in toks]
         chunk = max(1, int(self.chunk_size))
