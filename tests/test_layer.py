@@ -77,3 +77,24 @@ def test_block_raises_on_bad_shapes(tmp_path):
         block.forward(np.zeros(7, np.float32), np.zeros((5, 8), np.float32), _layer.Workspace(8, 32), 1)
     with pytest.raises(RwkvxError, match="workspace"):
         block.forward(np.zeros(8, np.float32), np.zeros((5, 8), np.float32), _layer.Workspace(8, 16), 1)
+
+
+def test_forward_rows_takes_states_a_whole_model_apart(tmp_path, rng):
+    # forward_batch passes a layer's slice of a (B, n_layer, 5, n) block: sequences are a
+    # whole model state apart; results must equal those on a contiguous (B, 5, n) array
+    weights = load_weights(save_random_model(tmp_path / "m.safetensors", 1, 16, 11))
+    p = weights.blocks[0]
+    block = _layer.Block({n: p[n] for n in VECTOR_NAMES}, {n: _matvec.Linear.f32(p[n]) for n in MATRIX_NAMES})
+    n_seq, n_layer = 3, 4
+    whole = rng.standard_normal((n_seq, n_layer, 5, 16)).astype(np.float32)
+    contiguous = np.ascontiguousarray(whole[:, 2])
+    x1 = rng.standard_normal((n_seq, 16)).astype(np.float32)
+    x2 = x1.copy()
+    starts = np.arange(n_seq + 1, dtype=np.intp)
+    ws = _layer.SeqWorkspace(n_seq, 16, 64, 2)
+    block.forward_rows(x1, whole[:, 2], starts, ws, 2)
+    block.forward_rows(x2, contiguous, starts, ws, 2)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(whole[:, 2], contiguous)
+    with pytest.raises(RwkvxError, match="contiguous"):
+        block.forward_rows(x1, whole[:, 2, ::-1], starts, ws, 2)
