@@ -9,7 +9,6 @@ recurrence (over channels) are worth running in parallel too.
 State rows per layer, as in ChatRWKV's state[5*i+k]: FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP.
 """
 from cython.parallel import prange
-from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 
 import numpy as np
@@ -37,25 +36,14 @@ cdef extern from "_elementwise.h" nogil:
                    const float* decay, float* aa, float* bb, float* pp, float* out)
     void rwkvx_add_gated(Py_ssize_t n, float* x, const float* r, const float* y)
     void rwkvx_relu_square(float* x, Py_ssize_t n)
+    void rwkvx_layer_norm(Py_ssize_t n, const float* x, const float* w, const float* b, double eps,
+                          float* out)
     float rwkvx_expf(float x)
 
 
-cdef void _layer_norm(float* out, const float* x, const float* w, const float* b,
-                      Py_ssize_t n) noexcept nogil:
-    # out = (x - mean(x)) / sqrt(var(x) + eps) * w + b; statistics in double because
-    # float32 sums of n_embd terms would lose digits the reference keeps.
-    cdef Py_ssize_t j
-    cdef double mean = 0.0, var = 0.0, d
-    for j in range(n):
-        mean += x[j]
-    mean /= n
-    for j in range(n):
-        d = x[j] - mean
-        var += d * d
-    var /= n
-    cdef double inv = 1.0 / sqrt(var + LAYER_NORM_EPS)
-    for j in range(n):
-        out[j] = <float>((x[j] - mean) * inv) * w[j] + b[j]
+cdef inline void _layer_norm(float* out, const float* x, const float* w, const float* b,
+                             Py_ssize_t n) noexcept nogil:
+    rwkvx_layer_norm(n, x, w, b, LAYER_NORM_EPS, out)
 
 
 cdef inline void _token_shift(float* out, const float* xx, const float* sx, const float* mix,
