@@ -619,14 +619,23 @@ rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *nex
         c[k / 4][k % 4] = _mm512_setzero_ps();
     for (ptrdiff_t b0 = 0; b0 < n8; b0 += RWKVX_SPAN / 8) {
         const ptrdiff_t steps = n8 - b0 < RWKVX_SPAN / 8 ? n8 - b0 : RWKVX_SPAN / 8;
+        /* the next block's bytes in as many equal parts as this block has spans */
+        const char *pf = next ? (const char *)next + 4 * 8 * b0 * size : NULL;
+        if (steps == RWKVX_SPAN / 8) {
+            /* whole spans, the usual case, with constant counts so the loops unroll */
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
-            rwkvx_widen_span_avx512(kind, src, r * n + 8 * b0, wb[r], 8 * steps);
-        if (next) {
-            /* the next block's bytes in as many equal parts as this block has spans */
-            const char *pf = (const char *)next + 4 * 8 * b0 * size;
-            for (ptrdiff_t line = 0; line < 4 * 8 * steps * size; line += 64)
-                _mm_prefetch(pf + line, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++)
+                rwkvx_widen_span_avx512(kind, src, r * n + 8 * b0, wb[r], RWKVX_SPAN);
+            if (pf)
+#pragma GCC unroll 8
+                for (int line = 0; line < 4 * RWKVX_SPAN * size; line += 64)
+                    _mm_prefetch(pf + line, _MM_HINT_T0);
+        } else {
+            for (int r = 0; r < 4; r++)
+                rwkvx_widen_span_avx512(kind, src, r * n + 8 * b0, wb[r], 8 * steps);
+            if (pf)
+                for (ptrdiff_t line = 0; line < 4 * 8 * steps * size; line += 64)
+                    _mm_prefetch(pf + line, _MM_HINT_T0);
         }
         for (ptrdiff_t s = 0; s < steps; s++) {
             const ptrdiff_t b = b0 + s;
