@@ -138,68 +138,22 @@ rwkvx_layer_norm_loop(ptrdiff_t n, const float *RWKVX_RESTRICT x, const float *R
         out[j] = (float)((x[j] - mean) * inv) * w[j] + b[j];
 }
 
-/* The same loops compiled for AVX2 as well, where the CPU has it (twice the lanes of the
- * baseline's SSE2); the results do not depend on the width. */
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-__attribute__((target("avx2"))) static void
-rwkvx_wkv_avx2(ptrdiff_t n, const float *k, const float *v, const float *r, const float *first,
-               const float *decay, float *aa, float *bb, float *pp, float *out)
+/* out = xx * mix + sx * (1 - mix): a token blended with the previous one (token shift), in
+ * float32 (it was computed in double: eight rows of three shifts took 25 us of an 8-token
+ * layer, now 18 with the layer norm). */
+RWKVX_EW_INLINE void
+rwkvx_token_shift_loop(ptrdiff_t n, const float *RWKVX_RESTRICT xx, const float *RWKVX_RESTRICT sx,
+                       const float *RWKVX_RESTRICT mix, float *RWKVX_RESTRICT out)
 {
-    rwkvx_wkv_loop(n, k, v, r, first, decay, aa, bb, pp, out);
-}
-
-__attribute__((target("avx2"))) static void
-rwkvx_layer_norm_avx2(ptrdiff_t n, const float *x, const float *w, const float *b, double eps,
-                      float *out)
-{
-    rwkvx_layer_norm_loop(n, x, w, b, eps, out);
-}
-
-__attribute__((target("avx2"))) static void
-rwkvx_add_gated_avx2(ptrdiff_t n, float *x, const float *r, const float *y)
-{
-    rwkvx_add_gated_loop(n, x, r, y);
-}
-
-static inline int rwkvx_elementwise_avx2(void)
-{
-    static int has = -1;  /* a benign race: every thread stores the same answer */
-    if (has < 0)
-        has = __builtin_cpu_supports("avx2") ? 1 : 0;
-    return has;
-}
-#define RWKVX_ELEMENTWISE_AVX2(call) \
-    if (rwkvx_elementwise_avx2()) { call; return; }
-#else
-#define RWKVX_ELEMENTWISE_AVX2(call)
-#endif
-
-static void rwkvx_wkv(ptrdiff_t n, const float *k, const float *v, const float *r,
-                      const float *first, const float *decay, float *aa, float *bb, float *pp,
-                      float *out)
-{
-    RWKVX_ELEMENTWISE_AVX2(rwkvx_wkv_avx2(n, k, v, r, first, decay, aa, bb, pp, out))
-    rwkvx_wkv_loop(n, k, v, r, first, decay, aa, bb, pp, out);
-}
-
-static void rwkvx_layer_norm(ptrdiff_t n, const float *x, const float *w, const float *b, double eps,
-                             float *out)
-{
-    RWKVX_ELEMENTWISE_AVX2(rwkvx_layer_norm_avx2(n, x, w, b, eps, out))
-    rwkvx_layer_norm_loop(n, x, w, b, eps, out);
-}
-
-static void rwkvx_add_gated(ptrdiff_t n, float *x, const float *r, const float *y)
-{
-    RWKVX_ELEMENTWISE_AVX2(rwkvx_add_gated_avx2(n, x, r, y))
-    rwkvx_add_gated_loop(n, x, r, y);
+    for (ptrdiff_t j = 0; j < n; j++)
+        out[j] = xx[j] * mix[j] + sx[j] * (1.0f - mix[j]);
 }
 
 /* x = max(x, 0)^2, without a branch: the sign of a projection is random, and a branch
  * on it (which compilers emit for x > 0 ? x : 0) was mispredicted half the time --
  * measured at 4% of an 8-sequence uint8 batch step, in that loop alone. Clearing
  * every value whose sign bit is set is integer work that vectorises. */
-static inline void rwkvx_relu_square(float *x, ptrdiff_t n)
+RWKVX_EW_INLINE void rwkvx_relu_square_loop(float *RWKVX_RESTRICT x, ptrdiff_t n)
 {
     for (ptrdiff_t j = 0; j < n; j++) {
         uint32_t bits;
@@ -210,5 +164,44 @@ static inline void rwkvx_relu_square(float *x, ptrdiff_t n)
         x[j] = y * y;
     }
 }
+
+/* Each loop above as a function compiled twice, for the baseline (SSE2 on x86-64) and for
+ * AVX2, which the CPU's features choose between at run time; the results do not depend on
+ * the width. RWKVX_DISPATCHED(name, params, args) defines name(params) calling
+ * name_loop(args). */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+static inline int rwkvx_elementwise_avx2(void)
+{
+    static int has = -1;  /* a benign race: every thread stores the same answer */
+    if (has < 0)
+        has = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return has;
+}
+#define RWKVX_DISPATCHED(name, params, args)                                                 \
+    __attribute__((target("avx2"))) static void name##_avx2 params { name##_loop args; }     \
+    static void name params                                                                  \
+    {                                                                                        \
+        if (rwkvx_elementwise_avx2())                                                        \
+            name##_avx2 args;                                                                \
+        else                                                                                 \
+            name##_loop args;                                                                \
+    }
+#else
+#define RWKVX_DISPATCHED(name, params, args) \
+    static void name params { name##_loop args; }
+#endif
+
+RWKVX_DISPATCHED(rwkvx_wkv,
+                 (ptrdiff_t n, const float *k, const float *v, const float *r, const float *first,
+                  const float *decay, float *aa, float *bb, float *pp, float *out),
+                 (n, k, v, r, first, decay, aa, bb, pp, out))
+RWKVX_DISPATCHED(rwkvx_layer_norm,
+                 (ptrdiff_t n, const float *x, const float *w, const float *b, double eps, float *out),
+                 (n, x, w, b, eps, out))
+RWKVX_DISPATCHED(rwkvx_token_shift,
+                 (ptrdiff_t n, const float *xx, const float *sx, const float *mix, float *out),
+                 (n, xx, sx, mix, out))
+RWKVX_DISPATCHED(rwkvx_add_gated, (ptrdiff_t n, float *x, const float *r, const float *y), (n, x, r, y))
+RWKVX_DISPATCHED(rwkvx_relu_square, (float *x, ptrdiff_t n), (x, n))
 
 #endif /* RWKVX_ELEMENTWISE_H */

@@ -36,6 +36,7 @@ cdef extern from "_elementwise.h" nogil:
                    const float* decay, float* aa, float* bb, float* pp, float* out)
     void rwkvx_add_gated(Py_ssize_t n, float* x, const float* r, const float* y)
     void rwkvx_relu_square(float* x, Py_ssize_t n)
+    void rwkvx_token_shift(Py_ssize_t n, const float* xx, const float* sx, const float* mix, float* out)
     void rwkvx_layer_norm(Py_ssize_t n, const float* x, const float* w, const float* b, double eps,
                           float* out)
     float rwkvx_expf(float x)
@@ -48,10 +49,7 @@ cdef inline void _layer_norm(float* out, const float* x, const float* w, const f
 
 cdef inline void _token_shift(float* out, const float* xx, const float* sx, const float* mix,
                               Py_ssize_t n) noexcept nogil:
-    # out = xx * mix + sx * (1 - mix): this token blended with the previous one
-    cdef Py_ssize_t j
-    for j in range(n):
-        out[j] = xx[j] * mix[j] + sx[j] * (1.0 - mix[j])
+    rwkvx_token_shift(n, xx, sx, mix, out)
 
 
 cdef inline void _shift_row(Py_ssize_t t, Py_ssize_t n, const float* xx, const float* states,
