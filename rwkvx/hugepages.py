@@ -43,10 +43,15 @@ def drop_from_page_cache(path: str | os.PathLike) -> None:
     """
     if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
         return
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:  # advice only: e.g. a filesystem that cannot sync
+        pass
     finally:
         os.close(fd)
 

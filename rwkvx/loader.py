@@ -32,11 +32,11 @@ import numpy as np
 
 from rwkvx import demo, ggml, hf, pth
 from rwkvx.errors import RwkvxError
-from rwkvx.hugepages import Arena
+from rwkvx.hugepages import Arena, drop_from_page_cache
 from rwkvx.quant import quantize_u8
 from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
-from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, RUN_STORED, MappedFile, Progress, QuantizedTensor,
-                              TensorSource, fail)
+from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, NUMPY_DTYPES, RUN_STORED, MappedFile, Progress,
+                              QuantizedTensor, TensorSource, fail)
 from rwkvx.weights import MATRIX_NAMES, ModelWeights, to_bfloat16
 
 # what the weight matrices are kept in while running
@@ -242,16 +242,20 @@ def _vector(source: TensorSource, key: str, tensor, n_embd: int) -> np.ndarray:
     return v
 
 
-def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena):
+def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool):
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
-            # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are
+            # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are (or read)
+            if copy_mapped:
+                return tensor.read(q_out=arena.take(tuple(tensor.shape), np.uint8))
             return tensor.view()
         raise fail(source.path, f"holds uint8 weights (converted with --dtype uint8), which cannot be "
                                 f"loaded as {dtype}: load it with dtype uint8, or convert the original "
                                 f"checkpoint to {dtype}")
     if tensor.dtype == RUN_STORED.get(dtype):
-        # the file holds what the kernels read: map it, copy nothing
+        # the file holds what the kernels read: map it, copy nothing (or read it, if asked)
+        if copy_mapped:
+            return tensor.read(out=arena.take(tuple(tensor.shape), NUMPY_DTYPES[tensor.dtype]))
         view = tensor.view()
         return view if view is not None else tensor.read()
     # a private float32 copy, converted on its own: one float tensor at a time; results
@@ -275,24 +279,27 @@ def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena):
     return w
 
 
-def _converted_nbytes(source: TensorSource, the_plan: Plan, dtype: str) -> int:
-    """Bytes of the matrices _matrix converts (rather than maps) for `dtype`."""
+def _arena_nbytes(source: TensorSource, the_plan: Plan, dtype: str, copy_mapped: bool) -> int:
+    """Bytes of the matrices _matrix puts in its arena: those it converts (rather than maps)
+    for `dtype`, and with copy_mapped the others too."""
     itemsize = 1 if dtype == "uint8" else _RUN_ITEMSIZE[dtype]
     total = 0
     for key, kind, _, _ in the_plan.entries():
         tensor = source.tensors[key]
-        if kind == "matrix" and not isinstance(tensor, QuantizedTensor) and tensor.dtype != RUN_STORED.get(dtype):
+        mapped = isinstance(tensor, QuantizedTensor) or tensor.dtype == RUN_STORED.get(dtype)
+        if kind == "matrix" and (copy_mapped or not mapped):
             total += Arena.arena_nbytes(tensor.size * itemsize)
     return total
 
 
 def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Optional[Arena] = None,
-                 ) -> Iterator[tuple[str, str, int, str, object, int]]:
+                 copy_mapped: bool = False) -> Iterator[tuple[str, str, int, str, object, int]]:
     """Convert tensor by tensor: yields (key, kind, layer, rwkvx name, value, stored bytes).
 
     value is what ModelWeights keeps: a float32 vector, the embedding as stored, or a matrix
     in `dtype` (a QuantizedMatrix for uint8). Transforms are applied. Converted matrices
-    are moved into `arena` when one is given.
+    are written into `arena` when one is given; with copy_mapped, so are the matrices that
+    would otherwise be views of the file.
     """
     arena = arena if arena is not None else Arena(0)
     for key, kind, layer, name in the_plan.entries():
@@ -302,7 +309,7 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Option
         elif kind == "vector":
             value = _vector(source, key, tensor, the_plan.n_embd)
         else:
-            value = _matrix(source, key, tensor, dtype, arena)
+            value = _matrix(source, key, tensor, dtype, arena, copy_mapped)
         yield key, kind, layer, name, value, tensor.nbytes
         # the caller holds what it keeps: don't pin this tensor while the next is converted
         del value
@@ -314,11 +321,14 @@ def check_dtype(dtype: str) -> None:
 
 
 def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
-                 progress: Optional[bool] = None) -> ModelWeights:
+                 progress: Optional[bool] = None, mmap: bool = True) -> ModelWeights:
     """Read a checkpoint (file or Hugging Face folder) into ModelWeights with matrices in `dtype`.
 
     dtype: one of DTYPES. progress: None draws a progress bar on stderr when it is a terminal
     and the load takes over a second; False never; True always (after a second).
+    mmap: matrices stored in `dtype` are views of the mapped file; False reads them into
+    memory in 2 MB pages instead, and then drops the file from the page cache (where no
+    other process maps it), so that one copy of the weights stays.
     Raises CheckpointError naming the file and every problem found.
     """
     check_dtype(dtype)
@@ -329,13 +339,16 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
     top: dict[str, object] = {}
     blocks: list[dict] = [{} for _ in range(the_plan.n_layer)]
     # converted matrices go to one block in 2 MB pages, as a mapped file's are (hugepages)
-    arena = Arena(_converted_nbytes(source, the_plan, dtype))
+    arena = Arena(_arena_nbytes(source, the_plan, dtype, not mmap))
     try:
-        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype, arena):
+        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype, arena, not mmap):
             (blocks[layer] if layer >= 0 else top)[name] = value
             bar.advance(nbytes)
     finally:
         bar.close()
+    if not mmap:
+        for file in source.files:
+            drop_from_page_cache(file.path)
     info = {"path": source.path, "format": source.format, "file_size": source.file_size}
     if source.metadata:
         info["metadata"] = dict(source.metadata)

@@ -218,7 +218,8 @@ class RWKV:
                 f"dtype={self.dtype!r}, threads={self.n_threads})")
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKV:
+def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None, *,
+         mmap: bool = True) -> RWKV:
     """Load an RWKV-4 checkpoint to run in `dtype`.
 
     path: a checkpoint file or folder in any format rwkvx reads (see the README), or
@@ -227,9 +228,14 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     "float32"; "bfloat16" (half the bytes, exact for BlinkDL's bf16 releases); "float16";
     or "uint8" (a quarter, quantised at load). The embedding stays as stored.
     threads: kernel threads; None follows OMP_NUM_THREADS (else one per core).
+    mmap: weights the file stores in `dtype` are used in place from the mapped file
+    (shared with the page cache, paged in as first read). False reads them into private
+    memory in 2 MB pages and drops the file from the page cache: a full read at load, and
+    faster decoding where the page cache holds the file in small pages (see README, Huge
+    pages).
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """
     if threads is not None:
         effective_n_threads(threads)
-    return RWKV(load_weights(path, dtype), threads=threads)
+    return RWKV(load_weights(path, dtype, mmap=mmap), threads=threads)

@@ -139,11 +139,12 @@ class Tensor:
             return None
         return self.file.view(self._np_dtype(), self.offset, self.shape)
 
-    def read(self) -> np.ndarray:
-        """A private, writable, C-contiguous copy in the stored numpy dtype."""
+    def read(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """A private, writable, C-contiguous copy in the stored numpy dtype (into `out`, if given)."""
         dtype = self._np_dtype()
         if self.strides is None:
-            out = np.empty(self.shape, dtype=dtype)
+            if out is None:
+                out = np.empty(self.shape, dtype=dtype)
             self.file.read_into(out, self.offset)
             return out
         # a strided view: read the span of storage it touches, then gather
@@ -152,7 +153,10 @@ class Tensor:
         self.file.read_into(buf, self.offset)
         strided = np.lib.stride_tricks.as_strided(
             buf, self.shape, tuple(s * dtype.itemsize for s in self.strides), writeable=False)
-        return np.ascontiguousarray(strided)
+        if out is None:
+            return np.ascontiguousarray(strided)
+        out[...] = strided
+        return out
 
     def float32(self, out: Optional[np.ndarray] = None) -> np.ndarray:
         """A private, writable float32 copy (into `out`, C-contiguous, if given), widened
@@ -203,6 +207,10 @@ class QuantizedTensor:
             v = t.view()
             parts[k] = v if v is not None else t.read()
         return QuantizedMatrix(**parts)
+
+    def read(self, q_out: Optional[np.ndarray] = None) -> QuantizedMatrix:
+        """A private copy (q into `q_out`, if given)."""
+        return QuantizedMatrix(**{k: t.read(out=q_out if k == "q" else None) for k, t in self.parts.items()})
 
 
 class TensorSource:

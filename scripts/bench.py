@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/bench.py --shape 430M [--dtypes float32,bfloat16,float16,uint8]
         [--threads 2 | --threads 4 --thread-sweep] [--pp 256] [--tg 32] [--batch 8] [--runs 5]
-        [--chunk-size N] [--numpy-chunk-size N] [--no-baseline] [--schedule auto]
+        [--chunk-size N] [--numpy-chunk-size N] [--no-baseline] [--no-mmap] [--schedule auto]
     PYTHONPATH=. python scripts/bench.py --model RWKV-4-Pile-430M.safetensors ...
 
 --shape writes random weights of RWKV-4 169M (12 x 768), 430M (24 x 1024) or 1.5B
@@ -290,7 +290,7 @@ def _child_model(spec: dict) -> None:
     from rwkvx._parallel import openmp_enabled
 
     start = time.perf_counter()
-    model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"])
+    model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"], mmap=spec["mmap"])
     if spec["chunk_size"] is not None:
         model.chunk_size = spec["chunk_size"]
     load_s = time.perf_counter() - start
@@ -483,7 +483,8 @@ def plan_schedule(args, n_params: int) -> tuple[str, str]:
 def run_threads(args, path: str, threads: int, schedule: str) -> dict:
     """All measurements for one thread count: {'bandwidth': Child, 'models': {dtype: Child}}."""
     common = {"path": path, "threads": threads, "pp": args.pp, "tg": args.tg, "batch": args.batch,
-              "chunk_size": args.chunk_size, "numpy_chunk_size": args.numpy_chunk_size, "seed": args.seed}
+              "chunk_size": args.chunk_size, "numpy_chunk_size": args.numpy_chunk_size, "seed": args.seed,
+              "mmap": args.mmap}
     specs = []
     for dtype in args.dtypes:
         candidates = ["rwkvx"] + (["numpy"] if args.baseline and dtype == "float32" else [])
@@ -643,7 +644,8 @@ def report(args, source: str, shape_name: str | None, schedule: str, schedule_no
           f"{_cpu_name()}, {os.cpu_count()} CPUs, {_l3_text()}")
     print(f"pp={args.pp} tokens (rwkvx chunk {first_ready['chunk_size']}, numpy chunk "
           f"{args.numpy_chunk_size or args.pp}), tg={args.tg} tokens, batch={args.batch} sequences x {args.tg} steps; "
-          f"{args.runs} rounds after warm-up, median [min–max]; schedule {schedule} ({schedule_note})")
+          f"{args.runs} rounds after warm-up, median [min–max]; schedule {schedule} ({schedule_note}); "
+          f"weights {'mapped' if args.mmap else 'read into memory (--no-mmap)'}")
     l3 = _l3_bytes()
     small = l3 is not None and bw_ready["bytes"] < 2 * l3
     for bw, _, _ in per_threads:
@@ -745,6 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--numpy-chunk-size", type=positive_int, default=None,
                         help="numpy baseline tokens per GEMM pass (default: the whole prompt)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the numpy baseline")
+    parser.add_argument("--no-mmap", dest="mmap", action="store_false",
+                        help="load with rwkvx.load(..., mmap=False): weights read into memory, not mapped")
     parser.add_argument("--bandwidth-mib", type=positive_int, default=1024,
                         help="size of the bandwidth test array (default 1024 MiB; keep it well above L3)")
     parser.add_argument("--schedule", choices=("auto", "interleaved", "sequential"), default="auto",

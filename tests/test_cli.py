@@ -51,6 +51,15 @@ def test_dtypes_and_threads(byte_model, dtype):
     assert f"dtype {dtype}, 1 threads" in result.stderr
 
 
+def test_no_mmap_gives_the_same_text(byte_model, capsys):
+    outs = []
+    for extra in ([], ["--no-mmap"]):
+        assert main(["-m", str(byte_model), "-p", "abc", "-n", "12", "--temp", "0", "--dtype", "float32",
+                     *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0]
+
+
 def test_batch_size_does_not_change_the_text(capsys):
     path = str(shared_file(TINY_MODEL))
     outs = []

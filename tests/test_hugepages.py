@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from rwkvx.convert import convert
 from rwkvx.hugepages import HUGE_PAGE, Arena, drop_from_page_cache
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
@@ -72,3 +73,20 @@ def test_mapped_files_are_advised_huge_pages(tmp_path):
     header = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
     flags = next(line for line in lines[header:] if line.startswith("VmFlags:"))
     assert " hg" in flags
+
+
+@pytest.mark.parametrize("dtype,stored", [("bfloat16", "bfloat16"), ("float32", "float32"), ("uint8", "uint8")])
+def test_no_mmap_reads_what_mapping_would_use(tmp_path, dtype, stored):
+    src = tmp_path / "m.safetensors"
+    write_safetensors(src, random_tensors(2, 32, 50), dtype="bfloat16" if stored == "bfloat16" else "float32")
+    if stored == "uint8":  # a converted uint8 file: its five parts are mapped as they are
+        convert(src, tmp_path / "u8.safetensors", "uint8")
+        src = tmp_path / "u8.safetensors"
+    mapped, read = load_weights(src, dtype=dtype), load_weights(src, dtype=dtype, mmap=False)
+    for name in ("att_key", "ffn_value"):
+        a, b = mapped.blocks[1][name], read.blocks[1][name]
+        if isinstance(a, QuantizedMatrix):
+            a, b = a.q, b.q
+        assert not a.flags.writeable  # a view of the file
+        assert b.flags.writeable and b.ctypes.data % 64 == 0  # read into the arena
+        np.testing.assert_array_equal(a, b)
