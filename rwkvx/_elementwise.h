@@ -165,6 +165,19 @@ RWKVX_EW_INLINE void rwkvx_relu_square_loop(float *RWKVX_RESTRICT x, ptrdiff_t n
     }
 }
 
+/* Asks for the cache lines of x[0 .. n-1] ahead of their use: scattered spans of a few lines
+ * (a sequence's state rows, one channel block wide) that the hardware prefetcher does not
+ * predict. */
+static inline void rwkvx_prefetch_span(const float *x, ptrdiff_t n)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    for (ptrdiff_t j = 0; j < n; j += 16)
+        __builtin_prefetch(x + j);
+#else
+    (void)x, (void)n;
+#endif
+}
+
 /* Each loop above as a function compiled twice, for the baseline (SSE2 on x86-64) and for
  * AVX2, which the CPU's features choose between at run time; the results do not depend on
  * the width. RWKVX_DISPATCHED(name, params, args) defines name(params) calling
