@@ -16,8 +16,9 @@ tensors of a bfloat16 run, every tensor of a converted file loaded in its dtype)
 embedding, the model's arrays are read-only views of the mapping: no copy is made and the
 OS pages weights in as they are first read. Every other tensor is read privately and
 converted on its own, so a load holds the weights it keeps plus one tensor in float32.
-Mappings and the block that converted matrices are moved into ask for 2 MB pages
-(hugepages), which decoding reads faster.
+File mappings, and the one block that converted matrices are written into, ask for 2 MB
+pages (hugepages), which decoding reads faster. load_weights(mmap=False) reads into that
+block even the matrices it could map, and keeps no view of the file at all.
 
 Checkpoint key strings (BlinkDL's names) appear only here and in the format readers.
 """
@@ -221,20 +222,20 @@ def plan(source: TensorSource) -> Plan:
 
 # ---- per-tensor conversion to what the model keeps ----
 
-def _embedding(source: TensorSource, tensor) -> np.ndarray:
+def _embedding(source: TensorSource, tensor, copy_mapped: bool) -> np.ndarray:
     # the embedding stays as stored (one row per token is widened when looked up)
     if tensor.dtype in ("F32", "F16", "BF16"):
-        view = tensor.view()
+        view = None if copy_mapped else tensor.view()
         return view if view is not None else tensor.read()
     if isinstance(tensor, QuantizedTensor):
         raise fail(source.path, "emb.weight: an embedding stored as uint8 is not supported")
     return tensor.float32()
 
 
-def _vector(source: TensorSource, key: str, tensor, n_embd: int) -> np.ndarray:
+def _vector(source: TensorSource, key: str, tensor, n_embd: int, copy_mapped: bool) -> np.ndarray:
     if isinstance(tensor, QuantizedTensor):
         raise fail(source.path, f"{key}: expected a float32 vector, got a uint8 matrix")
-    view = tensor.view() if tensor.dtype == "F32" else None
+    view = tensor.view() if tensor.dtype == "F32" and not copy_mapped else None
     v = (view if view is not None else tensor.float32()).reshape(n_embd)
     if key.endswith(".att.time_decay") and not source.decay_is_transformed:
         # the real decay per token is e^{-e^x}: keep its log, -e^x, computed in float64
@@ -299,15 +300,15 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Option
     value is what ModelWeights keeps: a float32 vector, the embedding as stored, or a matrix
     in `dtype` (a QuantizedMatrix for uint8). Transforms are applied. Converted matrices
     are written into `arena` when one is given; with copy_mapped, so are the matrices that
-    would otherwise be views of the file.
+    would otherwise be views of the file, and nothing is a view of it.
     """
     arena = arena if arena is not None else Arena(0)
     for key, kind, layer, name in the_plan.entries():
         tensor = source.tensors[key]
         if kind == "emb":
-            value = _embedding(source, tensor)
+            value = _embedding(source, tensor, copy_mapped)
         elif kind == "vector":
-            value = _vector(source, key, tensor, the_plan.n_embd)
+            value = _vector(source, key, tensor, the_plan.n_embd, copy_mapped)
         else:
             value = _matrix(source, key, tensor, dtype, arena, copy_mapped)
         yield key, kind, layer, name, value, tensor.nbytes
@@ -326,9 +327,10 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
 
     dtype: one of DTYPES. progress: None draws a progress bar on stderr when it is a terminal
     and the load takes over a second; False never; True always (after a second).
-    mmap: matrices stored in `dtype` are views of the mapped file; False reads them into
-    memory in 2 MB pages instead, and then drops the file from the page cache (where no
-    other process maps it), so that one copy of the weights stays.
+    mmap: matrices stored in `dtype` (and float32 vectors, and the embedding) are views of
+    the mapped file; False reads them into memory instead (the matrices in 2 MB pages), then
+    drops the file from the page cache (where no other process maps it), so that one copy of
+    the weights stays.
     Raises CheckpointError naming the file and every problem found.
     """
     check_dtype(dtype)

@@ -90,3 +90,6 @@ def test_no_mmap_reads_what_mapping_would_use(tmp_path, dtype, stored):
         assert not a.flags.writeable  # a view of the file
         assert b.flags.writeable and b.ctypes.data % 64 == 0  # read into the arena
         np.testing.assert_array_equal(a, b)
+    # nothing stays a view of the file
+    assert read.emb.flags.writeable and read.blocks[0]["ln1_weight"].flags.writeable
+    np.testing.assert_array_equal(mapped.emb, read.emb)
