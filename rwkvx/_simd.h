@@ -445,6 +445,18 @@ rwkvx_widen32_avx512(const int kind, const void *src, float *dst, ptrdiff_t off)
     }
 }
 
+/* The four rows' sums for token h (0 or 1) of a pair: the eight lanes of that half of each
+ * accumulator, reduced as the AVX2 loops reduce them. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) __m128
+rwkvx_pair_sums4_avx512(const __m512 c[4], int h)
+{
+    __m256 s[4];
+    for (int r = 0; r < 4; r++)
+        s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[r]), 1))
+                 : _mm512_castps512_ps256(c[r]);
+    return rwkvx_hsum4x256(s[0], s[1], s[2], s[3]);
+}
+
 /* Four rows against NP packed pairs of tokens (tokens t0 .. t0 + 2 NP - 1, those below
  * n_tok written): 4 x NP accumulators, 24 of the 32 registers at NP = 6. NP and kind are
  * constants at every call, so the loops unroll and the accumulators stay in registers.
@@ -487,13 +499,9 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
             ptrdiff_t t = t0 + 2 * a + h;
             if (t >= n_tok)
                 break;
-            __m256 s[4];
-            for (int r = 0; r < 4; r++)
-                s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[a][r]), 1))
-                         : _mm512_castps512_ps256(c[a][r]);
             const float *x = X + t * ldx;
             float *y = Y + t * ldy;
-            _mm_storeu_ps(y, rwkvx_hsum4x256(s[0], s[1], s[2], s[3]));
+            _mm_storeu_ps(y, rwkvx_pair_sums4_avx512(c[a], h));
             for (ptrdiff_t k = 8 * n8; k < n; k++) {
                 y[0] += w[k] * x[k];
                 y[1] += w[ldw + k] * x[k];
@@ -573,6 +581,14 @@ RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t l
     }
 #undef RWKVX_WIDENING
 }
+/* Value j of stored weights of a widening kind, as float32 (exact). */
+static inline float rwkvx_scalar_kind(const int kind, const void *src, ptrdiff_t j)
+{
+    return kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src, j)
+         : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src, j)
+                                    : RWKVX_SCALAR_f16((const uint16_t *)src, j);
+}
+
 /* Values src[off .. off + count - 1] of a widening kind, widened to float32 in dst (count a
  * multiple of 8). */
 RWKVX_AVX512 static inline __attribute__((always_inline)) void
@@ -589,9 +605,7 @@ rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *d
             _mm512_store_ps(dst + j, rwkvx_load16_f16((const uint16_t *)src + off + j));
     }
     for (; j < count; j++)
-        dst[j] = kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src + off, j)
-               : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src + off, j)
-                                          : RWKVX_SCALAR_f16((const uint16_t *)src + off, j);
+        dst[j] = rwkvx_scalar_kind(kind, src, off + j);
 }
 
 /* Columns per step of rwkvx_gemm4_stored_avx512's widening. */
@@ -659,23 +673,12 @@ rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *nex
             ptrdiff_t t = 2 * a + h;
             if (t >= n_tok)
                 break;
-            __m256 s[4];
-            for (int r = 0; r < 4; r++)
-                s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[a][r]), 1))
-                         : _mm512_castps512_ps256(c[a][r]);
             const float *x = X + t * ldx;
             float *y = Y + t * ldy;
-            _mm_storeu_ps(y, rwkvx_hsum4x256(s[0], s[1], s[2], s[3]));
+            _mm_storeu_ps(y, rwkvx_pair_sums4_avx512(c[a], h));
             for (ptrdiff_t k = 8 * n8; k < n; k++) {
-                float w[4];
                 for (int r = 0; r < 4; r++)
-                    w[r] = kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src, r * n + k)
-                         : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src, r * n + k)
-                                                    : RWKVX_SCALAR_f16((const uint16_t *)src, r * n + k);
-                y[0] += w[0] * x[k];
-                y[1] += w[1] * x[k];
-                y[2] += w[2] * x[k];
-                y[3] += w[3] * x[k];
+                    y[r] += rwkvx_scalar_kind(kind, src, r * n + k) * x[k];
             }
         }
     }
