@@ -404,6 +404,17 @@ RWKVX_AVX512 static inline __m512 rwkvx_load16_u8(const uint8_t *p)
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
+/* Values j .. j + 15 of stored weights of a widening kind (a constant at every call). */
+RWKVX_AVX512 static inline __attribute__((always_inline)) __m512
+rwkvx_load16_kind(const int kind, const void *src, ptrdiff_t j)
+{
+    if (kind == RWKVX_WIDEN_U8)
+        return rwkvx_load16_u8((const uint8_t *)src + j);
+    if (kind == RWKVX_WIDEN_BF16)
+        return rwkvx_load16_bf16((const uint16_t *)src + j);
+    return rwkvx_load16_f16((const uint16_t *)src + j);
+}
+
 #define RWKVX_AVX512_WIDEN(TYPE, CTYPE)                                                       \
     RWKVX_AVX512 static void rwkvx_widen_##TYPE##_avx512(const CTYPE *p, float *out,           \
                                                          ptrdiff_t n)                          \
@@ -425,24 +436,12 @@ RWKVX_AVX512_WIDEN(u8, uint8_t)
 RWKVX_AVX512 static inline __attribute__((always_inline)) void
 rwkvx_widen32_avx512(const int kind, const void *src, float *dst, ptrdiff_t off)
 {
-    float *out = dst + off;
-    if (kind == RWKVX_WIDEN_U8) {
-        const uint8_t *p = (const uint8_t *)src + off;
-        if (off % 64 == 0)
-            _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
-        _mm512_storeu_ps(out, rwkvx_load16_u8(p));
-        _mm512_storeu_ps(out + 16, rwkvx_load16_u8(p + 16));
-        return;
-    }
-    const uint16_t *p = (const uint16_t *)src + off;
-    _mm_prefetch((const char *)p + 1024, _MM_HINT_T0);
-    if (kind == RWKVX_WIDEN_BF16) {
-        _mm512_storeu_ps(out, rwkvx_load16_bf16(p));
-        _mm512_storeu_ps(out + 16, rwkvx_load16_bf16(p + 16));
-    } else {
-        _mm512_storeu_ps(out, rwkvx_load16_f16(p));
-        _mm512_storeu_ps(out + 16, rwkvx_load16_f16(p + 16));
-    }
+    const ptrdiff_t size = kind == RWKVX_WIDEN_U8 ? 1 : 2;
+    /* a line of stored bytes per 64: every step for 16-bit kinds, every other for uint8 */
+    if ((off * size) % 64 == 0)
+        _mm_prefetch((const char *)src + off * size + 1024, _MM_HINT_T0);
+    _mm512_storeu_ps(dst + off, rwkvx_load16_kind(kind, src, off));
+    _mm512_storeu_ps(dst + off + 16, rwkvx_load16_kind(kind, src, off + 16));
 }
 
 /* The four rows' sums for token h (0 or 1) of a pair: the eight lanes of that half of each
@@ -455,6 +454,25 @@ rwkvx_pair_sums4_avx512(const __m512 c[4], int h)
         s[r] = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c[r]), 1))
                  : _mm512_castps512_ps256(c[r]);
     return rwkvx_hsum4x256(s[0], s[1], s[2], s[3]);
+}
+
+/* One step of eight columns: rows w + r * ldw (eight floats each, broadcast to both halves)
+ * times NP packed pairs P + a * ldp, added to the accumulators c[a][r]. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_tile_step_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_t ldp, const int NP,
+                       __m512 c[6][4])
+{
+    __m512 v[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+        v[r] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)(w + r * ldw))));
+#pragma GCC unroll 6
+    for (int a = 0; a < NP; a++) {
+        __m512 xv = _mm512_loadu_ps(P + a * ldp);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            c[a][r] = _mm512_fmadd_ps(v[r], xv, c[a][r]);
+    }
 }
 
 /* Four rows against NP packed pairs of tokens (tokens t0 .. t0 + 2 NP - 1, those below
@@ -480,18 +498,7 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
     for (ptrdiff_t b = 0; b < n8; b++) {
         if (kind && b < job_steps)
             rwkvx_widen32_avx512(kind, src, dst, 32 * b);
-        __m512 v[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
-            v[r] = _mm512_castpd_ps(
-                _mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)(w + r * ldw + 8 * b))));
-#pragma GCC unroll 6
-        for (int a = 0; a < NP; a++) {
-            __m512 xv = _mm512_loadu_ps(P + a * ldp + 16 * b);
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++)
-                c[a][r] = _mm512_fmadd_ps(v[r], xv, c[a][r]);
-        }
+        rwkvx_tile_step_avx512(w + 8 * b, ldw, P + 16 * b, ldp, NP, c);
     }
 #pragma GCC unroll 6
     for (int a = 0; a < NP; a++) {
@@ -596,14 +603,8 @@ rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *d
                         ptrdiff_t count)
 {
     ptrdiff_t j = 0;
-    for (; j + 16 <= count; j += 16) {
-        if (kind == RWKVX_WIDEN_U8)
-            _mm512_store_ps(dst + j, rwkvx_load16_u8((const uint8_t *)src + off + j));
-        else if (kind == RWKVX_WIDEN_BF16)
-            _mm512_store_ps(dst + j, rwkvx_load16_bf16((const uint16_t *)src + off + j));
-        else
-            _mm512_store_ps(dst + j, rwkvx_load16_f16((const uint16_t *)src + off + j));
-    }
+    for (; j + 16 <= count; j += 16)
+        _mm512_store_ps(dst + j, rwkvx_load16_kind(kind, src, off + j));
     for (; j < count; j++)
         dst[j] = rwkvx_scalar_kind(kind, src, off + j);
 }
@@ -652,19 +653,7 @@ rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *nex
                     _mm_prefetch(pf + line, _MM_HINT_T0);
         }
         for (ptrdiff_t s = 0; s < steps; s++) {
-            const ptrdiff_t b = b0 + s;
-            __m512 v[4];
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++)
-                v[r] = _mm512_castpd_ps(
-                    _mm512_broadcast_f64x4(_mm256_load_pd((const double *)(wb[r] + 8 * s))));
-#pragma GCC unroll 6
-            for (int a = 0; a < NP; a++) {
-                __m512 xv = _mm512_loadu_ps(P + a * ldp + 16 * b);
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++)
-                    c[a][r] = _mm512_fmadd_ps(v[r], xv, c[a][r]);
-            }
+            rwkvx_tile_step_avx512(wb[0] + 8 * s, RWKVX_SPAN, P + 16 * (b0 + s), ldp, NP, c);
         }
     }
 #pragma GCC unroll 6
