@@ -612,14 +612,48 @@ rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *d
 /* Columns per step of rwkvx_gemm4_stored_avx512's widening. */
 #define RWKVX_SPAN 64
 
+/* How far ahead rwkvx_gemm4_stored_pairs_avx512 prefetches rows of at least
+ * RWKVX_ROW_PREFETCH_BYTES: the same columns RWKVX_PREFETCH_SPANS spans on, in each of the
+ * four rows. */
+#define RWKVX_ROW_PREFETCH_BYTES 2048
+#define RWKVX_PREFETCH_SPANS 8
+
+/* For the stored tile at column col of the block at src (four rows of n, n8 whole steps of
+ * eight): the lines RWKVX_PREFETCH_SPANS spans ahead in each row, those of the next block
+ * (next, or NULL) once past this block's end. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_prefetch_rows_ahead(const char *src, const char *next, ptrdiff_t n, ptrdiff_t n8,
+                          ptrdiff_t col, const ptrdiff_t size)
+{
+    ptrdiff_t ahead = col + RWKVX_PREFETCH_SPANS * RWKVX_SPAN;
+    const char *base = src;
+    if (ahead >= 8 * n8) {
+        ahead -= 8 * n8;
+        base = next;
+    }
+    if (base == NULL || ahead >= 8 * n8)
+        return;
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 2
+        for (ptrdiff_t line = 0; line < RWKVX_SPAN * size; line += 64)
+            _mm_prefetch(base + (r * n + ahead) * size + line, _MM_HINT_T0);
+}
+
 /* As rwkvx_gemm4_pairs_avx512, for four rows of stored weights (kind, row stride n) against
  * NP pairs of tokens, all the tile there is: the rows are widened RWKVX_SPAN columns at a
- * time into 1 KiB on the stack just before their multiply-adds, while the same span of the
- * next block (next, or NULL) is prefetched. Widening the whole next block into a 16 KiB
- * buffer instead kept it, the block being multiplied and the packed inputs (32 KiB at 8
- * tokens of 1024) in use at once, more than L1's 48 KiB: in a C harness, 8-token uint8
- * products of 4096 x 1024, 2 threads, streaming, took 0.360-0.367 ms that way and
- * 0.336-0.338 this way (1024 x 4096: 0.412-0.414 and 0.384-0.399). */
+ * time into 1 KiB on the stack just before their multiply-adds, while lines ahead are
+ * prefetched. Widening the whole next block into a 16 KiB buffer instead kept it, the block
+ * being multiplied and the packed inputs (32 KiB at 8 tokens of 1024) in use at once, more
+ * than L1's 48 KiB: in a C harness, 8-token uint8 products of 4096 x 1024, 2 threads,
+ * streaming, took 0.360-0.367 ms that way and 0.336-0.338 this way (1024 x 4096:
+ * 0.412-0.414 and 0.384-0.399).
+ * What to prefetch: rows shorter than RWKVX_ROW_PREFETCH_BYTES, the next block (next, or
+ * NULL) in as many equal consecutive parts as this block has spans; longer rows, each row
+ * RWKVX_PREFETCH_SPANS spans ahead. Measured in that harness (medians of two runs of
+ * seven; linear / rows ahead): uint8 4096 x 1024 0.33 / 0.36 ms, 3072 x 768 0.18 / 0.18,
+ * 1024 x 4096 0.36 / 0.31, 768 x 3072 0.20 / 0.19; bfloat16 3072 x 768 0.26 / 0.29,
+ * 4096 x 1024 0.50 / 0.48, 1024 x 4096 0.52 / 0.37, 768 x 3072 0.30 / 0.21. */
 RWKVX_AVX512 static inline __attribute__((always_inline)) void
 rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *next,
                                 const float *P, ptrdiff_t ldp, const int NP, const float *X,
@@ -627,6 +661,7 @@ rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *nex
                                 ptrdiff_t ldy)
 {
     const ptrdiff_t n8 = n / 8, size = kind == RWKVX_WIDEN_U8 ? 1 : 2;
+    const int by_row = n * size >= RWKVX_ROW_PREFETCH_BYTES;
     float wb[4][RWKVX_SPAN] __attribute__((aligned(64)));
     __m512 c[6][4];
 #pragma GCC unroll 24
@@ -635,7 +670,9 @@ rwkvx_gemm4_stored_pairs_avx512(const int kind, const void *src, const void *nex
     for (ptrdiff_t b0 = 0; b0 < n8; b0 += RWKVX_SPAN / 8) {
         const ptrdiff_t steps = n8 - b0 < RWKVX_SPAN / 8 ? n8 - b0 : RWKVX_SPAN / 8;
         /* the next block's bytes in as many equal parts as this block has spans */
-        const char *pf = next ? (const char *)next + 4 * 8 * b0 * size : NULL;
+        const char *pf = next && !by_row ? (const char *)next + 4 * 8 * b0 * size : NULL;
+        if (by_row)
+            rwkvx_prefetch_rows_ahead((const char *)src, (const char *)next, n, n8, 8 * b0, size);
         if (steps == RWKVX_SPAN / 8) {
             /* whole spans, the usual case, with constant counts so the loops unroll */
 #pragma GCC unroll 4

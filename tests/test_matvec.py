@@ -124,6 +124,18 @@ def test_matmul_in_several_passes_equals_matvec(simd, rng):
             assert np.array_equal(Y[t], lin(X[t])), lin.dtype
 
 
+@pytest.mark.parametrize("n_cols", [1030, 2100])
+def test_matmul_of_long_rows_equals_matvec(simd, rng, n_cols):
+    # rows of 2 KiB and more: the few-token product prefetches row by row, into the next
+    # block at the end of each (bfloat16/float16 rows at both sizes, uint8 at 2100)
+    w, _ = _data(rng, 29, n_cols)
+    X = rng.standard_normal((8, n_cols)).astype(np.float32)
+    for lin in _all_kinds(w):
+        Y = lin.matmul(X, n_threads=2)
+        for t in range(8):
+            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+
+
 def test_matmul_raises_on_shape_mismatch(rng):
     w, _ = _data(rng, 5, 9)
     with pytest.raises(RwkvxError, match="matmul"):
