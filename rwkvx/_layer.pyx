@@ -10,6 +10,7 @@ State rows per layer, as in ChatRWKV's state[5*i+k]: FFN_XX, ATT_XX, ATT_AA, ATT
 """
 from cython.parallel import prange
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -458,6 +459,36 @@ def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[
     with nogil:
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             _layer_norm(&out[t, 0], &X[t, 0], &weight[0], &bias[0], n)
+
+
+def copy_rows(float[:, ::1] dst, list rows, int n_threads=1):
+    """dst[b] = rows[b] for every b, in parallel: rows are C-contiguous float32 arrays of
+    dst.shape[1] values (batched decoding's states gathered into one block; numpy's
+    single-threaded copy took 0.7 ms of a 35 ms 8-sequence uint8 step on the 430M shape)."""
+    cdef Py_ssize_t n_rows = dst.shape[0], n = dst.shape[1], i, part
+    if len(rows) != n_rows:
+        raise RwkvxError(f"copy_rows: expected {n_rows} rows, got {len(rows)}")
+    if n_threads < 1:
+        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    cdef const float[::1] row
+    cdef const float** src = <const float**>malloc(max(1, n_rows) * sizeof(float*))
+    if src == NULL:
+        raise MemoryError()
+    # parts of 64 KiB, so that a few rows still keep every thread busy
+    cdef Py_ssize_t per_part = 16384, n_parts = (n + per_part - 1) // per_part
+    try:
+        for i in range(n_rows):
+            row = rows[i]
+            if row.shape[0] != n:
+                raise RwkvxError(f"copy_rows: row {i} has {row.shape[0]} values, expected {n}")
+            src[i] = &row[0] if n else NULL
+        with nogil:
+            for part in prange(n_rows * n_parts, schedule="static", num_threads=n_threads):
+                i = part // n_parts
+                memcpy(&dst[i, 0] + (part % n_parts) * per_part, src[i] + (part % n_parts) * per_part,
+                       min(per_part, n - (part % n_parts) * per_part) * sizeof(float))
+    finally:
+        free(src)
 
 
 def layer_norm(const float[::1] x, const float[::1] weight, const float[::1] bias, float[::1] out):

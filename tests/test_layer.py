@@ -25,6 +25,23 @@ def test_layer_norm_raises_on_length_mismatch(rng):
         _layer.layer_norm(x, x[:4], x, np.empty(5, np.float32))
 
 
+@pytest.mark.parametrize("n_rows, n", [(1, 5), (3, 16384), (8, 40000), (2, 0)])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_copy_rows(rng, n_rows, n, n_threads):
+    rows = [rng.standard_normal(n).astype(np.float32) for _ in range(n_rows)]
+    dst = np.full((n_rows, n), np.nan, dtype=np.float32)
+    _layer.copy_rows(dst, rows, n_threads)
+    assert np.array_equal(dst, np.stack(rows))
+
+
+def test_copy_rows_raises_on_mismatch():
+    dst = np.zeros((2, 4), dtype=np.float32)
+    with pytest.raises(RwkvxError, match="expected 2 rows"):
+        _layer.copy_rows(dst, [np.zeros(4, np.float32)])
+    with pytest.raises(RwkvxError, match="row 1 has 3 values"):
+        _layer.copy_rows(dst, [np.zeros(4, np.float32), np.zeros(3, np.float32)])
+
+
 def test_exp_within_two_ulp_of_float64():
     # every float32 from the smallest normal result to the largest finite one, thinned
     bits = np.arange(np.float32(-87.33).view(np.int32), np.float32(-1e-30).view(np.int32), 97, dtype=np.int32)
