@@ -344,17 +344,19 @@ cdef class Block:
             self._time_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], ss, &starts[0], n_seq, ws, n_threads)
             self._channel_mixing_rows(&X[0, 0], n_rows, &states[0, 0, 0], ss, &starts[0], n_seq, ws, n_threads)
 
-    cdef void _norm_and_shift(self, const float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
-                              Py_ssize_t xx_row,
-                              const Py_ssize_t* starts, Py_ssize_t n_seq, const float* ln_w,
-                              const float* ln_b, float* xx, float* out1, const float* mix1,
-                              float* out2, const float* mix2, float* out3, const float* mix3,
-                              int n_threads) noexcept nogil:
-        # xx = layer_norm(X); out_i = xx * mix_i + previous token's xx * (1 - mix_i), where the
-        # previous token of a sequence's first row is its state row xx_row; that state row
-        # then becomes the sequence's last xx
-        cdef Py_ssize_t n = self.n_embd, b, t
+    cdef void _norm_and_shift(self, float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
+                              Py_ssize_t xx_row, const Py_ssize_t* starts, Py_ssize_t n_seq,
+                              const float* add, const float* ln_w, const float* ln_b, float* xx,
+                              float* out1, const float* mix1, float* out2, const float* mix2,
+                              float* out3, const float* mix3, int n_threads) noexcept nogil:
+        # X += add (unless NULL); xx = layer_norm(X); out_i = xx * mix_i + previous token's
+        # xx * (1 - mix_i), where the previous token of a sequence's first row is its state
+        # row xx_row; that state row then becomes the sequence's last xx
+        cdef Py_ssize_t n = self.n_embd, b, t, j
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            if add != NULL:
+                for j in range(t * n, t * n + n):
+                    X[j] += add[j]
             _layer_norm(xx + t * n, X + t * n, ln_w, ln_b, n)
         for t in prange(n_rows, schedule="static", num_threads=n_threads):
             _shift_row(t, n, xx, states, ss, xx_row, starts, n_seq, out1, mix1, out2, mix2, out3, mix3)
@@ -367,7 +369,7 @@ cdef class Block:
                                 const Py_ssize_t* starts,
                                 Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t n = self.n_embd, block, t
-        self._norm_and_shift(X, n_rows, states, ss, ATT_XX, starts, n_seq, self.ln1_w, self.ln1_b, ws.xx,
+        self._norm_and_shift(X, n_rows, states, ss, ATT_XX, starts, n_seq, NULL, self.ln1_w, self.ln1_b, ws.xx,
                              ws.xk, self.att_mix_k, ws.xv, self.att_mix_v, ws.xr, self.att_mix_r, n_threads)
         # K = XK kw^T; V = XV vw^T; R = XR rw^T, in one parallel loop
         cdef MatmulJob jobs[3]
@@ -380,17 +382,15 @@ cdef class Block:
         for block in prange((n + 63) // 64, schedule="static", num_threads=n_threads):
             _wkv_rows(ws.k, ws.v, ws.r, ws.rwkv, self.att_first, self.att_decay, states, ss, starts, n_seq, n,
                       block * 64, min(block * 64 + 64, n))
-        # X += (R * WKV) ow^T
+        # X += (R * WKV) ow^T: the sum is taken by channel mixing's first loop
         jobs[0] = ws.job(0, ws.out, n, &self.att_output, ws.rwkv)
         _matmul_jobs(jobs, 1, n_rows, ws.wbuf, n_threads)
-        for t in prange(n_rows * n, schedule="static", num_threads=n_threads):
-            X[t] += ws.out[t]
 
     cdef void _channel_mixing_rows(self, float* X, Py_ssize_t n_rows, float* states, Py_ssize_t ss,
                                    const Py_ssize_t* starts,
                                    Py_ssize_t n_seq, SeqWorkspace ws, int n_threads) noexcept nogil:
         cdef Py_ssize_t n = self.n_embd, t
-        self._norm_and_shift(X, n_rows, states, ss, FFN_XX, starts, n_seq, self.ln2_w, self.ln2_b, ws.xx,
+        self._norm_and_shift(X, n_rows, states, ss, FFN_XX, starts, n_seq, ws.out, self.ln2_w, self.ln2_b, ws.xx,
                              ws.xk, self.ffn_mix_k, ws.xr, self.ffn_mix_r, NULL, NULL, n_threads)
         # R = XR rw^T; KF = relu(XK kw^T)^2 (one parallel loop); X += sigmoid(R) * (KF vw^T)
         cdef MatmulJob jobs[2]
