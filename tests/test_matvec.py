@@ -102,7 +102,7 @@ def _all_kinds(w):
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 13])
-@pytest.mark.parametrize("n_cols", [1, 7, 17, 33, 127])
+@pytest.mark.parametrize("n_cols", [1, 7, 17, 33, 64, 127])
 @pytest.mark.parametrize("n_rows", [1, 3, 5, 17])
 def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
     w, _ = _data(rng, n_rows, n_cols)
