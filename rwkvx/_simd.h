@@ -104,7 +104,9 @@ typedef struct {
 } rwkvx_u8_affine;
 
 /* y[0 .. count-1] (rows from the affine's first) for one token's sums. Every path finishes
- * uint8 products with these operations in this order, so their results are bit-identical. */
+ * uint8 products with these operations in this order, so their results are bit-identical;
+ * rwkvx_gemm4_stored_pairs_avx512 repeats them on four rows at once in SSE registers (keep
+ * the two in step). */
 static inline void rwkvx_u8_finish(float *y, const float *ry, const float *my,
                                    const rwkvx_u8_sums *s, ptrdiff_t count)
 {
@@ -641,7 +643,8 @@ rwkvx_prefetch_rows_ahead(const char *src, const char *next, ptrdiff_t n, ptrdif
 }
 
 /* As rwkvx_gemm4_pairs_avx512, for four rows of stored weights (kind, row stride n) against
- * NP pairs of tokens, all the tile there is: the rows are widened RWKVX_SPAN columns at a
+ * NP pairs of tokens, all the tile there is, finishing them as uint8 products if u8 is not
+ * NULL (as rwkvx_u8_finish would): the rows are widened RWKVX_SPAN columns at a
  * time into 1 KiB on the stack just before their multiply-adds, while lines ahead are
  * prefetched. Widening the whole next block into a 16 KiB buffer instead kept it, the block
  * being multiplied and the packed inputs (32 KiB at 8 tokens of 1024) in use at once, more
@@ -911,7 +914,7 @@ static inline void rwkvx_widen_rest(const rwkvx_widen_job *job, ptrdiff_t from)
 /* Rows w .. w + 3 ldw against the n_tok rows of X. P: X packed by rwkvx_pack_pair, read
  * only at level 2. job, if not NULL, is also done: at level 2 interleaved with the
  * arithmetic, else after it. u8, if not NULL, finishes the rows as uint8 products
- * (rwkvx_u8_finish, the one definition every path uses). Measured on the 430M shape, 2
+ * (rwkvx_u8_finish). Measured on the 430M shape, 2
  * threads, 8-token bfloat16 products: widening each block before multiplying it 0.49-0.52
  * ms per 4096 x 1024 matrix, widening the next one in between the multiply-adds 0.41-0.43
  * (float32 0.37). */
@@ -946,7 +949,8 @@ static inline void rwkvx_gemm4_f32(const float *w, ptrdiff_t ldw, const float *X
 
 /* Four rows of stored weights (kind RWKVX_WIDEN_*, row stride n) against n_tok rows of X
  * (row stride n), packed in P, widening as it goes (rwkvx_gemm4_stored_pairs_avx512); next:
- * the next block's weights to prefetch, or NULL. Only at level 2 and for up to
+ * the next block's weights to prefetch, or NULL; u8, if not NULL, finishes the rows as
+ * uint8 products, as rwkvx_gemm4_f32 does. Only at level 2 and for up to
  * RWKVX_STORED_MAX_TOKENS tokens: returns 0, doing nothing, otherwise. Results are
  * bit-identical to widening the rows and calling rwkvx_gemm4_f32. */
 static inline int rwkvx_gemm4_stored(int kind, const void *src, const void *next, const float *X,

@@ -25,21 +25,33 @@ def test_layer_norm_raises_on_length_mismatch(rng):
         _layer.layer_norm(x, x[:4], x, np.empty(5, np.float32))
 
 
-@pytest.mark.parametrize("n_rows, n", [(1, 5), (3, 16384), (8, 40000), (2, 0)])
+@pytest.mark.parametrize("n_rows, n", [(0, 7), (1, 5), (3, 16384), (8, 40000), (2, 0)])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_copy_rows(rng, n_rows, n, n_threads):
     rows = [rng.standard_normal(n).astype(np.float32) for _ in range(n_rows)]
     dst = np.full((n_rows, n), np.nan, dtype=np.float32)
     _layer.copy_rows(dst, rows, n_threads)
-    assert np.array_equal(dst, np.stack(rows))
+    assert np.array_equal(dst, np.array(rows, dtype=np.float32).reshape(n_rows, n))
 
 
-def test_copy_rows_raises_on_mismatch():
+def test_copy_rows_raises_on_wrong_count():
     dst = np.zeros((2, 4), dtype=np.float32)
     with pytest.raises(RwkvxError, match="expected 2 rows"):
         _layer.copy_rows(dst, [np.zeros(4, np.float32)])
+
+
+def test_copy_rows_raises_on_wrong_length():
+    dst = np.zeros((2, 4), dtype=np.float32)
     with pytest.raises(RwkvxError, match="row 1 has 3 values"):
         _layer.copy_rows(dst, [np.zeros(4, np.float32), np.zeros(3, np.float32)])
+
+
+@pytest.mark.parametrize("row", [np.zeros(4), np.zeros(8, np.float32)[::2], np.zeros((2, 2), np.float32)],
+                         ids=["float64", "strided", "2-d"])
+def test_copy_rows_raises_on_wrong_layout(row):
+    dst = np.zeros((1, 4), dtype=np.float32)
+    with pytest.raises(RwkvxError, match="row 0: expected a C-contiguous float32 vector"):
+        _layer.copy_rows(dst, [row])
 
 
 def test_exp_within_two_ulp_of_float64():
