@@ -184,26 +184,25 @@ cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple ar
     return self
 
 
+cdef inline const void* _stored_rows(const Matrix* m, Py_ssize_t i) noexcept nogil:
+    # where row i of a bf16, f16 or uint8 matrix is stored
+    if m.kind == MATRIX_U8:
+        return m.q + i * m.n_cols
+    return m.h16 + i * m.n_cols
+
+
 cdef inline rwkvx_widen_job _widen_job(const Matrix* m, Py_ssize_t i, float* out) noexcept nogil:
     # rows i .. i+3 of a bf16, f16 or uint8 matrix, to be widened to float32 (exact) in
     # out, one after another: they are contiguous, so one job covers them all
     cdef rwkvx_widen_job job
     job.dst = out
     job.count = 4 * m.n_cols
+    job.src = _stored_rows(m, i)
     if m.kind == MATRIX_U8:
         job.kind = RWKVX_WIDEN_U8
-        job.src = m.q + i * m.n_cols
     else:
         job.kind = RWKVX_WIDEN_BF16 if m.kind == MATRIX_BF16 else RWKVX_WIDEN_F16
-        job.src = m.h16 + i * m.n_cols
     return job
-
-
-cdef inline const void* _stored_rows(const Matrix* m, Py_ssize_t i) noexcept nogil:
-    # where row i of a bf16, f16 or uint8 matrix is stored
-    if m.kind == MATRIX_U8:
-        return m.q + i * m.n_cols
-    return m.h16 + i * m.n_cols
 
 
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,

@@ -417,20 +417,38 @@ rwkvx_load16_kind(const int kind, const void *src, ptrdiff_t j)
     return rwkvx_load16_f16((const uint16_t *)src + j);
 }
 
-#define RWKVX_AVX512_WIDEN(TYPE, CTYPE)                                                       \
+/* Value j of stored weights of a widening kind, as float32 (exact). */
+static inline float rwkvx_scalar_kind(const int kind, const void *src, ptrdiff_t j)
+{
+    return kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src, j)
+         : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src, j)
+                                    : RWKVX_SCALAR_f16((const uint16_t *)src, j);
+}
+
+/* Values src[off .. off + count - 1] of a widening kind (a constant at every call),
+ * widened to float32 in dst: the AVX-512 widening loop, for whole jobs and for the stored
+ * tile's spans alike. */
+RWKVX_AVX512 static inline __attribute__((always_inline)) void
+rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *dst,
+                        ptrdiff_t count)
+{
+    ptrdiff_t j = 0;
+    for (; j + 16 <= count; j += 16)
+        _mm512_storeu_ps(dst + j, rwkvx_load16_kind(kind, src, off + j));
+    for (; j < count; j++)
+        dst[j] = rwkvx_scalar_kind(kind, src, off + j);
+}
+
+#define RWKVX_AVX512_WIDEN(TYPE, CTYPE, KIND)                                                 \
     RWKVX_AVX512 static void rwkvx_widen_##TYPE##_avx512(const CTYPE *p, float *out,           \
                                                          ptrdiff_t n)                          \
     {                                                                                          \
-        ptrdiff_t j = 0;                                                                       \
-        for (; j + 16 <= n; j += 16)                                                           \
-            _mm512_storeu_ps(out + j, rwkvx_load16_##TYPE(p + j));                             \
-        for (; j < n; j++)                                                                     \
-            out[j] = RWKVX_SCALAR_##TYPE(p, j);                                                \
+        rwkvx_widen_span_avx512(KIND, p, 0, out, n);                                           \
     }
 
-RWKVX_AVX512_WIDEN(bf16, uint16_t)
-RWKVX_AVX512_WIDEN(f16, uint16_t)
-RWKVX_AVX512_WIDEN(u8, uint8_t)
+RWKVX_AVX512_WIDEN(bf16, uint16_t, RWKVX_WIDEN_BF16)
+RWKVX_AVX512_WIDEN(f16, uint16_t, RWKVX_WIDEN_F16)
+RWKVX_AVX512_WIDEN(u8, uint8_t, RWKVX_WIDEN_U8)
 
 /* Values off .. off + 31 of a widening job of the given kind, prefetching a kilobyte ahead
  * (the loads come a few at a time between multiply-adds, too sparse for the hardware
@@ -522,6 +540,18 @@ rwkvx_gemm4_pairs_avx512(const float *w, ptrdiff_t ldw, const float *P, ptrdiff_
     return 32 * job_steps;
 }
 
+/* TILE(NP), a statement that returns, with NP the constant np (1 to 6): the tiles' pair
+ * count must be a constant for their loops to unroll and accumulators to stay in registers. */
+#define RWKVX_FOR_PAIRS(np, TILE) \
+    switch (np) {                 \
+    case 6: TILE(6);              \
+    case 5: TILE(5);              \
+    case 4: TILE(4);              \
+    case 3: TILE(3);              \
+    case 2: TILE(2);              \
+    default: TILE(1);             \
+    }
+
 /* One tile of np pairs (1 to 6) from pair a, widening job if kind is not 0; returns how many
  * of its values it widened. */
 RWKVX_AVX512 static inline __attribute__((always_inline)) ptrdiff_t
@@ -533,14 +563,7 @@ rwkvx_gemm4_tile_avx512(const float *w, ptrdiff_t ldw, const float *X, ptrdiff_t
     const float *p = P + a * ldp;
 #define RWKVX_TILE(NP) \
     return rwkvx_gemm4_pairs_avx512(w, ldw, p, ldp, NP, X, ldx, 2 * a, n_tok, n, Y, ldy, kind, job)
-    switch (np) {
-    case 6: RWKVX_TILE(6);
-    case 5: RWKVX_TILE(5);
-    case 4: RWKVX_TILE(4);
-    case 3: RWKVX_TILE(3);
-    case 2: RWKVX_TILE(2);
-    default: RWKVX_TILE(1);
-    }
+    RWKVX_FOR_PAIRS(np, RWKVX_TILE);
 #undef RWKVX_TILE
 }
 
@@ -589,26 +612,6 @@ RWKVX_AVX512 static ptrdiff_t rwkvx_gemm4_f32_avx512(const float *w, ptrdiff_t l
         return 0;
     }
 #undef RWKVX_WIDENING
-}
-/* Value j of stored weights of a widening kind, as float32 (exact). */
-static inline float rwkvx_scalar_kind(const int kind, const void *src, ptrdiff_t j)
-{
-    return kind == RWKVX_WIDEN_U8 ? RWKVX_SCALAR_u8((const uint8_t *)src, j)
-         : kind == RWKVX_WIDEN_BF16 ? RWKVX_SCALAR_bf16((const uint16_t *)src, j)
-                                    : RWKVX_SCALAR_f16((const uint16_t *)src, j);
-}
-
-/* Values src[off .. off + count - 1] of a widening kind, widened to float32 in dst (count a
- * multiple of 8). */
-RWKVX_AVX512 static inline __attribute__((always_inline)) void
-rwkvx_widen_span_avx512(const int kind, const void *src, ptrdiff_t off, float *dst,
-                        ptrdiff_t count)
-{
-    ptrdiff_t j = 0;
-    for (; j + 16 <= count; j += 16)
-        _mm512_store_ps(dst + j, rwkvx_load16_kind(kind, src, off + j));
-    for (; j < count; j++)
-        dst[j] = rwkvx_scalar_kind(kind, src, off + j);
 }
 
 /* Columns per step of rwkvx_gemm4_stored_avx512's widening. */
@@ -738,14 +741,7 @@ rwkvx_gemm4_stored_kind_avx512(const int kind, const void *src, const void *next
     const ptrdiff_t ldp = rwkvx_pack_stride(n);
 #define RWKVX_TILE(NP) \
     rwkvx_gemm4_stored_pairs_avx512(kind, src, next, P, ldp, NP, X, n, n_tok, n, Y, ldy, u8); return
-    switch (np) {
-    case 6: RWKVX_TILE(6);
-    case 5: RWKVX_TILE(5);
-    case 4: RWKVX_TILE(4);
-    case 3: RWKVX_TILE(3);
-    case 2: RWKVX_TILE(2);
-    default: RWKVX_TILE(1);
-    }
+    RWKVX_FOR_PAIRS(np, RWKVX_TILE);
 #undef RWKVX_TILE
 }
 
