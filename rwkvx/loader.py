@@ -243,6 +243,12 @@ def _vector(source: TensorSource, key: str, tensor, n_embd: int, copy_mapped: bo
     return v
 
 
+def _stored_as_run(tensor, dtype: str) -> bool:
+    # the file already holds what the kernels read for dtype (a uint8 file is only loadable
+    # as uint8): mapped, or read as is, never converted
+    return isinstance(tensor, QuantizedTensor) or tensor.dtype == RUN_STORED.get(dtype)
+
+
 def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool):
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
@@ -253,7 +259,7 @@ def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, co
         raise fail(source.path, f"holds uint8 weights (converted with --dtype uint8), which cannot be "
                                 f"loaded as {dtype}: load it with dtype uint8, or convert the original "
                                 f"checkpoint to {dtype}")
-    if tensor.dtype == RUN_STORED.get(dtype):
+    if _stored_as_run(tensor, dtype):
         # the file holds what the kernels read: map it, copy nothing (or read it, if asked)
         if copy_mapped:
             return tensor.read(out=arena.take(tuple(tensor.shape), NUMPY_DTYPES[tensor.dtype]))
@@ -287,8 +293,7 @@ def _arena_nbytes(source: TensorSource, the_plan: Plan, dtype: str, copy_mapped:
     total = 0
     for key, kind, _, _ in the_plan.entries():
         tensor = source.tensors[key]
-        mapped = isinstance(tensor, QuantizedTensor) or tensor.dtype == RUN_STORED.get(dtype)
-        if kind == "matrix" and (copy_mapped or not mapped):
+        if kind == "matrix" and (copy_mapped or not _stored_as_run(tensor, dtype)):
             total += Arena.arena_nbytes(tensor.size * itemsize)
     return total
 
