@@ -38,6 +38,7 @@ __all__ = [
     "HFTokenizer",
     "WorldTokenizer",
     "load_tokenizer",
+    "default_tokenizer",
 ]
 
 # Names an end-of-text token goes by, in order of preference.
@@ -437,3 +438,12 @@ def load_tokenizer(path: str | os.PathLike[str] | None, n_vocab: int) -> Tokeniz
             f"tokenizer {name} has {tokenizer.vocab_size} tokens but the model's vocabulary has {n_vocab}"
         )
     return tokenizer
+
+
+def default_tokenizer(model_path: str | os.PathLike[str], n_vocab: int) -> str | None:
+    """The tokenizer to use when none is given: a tokenizer.json beside the model, else None
+    (which :func:`load_tokenizer` takes as bytes for a 256-token vocabulary)."""
+    if n_vocab == 256 or not isinstance(model_path, (str, os.PathLike)):
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "tokenizer.json")
+    return beside if os.path.isfile(beside) else None
