@@ -17,3 +17,7 @@ class CheckpointError(RwkvxError):
 
 class TokenizerError(RwkvxError):
     """A tokenizer file is missing or unreadable, or its vocabulary does not fit the model."""
+
+
+class RwkvxWarning(UserWarning):
+    """Something works but may not do what was meant (e.g. a state made by another checkpoint)."""

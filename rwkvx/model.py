@@ -13,6 +13,7 @@ from rwkvx._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
+from rwkvx.states import read_state_file, state_metadata, write_state_file
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
 
 
@@ -62,6 +63,7 @@ class RWKV:
         # tokens per pass over the weights in sequence mode (prompts, batches)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
+        self._fingerprint = None
 
     @property
     def n_threads(self) -> int:
@@ -73,9 +75,55 @@ class RWKV:
     n_vocab = property(lambda self: self.weights.n_vocab)
     dtype = property(lambda self: self.weights.dtype)
 
+    architecture = "RWKV-4"
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """The shape of a state: (n_layer, 5, n_embd) float32 for RWKV-4."""
+        return (self.n_layer, 5, self.n_embd)
+
     def new_state(self) -> np.ndarray:
-        """A fresh state: float32 (n_layer, 5, n_embd)."""
+        """A fresh state: float32 of state_shape."""
         return new_state(self.n_layer, self.n_embd)
+
+    @property
+    def fingerprint(self) -> str:
+        """Tells checkpoints apart; the same for every dtype of one checkpoint (state files record it)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.weights.fingerprint()
+        return self._fingerprint
+
+    def save_state(self, path: str | os.PathLike, state: np.ndarray, tokens: Iterable[int] | None = None) -> None:
+        """Write state (and optionally the tokens that produced it) to one file at path.
+
+        The file is safetensors with metadata (format version, architecture, shape, this
+        model's fingerprint); it replaces path atomically. load_state reads it back exactly.
+        """
+        tensors = self.state_tensors(state, tokens)
+        n_tokens = len(tensors["tokens"]) if "tokens" in tensors else None
+        write_state_file(path, tensors, state_metadata(self.architecture, self.state_shape, self.fingerprint, n_tokens))
+
+    def state_tensors(self, state, tokens=None) -> dict[str, np.ndarray]:
+        """The checked arrays a state file holds: "state" and, given tokens, "tokens" (int32)."""
+        tensors = {"state": self._check_state(state)}
+        if tokens is not None:
+            if isinstance(tokens, (str, bytes)):
+                raise RwkvxError("tokens: expected a sequence of ints, got a string")
+            tokens = list(tokens)
+            tensors["tokens"] = np.asarray(self._check_tokens(tokens) if tokens else [], dtype=np.int32)
+        return tensors
+
+    def load_state(self, path: str | os.PathLike) -> tuple[np.ndarray, list[int] | None]:
+        """Read a state file written by save_state: (state, tokens or None).
+
+        Raises CheckpointError (one line naming the file and the reason) for a file that is
+        not a state, is damaged, or belongs to a model of another architecture or shape;
+        warns (rwkvx.RwkvxWarning) for a state of another checkpoint of the same shape.
+        """
+        arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
+                                    fingerprint=self.fingerprint, n_vocab=self.n_vocab)
+        tokens = arrays.get("tokens")
+        return arrays["state"], (None if tokens is None else tokens.tolist())
 
     def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
         if isinstance(tokens, (str, bytes)):
@@ -92,11 +140,17 @@ class RWKV:
         return tokens
 
     def _check_state(self, state, copy: bool = True) -> np.ndarray:
-        expected = (self.n_layer, 5, self.n_embd)
+        expected = self.state_shape
         if not isinstance(state, np.ndarray) or state.shape != expected:
             got = state.shape if isinstance(state, np.ndarray) else type(state).__name__
             raise RwkvxError(f"state: expected a float32 array {expected}, got {got}")
-        return np.array(state, dtype=np.float32, order="C") if copy else state
+        # float64 and float16 states are converted; anything else (ints, complex, objects)
+        # was never a state and is refused rather than silently cast
+        if state.dtype.kind != "f":
+            raise RwkvxError(f"state: expected a float32 array {expected}, got dtype {state.dtype}")
+        if copy or state.dtype != np.float32:
+            return np.array(state, dtype=np.float32, order="C")
+        return state
 
     def forward(self, tokens: Iterable[int], state: np.ndarray | None = None, *,
                 all_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:

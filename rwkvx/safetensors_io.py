@@ -23,6 +23,8 @@ from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, QuantizedTensor, Tensor, 
 # what rwkvx's own files say about themselves
 FORMAT_NAME = "rwkvx"
 FORMAT_VERSION = 1
+# what rwkvx's state files (rwkvx.states) say about themselves
+STATE_FORMAT_NAME = "rwkvx-state"
 QUANT_PARTS = ("q", "mx", "rx", "my", "ry")
 
 _READ_DTYPES = ("F32", "F16", "BF16", "U8")
@@ -36,8 +38,15 @@ def looks_like_safetensors(head: bytes) -> bool:
     return 2 <= header_len <= _MAX_HEADER and head[8:9] == b"{"
 
 
-def open_safetensors(file: MappedFile) -> TensorSource:
-    """Parse and check a safetensors header; tensors stay in the file until asked for."""
+def source_is_state(metadata: dict) -> bool:
+    return metadata.get("format") == STATE_FORMAT_NAME
+
+
+def open_safetensors(file: MappedFile, dtypes: tuple[str, ...] = _READ_DTYPES) -> TensorSource:
+    """Parse and check a safetensors header; tensors stay in the file until asked for.
+
+    dtypes: the stored dtypes accepted (checkpoints: floats and U8; state files: F32, I32).
+    """
     path, size = file.path, file.size
     if size < 8:
         raise fail(path, "truncated: the safetensors header length is 8 bytes")
@@ -53,6 +62,9 @@ def open_safetensors(file: MappedFile) -> TensorSource:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise fail(path, "safetensors __metadata__ is not a JSON object")
+    if source_is_state(metadata) and "I32" not in dtypes:
+        raise fail(path, "is a saved model state (an rwkvx state file), not a checkpoint: "
+                         "load the model, then the state with model.load_state")
     data_start = 8 + header_len
     data_size = size - data_start
     source = TensorSource(path, "safetensors")
@@ -66,8 +78,8 @@ def open_safetensors(file: MappedFile) -> TensorSource:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise fail(path, f"tensor {name}: malformed header entry {entry!r}") from None
-        if dtype not in _READ_DTYPES:
-            raise fail(path, f"tensor {name}: unsupported dtype {dtype} (expected F32, F16, BF16 or U8)")
+        if dtype not in dtypes:
+            raise fail(path, f"tensor {name}: unsupported dtype {dtype} (expected {', '.join(dtypes)})")
         nbytes = n_elements(shape) * NUMPY_DTYPES[dtype].itemsize
         if end - begin != nbytes:
             raise fail(path, f"tensor {name}: shape {list(shape)} {dtype} needs {nbytes} bytes, "

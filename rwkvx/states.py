@@ -1,0 +1,146 @@
+"""States as files: a conversation, a prompt or a document is one fixed-size array.
+
+A state file is a safetensors file (loading one never runs code) with:
+
+- ``state``: float32, the model's ``state_shape``;
+- ``tokens`` (optional): int32 (n,), the tokens that produced the state;
+- further float32/int32 tensors a caller adds (the prompt cache keeps earlier states and the
+  last logits there); readers ignore names they do not know;
+- metadata: ``format = "rwkvx-state"``, ``format_version``, ``architecture``,
+  ``state_shape`` ("24,5,1024"), ``model_fingerprint`` (see
+  :meth:`rwkvx.weights.ModelWeights.fingerprint`) and ``n_tokens``.
+
+A file is written to a temporary name in its folder and renamed into place, so a reader
+never sees half a state and an interrupted save leaves the old file as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import warnings
+
+import numpy as np
+
+from rwkvx.errors import RwkvxError, RwkvxWarning
+from rwkvx.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
+from rwkvx.safetensors_io import looks_like_safetensors, open_safetensors
+from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, fail
+
+FORMAT_VERSION = 1
+
+_STORED = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
+
+
+def write_state_file(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write float32/int32 arrays and string metadata as a safetensors file, atomically."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise RwkvxError(f"{path}: is a directory; give a file name for the state")
+    header, blobs, offset = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                                              **metadata}}, [], 0
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        data = array.tobytes()
+        header[name] = {"dtype": _STORED[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".rwkvx-state-", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise RwkvxError(f"{path}: cannot write the state: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for data in blobs:
+                f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise RwkvxError(f"{path}: cannot write the state: {e.strerror or e}") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def read_state_file(path: str | os.PathLike, *, architecture: str, state_shape: tuple[int, ...],
+                    fingerprint: str, n_vocab: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read and check a state file for a model; returns (arrays, metadata).
+
+    arrays holds private, writable copies: "state" (float32 state_shape, finite), "tokens"
+    (a list of ints in 0..n_vocab-1) when the file has them, and every other float32/int32
+    tensor by name. Raises CheckpointError (one line naming the file) for anything that is
+    not a readable state of this shape; warns (RwkvxWarning) when the state was made by a
+    different checkpoint of the same shape.
+    """
+    path = os.fspath(path)
+    file = MappedFile(path)
+    if not looks_like_safetensors(file.head(16)):
+        raise fail(path, "not an rwkvx state file (expected a safetensors file written by save_state)")
+    # any dtype at first, so that a model checkpoint is named as such, not by its dtype
+    source = open_safetensors(file, dtypes=tuple(NUMPY_DTYPES))
+    meta = source.metadata
+    if meta.get("format") != FORMAT_NAME:
+        raise fail(path, "not an rwkvx state file (a safetensors file without rwkvx state metadata; "
+                         "a model checkpoint is opened with rwkvx.load)")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise fail(path, "state file with a malformed format_version") from None
+    if version > FORMAT_VERSION:
+        raise fail(path, f"written by a newer rwkvx (state format version {version}); "
+                         f"this rwkvx reads version {FORMAT_VERSION} and older")
+    if meta.get("architecture") != architecture:
+        raise fail(path, f"a state of an {_printable(meta.get('architecture'))} model; this model is {architecture}")
+    tensor = source.tensors.get("state")
+    if tensor is None or tensor.dtype != "F32":
+        raise fail(path, "state file without a float32 'state' tensor")
+    if tuple(tensor.shape) != tuple(state_shape):
+        raise fail(path, f"a state of shape {tuple(tensor.shape)}, this model's states are {tuple(state_shape)}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, t in source.tensors.items():
+        if t.dtype not in ("F32", "I32"):
+            raise fail(path, f"tensor {_printable(name)}: a state file holds F32 and I32 tensors, got {t.dtype}")
+        arrays[name] = t.read()
+    state = arrays["state"]
+    if not np.isfinite(state).all():
+        raise fail(path, "the state holds NaN or infinite values")
+    if "tokens" in arrays:
+        tokens = arrays["tokens"]
+        if tokens.ndim != 1 or tokens.dtype != np.int32:
+            raise fail(path, f"'tokens' must be a 1-D int32 tensor, got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= n_vocab):
+            raise fail(path, f"token ids outside this model's vocabulary (0..{n_vocab - 1})")
+    if meta.get("model_fingerprint") != fingerprint:
+        warnings.warn(f"{path}: this state was made by a different checkpoint of the same shape; "
+                      "continuing from it will not reproduce that model's text", RwkvxWarning, stacklevel=3)
+    return arrays, meta
+
+
+def _printable(value) -> str:
+    text = "unknown" if value is None else str(value)
+    return text.encode("unicode_escape").decode("ascii")[:40]
+
+
+def state_metadata(architecture: str, state_shape: tuple[int, ...], fingerprint: str,
+                   n_tokens: int | None) -> dict[str, str]:
+    """The metadata every state file carries."""
+    from rwkvx import __version__
+    meta = {"architecture": architecture, "state_shape": ",".join(str(d) for d in state_shape),
+            "model_fingerprint": fingerprint, "writer": f"rwkvx {__version__}"}
+    if n_tokens is not None:
+        meta["n_tokens"] = str(n_tokens)
+    return meta
