@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from rwkvx import demo
 from rwkvx._cli import (EXIT_OK, Parser, add_model_args, add_sampling_args, int_at_least, is_demo, load_model,
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text; may be repeated")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="reuse and save the prompt's state in FILE: a prompt that starts with the tokens "
+                        "cached there runs only the rest; the whole prompt's state is saved back")
+    p.add_argument("--prompt-cache-ro", action="store_true",
+                   help="with --prompt-cache: read the cache, never write it")
     p.add_argument("--info", action="store_true",
                    help="print the model's format, architecture, shapes, stored dtype and the memory each "
                         "--dtype needs, reading only headers (no weights); then exit")
@@ -84,6 +90,8 @@ def _run(args) -> int:
     prompt = _read_prompt(args, demo_model)
     if not prompt:
         raise RwkvxError("the prompt is empty")
+    if args.prompt_cache_ro and not args.prompt_cache:
+        raise RwkvxError("--prompt-cache-ro: needs --prompt-cache FILE")
     sampler = sampler_from_args(args)
     model, tokenizer, load_seconds = load_model(args)
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
@@ -95,8 +103,11 @@ def _run(args) -> int:
         # show what the continuation continues
         sys.stdout.write(prompt)
 
-    stream = generate(model, tokenizer, prompt, max_tokens=args.n_predict, sampler=sampler,
-                      stop=args.stop, ignore_eos=args.ignore_eos)
+    state, prompt_ids, cache_seconds = None, prompt, 0.0
+    if args.prompt_cache:
+        state, prompt_ids, cache_seconds = _prefill_from_cache(args, model, tokenizer, prompt)
+    stream = generate(model, tokenizer, prompt_ids, max_tokens=args.n_predict, sampler=sampler,
+                      stop=args.stop, ignore_eos=args.ignore_eos, state=state)
     out = sys.stdout
     # a terminal or pipe that cannot show a character gets a replacement, not a crash
     if hasattr(out, "reconfigure"):
@@ -111,11 +122,32 @@ def _run(args) -> int:
     def rate(n, seconds):
         return f"{n / seconds:.1f} tokens/s" if seconds > 0 and n else "-"
 
-    log(f"load {load_seconds:.2f} s; prompt {stream.prompt_tokens} tokens in {stream.prompt_seconds:.2f} s "
-        f"({rate(stream.prompt_tokens, stream.prompt_seconds)}); generated {stream.generated_tokens} tokens "
+    prompt_tokens, prompt_seconds = stream.prompt_tokens, stream.prompt_seconds
+    if args.prompt_cache:
+        prompt_tokens, prompt_seconds = len(args.prompt_ids), prompt_seconds + cache_seconds
+    log(f"load {load_seconds:.2f} s; prompt {prompt_tokens} tokens in {prompt_seconds:.2f} s "
+        f"({rate(prompt_tokens, prompt_seconds)}); generated {stream.generated_tokens} tokens "
         f"in {stream.generate_seconds:.2f} s ({rate(stream.generated_tokens, stream.generate_seconds)}); "
         f"stop: {stream.stop_reason}; peak RSS {peak_rss_mb():.0f} MB")
     return EXIT_OK
+
+
+def _prefill_from_cache(args, model, tokenizer, prompt: str):
+    """Run the prompt from --prompt-cache's best state: (state before the last prompt token,
+    [last token], seconds). Generation feeds that token, so its text is what the whole prompt
+    run from the start gives."""
+    from rwkvx.prompt_cache import PromptCache
+
+    start = time.perf_counter()
+    tokens = tokenizer.encode(prompt)
+    if not tokens:
+        raise RwkvxError("the prompt is empty")
+    cache = PromptCache(args.prompt_cache, model, read_only=args.prompt_cache_ro)
+    result = cache.prefill(tokens)
+    args.prompt_ids = tokens
+    log(f"prompt cache {args.prompt_cache}: reused {result.reused} of {len(tokens)} prompt tokens"
+        + (f", saved {len(tokens)}" if result.saved else ""))
+    return result.state, tokens[-1:], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,14 +77,14 @@ def _remove_quietly(path: str) -> None:
 
 
 def read_state_file(path: str | os.PathLike, *, architecture: str, state_shape: tuple[int, ...],
-                    fingerprint: str, n_vocab: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                    fingerprint: str | None, n_vocab: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read and check a state file for a model; returns (arrays, metadata).
 
     arrays holds private, writable copies: "state" (float32 state_shape, finite), "tokens"
     (a list of ints in 0..n_vocab-1) when the file has them, and every other float32/int32
     tensor by name. Raises CheckpointError (one line naming the file) for anything that is
     not a readable state of this shape; warns (RwkvxWarning) when the state was made by a
-    different checkpoint of the same shape.
+    different checkpoint of the same shape (fingerprint None: the caller checks that).
     """
     path = os.fspath(path)
     file = MappedFile(path)
@@ -124,7 +124,7 @@ def read_state_file(path: str | os.PathLike, *, architecture: str, state_shape: 
             raise fail(path, f"'tokens' must be a 1-D int32 tensor, got {tokens.dtype} {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= n_vocab):
             raise fail(path, f"token ids outside this model's vocabulary (0..{n_vocab - 1})")
-    if meta.get("model_fingerprint") != fingerprint:
+    if fingerprint is not None and meta.get("model_fingerprint") != fingerprint:
         warnings.warn(f"{path}: this state was made by a different checkpoint of the same shape; "
                       "continuing from it will not reproduce that model's text", RwkvxWarning, stacklevel=3)
     return arrays, meta
