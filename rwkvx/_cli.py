@@ -6,7 +6,9 @@ saying so and exits 1 (RWKVX_DEBUG=1 shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -71,9 +73,12 @@ def float_in(low: float, high: float = float("inf"), low_open: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         too_low = value <= low if low_open else value < low
-        if too_low or value > high or value != value:
-            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high != float("inf") else f">= {low:g}"
+        if too_low or value > high:
+            bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high != float("inf")
+                      else f"{'>' if low_open else '>='} {low:g}")
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
         return value
     return parse
@@ -89,9 +94,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file or folder (safetensors, BlinkDL .pth, Hugging Face folder, rwkv.cpp "
                         ".bin), or 'demo' for the small model packaged with rwkvx (default: %(default)s)")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer: a Hugging Face tokenizer.json (RWKV-4 Pile/Raven: 20B_tokenizer.json), "
-                        "an RWKV World vocabulary (rwkv_vocab_v20230424.txt), or 'bytes'. Default: "
-                        "tokenizer.json beside the model, else chosen by the model's vocabulary size")
+                   help="tokenizer: a Hugging Face tokenizer.json, an RWKV World vocabulary (.txt), 'bytes', "
+                        "or one of the two packaged with rwkvx: '20B' (20B_tokenizer.json, RWKV-4 Pile/Raven) "
+                        "and 'world' (rwkv_vocab_v20230424.txt, World models). Default: tokenizer.json beside "
+                        "the model, else by the model's vocabulary: 256 bytes, 50277 20B, 65536 world")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "uint8"),
                    help="format the weights are kept in (arithmetic is float32): float32; bfloat16 (half "
                         "the memory, lossless for BlinkDL's bf16 releases); float16; uint8 (a quarter, "
@@ -151,35 +157,81 @@ def log(message: str) -> None:
 # ---- sampling flags ----------------------------------------------------------------------
 
 
+# TOKEN_ID, a sign, then a magnitude: llama.cpp's --logit-bias syntax (15043+1, 15043-1,
+# 15043-inf). llama.cpp reads the magnitude with stof, which also takes a second sign or
+# trailing junk; here those are errors.
+_LOGIT_BIAS = re.compile(r"\s*(\d+)\s*([+-])\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity)\s*",
+                         re.IGNORECASE)
+
+
+def logit_bias_arg(text: str) -> tuple[int, float]:
+    """argparse type for --logit-bias: 'TOKEN_ID+BIAS' or 'TOKEN_ID-BIAS' -> (id, signed bias)."""
+    m = _LOGIT_BIAS.fullmatch(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"expected TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf), got {text!r}")
+    magnitude = float(m[3])
+    return int(m[1]), -magnitude if m[2] == "-" else magnitude
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, temp: float = 1.0, top_p: float = 0.85, top_k: int = 0,
                       presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                      penalty_decay: float = 0.996) -> None:
-    """The Sampler's flags, with a tool's own defaults (chat's follow ChatRWKV's)."""
-    p.add_argument("-s", "--seed", type=int_at_least(0), metavar="N",
+                      penalty_decay: float = 0.996, min_p: float = 0.0, repeat_penalty: float = 1.0,
+                      repeat_last_n: int = 64) -> None:
+    """The Sampler's flags, with a tool's own defaults (chat's follow ChatRWKV's), in one help
+    group that states the order they apply in."""
+    from rwkvx.sampling import SAMPLER_ORDER
+
+    g = p.add_argument_group("sampling", SAMPLER_ORDER)
+    g.add_argument("-s", "--seed", type=int_at_least(0), metavar="N",
                    help="random seed; the same seed, model and options give the same text (default: random)")
-    p.add_argument("--temp", type=float_in(0.0), default=temp, metavar="T",
+    g.add_argument("--temp", type=float_in(0.0), default=temp, metavar="T",
                    help="temperature; 0 picks the most likely token every time (default: %(default)s)")
-    p.add_argument("--top-k", type=int_at_least(0), default=top_k, metavar="K",
+    g.add_argument("--top-k", type=int_at_least(0), default=top_k, metavar="K",
                    help="sample among the K most likely tokens; 0 = off (default: %(default)s)")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=top_p, metavar="P",
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=top_p, metavar="P",
                    help="nucleus sampling: the smallest set of tokens whose probability reaches P "
                         "(default: %(default)s)")
-    p.add_argument("--presence-penalty", type=float_in(float("-inf")), default=presence_penalty, metavar="X",
+    g.add_argument("--min-p", type=float_in(0.0, 1.0), default=min_p, metavar="P",
+                   help="drop tokens less than P times as likely as the most likely one; 0 = off "
+                        "(default: %(default)s)")
+    g.add_argument("--logit-bias", type=logit_bias_arg, action="append", default=[],
+                   metavar="TOKEN_ID(+|-)BIAS",
+                   help="add BIAS to a token's logit, as llama.cpp: 15043+1 makes token 15043 likelier, "
+                        "15043-1 less likely, 15043-inf bans it; may be repeated (biases of one id add up)")
+    g.add_argument("--repeat-penalty", type=float_in(0.0, low_open=True), default=repeat_penalty, metavar="X",
+                   help="llama.cpp's repeat penalty: divide the positive logits (multiply the negative ones) "
+                        "of tokens among the last --repeat-last-n by X; 1 = off (default: %(default)s)")
+    g.add_argument("--repeat-last-n", type=int_at_least(-1), default=repeat_last_n, metavar="N",
+                   help="how many of the latest tokens (prompt included) the repeat penalty looks at; "
+                        "0 = off, -1 = all (default: %(default)s)")
+    g.add_argument("--presence-penalty", type=float_in(float("-inf")), default=presence_penalty, metavar="X",
                    help="subtract X from the logit of every token already generated (default: %(default)s)")
-    p.add_argument("--frequency-penalty", type=float_in(float("-inf")), default=frequency_penalty, metavar="X",
+    g.add_argument("--frequency-penalty", type=float_in(float("-inf")), default=frequency_penalty, metavar="X",
                    help="subtract X times a token's (decayed) count so far (default: %(default)s)")
-    p.add_argument("--penalty-decay", type=float_in(0.0, 1.0, low_open=True), default=penalty_decay,
+    g.add_argument("--penalty-decay", type=float_in(0.0, 1.0, low_open=True), default=penalty_decay,
                    metavar="D", help="counts decay by D per generated token, as in ChatRWKV (default: %(default)s)")
 
 
-def sampler_from_args(args):
-    """A Sampler from add_sampling_args' flags; a missing seed is drawn and written back to args.seed."""
+def sampler_from_args(args, *, n_vocab: int | None = None):
+    """A Sampler from add_sampling_args' flags; a missing seed is drawn and written back to args.seed.
+
+    n_vocab (the model's, if loaded already) lets the Sampler refuse a --logit-bias id outside
+    the vocabulary at once; without it the first token sampled does.
+    """
     import secrets
 
     from rwkvx.sampling import Sampler
 
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
+    logit_bias: dict[int, float] = {}
+    for token, bias in args.logit_bias:
+        total = logit_bias.get(token, 0.0) + bias
+        # +inf and -inf for one id: the ban wins, as in Sampler
+        logit_bias[token] = -math.inf if math.isnan(total) else total
     return Sampler(temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                   penalty_decay=args.penalty_decay, seed=args.seed)
+                   penalty_decay=args.penalty_decay, seed=args.seed, min_p=args.min_p,
+                   logit_bias=logit_bias, repeat_penalty=args.repeat_penalty,
+                   repeat_last_n=args.repeat_last_n, n_vocab=n_vocab)

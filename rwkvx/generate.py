@@ -121,6 +121,8 @@ class TextStream:
 
     def _run(self) -> Iterator[str]:
         """Generate lazily; yields non-empty pieces and keeps the statistics up to date."""
+        # The prompt counts towards the repeat penalty's window, as in llama.cpp.
+        self._sampler.accept_prompt(self._prompt_ids)
         start = time.perf_counter()
         logits, self.state = self._model.forward(self._prompt_ids, self.state)
         self.prompt_seconds = time.perf_counter() - start
@@ -188,7 +190,10 @@ def generate(
     """Return a lazy stream of the text the model writes after prompt.
 
     The prompt (text, or token ids) is fed in one ``model.forward`` call after ``state``
-    (None: the model's initial state), which is not modified. Then, until ``max_tokens``
+    (None: the model's initial state), which is not modified, and passed to
+    ``sampler.accept_prompt`` (the repeat penalty's window; a caller resuming from a state, e.g.
+    a prompt cache, passes the tokens behind that state to ``sampler.accept_prompt`` first, so
+    the window is the same as without it). Then, until ``max_tokens``
     tokens were generated: sample a token, ``sampler.accept`` it, stop at the tokenizer's
     end-of-text token (not emitted; unless ``ignore_eos``), decode it, stop when the text
     contains one of ``stop`` (the output ends just before it), feed it to the model.

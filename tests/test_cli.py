@@ -175,3 +175,94 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     result = run_cli("-m", tmp_path / "garbage.bin", "-p", "x")
     assert result.returncode == 2
     assert result.stderr.startswith("rwkvx: error: ") and "Traceback" not in result.stderr
+
+
+# ---- sampling flags: --min-p, --logit-bias, --repeat-penalty, --repeat-last-n
+
+BAD_SAMPLING_FLAGS = [
+    (["--min-p", "1.5"], "argument --min-p: expected a number in [0, 1], got 1.5"),
+    (["--min-p", "-0.1"], "argument --min-p: expected a number in [0, 1]"),
+    (["--min-p", "nan"], "argument --min-p: expected a finite number"),
+    (["--min-p", "x"], "argument --min-p: expected a number"),
+    (["--logit-bias", "15043"], "argument --logit-bias: expected TOKEN_ID+BIAS or TOKEN_ID-BIAS"),
+    (["--logit-bias", "abc+1"], "argument --logit-bias: expected TOKEN_ID+BIAS"),
+    (["--logit-bias", "5+"], "argument --logit-bias: expected TOKEN_ID+BIAS"),
+    (["--logit-bias", "5--1"], "argument --logit-bias: expected TOKEN_ID+BIAS"),
+    (["--logit-bias", "5+nan"], "argument --logit-bias: expected TOKEN_ID+BIAS"),
+    (["--logit-bias", "-5+1"], "argument --logit-bias: expected one argument"),
+    (["--logit-bias", "5+1x"], "argument --logit-bias: expected TOKEN_ID+BIAS"),
+    (["--logit-bias", "99999999999+1"], "logit_bias: expected a token id"),
+    (["--repeat-penalty", "0"], "argument --repeat-penalty: expected a number > 0, got 0"),
+    (["--repeat-penalty", "-1.1"], "argument --repeat-penalty: expected a number > 0"),
+    (["--repeat-penalty", "inf"], "argument --repeat-penalty: expected a finite number"),
+    (["--repeat-last-n", "-2"], "argument --repeat-last-n: expected an integer >= -1, got -2"),
+    (["--repeat-last-n", "1.5"], "argument --repeat-last-n: expected an integer"),
+]
+
+
+@pytest.mark.parametrize("args,match", BAD_SAMPLING_FLAGS)
+def test_bad_sampling_flags(byte_model, capsys, args, match):
+    assert main(["-m", str(byte_model), "-p", "x", "-n", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rwkvx: error: ") and match in err and err.count("\n") == 1
+
+
+def test_logit_bias_outside_the_models_vocabulary(byte_model, capsys):
+    # Only the loaded model knows its vocabulary: the error follows the load line.
+    assert main(["-m", str(byte_model), "-p", "x", "-n", "2", "--logit-bias", "300+1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == "rwkvx: error: logit_bias: token 300 is outside the vocabulary of 256 tokens"
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_bad_sampling_flags_in_a_real_process(byte_model):
+    # one bad value per new flag, through a real interpreter
+    by_flag = {args[0]: (args, match) for args, match in reversed(BAD_SAMPLING_FLAGS)}
+    assert len(by_flag) == 4
+    for args, match in by_flag.values():
+        result = run_cli("-m", byte_model, "-p", "x", "-n", "2", *args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("rwkvx: error: ") and match in result.stderr
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def generated(capsys, byte_model, *args) -> str:
+    assert main(["-m", str(byte_model), "-p", "Hello", "-n", "24", "-t", "1", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_min_p_1_is_greedy(byte_model, capsys):
+    greedy = generated(capsys, byte_model, "--temp", "0")
+    assert generated(capsys, byte_model, "--min-p", "1", "--temp", "1.5", "-s", "5") == greedy
+
+
+def test_logit_bias_forces_and_bans(byte_model, capsys):
+    assert generated(capsys, byte_model, "--logit-bias", "122+inf", "-s", "1") == "z" * 24
+    greedy = generated(capsys, byte_model, "--temp", "0")
+    char = next(c for c in greedy if c.isascii())
+    banned = generated(capsys, byte_model, "--temp", "0", "--logit-bias", f"{ord(char)}-inf")
+    assert char not in banned and banned != greedy
+    # an id both forced and banned is banned, and repeated biases add up (-1 - inf)
+    both = generated(capsys, byte_model, "--temp", "0", "--logit-bias", "122+inf", "--logit-bias", "122-inf",
+                     "--logit-bias", f"{ord(char)} - 1", "--logit-bias", f"{ord(char)}-INF")
+    assert "z" not in both and char not in both
+
+
+def test_repeat_penalty_and_last_n(byte_model, capsys):
+    greedy = generated(capsys, byte_model, "--temp", "0")
+    penalised = generated(capsys, byte_model, "--temp", "0", "--repeat-penalty", "1.3")
+    assert penalised != greedy
+    assert generated(capsys, byte_model, "--temp", "0", "--repeat-penalty", "1.3", "--repeat-last-n", "0") == greedy
+    # the prompt "Hello" counts too: a window of all tokens differs from a window of one
+    assert (generated(capsys, byte_model, "--temp", "0", "--repeat-penalty", "1.3", "--repeat-last-n", "-1")
+            != generated(capsys, byte_model, "--temp", "0", "--repeat-penalty", "1.3", "--repeat-last-n", "1"))
+
+
+def test_help_documents_the_sampling_flags_and_their_order():
+    from rwkvx.sampling import SAMPLER_ORDER
+
+    result = run_cli("--help")
+    text = " ".join(result.stdout.split())
+    for flag in ("--min-p", "--logit-bias TOKEN_ID(+|-)BIAS", "--repeat-penalty", "--repeat-last-n"):
+        assert flag in text
+    assert SAMPLER_ORDER in text
