@@ -10,6 +10,12 @@ Three kinds are supported, all behind the small :class:`Tokenizer` interface:
 :func:`load_tokenizer` picks one from a path (by the file's content, not its extension) and
 checks that it fits the model's vocabulary.
 
+The two RWKV tokenizers ship inside the package (Apache-2.0; the licence note is
+``rwkvx/tokenizer_data/README.md``): :data:`PACKAGED` maps ``"20B"`` to GPT-NeoX's
+``20B_tokenizer.json`` (RWKV-4 Pile and Raven, 50277 tokens) and ``"world"`` to
+``rwkv_vocab_v20230424.txt`` (World models, 65536 tokens); ``load_tokenizer`` takes those
+names too. :func:`default_tokenizer` picks the tokenizer for a model when none is given.
+
 Streaming: a model produces one token at a time, and one character may span several tokens
 (an emoji is 4 UTF-8 bytes, often split over 2-4 byte-level tokens). ``tokenizer.stream()``
 returns a :class:`StreamDecoder` whose ``push(token_id)`` returns only text that is complete,
@@ -39,12 +45,23 @@ __all__ = [
     "WorldTokenizer",
     "load_tokenizer",
     "default_tokenizer",
+    "PACKAGED",
 ]
 
 # Names an end-of-text token goes by, in order of preference.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
 
 WORLD_VOCAB_SIZE = 65536
+NEOX_VOCAB_SIZE = 50277
+
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_data")
+# The tokenizers shipped with rwkvx, by the name --tokenizer accepts for each.
+PACKAGED = {
+    "20B": os.path.join(_DATA, "20B_tokenizer.json"),
+    "world": os.path.join(_DATA, "rwkv_vocab_v20230424.txt"),
+}
+# Which packaged tokenizer a model's vocabulary size implies (256 is the byte tokenizer).
+_BY_VOCAB_SIZE = {NEOX_VOCAB_SIZE: "20B", WORLD_VOCAB_SIZE: "world"}
 
 
 def _utf8(text: str) -> bytes:
@@ -394,23 +411,38 @@ def _one_line(exc: BaseException) -> str:
 _WORLD_FIRST_LINE = re.compile(rb"\d+ ")
 
 
+def _packaged(name: str) -> str:
+    """The path of the packaged tokenizer called name ("20B" or "world", any case)."""
+    key = next(k for k in PACKAGED if k.lower() == name.lower())
+    path = PACKAGED[key]
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer {key}: the packaged file {path} is missing from this installation "
+                             "(reinstall rwkvx, or pass --tokenizer FILE)")
+    return path
+
+
 def load_tokenizer(path: str | os.PathLike[str] | None, n_vocab: int) -> Tokenizer:
     """Return the tokenizer at path, checked to fit a model with n_vocab tokens.
 
     path None means :class:`ByteTokenizer` and is only allowed when n_vocab == 256; the
-    string "bytes" means :class:`ByteTokenizer` for any n_vocab >= 256. Otherwise the file's
-    content decides: JSON (starts with "{") is a Hugging Face tokenizer.json, lines starting
-    with "<id> " are an RWKV World vocabulary. Every failure raises :class:`TokenizerError`
-    with a one-line message.
+    string "bytes" means :class:`ByteTokenizer` for any n_vocab >= 256, and "20B" and
+    "world" (any case) the packaged tokenizers of :data:`PACKAGED` (a file of one of these
+    three names is reached as ./bytes, ./world, ./20B). Otherwise the file's content decides:
+    JSON (starts with "{") is a Hugging Face tokenizer.json, lines starting with "<id> " are
+    an RWKV World vocabulary. Every failure raises :class:`TokenizerError` with a one-line
+    message.
     """
     if path is None:
         if n_vocab != 256:
             raise TokenizerError(
                 f"tokenizer: expected a tokenizer file for a model with {n_vocab} tokens, got none "
                 "(RWKV-4 Pile/Raven models use 20B_tokenizer.json, World models "
-                "rwkv_vocab_v20230424.txt); pass it with --tokenizer"
+                "rwkv_vocab_v20230424.txt, both packaged: --tokenizer 20B, --tokenizer world); "
+                "pass it with --tokenizer"
             )
         return ByteTokenizer()
+    if isinstance(path, str) and path.lower() in {k.lower() for k in PACKAGED}:
+        path = _packaged(path)
     name = os.fspath(path)
     tokenizer: Tokenizer
     if isinstance(path, str) and path == "bytes":
@@ -440,10 +472,29 @@ def load_tokenizer(path: str | os.PathLike[str] | None, n_vocab: int) -> Tokeniz
     return tokenizer
 
 
-def default_tokenizer(model_path: str | os.PathLike[str], n_vocab: int) -> str | None:
-    """The tokenizer to use when none is given: a tokenizer.json beside the model, else None
-    (which :func:`load_tokenizer` takes as bytes for a 256-token vocabulary)."""
-    if n_vocab == 256 or not isinstance(model_path, (str, os.PathLike)):
+def default_tokenizer(model_path: str | os.PathLike[str] | None, n_vocab: int) -> str | None:
+    """The tokenizer for a model when none is given, as a path for :func:`load_tokenizer`.
+
+    In order: a ``tokenizer.json`` beside the model file (inside it, for a model folder) wins;
+    else the vocabulary size decides: 256 -> None (bytes), 50277 -> the packaged 20B
+    tokenizer, 65536 -> the packaged World vocabulary. Any other size raises
+    :class:`TokenizerError` naming ``--tokenizer``. model_path may be None (no file to look
+    beside) or "demo" (the packaged demo model).
+    """
+    if model_path is not None:
+        from rwkvx import demo
+
+        model_path = os.path.abspath(os.fspath(demo.resolve(model_path)))
+        folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+        beside = os.path.join(folder, "tokenizer.json")
+        if os.path.isfile(beside):
+            return beside
+    if n_vocab == 256:
         return None
-    beside = os.path.join(os.path.dirname(os.path.abspath(model_path)), "tokenizer.json")
-    return beside if os.path.isfile(beside) else None
+    if n_vocab in _BY_VOCAB_SIZE:
+        return _packaged(_BY_VOCAB_SIZE[n_vocab])
+    raise TokenizerError(
+        f"tokenizer: none is known for a vocabulary of {n_vocab} tokens (rwkvx picks one for 256, "
+        f"{NEOX_VOCAB_SIZE} and {WORLD_VOCAB_SIZE}); pass one with --tokenizer FILE (a tokenizer.json or an "
+        "RWKV World vocabulary .txt), or --tokenizer 20B / world / bytes"
+    )

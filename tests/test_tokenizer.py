@@ -10,16 +10,21 @@ import pytest
 
 from rwkvx.errors import TokenizerError
 from rwkvx.tokenizer import (
+    PACKAGED,
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
     WorldTokenizer,
+    default_tokenizer,
     load_tokenizer,
 )
 
+from conftest import save_random_model
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-NEOX_JSON = SHARED / "tokenizers" / "20B_tokenizer.json"
-WORLD_TXT = SHARED / "tokenizers" / "rwkv_vocab_v20230424.txt"
+# The copies shipped inside the package; ../shared holds the originals.
+NEOX_JSON = Path(PACKAGED["20B"])
+WORLD_TXT = Path(PACKAGED["world"])
 
 # Multi-byte characters of every UTF-8 length: 2 (é, ö, ñ), 3 (中文, —, “”), 4 (emoji).
 TEXTS = [
@@ -351,8 +356,139 @@ def test_load_world_too_big_for_the_model(tmp_path: Path) -> None:
         load_tokenizer(path, 50277)
 
 
-def test_load_shared_tokenizers(neox: HFTokenizer, world: WorldTokenizer) -> None:
+def test_load_packaged_tokenizers_by_path(neox: HFTokenizer, world: WorldTokenizer) -> None:
     assert isinstance(load_tokenizer(NEOX_JSON, 50277), HFTokenizer)
     assert isinstance(load_tokenizer(str(WORLD_TXT), 65536), WorldTokenizer)
     with pytest.raises(TokenizerError, match="has 50277 tokens but the model's vocabulary has 256"):
         load_tokenizer(NEOX_JSON, 256)
+
+
+# ---- the packaged tokenizers and the automatic choice
+
+
+def test_packaged_files_are_the_shared_originals() -> None:
+    for name in ("20B_tokenizer.json", "rwkv_vocab_v20230424.txt"):
+        original = SHARED / "tokenizers" / name
+        if not original.is_file():
+            pytest.skip(f"{original} not available")
+        packaged = NEOX_JSON if name.endswith(".json") else WORLD_TXT
+        assert packaged.name == name and packaged.read_bytes() == original.read_bytes()
+
+
+def test_packaged_licence_note_sits_beside_them() -> None:
+    note = (NEOX_JSON.parent / "README.md").read_text(encoding="utf-8")
+    assert "Apache-2.0" in note and "20B_tokenizer.json" in note and "rwkv_vocab_v20230424.txt" in note
+
+
+def test_package_data_ships_every_tokenizer_file() -> None:
+    # pip install . copies only what package-data names; a file missing here works from the
+    # source tree and fails after installation.
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["rwkvx"]
+    folder = NEOX_JSON.parent
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["20B_tokenizer.json", "README.md", "rwkv_vocab_v20230424.txt"]
+    for name in files:
+        assert any(fnmatch.fnmatch(f"{folder.name}/{name}", pattern) for pattern in patterns), name
+
+
+@pytest.mark.parametrize("name, kind, n_vocab", [("20B", HFTokenizer, 50277), ("WORLD", WorldTokenizer, 65536),
+                                                 ("20b", HFTokenizer, 65536)])
+def test_load_packaged_tokenizers_by_name(name: str, kind: type, n_vocab: int) -> None:
+    tok = load_tokenizer(name, n_vocab)
+    assert isinstance(tok, kind) and tok.path in PACKAGED.values()
+
+
+def test_packaged_name_still_checks_the_vocabulary() -> None:
+    with pytest.raises(TokenizerError, match="has 50277 tokens but the model's vocabulary has 256"):
+        load_tokenizer("20B", 256)
+
+
+@pytest.mark.parametrize("n_vocab, expected", [(256, None), (50277, PACKAGED["20B"]), (65536, PACKAGED["world"])])
+def test_default_by_vocabulary_size(n_vocab: int, expected: str | None) -> None:
+    assert default_tokenizer(None, n_vocab) == expected
+
+
+@pytest.mark.parametrize("n_vocab", [97, 257, 50304, 65535, 100000])
+def test_default_for_an_unknown_vocabulary_names_the_flag(tmp_path: Path, n_vocab: int) -> None:
+    with pytest.raises(TokenizerError) as info:
+        default_tokenizer(tmp_path / "model.safetensors", n_vocab)
+    message = str(info.value)
+    assert f"vocabulary of {n_vocab} tokens" in message and "--tokenizer" in message and "\n" not in message
+
+
+def test_a_tokenizer_beside_the_model_wins(tmp_path: Path) -> None:
+    beside = write_sentencepiece_like(tmp_path / "tokenizer.json")
+    model = tmp_path / "model.safetensors"
+    for n_vocab in (256, 300, 50277, 65536):
+        assert default_tokenizer(model, n_vocab) == str(beside)
+    # a model folder (Hugging Face layout): the tokenizer inside it
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    inside = write_sentencepiece_like(folder / "tokenizer.json")
+    assert default_tokenizer(folder, 65536) == str(inside)
+    assert default_tokenizer(str(folder / "model.safetensors"), 300) == str(inside)
+
+
+def test_the_demo_model_gets_bytes_whatever_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    write_sentencepiece_like(tmp_path / "tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+    assert default_tokenizer("demo", 256) is None
+
+
+@pytest.mark.parametrize("n_vocab, kind", [(256, ByteTokenizer), (50277, HFTokenizer), (65536, WorldTokenizer)])
+def test_the_cli_picks_the_tokenizer_by_vocabulary(tmp_path: Path, capsys, n_vocab: int, kind: type) -> None:
+    from rwkvx._cli import load_model
+    from rwkvx.run import build_parser, main
+
+    path = save_random_model(tmp_path / f"v{n_vocab}.safetensors", 1, 8, n_vocab)
+    model, tok, _ = load_model(build_parser().parse_args(["-m", str(path)]))
+    assert model.n_vocab == n_vocab and type(tok) is kind
+    assert main(["-m", str(path), "-p", "Hello, мир", "-n", "4", "--temp", "0", "-t", "1"]) == 0
+    # an end-of-text token may stop a random model early
+    assert re.search(r"generated [1-4] tokens", capsys.readouterr().err)
+
+
+def test_the_cli_refuses_an_unknown_vocabulary_without_tokenizer(tmp_path: Path, capsys) -> None:
+    from rwkvx.run import main
+
+    path = save_random_model(tmp_path / "v300.safetensors", 1, 8, 300)
+    assert main(["-m", str(path), "-p", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rwkvx: error: tokenizer: none is known for a vocabulary of 300 tokens")
+    assert "--tokenizer" in err and err.count("\n") == 1
+    # naming a packaged tokenizer is enough
+    assert main(["-m", str(path), "-p", "x", "-n", "1", "--tokenizer", "20B"]) == 2
+    assert "has 50277 tokens but the model's vocabulary has 300" in capsys.readouterr().err
+
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "敏捷的棕色狐狸跳过了懒狗。人工智能正在改变世界。",
+    "いろはにほへと ちりぬるを わかよたれそ つねならむ",
+    "다람쥐 헌 쳇바퀴에 타고파",
+    "نص حكيم له سر قاطع وذو شأن عظيم مكتوب على ثوب أخضر",
+    "ऋषियों को सताने वाले दुष्ट राक्षसों के राजा रावण का सर्वनाश करने वाले",
+    "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία",
+    "Pchnąć w tę łódź jeża lub ośm skrzyń fig. Größenwahn, façade, Ærøskøbing",
+    "เป็นมนุษย์สุดประเสริฐเลิศคุณค่า",
+    "emoji 🦀🐍 ✓ ∑ x² ≤ ∞, tabs\tand\nnewlines\r\n",
+]
+
+
+@pytest.mark.parametrize("text", MULTILINGUAL)
+def test_packaged_world_vocabulary_round_trips_multilingual_text(world: WorldTokenizer, text: str) -> None:
+    ids = world.encode(text)
+    assert world.decode(ids) == text
+    assert_streams_whole(world, ids, text)
+    assert all(0 < i < 65536 for i in ids)
+
+
+def test_packaged_world_vocabulary_has_words_not_just_bytes(world: WorldTokenizer) -> None:
+    text = "".join(MULTILINGUAL)
+    # about 2.4 bytes per token on this text when written; bytes alone would be 1
+    assert len(text.encode("utf-8")) / len(world.encode(text)) > 2
