@@ -1,0 +1,353 @@
+"""The HTTP side of the server: OpenAI's routes on Starlette, a chat page, Prometheus metrics.
+
+Requests are checked here (protocol.py), rendered to token ids (chat templates), and handed
+to the engine, whose events come back through an asyncio queue per request. The model loads
+in a background thread after the server starts listening, so /health says 503 until then.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rwkvx import templates
+from rwkvx.errors import RwkvxError
+from rwkvx.serve.engine import Engine, QueueFull
+from rwkvx.serve.metrics import Metrics
+from rwkvx.serve.protocol import (ApiError, Limits, bad, new_id, now, parse_messages, parse_params, parse_prompt,
+                                  usage_body)
+
+PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+# the most bytes a request body may have: a 32k-token prompt is ~150 KB of text
+MAX_BODY = 4 << 20
+# how often a non-streamed request checks that its client is still there
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class Settings:
+    model_name: str
+    api_key: str | None = None
+    template: str | None = None  # None: by the tokenizer
+    replica: str | None = None  # set by Ray Serve deployments
+
+
+class Server:
+    """State shared by the routes: the engine once loaded, settings, metrics."""
+
+    def __init__(self, settings: Settings, limits: Limits, metrics: Metrics):
+        self.settings = settings
+        self.limits = limits
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.template = None
+        self.load_error: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        tokenizer = engine.tokenizer
+        name = self.settings.template
+        if name:
+            self.template = templates.TEMPLATES[name]
+        else:
+            from rwkvx.tokenizer import HFTokenizer
+            # Raven's Bob/Alice for the 20B tokenizer (RWKV-4 Pile/Raven), World's otherwise
+            self.template = templates.RAVEN if isinstance(tokenizer, HFTokenizer) else templates.WORLD
+        self.limits.n_vocab = engine.model.n_vocab
+        self.engine = engine
+
+    def load_in_background(self, build_engine) -> threading.Thread:
+        def run():
+            try:
+                engine = build_engine()
+                engine.metrics = self.metrics
+                engine.start()
+                self.attach(engine)
+            except Exception as e:  # reported by /health and every route, not a crash
+                self.load_error = f"{type(e).__name__}: {e}"
+        thread = threading.Thread(target=run, name="rwkvx-load", daemon=True)
+        thread.start()
+        return thread
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def build_app(server: Server) -> Starlette:
+    settings, metrics = server.settings, server.metrics
+
+    def headers() -> dict:
+        return {"x-rwkvx-replica": settings.replica} if settings.replica else {}
+
+    def ready() -> Engine:
+        if server.engine is None:
+            if server.load_error:
+                raise ApiError(500, f"the model failed to load: {server.load_error}", type="server_error")
+            raise ApiError(503, "the model is loading", type="unavailable", code="model_loading")
+        return server.engine
+
+    def authorise(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {settings.api_key}":
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="request_too_large")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > MAX_BODY:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def route(path, methods, name):
+        """Wraps a handler: auth, errors as OpenAI objects, request counting."""
+        def wrap(handler):
+            async def endpoint(request: Request) -> Response:
+                try:
+                    if name not in ("health", "page"):
+                        authorise(request)
+                    response = await handler(request)
+                except ApiError as e:
+                    response = error_response(e)
+                response.headers.update(headers())
+                metrics.request(name, response.status_code)
+                return response
+            return Route(path, endpoint, methods=methods)
+        return wrap
+
+    async def health(request: Request) -> Response:
+        if server.engine is None:
+            status = "error" if server.load_error else "loading"
+            return JSONResponse({"status": status, "error": server.load_error}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def page(request: Request) -> Response:
+        return FileResponse(PAGE, media_type="text/html")
+
+    async def models(request: Request) -> Response:
+        ready()
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "rwkvx"}]})
+
+    async def metrics_route(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    def check_model(params) -> None:
+        if params.model is not None and params.model != settings.model_name:
+            raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has "
+                                f"{settings.model_name!r}", param="model", code="model_not_found")
+
+    async def completions(request: Request) -> Response:
+        engine = ready()
+        body = await read_json(request)
+        params = parse_params(body, server.limits, default_max_tokens=16)
+        check_model(params)
+        prompt = parse_prompt(body)
+        ids = await asyncio.to_thread(encode, engine, prompt, server.limits)
+        return await respond(request, engine, ids, params, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        engine = ready()
+        body = await read_json(request)
+        params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens))
+        check_model(params)
+        messages = parse_messages(body)
+        if messages[-1]["role"] == "assistant":
+            raise bad("messages", "the last message must not be the assistant's: there is nothing to reply to")
+        try:
+            text = templates.render(server.template, messages)
+        except RwkvxError as e:
+            raise bad("messages", str(e)) from None
+        params.stop = tuple(templates.stop_strings(server.template)) + params.stop
+        ids = await asyncio.to_thread(encode, engine, text, server.limits)
+        return await respond(request, engine, ids, params, chat=True)
+
+    return Starlette(routes=[
+        route("/health", ["GET"], "health")(health),
+        route("/", ["GET"], "page")(page),
+        route("/v1/models", ["GET"], "models")(models),
+        route("/metrics", ["GET"], "metrics")(metrics_route),
+        route("/v1/completions", ["POST"], "completions")(completions),
+        route("/v1/chat/completions", ["POST"], "chat_completions")(chat_completions),
+    ])
+
+
+def encode(engine: Engine, text: str, limits: Limits) -> list[int]:
+    try:
+        ids = engine.tokenizer.encode(text)
+    except RwkvxError as e:
+        raise bad("prompt", str(e)) from None
+    if not ids:
+        raise bad("prompt", "the prompt has no tokens")
+    if len(ids) > limits.max_prompt_tokens:
+        raise bad("prompt", f"{len(ids)} tokens, more than this server accepts ({limits.max_prompt_tokens})")
+    return ids
+
+
+def make_sampler(params, seed):
+    from rwkvx.sampling import Sampler
+    kwargs = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                  presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                  penalty_decay=params.penalty_decay, seed=seed)
+    if params.min_p:
+        kwargs["min_p"] = params.min_p
+    if params.logit_bias:
+        kwargs["logit_bias"] = params.logit_bias
+    return Sampler(**kwargs)
+
+
+async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool) -> Response:
+    """Submit n sequences and answer with their text, streamed as server-sent events or whole."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    sequences = []
+    try:
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+
+            def on_event(kind, value, index=index):
+                loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+            sequences.append(engine.submit(ids, make_sampler(params, seed), max_tokens=params.max_tokens,
+                                           stops=params.stop, on_event=on_event))
+    except QueueFull as e:
+        for seq in sequences:
+            engine.cancel(seq)
+        raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full") from None
+    except RwkvxError as e:
+        for seq in sequences:
+            engine.cancel(seq)
+        raise bad("request", str(e)) from None
+    rid = new_id("chatcmpl" if chat else "cmpl")
+    created = now()
+    model = request.app.state.model_name
+    kind = "chat.completion" if chat else "text_completion"
+
+    def usage():
+        completion = sum(s.usage.completion_tokens for s in sequences)
+        return usage_body(len(ids), completion, sequences[0].usage.cached_tokens)
+
+    def finish_reason(seq):
+        if seq.finish_reason == "error":
+            return "error"
+        return "length" if seq.finish_reason == "length" else "stop"
+
+    if not params.stream:
+        texts = [""] * params.n
+        done = 0
+        try:
+            while done < params.n:
+                try:
+                    index, what, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if what == "text":
+                    texts[index] += value
+                else:
+                    done += 1
+        finally:
+            for seq in sequences:
+                if seq.finish_reason is None:
+                    engine.cancel(seq)
+        if any(s.finish_reason == "error" for s in sequences):
+            raise ApiError(500, f"generation failed: {sequences[0].error}", type="server_error")
+        choices = []
+        for i, seq in enumerate(sequences):
+            if chat:
+                text = templates.clean_reply(texts[i])
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish_reason(seq), "logprobs": None})
+            else:
+                choices.append({"index": i, "text": texts[i], "finish_reason": finish_reason(seq),
+                                "logprobs": None})
+        return JSONResponse({"id": rid, "object": kind, "created": created, "model": model,
+                             "choices": choices, "usage": usage()})
+
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index, text=None, finish=None, role=False):
+        if chat:
+            delta = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
+
+    def sse(obj) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    async def stream():
+        started = [False] * params.n  # chat: the leading space of a reply is not shown
+        done = 0
+        try:
+            if chat:
+                for i in range(params.n):
+                    yield sse(chunk(i, "", role=True))
+            while done < params.n:
+                index, what, value = await events.get()
+                if what == "text":
+                    if chat and not started[index]:
+                        value = value.lstrip()
+                        if not value:
+                            continue
+                        started[index] = True
+                    yield sse(chunk(index, value))
+                else:
+                    done += 1
+                    yield sse(chunk(index, finish=finish_reason(value)))
+            if params.include_usage:
+                yield sse({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                           "usage": usage()})
+            yield b"data: [DONE]\n\n"
+        finally:
+            # the client went away (or we are done): free the slots at the next step
+            for seq in sequences:
+                if seq.finish_reason is None:
+                    engine.cancel(seq)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def create_app(settings: Settings, limits: Limits, build_engine=None, engine: Engine | None = None) -> Starlette:
+    """The ASGI app; the model loads in the background (build_engine) or is given (engine)."""
+    metrics = Metrics()
+    server = Server(settings, limits, metrics)
+    app = build_app(server)
+    app.state.model_name = settings.model_name
+    app.state.server = server
+    if engine is not None:
+        engine.metrics = metrics
+        if engine._thread is None:
+            engine.start()
+        server.attach(engine)
+    elif build_engine is not None:
+        server.load_in_background(build_engine)
+    return app
+

@@ -1,0 +1,277 @@
+"""The server's engine: one thread owns the model and advances every active sequence together.
+
+Each step is one ``model.forward_batch`` call: every decoding sequence feeds its last
+sampled token, and sequences still reading their prompts feed a slice of it, so the weights
+are read once for all of them (continuous batching). New requests join between steps; a
+long prompt is fed a slice per step while others decode (chunked prefill), so it does not
+freeze their streams; a finished or cancelled sequence leaves at the next step.
+
+After a prompt is read, its state and logits go into the state cache, and after a
+sequence ends, the state after everything it fed: a request whose tokens start with a
+cached sequence resumes from there (a chat client re-sending its history pays only for the
+new turn).
+
+The engine knows nothing of HTTP: a request comes in as token ids, a Sampler and limits,
+and goes out as events passed to a callback, from the engine's thread.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from rwkvx.errors import RwkvxError
+from rwkvx.generate import _find_stop, _partial_stop_len
+from rwkvx.serve.cache import StateCache
+
+# Prompt tokens fed per step while other sequences are decoding: a step then costs about
+# what a few decode steps do, so their streams slow down but do not stall.
+DEFAULT_PREFILL_CHUNK = 32
+# ... and when nobody is decoding, so a lone prompt runs at full matrix-matrix speed.
+IDLE_PREFILL_CHUNK = 512
+
+
+class QueueFull(RwkvxError):
+    """More requests are waiting than the server accepts."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    """One generation: its tokens, state, sampler and limits. Created by Engine.submit."""
+
+    id: int
+    prompt: list[int]
+    sampler: object
+    max_tokens: int
+    stops: tuple[str, ...]
+    eos_id: int | None
+    on_event: Callable[[str, object], None]
+    state: np.ndarray | None = None
+    fed: list[int] = field(default_factory=list)  # tokens whose effect is in state
+    logits: np.ndarray | None = None  # after fed, when known and not yet sampled from
+    next_token: int | None = None
+    generated: list[int] = field(default_factory=list)
+    decoder: object = None  # the tokenizer's StreamDecoder, from the first generated token
+    text_pending: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    usage: Usage = field(default_factory=Usage)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.fed) < len(self.prompt)
+
+
+class Engine:
+    """Owns the model; runs the scheduling loop in its own thread (start/stop)."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 state_cache_bytes: int = 512 << 20, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 metrics=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.cache = StateCache(state_cache_bytes)
+        self.metrics = metrics
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # ids the tokenizer cannot decode (a padded vocabulary) are never drawn
+        self._mask_from = tokenizer.vocab_size if tokenizer.vocab_size < model.n_vocab else None
+
+    # ---- called from other threads ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rwkvx-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt: list[int], sampler, *, max_tokens: int, stops: tuple[str, ...] = (),
+               ignore_eos: bool = False, on_event: Callable[[str, object], None]) -> Sequence:
+        """Queue a generation. on_event(kind, value) is called from the engine's thread with
+        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull."""
+        if not prompt:
+            raise RwkvxError("prompt: expected at least one token, got none")
+        seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
+                       None if ignore_eos else self.tokenizer.eos_id, on_event)
+        seq.usage.prompt_tokens = len(prompt)
+        if hasattr(sampler, "accept_prompt"):
+            sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
+        with self._cond:
+            free_slots = max(0, self.max_batch - len(self._active))
+            if len(self._waiting) >= self.max_queue + free_slots:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
+            self._waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop seq (e.g. its client went away); its slot is freed at the next step."""
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # ---- the engine's thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._drop_cancelled()
+                while self._waiting and len(self._active) < self.max_batch:
+                    seq = self._waiting.popleft()
+                    if not seq.cancelled:
+                        self._active.append(seq)
+                        self._admit(seq)
+            try:
+                self._step()
+            except Exception as e:  # a bug: fail these requests, keep serving others
+                for seq in self._active:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                self._active = []
+            if self.metrics is not None:
+                self.metrics.engine_state(len(self._waiting), len(self._active))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq, "cancelled")
+        self._active = [s for s in self._active if s.finish_reason is None]
+        self._waiting = deque(s for s in self._waiting if not s.cancelled)
+
+    def _admit(self, seq: Sequence) -> None:
+        """Start seq from the longest cached prefix of its prompt."""
+        entry = self.cache.longest_prefix(seq.prompt)
+        if entry is None:
+            seq.state = self.model.new_state()
+        else:
+            seq.state = entry.state.copy()
+            seq.fed = list(entry.tokens)
+            seq.logits = entry.logits
+            seq.usage.cached_tokens = len(entry.tokens)
+
+    def _step(self) -> None:
+        # sequences whose next logits are known sample first (a whole prompt from the cache)
+        for seq in self._active:
+            if seq.logits is not None and not seq.prefilling:
+                self._sample(seq, seq.logits)
+        live = [s for s in self._active if s.finish_reason is None and not s.cancelled]
+        decoding = [s for s in live if not s.prefilling]
+        budget = self.prefill_chunk if decoding else IDLE_PREFILL_CHUNK
+        batch, tokens = [], []
+        for seq in live:
+            if seq.prefilling:
+                if budget <= 0:
+                    continue
+                part = seq.prompt[len(seq.fed):len(seq.fed) + budget]
+                budget -= len(part)
+            else:
+                part = [seq.next_token]
+            batch.append(seq)
+            tokens.append(part)
+        if batch:
+            start = time.perf_counter()
+            logits, states = self.model.forward_batch(tokens, [s.state for s in batch])
+            if self.metrics is not None:
+                self.metrics.step(len(batch), sum(map(len, tokens)), time.perf_counter() - start)
+            for seq, part, row, state in zip(batch, tokens, logits, states):
+                seq.state = state
+                seq.fed += part
+                if seq.prefilling:
+                    continue
+                if len(seq.fed) == len(seq.prompt):
+                    self.cache.put(seq.fed, state, row)
+                self._sample(seq, row)
+        self._active = [s for s in self._active if s.finish_reason is None]
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        seq.logits = None
+        if self._mask_from is not None:
+            logits = logits.copy()
+            logits[self._mask_from:] = -np.inf
+        token = seq.sampler.sample(logits)
+        seq.sampler.accept(token)
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - seq.arrived)
+        elif self.metrics is not None:
+            self.metrics.next_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        if token == seq.eos_id:
+            return self._finish(seq, "stop")
+        seq.generated.append(token)
+        seq.usage.completion_tokens += 1
+        if seq.decoder is None:
+            seq.decoder = self.tokenizer.stream()
+        seq.text_pending += seq.decoder.push(token)
+        cut = _find_stop(seq.text_pending, seq.stops)
+        if cut >= 0:
+            seq.text_pending = seq.text_pending[:cut]
+            return self._finish(seq, "stop", stopped_by_text=True)
+        hold = _partial_stop_len(seq.text_pending, seq.stops)
+        if len(seq.text_pending) > hold:
+            piece = seq.text_pending[:len(seq.text_pending) - hold]
+            seq.text_pending = seq.text_pending[len(seq.text_pending) - hold:]
+            seq.on_event("text", piece)
+        if seq.usage.completion_tokens >= seq.max_tokens:
+            return self._finish(seq, "length")
+        seq.next_token = token
+
+    def _finish(self, seq: Sequence, reason: str, *, stopped_by_text: bool = False, error: str | None = None) -> None:
+        if seq.finish_reason is not None:
+            return
+        if reason in ("stop", "length") and not stopped_by_text and seq.decoder is not None:
+            seq.text_pending += seq.decoder.flush()
+            cut = _find_stop(seq.text_pending, seq.stops)
+            if cut >= 0:
+                seq.text_pending = seq.text_pending[:cut]
+        if seq.text_pending and reason in ("stop", "length"):
+            seq.on_event("text", seq.text_pending)
+        seq.text_pending = ""
+        seq.finish_reason = reason
+        seq.error = error
+        # what this sequence read and wrote, for the next turn of its conversation
+        if seq.state is not None and len(seq.fed) > len(seq.prompt):
+            self.cache.put(seq.fed, seq.state)
+        if self.metrics is not None:
+            self.metrics.finished(seq.usage.prompt_tokens, seq.usage.cached_tokens, seq.usage.completion_tokens)
+        seq.on_event("done", seq)

@@ -1,0 +1,298 @@
+"""python -m rwkvx.serve over real sockets, driven by the official openai client."""
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+openai = pytest.importorskip("openai")
+
+HERE = os.path.dirname(__file__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "rwkvx.serve", "--port", str(self.port), *args],
+                                     cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def client(self, **kwargs) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
+                             **kwargs)
+
+    def get(self, path, headers=None):
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def post(self, path, body: bytes, headers=None):
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("-m", "demo", "--model-name", "demo", "--max-tokens", "512")
+    yield s
+    s.stop()
+
+
+def metric(server, name, labels=None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    _, text = server.get("/metrics")
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["demo"]
+    assert server.get("/health")[0] == 200
+
+
+def test_completion_and_its_stream_agree(server):
+    client = server.client()
+    whole = client.completions.create(model="demo", prompt="The built-in function", max_tokens=24, seed=3,
+                                      temperature=0.8)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len("The built-in function".encode())
+    assert whole.usage.completion_tokens == 24
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    pieces = list(client.completions.create(model="demo", prompt="The built-in function", max_tokens=24, seed=3,
+                                            temperature=0.8, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_n(server):
+    client = server.client()
+    result = client.completions.create(model="demo", prompt="def f(x):\n", max_tokens=64, temperature=0, stop=["\n"],
+                                       n=3)
+    assert len(result.choices) == 3
+    for choice in result.choices:
+        assert "\n" not in choice.text
+    # greedy: every choice is the same text
+    assert len({c.text for c in result.choices}) == 1
+
+
+def test_chat_stream_and_cached_second_turn(server):
+    client = server.client()
+    messages = [{"role": "system", "content": "You answer questions about Python."},
+                {"role": "user", "content": "What does the built-in function len do?"}]
+    first = client.chat.completions.create(model="demo", messages=messages, max_tokens=32, seed=1)
+    reply = first.choices[0].message
+    assert reply.role == "assistant" and first.object == "chat.completion"
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    streamed = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=32, seed=1,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.content
+    # the next turn re-sends the history: everything up to it comes from the cache
+    messages += [{"role": "assistant", "content": reply.content}, {"role": "user", "content": "And sorted?"}]
+    second = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, seed=1)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > first.usage.prompt_tokens, (cached, first.usage.prompt_tokens)
+    assert cached < second.usage.prompt_tokens
+
+
+def test_sixteen_concurrent_requests(server):
+    client = server.client()
+
+    def one(i):
+        return client.completions.create(model="demo", prompt=f"Example {i}: ", max_tokens=16, seed=i)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(r.usage.completion_tokens == 16 for r in results)
+    # each seeded request gives what it gives alone
+    again = one(5)
+    assert again.choices[0].text == results[5].choices[0].text
+
+
+def test_disconnect_frees_the_slot(server):
+    client = server.client()
+    stream = client.completions.create(model="demo", prompt="Once", max_tokens=500, stream=True, seed=1)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "rwkvx_active_sequences") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "rwkvx_active_sequences") == 0
+    assert metric(server, "rwkvx_generated_tokens_total") > 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": 100000}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "stop": [""]}).encode(), 400, "stop"),
+    (json.dumps({"prompt": "x", "logit_bias": {"999999": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "n": 100}).encode(), 400, "n"),
+    (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+])
+def test_bad_completion_requests(server, body, status, param):
+    code, error = server.post("/v1/completions", body)
+    assert code == status
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["param"] == param
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "wizard", "content": "x"}], [{"role": "user"}],
+                                      [{"role": "user", "content": 3}], "hello"])
+def test_bad_chat_messages(server, messages):
+    code, error = server.post("/v1/chat/completions", json.dumps({"messages": messages}).encode())
+    assert code == 400 and "messages" in error["error"]["param"]
+
+
+def test_openai_client_raises_on_errors(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="demo", prompt="x", temperature=-3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_metrics_parse(server):
+    server.client().completions.create(model="demo", prompt="x", max_tokens=2)
+    assert metric(server, "rwkvx_requests_total", {"route": "completions", "status": "200"}) >= 1
+    assert metric(server, "rwkvx_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "rwkvx_batch_size_count") >= 1
+    assert metric(server, "rwkvx_prompt_tokens_total") >= 1
+
+
+def test_chat_page_is_served(server):
+    status, text = server.get("/")
+    assert status == 200 and "<html" in text.lower()
+
+
+def test_api_key_and_a_full_queue():
+    s = Server("-m", "demo", "--api-key", "sekret", "--max-batch", "1", "--max-queue", "0")
+    try:
+        assert s.get("/health")[0] == 200
+        assert s.get("/v1/models")[0] == 401
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="wrong").models.list()
+        client = s.client(api_key="sekret")
+        assert client.models.list().data[0].id == "demo"
+        # one long request holds the only slot; the next finds no room in the queue
+        holder = client.completions.create(prompt="Once", max_tokens=400, stream=True, model="demo")
+        next(iter(holder))
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(prompt="x", max_tokens=1, model="demo")
+        holder.close()
+    finally:
+        s.stop()
+
+
+def test_without_the_extra_it_says_what_to_install(tmp_path):
+    # hide starlette from a child process: one line, exit 2
+    (tmp_path / "starlette.py").write_text("raise ImportError('hidden')\n")
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['starlette'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "rwkvx.serve", "-m", "demo"], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("rwkvx: error: the server needs starlette: pip install")
+
+
+def test_bad_flags_exit_2():
+    for args in (["-m", "/no/such/model"], ["-m", "demo", "--port", "-1"], ["-m", "demo", "--max-batch", "0"]):
+        result = subprocess.run([sys.executable, "-m", "rwkvx.serve", *args], cwd=HERE, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "rwkvx.serve", "-m", "demo", "--port", str(port)], cwd=HERE,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cannot listen on 127.0.0.1" in result.stderr
+
+
+def test_health_is_503_while_loading():
+    from starlette.testclient import TestClient
+
+    from rwkvx.serve.app import Settings, create_app
+    from rwkvx.serve.protocol import Limits
+
+    release = threading.Event()
+
+    def slow_engine():
+        release.wait(30)
+        raise RuntimeError("never mind")
+
+    app = create_app(Settings("m"), Limits(), build_engine=slow_engine)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        release.set()
+        time.sleep(0.2)
+        assert client.get("/health").status_code == 503
+        assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 500
