@@ -244,6 +244,37 @@ def test_world_round_trips_10kb(world: WorldTokenizer) -> None:
     assert world.decode(world.encode(text)) == text
 
 
+def test_world_table_matches_literal_eval_on_every_line(world: WorldTokenizer) -> None:
+    # Loading skips ast.literal_eval for plain quoted literals; the table must be the same.
+    import ast
+
+    with open(WORLD_TXT, encoding="utf-8") as f:
+        for line in f:
+            first, last = line.find(" "), line.rstrip("\n").rfind(" ")
+            token_id, value = int(line[:first]), ast.literal_eval(line[first + 1 : last])
+            assert world._table[token_id] == (value.encode("utf-8") if isinstance(value, str) else value)
+
+
+@pytest.mark.parametrize(
+    "line, token",
+    [
+        ("300 'ab' 2", b"ab"),
+        ("300 \"it's\" 4", b"it's"),
+        ("300 b'ab' 2", b"ab"),
+        ("300 b\"a'b\" 3", b"a'b"),
+        ("300 'a b' 3", b"a b"),
+        ("300 '\\n\\n' 2", b"\n\n"),
+        ("300 '\\\\x' 2", b"\\x"),
+        ("300 b'\\xff\\xfe' 2", b"\xff\xfe"),
+        ("300 'caf\u00e9' 5", "café".encode("utf-8")),
+        ("300 '\\u00e9' 2", "é".encode("utf-8")),
+    ],
+)
+def test_world_literals_with_and_without_escapes(tmp_path: Path, line: str, token: bytes) -> None:
+    tok = WorldTokenizer(write_vocab(tmp_path / "vocab.txt", [line]))
+    assert tok.token_bytes(300) == token
+
+
 def write_vocab(path: Path, extra_lines: list[str]) -> Path:
     """Write a small World-format vocabulary: all 256 bytes, then extra_lines."""
     lines = [f"{b + 1} {bytes([b])!r} 1" for b in range(256)]
@@ -275,6 +306,9 @@ def test_world_greedy_on_a_small_vocabulary(tmp_path: Path) -> None:
         ("300 12 2", "expected 'ID REPR LEN'"),
         ("x 'ab' 2", "expected 'ID REPR LEN'"),
         ("70000 'ab' 2", "expected an id in 1..65535"),
+        ("300 'a'b' 3", "expected 'ID REPR LEN'"),
+        ("300 b'\u00e9' 2", "expected 'ID REPR LEN'"),
+        ("300 'ab 2", "expected 'ID REPR LEN'"),
         ("5 'zz' 2", "duplicate"),
         ("300 'a' 1", "duplicate"),
     ],
@@ -395,8 +429,7 @@ def test_package_data_ships_every_tokenizer_file() -> None:
         assert any(fnmatch.fnmatch(f"{folder.name}/{name}", pattern) for pattern in patterns), name
 
 
-@pytest.mark.parametrize("name, kind, n_vocab", [("20B", HFTokenizer, 50277), ("WORLD", WorldTokenizer, 65536),
-                                                 ("20b", HFTokenizer, 65536)])
+@pytest.mark.parametrize("name, kind, n_vocab", [("20b", HFTokenizer, 50277), ("WORLD", WorldTokenizer, 65536)])
 def test_load_packaged_tokenizers_by_name(name: str, kind: type, n_vocab: int) -> None:
     tok = load_tokenizer(name, n_vocab)
     assert isinstance(tok, kind) and tok.path in PACKAGED.values()
