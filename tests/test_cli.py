@@ -266,3 +266,14 @@ def test_help_documents_the_sampling_flags_and_their_order():
     for flag in ("--min-p", "--logit-bias TOKEN_ID(+|-)BIAS", "--repeat-penalty", "--repeat-last-n"):
         assert flag in text
     assert SAMPLER_ORDER in text
+
+
+def test_repeat_penalty_breaks_a_trained_models_greedy_loop(capsys):
+    # The tiny trained model loops on " the" under greedy decoding; the penalty breaks the loop.
+    path = str(shared_file(TINY_MODEL))
+    args = ["-m", path, "-p", "The quick brown", "-n", "60", "--temp", "0", "-t", "1"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "--repeat-penalty", "1.3", "--repeat-last-n", "16"]) == 0
+    penalised = capsys.readouterr().out
+    assert greedy.count("the") >= 10 and penalised.count("the") <= greedy.count("the") // 2
