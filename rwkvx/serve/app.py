@@ -181,7 +181,15 @@ def build_app(server: Server) -> Starlette:
             raise bad("messages", str(e)) from None
         params.stop = tuple(templates.stop_strings(server.template)) + params.stop
         ids = await asyncio.to_thread(encode, engine, text, server.limits)
-        return await respond(request, engine, ids, params, chat=True)
+
+        def remember(reply: str) -> None:
+            # the history as the next turn will send it: its state, cached now, makes the
+            # next turn pay only for its new message
+            history = templates.render(server.template, messages + [{"role": "assistant", "content": reply}])
+            history = history[:-len(templates.assistant_prefix(server.template))]
+            following = f"{server.template.user}:"
+            engine.remember(templates.encode_segment(engine.tokenizer.encode, history, following))
+        return await respond(request, engine, ids, params, chat=True, on_reply=remember)
 
     return Starlette(routes=[
         route("/health", ["GET"], "health")(health),
@@ -217,7 +225,8 @@ def make_sampler(params, seed):
     return Sampler(**kwargs)
 
 
-async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool) -> Response:
+async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool,
+                  on_reply=None) -> Response:
     """Submit n sequences and answer with their text, streamed as server-sent events or whole."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -273,6 +282,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                     engine.cancel(seq)
         if any(s.finish_reason == "error" for s in sequences):
             raise ApiError(500, f"generation failed: {sequences[0].error}", type="server_error")
+        if on_reply is not None:
+            on_reply(texts[0])
         choices = []
         for i, seq in enumerate(sequences):
             if chat:
@@ -305,6 +316,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
     async def stream():
         started = [False] * params.n  # chat: the leading space of a reply is not shown
         done = 0
+        first_text = []
         try:
             if chat:
                 for i in range(params.n):
@@ -312,6 +324,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
             while done < params.n:
                 index, what, value = await events.get()
                 if what == "text":
+                    if index == 0:
+                        first_text.append(value)
                     if chat and not started[index]:
                         value = value.lstrip()
                         if not value:
@@ -325,6 +339,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 yield sse({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],
                            "usage": usage()})
             yield b"data: [DONE]\n\n"
+            if on_reply is not None:
+                on_reply("".join(first_text))
         finally:
             # the client went away (or we are done): free the slots at the next step
             for seq in sequences:

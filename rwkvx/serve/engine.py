@@ -122,7 +122,7 @@ class Engine:
         seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
                        None if ignore_eos else self.tokenizer.eos_id, on_event)
         seq.usage.prompt_tokens = len(prompt)
-        if hasattr(sampler, "accept_prompt"):
+        if sampler is not None and hasattr(sampler, "accept_prompt"):
             sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
         with self._cond:
             free_slots = max(0, self.max_batch - len(self._active))
@@ -131,6 +131,15 @@ class Engine:
             self._waiting.append(seq)
             self._cond.notify()
         return seq
+
+    def remember(self, tokens: list[int]) -> None:
+        """Run tokens (from the longest cached prefix) only to cache their state, e.g. a chat's
+        history with its reply written as the next request will send it. Best effort: dropped
+        when the queue is full."""
+        try:
+            self.submit(tokens, None, max_tokens=0, on_event=lambda kind, value: None)
+        except RwkvxError:
+            pass
 
     def cancel(self, seq: Sequence) -> None:
         """Stop seq (e.g. its client went away); its slot is freed at the next step."""
@@ -156,11 +165,7 @@ class Engine:
                 if self._stopping:
                     return
                 self._drop_cancelled()
-                while self._waiting and len(self._active) < self.max_batch:
-                    seq = self._waiting.popleft()
-                    if not seq.cancelled:
-                        self._active.append(seq)
-                        self._admit(seq)
+                self._admit_waiting()
             try:
                 self._step()
             except Exception as e:  # a bug: fail these requests, keep serving others
@@ -175,6 +180,25 @@ class Engine:
             self._finish(seq, "cancelled")
         self._active = [s for s in self._active if s.finish_reason is None]
         self._waiting = deque(s for s in self._waiting if not s.cancelled)
+
+    def _admit_waiting(self) -> None:
+        """Move waiting sequences into free slots, in order. One whose prompt extends a
+        sequence that is still being cached (Engine.remember) waits for it, to resume there."""
+        warming = [s for s in self._active if s.max_tokens == 0]
+        still_waiting = deque()
+        while self._waiting:
+            seq = self._waiting.popleft()
+            if len(self._active) >= self.max_batch:
+                still_waiting.append(seq)
+                continue
+            if any(len(w.prompt) <= len(seq.prompt) and seq.prompt[:len(w.prompt)] == w.prompt for w in warming):
+                still_waiting.append(seq)
+                continue
+            self._active.append(seq)
+            self._admit(seq)
+            if seq.max_tokens == 0:
+                warming.append(seq)
+        self._waiting = still_waiting
 
     def _admit(self, seq: Sequence) -> None:
         """Start seq from the longest cached prefix of its prompt."""
@@ -191,7 +215,10 @@ class Engine:
         # sequences whose next logits are known sample first (a whole prompt from the cache)
         for seq in self._active:
             if seq.logits is not None and not seq.prefilling:
-                self._sample(seq, seq.logits)
+                if seq.max_tokens == 0:
+                    self._finish(seq, "length")
+                else:
+                    self._sample(seq, seq.logits)
         live = [s for s in self._active if s.finish_reason is None and not s.cancelled]
         decoding = [s for s in live if not s.prefilling]
         budget = self.prefill_chunk if decoding else IDLE_PREFILL_CHUNK
@@ -218,6 +245,9 @@ class Engine:
                     continue
                 if len(seq.fed) == len(seq.prompt):
                     self.cache.put(seq.fed, state, row)
+                    if seq.max_tokens == 0:
+                        self._finish(seq, "length")
+                        continue
                 self._sample(seq, row)
         self._active = [s for s in self._active if s.finish_reason is None]
 
