@@ -238,7 +238,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
             def on_event(kind, value, index=index):
                 loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
             sequences.append(engine.submit(ids, make_sampler(params, seed), max_tokens=params.max_tokens,
-                                           stops=params.stop, on_event=on_event))
+                                           stops=params.stop, ignore_eos=params.ignore_eos, on_event=on_event))
     except QueueFull as e:
         for seq in sequences:
             engine.cancel(seq)

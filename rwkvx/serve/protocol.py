@@ -81,6 +81,7 @@ class Params:
     logit_bias: dict[int, float]
     stream: bool
     include_usage: bool
+    ignore_eos: bool
     model: str | None
     extra: dict = field(default_factory=dict)
 
@@ -116,9 +117,7 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int) -> Para
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
                 raise bad("logit_bias", f"expected biases in [-100, 100], got {value!r}"[:200])
             logit_bias[token] = float(value)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise bad("stream", "expected true or false")
+    stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options", "expected an object")
@@ -141,8 +140,16 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int) -> Para
         logit_bias=logit_bias,
         stream=bool(stream),
         include_usage=bool(options.get("include_usage", False)),
+        ignore_eos=_flag(body, "ignore_eos"),
         model=model,
     )
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool) and value is not None:
+        raise bad(name, "expected true or false")
+    return bool(value)
 
 
 def parse_prompt(body: dict) -> str:
