@@ -24,7 +24,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from rwkvx._cli import EXIT_OK, Parser, add_model_args, int_at_least, load_model, log, model_summary, run_main
+from rwkvx._cli import (EXIT_OK, Parser, add_model_args, int_at_least, load_model, log, model_summary, peak_rss_mb,
+                        run_main)
 from rwkvx.errors import RwkvxError, TokenizerError
 
 DEFAULT_CTX = 1024
@@ -230,7 +231,10 @@ output:
   stdout: the running PPL after each chunk ([1]x,[2]y,...), a line with the tokens
   scored, bits per byte and tokens/s, and last 'Final estimate: PPL = x +/- y'.
   --json prints one JSON object instead (running values then go to stderr).
-  stderr: the load line, the text's size and the chunking, the time per chunk."""
+  stderr: the load line, the text's size and the chunking, the time per chunk.
+
+memory: the model's weights and state, and the logits of at most -b tokens (default 128)
+at a time: a chunk is fed in pieces of -b tokens, never the whole text's logits."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +288,9 @@ def _run(args) -> int:
     data = _read_text(args.file)
     name = "stdin" if args.file == "-" else args.file
     model, tokenizer, load_seconds = load_model(args)
+    start = time.perf_counter()
     tokens = tokenizer.encode(data.decode("utf-8"))
+    tokenize_seconds = time.perf_counter() - start
     if len(tokens) < 2:
         raise RwkvxError(f"{name}: the text is {len(tokens)} token{'s' * (len(tokens) != 1)} long; "
                          "perplexity needs at least 2 tokens")
@@ -293,8 +299,9 @@ def _run(args) -> int:
     n_chunks = len(bounds)
     dropped = len(tokens) - bounds[-1][1]
     mode = "each from the previous chunk's state" if args.carry_state else "each from a fresh state"
-    log(f"{name}: {len(data)} bytes, {len(tokens)} tokens; {n_chunks} chunk{'s' * (n_chunks != 1)} of up to "
-        f"{args.ctx} tokens, {mode}; scoring {bounds[-1][1] - n_chunks} tokens"
+    log(f"{name}: {len(data)} bytes, {len(tokens)} tokens (tokenized in {tokenize_seconds:.2f} s); "
+        f"{n_chunks} chunk{'s' * (n_chunks != 1)} of up to {args.ctx} tokens, {mode}; "
+        f"scoring {bounds[-1][1] - n_chunks} tokens"
         + (" (the last token, alone in its chunk, is not fed)" if dropped else ""))
 
     progress = sys.stderr if args.json else sys.stdout
@@ -329,7 +336,7 @@ def _run(args) -> int:
         print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.stderr:.5f}")
     sys.stdout.flush()
     log(f"{result.n_tokens} tokens through the model in {result.seconds:.2f} s "
-        f"({result.tokens_per_second:.1f} tokens/s)")
+        f"({result.tokens_per_second:.1f} tokens/s); peak RSS {peak_rss_mb():.0f} MB")
     return EXIT_OK
 
 
