@@ -23,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rwkvx.run",
         description="Generate text with an RWKV-4 model on the CPU. The continuation of the "
                     "prompt streams to stdout; statistics go to stderr.",
-        epilog="Samplers apply in this order: presence/frequency penalties, temperature "
-               "(0 = greedy), top-k, top-p, then a seeded draw. Threads: --threads, else "
-               "OMP_NUM_THREADS, else the CPUs this process may use.",
+        epilog="Threads: --threads, else OMP_NUM_THREADS, else the CPUs this process may use.",
     )
     add_model_args(p)
     prompt = p.add_mutually_exclusive_group()
@@ -92,8 +90,8 @@ def _run(args) -> int:
         raise RwkvxError("the prompt is empty")
     if args.prompt_cache_ro and not args.prompt_cache:
         raise RwkvxError("--prompt-cache-ro: needs --prompt-cache FILE")
-    sampler = sampler_from_args(args)
     model, tokenizer, load_seconds = load_model(args)
+    sampler = sampler_from_args(args, n_vocab=model.n_vocab)
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
     if demo_model:
         log(f"this is rwkvx's small demo model, trained on Python's own documentation ({demo.CARD}); "
@@ -106,6 +104,8 @@ def _run(args) -> int:
     state, prompt_ids, cache_seconds = None, prompt, 0.0
     if args.prompt_cache:
         state, prompt_ids, cache_seconds = _prefill_from_cache(args, model, tokenizer, prompt)
+        # the repeat penalty's window starts in the prompt; generate adds the last token
+        sampler.accept_prompt(args.prompt_ids[:-1])
     stream = generate(model, tokenizer, prompt_ids, max_tokens=args.n_predict, sampler=sampler,
                       stop=args.stop, ignore_eos=args.ignore_eos, state=state)
     out = sys.stdout

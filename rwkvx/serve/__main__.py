@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int_at_least(1), default=32768, metavar="N",
                    help="the longest prompt accepted, in tokens (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=None, metavar="N",
-                   help="prompt tokens fed per step while other requests are generating (default: 32)")
+                   help="the most prompt tokens fed per step while other requests are generating; fewer are "
+                        "fed when a step would take over 2.5x a decode step (default: 64)")
     p.add_argument("--replicas", type=int_at_least(1), default=None, metavar="N",
                    help="run N replicas behind Ray Serve (needs pip install \".[ray]\")")
     return p

@@ -29,9 +29,11 @@ from rwkvx.errors import RwkvxError
 from rwkvx.generate import _find_stop, _partial_stop_len
 from rwkvx.serve.cache import StateCache
 
-# Prompt tokens fed per step while other sequences are decoding: a step then costs about
-# what a few decode steps do, so their streams slow down but do not stall.
-DEFAULT_PREFILL_CHUNK = 32
+# The most prompt tokens fed per step while other sequences are decoding. How many are fed
+# adapts (see _adapt_prefill) so that such a step takes at most PREFILL_SLOWDOWN times a
+# step of decoding alone: streams slow down while a long prompt is read, but never stall.
+DEFAULT_PREFILL_CHUNK = 64
+PREFILL_SLOWDOWN = 2.5
 # ... and when nobody is decoding, so a lone prompt runs at full matrix-matrix speed.
 IDLE_PREFILL_CHUNK = 512
 
@@ -89,6 +91,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self._chunk = min(8, prefill_chunk)  # the adaptive share, starting small
+        self._decode_seconds: float | None = None  # a recent decode-only step
         self.cache = StateCache(state_cache_bytes)
         self.metrics = metrics
         self._waiting: deque[Sequence] = deque()
@@ -221,7 +225,7 @@ class Engine:
                     self._sample(seq, seq.logits)
         live = [s for s in self._active if s.finish_reason is None and not s.cancelled]
         decoding = [s for s in live if not s.prefilling]
-        budget = self.prefill_chunk if decoding else IDLE_PREFILL_CHUNK
+        budget = self._chunk if decoding else IDLE_PREFILL_CHUNK
         batch, tokens = [], []
         for seq in live:
             if seq.prefilling:
@@ -236,8 +240,11 @@ class Engine:
         if batch:
             start = time.perf_counter()
             logits, states = self.model.forward_batch(tokens, [s.state for s in batch])
+            seconds = time.perf_counter() - start
+            if decoding:
+                self._adapt_prefill(seconds, prefilled=sum(map(len, tokens)) - len(decoding))
             if self.metrics is not None:
-                self.metrics.step(len(batch), sum(map(len, tokens)), time.perf_counter() - start)
+                self.metrics.step(len(batch), sum(map(len, tokens)), seconds)
             for seq, part, row, state in zip(batch, tokens, logits, states):
                 seq.state = state
                 seq.fed += part
@@ -250,6 +257,23 @@ class Engine:
                         continue
                 self._sample(seq, row)
         self._active = [s for s in self._active if s.finish_reason is None]
+
+    def _adapt_prefill(self, seconds: float, prefilled: int) -> None:
+        """Keep mixed steps within PREFILL_SLOWDOWN of decode-only ones: halve the prompt
+        share when a step took longer, grow it by a quarter when it took well less.
+        The cost of extra rows depends on the dtype and machine (uint8 at 8 rows costs 2x a
+        row, float32 1.2x), so it is measured rather than assumed."""
+        if prefilled == 0:
+            last = self._decode_seconds
+            self._decode_seconds = seconds if last is None else 0.8 * last + 0.2 * seconds
+            return
+        if self._decode_seconds is None:
+            return
+        ratio = seconds / self._decode_seconds
+        if ratio > PREFILL_SLOWDOWN:
+            self._chunk = max(1, self._chunk // 2)
+        elif ratio < 0.75 * PREFILL_SLOWDOWN and prefilled >= self._chunk:
+            self._chunk = min(self.prefill_chunk, self._chunk + max(1, self._chunk // 4))
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
         seq.logits = None
