@@ -78,7 +78,8 @@ def run_cli(*args):
 
 def test_cli_text_is_identical_with_and_without_the_cache(byte_model_path, tmp_path):
     cache = tmp_path / "prompt.cache"
-    args = ["-m", byte_model_path, "-n", "24", "-s", "5", "--temp", "0.9", "-p", "Once upon a time, " * 30]
+    args = ["-m", byte_model_path, "-n", "24", "-s", "5", "--temp", "0.9", "--repeat-penalty", "1.3",
+            "-p", "Once upon a time, " * 30]
     plain = run_cli(*args)
     first = run_cli(*args, "--prompt-cache", cache)
     second = run_cli(*args, "--prompt-cache", cache)
