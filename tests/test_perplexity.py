@@ -21,7 +21,9 @@ from rwkvx.loader import load_weights
 from rwkvx.perplexity import PerplexityResult, byte_counter, chunk_bounds, main, perplexity, token_nll
 from rwkvx.reference import Reference
 
-from conftest import ENGLISH, TINY_MODEL, TOKENIZER_20B, save_random_model, shared_file
+from conftest import ENGLISH, SHARED, TINY_MODEL, TOKENIZER_20B, save_random_model, shared_file
+
+TOKENIZER_WORLD = SHARED / "tokenizers" / "rwkv_vocab_v20230424.txt"
 
 FINAL = re.compile(r"^Final estimate: PPL = (\d+\.\d{4}) \+/- (\d+\.\d{5})$")
 
@@ -213,16 +215,23 @@ def test_bits_per_byte_counts_the_scored_bytes(tiny_path):
     assert perplexity(model, tokens, ctx=10).bits_per_byte is None
 
 
-def test_byte_counter_with_bytes_and_20b_tokenizers():
-    text = "Perplexity, naïvely: 10 € per token\n"
+TEXT = "Perplexity, naïvely: 10 € per token\n"
+
+
+def test_byte_counter_with_the_byte_tokenizer():
     count = byte_counter(rwkvx.ByteTokenizer())
-    assert count(list(text.encode())) == len(text.encode())
-    tokenizer = rwkvx.load_tokenizer(str(shared_file(TOKENIZER_20B)), 50277)
-    tokens = tokenizer.encode(text)
+    assert count(list(TEXT.encode())) == len(TEXT.encode())
+
+
+@pytest.mark.parametrize("path, n_vocab", [(TOKENIZER_20B, 50277), (TOKENIZER_WORLD, 65536)])
+def test_byte_counter_with_20b_and_world_tokenizers(path, n_vocab):
+    tokenizer = rwkvx.load_tokenizer(str(shared_file(path)), n_vocab)
+    tokens = tokenizer.encode(TEXT)
+    assert len(tokens) < len(TEXT.encode())  # some tokens stand for several bytes
     count = byte_counter(tokenizer)
-    assert count(tokens) == len(text.encode())
+    assert count(tokens) == len(TEXT.encode())
     # the bytes of a chunk's scored tokens: every token's bytes but the first's
-    assert count(tokens[1:]) == len(text.encode()) - len(tokenizer.token_bytes(tokens[0]))
+    assert count(tokens[1:]) == len(TEXT.encode()) - len(tokenizer.token_bytes(tokens[0]))
 
 
 # ---- the command line --------------------------------------------------------------------
