@@ -41,7 +41,11 @@ commands (type them as a message):
   /load FILE   continue a conversation saved with /save
   /help        this list
   /quit        leave (also Ctrl-D)
-a message that starts with "/" is sent as "//..."; Ctrl-C stops a reply."""
+to send a message that starts with "/", type "//..."; Ctrl-C stops a reply."""
+
+# Control characters other than line breaks and tabs (C0, DEL, C1), shown as U+FFFD in a terminal:
+# a model's text must not move the cursor or send escape sequences to it.
+_CONTROLS = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
 
 
 def default_template(tokenizer) -> templates.Template:
@@ -58,8 +62,8 @@ class _Feed:
     after the last few calls, and stops (before feeding anything) once a stop is requested."""
 
     # Rewinding a reply to where its text and the tokens part (a stop string, a character cut
-    # by Ctrl-C) needs the states of its last few tokens; the longest stop string is ~12 tokens.
-    KEEP = 32
+    # by Ctrl-C) needs the states of its last few tokens: the longest stop string is 11 bytes.
+    KEEP = 16
 
     def __init__(self, model, stop_requested) -> None:
         self._model = model
@@ -167,7 +171,7 @@ class Conversation:
         self.state = None
         self.tokens: list[int] | None = []
         self.n_tokens = 0
-        # (state before the prompt's last token, that token, tokens before it) of the last reply
+        # (state before the last message, the message's tokens, the tokens and their count before it)
         self._retry_point = None
         self._attempt = 0
         self.reset()
@@ -189,13 +193,8 @@ class Conversation:
     def say(self, message: str) -> Reply:
         """Feed the user's message and return the reply to it, to iterate."""
         started = time.perf_counter()
-        text = templates.user_turn(self.template, message)
-        ids = self.tokenizer.encode(text)
-        # all but the last token now: /retry restarts from here and re-feeds only that one
-        head, last = ids[:-1], ids[-1]
-        state = self.model.forward(head, self.state)[1] if head else self.state
-        base = None if self.tokens is None else self.tokens + head
-        self._retry_point = (state, last, base, self.n_tokens + len(head))
+        ids = self.tokenizer.encode(templates.user_turn(self.template, message))
+        self._retry_point = (self.state, ids, None if self.tokens is None else list(self.tokens), self.n_tokens)
         self._attempt = 0
         return self._reply(started)
 
@@ -212,13 +211,13 @@ class Conversation:
         return self._reply(time.perf_counter())
 
     def _reply(self, started: float) -> Reply:
-        state, last, _, position = self._retry_point
+        state, prompt, _, position = self._retry_point
         sampler = copy.deepcopy(self._sampler)
         if sampler.seed is not None:
             sampler.seed = int(np.random.SeedSequence([sampler.seed, position, self._attempt]).generate_state(1)[0])
         sampler.reset()
         feed = _Feed(self.model, lambda: self._stop)
-        stream = generate(feed, self.tokenizer, [last], max_tokens=self.max_tokens, sampler=sampler,
+        stream = generate(feed, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=sampler,
                           stop=templates.stop_strings(self.template), state=state)
         return Reply(self, stream, feed, started)
 
@@ -232,7 +231,7 @@ class Conversation:
         otherwise the rest of the text is encoded and fed. The states of the last few tokens
         are at hand, so nothing is fed twice unless that rewind is longer than they reach.
         """
-        state0, last, base, position = self._retry_point
+        state0, prompt, base, position = self._retry_point
         model = self.model
         generated = list(reply.tokens)
         if reply.stop_reason == "eos" and generated:
@@ -244,8 +243,8 @@ class Conversation:
             if target.startswith(head):
                 break
         if feed.calls == 0:
-            # stopped before the prompt's last token went in
-            state, j = model.forward([last], state0)[1], 0
+            # stopped before the prompt went in
+            state, j = model.forward(prompt, state0)[1], 0
         else:
             j = min(k, n_fed)
             state = feed.state_after(j)
@@ -256,7 +255,7 @@ class Conversation:
         if extra:
             state = model.forward(extra, state)[1]
         self.state = state
-        added = [last] + generated[:j] + extra
+        added = prompt + generated[:j] + extra
         self.tokens = None if base is None else base + added
         self.n_tokens = position + len(added)
         # a stop request is for the reply that was running, not the next one
@@ -355,6 +354,8 @@ class _Terminal:
                     # the model starts its reply with a space after the name
                     piece = piece.lstrip()
                     started = bool(piece)
+                if self.interactive:
+                    piece = piece.translate(_CONTROLS)
                 out.write(piece)
                 out.flush()
         finally:
