@@ -1,6 +1,6 @@
 """Command line: generate text from a prompt with an RWKV-4 model.
 
-    python -m rwkvx.run -m model.safetensors --tokenizer 20B_tokenizer.json -p "The Eiffel tower is"
+    python -m rwkvx.run -m model.safetensors -p "The Eiffel tower is"
 
 Flag names follow llama.cpp's where one exists. The continuation streams to stdout; the
 load summary and final statistics go to stderr. Bad input of any kind prints one line
@@ -95,8 +95,7 @@ def _run(args) -> int:
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
     if demo_model:
         log(f"this is rwkvx's small demo model, trained on Python's own documentation ({demo.CARD}); "
-            "for real text run a real checkpoint: python -m rwkvx.run -m RWKV-4-Pile-169M.pth "
-            "--tokenizer 20B_tokenizer.json -p \"...\"")
+            "for real text run a real checkpoint: python -m rwkvx.run -m RWKV-4-Pile-169M.pth -p \"...\"")
     if args.prompt is None and args.file is None and prompt == demo.DEFAULT_PROMPT:
         # show what the continuation continues
         sys.stdout.write(prompt)
