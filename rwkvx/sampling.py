@@ -282,7 +282,7 @@ class Sampler:
         # float64 copy: the caller's array is left alone and the arithmetic below stays exact
         # enough for ranking tokens.
         x = x.astype(np.float64)
-        if np.isnan(x).any():
+        if math.isnan(x.max()):  # max is NaN iff some value is: one cheap pass
             raise RwkvxError(f"logits: expected no NaN, got NaN at index {int(np.flatnonzero(np.isnan(x))[0])}")
 
         # 1. logit bias
@@ -309,10 +309,10 @@ class Sampler:
             x[seen] -= self.presence_penalty + self.frequency_penalty * self.occurrence[seen]
 
         # +inf logits would give inf - inf = NaN below; they take all the probability instead.
-        pos_inf = np.isposinf(x)
-        if pos_inf.any():
-            x = np.where(pos_inf, 0.0, -np.inf)
         top = float(x.max())
+        if top == np.inf:
+            x = np.where(np.isposinf(x), 0.0, -np.inf)
+            top = 0.0
         if top == -np.inf:
             raise RwkvxError("logits: expected at least one value above -inf, got none")
 
@@ -336,7 +336,15 @@ class Sampler:
             kept = np.flatnonzero(x - top >= floor) if kept is None else kept[x[kept] - top >= floor]
 
         # 8. temperature, over the survivors only
-        ids = np.arange(n) if kept is None else kept
+        if kept is None:
+            # the whole vocabulary: no gather (at 50k tokens, index arrays cost more than the draw)
+            weights = p if self.temperature == 1 else np.exp((x - top) / self.temperature)
+            cdf = np.cumsum(weights)
+            u = self.rng.random() * cdf[-1]
+            # side="right" never lands on a zero-weight token, except past the end by rounding
+            i = int(np.searchsorted(cdf, u, side="right"))
+            return i if i < n else int(np.flatnonzero(weights)[-1])
+        ids = kept
         if self.temperature == 1:
             weights = p[ids]
         else:
