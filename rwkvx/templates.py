@@ -8,7 +8,7 @@ writes them:
 
     User: hi
 
-    Assistant: Hi. I am your assistant and I will provide expert full response in full details. Please feel free to ask any question and I will always answer it.
+    Assistant: Hi. I am your assistant and I will provide expert full response in full details. [...]
 
     User: <message>
 

@@ -48,6 +48,24 @@ class CountingModel:
         return getattr(self.model, name)
 
 
+class ScriptedModel(CountingModel):
+    """A model whose replies are written in advance: after the prompt, each forward call's
+    logits allow only the next byte of script."""
+
+    def __init__(self, model, script: bytes):
+        super().__init__(model)
+        self.script = list(script)
+        self.generating = False
+
+    def forward(self, tokens, state=None):
+        logits, state = super().forward(tokens, state)
+        if self.generating and self.script:
+            forced = np.full_like(logits, -np.inf)
+            forced[self.script.pop(0)] = 0.0
+            return forced, state
+        return logits, state
+
+
 @pytest.fixture(scope="module")
 def byte_model_path(tmp_path_factory):
     return save_random_model(tmp_path_factory.mktemp("chat") / "bytes.safetensors", 2, 32, 256, seed=3)
@@ -142,6 +160,37 @@ def test_each_turn_feeds_only_its_new_tokens(byte_model):
     assert tok.decode(chat.tokens) == transcript(templates.WORLD, templates.WORLD.default_system, turns)
     # the state is the state of exactly those tokens
     np.testing.assert_array_equal(chat.state, byte_model.forward(chat.tokens)[1])
+
+
+@pytest.mark.parametrize("script, fed_after_stop", [
+    # the usual end: the token that completed "\n\n" is fed, as ChatRWKV does
+    (b" ab\n\nUser: more", [10]),
+    # the next speaker's name: back to the state after " ab\n", then the missing "\n"
+    (b" ab\nUser: more", [10]),
+    (b" ab\nAssistant: more", [10]),
+])
+def test_a_reply_ends_with_exactly_its_text_and_the_separator(byte_model, script, fed_after_stop):
+    tok = ByteTokenizer()
+    model = ScriptedModel(byte_model, script)
+    chat = Conversation(model, tok, templates.WORLD, chatrwkv_sampler(0), max_tokens=50)
+    model.generating = True
+    calls_before, tokens_before = len(model.calls), len(chat.tokens)
+    reply = chat.say("hi")
+    assert "".join(reply) == " ab" and reply.stop_reason == "stop"
+    assert tok.decode(chat.tokens).endswith("User: hi\n\nAssistant: ab\n\n")
+    # the prompt, then the generated tokens one by one (the stop's last one not), then the fix
+    calls = model.calls[calls_before:]
+    assert calls[0] == len(templates.user_turn(templates.WORLD, "hi")) and calls[-1] == len(fed_after_stop)
+    assert len(chat.tokens) - tokens_before == calls[0] + len(" ab\n\n")
+    np.testing.assert_array_equal(chat.state, byte_model.forward(chat.tokens)[1])
+
+
+def test_system_prompt_choices(byte_model):
+    tok = ByteTokenizer()
+    none = Conversation(byte_model, tok, templates.WORLD, chatrwkv_sampler(0), system="")
+    assert none.tokens == [] and np.array_equal(none.state, byte_model.new_state())
+    brief = Conversation(byte_model, tok, templates.WORLD, chatrwkv_sampler(0), system="Be brief.\n\n")
+    assert tok.decode(brief.tokens) == "System: Be brief.\n\n"
 
 
 def test_interrupt_keeps_what_was_shown_then_the_separator(byte_model):
@@ -244,6 +293,14 @@ def test_bad_file_for_load_costs_one_line(byte_model_path, tmp_path):
     assert len(errors) == 3 and all(line.startswith("rwkvx: error: ") for line in errors)
     assert str(garbage) in errors[0] and "/load needs a file name" in errors[1] and "/frobnicate" in errors[2]
     assert result.stdout.strip()
+    # a state of another checkpoint of the same shape loads, with a one-line warning
+    twin = rwkvx.load(str(save_random_model(tmp_path / "twin.safetensors", 2, 32, 256, seed=4)))
+    twin.save_state(tmp_path / "twin.state", twin.forward([1, 2])[1], [1, 2])
+    warned = chat_cli("-m", byte_model_path, "-s", "1", "-n", "8", stdin=f"/load {tmp_path / 'twin.state'}\nhi\n")
+    assert warned.returncode == 0 and warned.stdout.strip()
+    warnings = [line for line in warned.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("rwkvx: warning: ") and "different checkpoint" in warnings[0]
+    assert "loaded a conversation of 2 tokens" in warned.stderr
     # a state of another shape is refused at start-up, in one line
     other = rwkvx.load(str(save_random_model(tmp_path / "other.safetensors", 1, 16, 256)))
     other.save_state(tmp_path / "other.state", other.new_state())
