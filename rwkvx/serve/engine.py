@@ -276,6 +276,12 @@ class Engine:
             self._chunk = min(self.prefill_chunk, self._chunk + max(1, self._chunk // 4))
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        try:
+            self._sample_one(seq, logits)
+        except RwkvxError as e:  # e.g. NaN logits from a broken checkpoint: this request fails
+            self._finish(seq, "error", error=str(e))
+
+    def _sample_one(self, seq: Sequence, logits: np.ndarray) -> None:
         seq.logits = None
         if self._mask_from is not None:
             logits = logits.copy()

@@ -1,0 +1,126 @@
+"""The server's engine and state cache, without HTTP: batching never changes what a request gets."""
+import threading
+
+import numpy as np
+import pytest
+
+import rwkvx
+from rwkvx.serve.cache import StateCache, prefix_hashes
+from rwkvx.serve.engine import Engine, QueueFull
+from rwkvx.tokenizer import ByteTokenizer
+
+from conftest import save_random_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return rwkvx.load(save_random_model(tmp_path_factory.mktemp("m") / "m.safetensors", 2, 32, 256))
+
+
+def run_requests(engine, requests):
+    """Submit (prompt, sampler, max_tokens, stops) at once; return each one's text and reason."""
+    done = {}
+    texts = {i: "" for i in range(len(requests))}
+    finished = threading.Event()
+
+    def on_event(i):
+        def handle(kind, value):
+            if kind == "text":
+                texts[i] += value
+            else:
+                done[i] = value
+                if len(done) == len(requests):
+                    finished.set()
+        return handle
+
+    for i, (prompt, sampler, max_tokens, stops) in enumerate(requests):
+        engine.submit(prompt, sampler, max_tokens=max_tokens, stops=stops, on_event=on_event(i))
+    assert finished.wait(60)
+    return [(texts[i], done[i]) for i in range(len(requests))]
+
+
+def test_each_request_gets_what_generate_gives_alone(model):
+    tok = ByteTokenizer()
+    prompts = [b"Hello there", b"x" * 300, b"a", b"The quick brown fox " * 20, b"abc"]
+    settings = [dict(temperature=0.9, top_p=0.8), dict(temperature=0), dict(top_k=5),
+                dict(temperature=1.2, presence_penalty=0.5), dict(min_p=0.1)]
+    lengths = [20, 7, 33, 12, 1]
+    engine = Engine(model, tok, max_batch=3, prefill_chunk=16)
+    engine.start()
+    try:
+        results = run_requests(engine, [(list(p), rwkvx.Sampler(seed=i, **s), n, ("zz",))
+                                        for i, (p, s, n) in enumerate(zip(prompts, settings, lengths))])
+    finally:
+        engine.stop()
+    for i, (p, s, n) in enumerate(zip(prompts, settings, lengths)):
+        stream = rwkvx.generate(model, tok, list(p), max_tokens=n, sampler=rwkvx.Sampler(seed=i, **s), stop=["zz"])
+        text = "".join(stream)
+        assert results[i][0] == text, i
+        assert results[i][1].finish_reason == ("length" if stream.stop_reason == "length" else "stop")
+
+
+def test_second_request_resumes_from_the_cache(model):
+    tok = ByteTokenizer()
+    engine = Engine(model, tok)
+    engine.start()
+    try:
+        prompt = list(b"A long shared beginning. " * 10)
+        (_, first), = run_requests(engine, [(prompt, rwkvx.Sampler(temperature=0), 5, ())])
+        (text, second), = run_requests(engine, [(prompt + list(b"More."), rwkvx.Sampler(temperature=0), 5, ())])
+        (text_again, third), = run_requests(engine, [(prompt, rwkvx.Sampler(temperature=0), 5, ())])
+    finally:
+        engine.stop()
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == len(prompt)
+    # the same prompt again: everything, logits included, from the cache
+    assert third.usage.cached_tokens == len(prompt)
+    expected = "".join(rwkvx.generate(model, tok, prompt + list(b"More."), max_tokens=5,
+                                      sampler=rwkvx.Sampler(temperature=0)))
+    assert text == expected
+
+
+def test_a_failing_request_does_not_take_others_down(model):
+    class Broken(rwkvx.Sampler):
+        def sample(self, logits):
+            raise rwkvx.RwkvxError("logits: NaN")
+
+    engine = Engine(model, ByteTokenizer())
+    engine.start()
+    try:
+        results = run_requests(engine, [(list(b"ok"), rwkvx.Sampler(seed=1), 5, ()),
+                                        (list(b"bad"), Broken(), 5, ())])
+    finally:
+        engine.stop()
+    assert results[0][1].finish_reason == "length" and len(results[0][0]) > 0
+    assert results[1][1].finish_reason == "error" and "NaN" in results[1][1].error
+
+
+def test_queue_limit(model):
+    engine = Engine(model, ByteTokenizer(), max_batch=1, max_queue=1)  # not started: nothing leaves the queue
+    engine.submit([1], rwkvx.Sampler(), max_tokens=1, on_event=lambda *a: None)  # takes the free slot
+    engine.submit([1], rwkvx.Sampler(), max_tokens=1, on_event=lambda *a: None)  # waits
+    with pytest.raises(QueueFull):
+        engine.submit([1], rwkvx.Sampler(), max_tokens=1, on_event=lambda *a: None)
+
+
+def test_state_cache_longest_prefix_and_bound():
+    state = np.zeros((2, 5, 8), np.float32)
+    per_entry = state.nbytes + 8 * 3
+    cache = StateCache(max_bytes=3 * per_entry)
+    cache.put([1, 2, 3], state + 1)
+    cache.put([1, 2, 4], state + 2)
+    cache.put([5, 6, 7], state + 3, logits=None)
+    assert cache.longest_prefix([1, 2, 3, 9]).state[0, 0, 0] == 1
+    assert cache.longest_prefix([1, 2, 4]) is None  # whole prompt, but no logits to sample from
+    assert cache.longest_prefix([1, 2, 4], need_logits_at_end=False).state[0, 0, 0] == 2
+    assert cache.longest_prefix([9, 9]) is None
+    cache.put([8, 8, 8], state + 4)  # over the bound: the least recently used goes
+    assert cache.longest_prefix([5, 6, 7, 0]) is None
+    assert cache.longest_prefix([1, 2, 3, 0]) is not None
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 3
+
+
+def test_prefix_hashes_tell_sequences_apart():
+    assert prefix_hashes([1, 2])[2] != prefix_hashes([2, 1])[2]
+    assert prefix_hashes([0])[1] != prefix_hashes([])[0]
+    assert prefix_hashes([1, 2, 3])[:3] == prefix_hashes([1, 2])
