@@ -211,11 +211,15 @@ class Conversation:
         return self._reply(time.perf_counter())
 
     def _reply(self, started: float) -> Reply:
-        state, prompt, _, position = self._retry_point
+        state, prompt, before, position = self._retry_point
         sampler = copy.deepcopy(self._sampler)
         if sampler.seed is not None:
             sampler.seed = int(np.random.SeedSequence([sampler.seed, position, self._attempt]).generate_state(1)[0])
         sampler.reset()
+        # the repeat penalty's window reaches back into the conversation behind the state
+        window = getattr(sampler, "repeat_last_n", 0)
+        if before and window:
+            sampler.accept_prompt(before if window < 0 else before[-window:])
         feed = _Feed(self.model, lambda: self._stop)
         stream = generate(feed, self.tokenizer, prompt, max_tokens=self.max_tokens, sampler=sampler,
                           stop=templates.stop_strings(self.template), state=state)

@@ -270,12 +270,16 @@ def test_piped_chat_is_scriptable_and_reset_replays(byte_model_path):
     assert after_reset.stdout.endswith(fresh.stdout) and after_reset.stdout != fresh.stdout
 
 
-def test_demo_save_and_load_resume_identically(tmp_path):
+# the repeat penalty's window reaches back into the conversation: after --load it must come from
+# the saved tokens
+@pytest.mark.parametrize("sampling", [[], ["--repeat-penalty", "1.3"]])
+def test_demo_save_and_load_resume_identically(tmp_path, sampling):
     saved = tmp_path / "conversation.state"
     messages = ["What is a list?", "And a dict?", "And a set?"]
-    whole = chat_cli("-m", "demo", "-s", "5", stdin="\n".join(messages) + "\n")
-    first = chat_cli("-m", "demo", "-s", "5", stdin=f"{messages[0]}\n/save {saved}\n")
-    rest = chat_cli("-m", "demo", "-s", "5", "--load", saved, stdin="\n".join(messages[1:]) + "\n")
+    flags = ["-m", "demo", "-s", "5", *sampling]
+    whole = chat_cli(*flags, stdin="\n".join(messages) + "\n")
+    first = chat_cli(*flags, stdin=f"{messages[0]}\n/save {saved}\n")
+    rest = chat_cli(*flags, "--load", saved, stdin="\n".join(messages[1:]) + "\n")
     for result in (whole, first, rest):
         assert result.returncode == 0, result.stderr
     assert f"to {saved}" in first.stderr and f"from {saved}" in rest.stderr
