@@ -147,8 +147,10 @@ class Reply:
 class Conversation:
     """A chat with a model, kept as a state and the tokens that made it.
 
-    ``say(message)`` and ``retry()`` return a :class:`Reply` to iterate; ``reset()`` goes back
-    to the system prompt; ``save(path)``/``load(path)`` keep a conversation in a state file.
+    It starts after the system prompt (the template's introduction for None), or from the
+    conversation saved in the file ``load``. ``say(message)`` and ``retry()`` return a
+    :class:`Reply` to iterate, one at a time; ``reset()`` goes back to the system prompt;
+    ``save(path)``/``load(path)`` keep a conversation in a state file.
     Each reply's sampler is a copy of ``sampler`` seeded from (its seed, the conversation's
     length, the retry count), so a conversation replays identically, also after save and load,
     and /retry gives another reply. ``interrupt()`` (e.g. from a signal handler) stops the
@@ -156,7 +158,7 @@ class Conversation:
     """
 
     def __init__(self, model, tokenizer, template: templates.Template, sampler, *,
-                 system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                 system: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, load=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -174,7 +176,11 @@ class Conversation:
         # (state before the last message, the message's tokens, the tokens and their count before it)
         self._retry_point = None
         self._attempt = 0
-        self.reset()
+        # a saved conversation already holds its system prompt: feed it only for /reset
+        if load is None:
+            self.reset()
+        else:
+            self.load(load)
 
     def reset(self) -> None:
         """Go back to the state after the system prompt."""
@@ -376,13 +382,14 @@ class _Terminal:
                 f"conversation {self.conversation.n_tokens} tokens")
 
 
-def _with_warnings(action) -> None:
-    """Run action, showing warnings (a state of another checkpoint) as one line each."""
+def _with_warnings(action):
+    """Return action(), showing its warnings (a state of another checkpoint) as one line each."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RwkvxWarning)
-        action()
+        result = action()
     for w in caught:
         log(f"warning: {w.message}")
+    return result
 
 
 def _command(line: str, conversation: Conversation, terminal: _Terminal) -> bool:
@@ -419,11 +426,13 @@ def _chat(args) -> int:
     model, tokenizer, load_seconds = load_model(args)
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
     template = templates.TEMPLATES[args.template] if args.template else default_template(tokenizer)
-    conversation = Conversation(model, tokenizer, template, sampler, system=args.system,
-                                max_tokens=args.n_predict)
+    started = time.perf_counter()
+    conversation = _with_warnings(lambda: Conversation(model, tokenizer, template, sampler, system=args.system,
+                                                       max_tokens=args.n_predict, load=args.load))
     if args.load:
-        _with_warnings(lambda: conversation.load(args.load))
         log(f"loaded a conversation of {conversation.n_tokens} tokens from {args.load}")
+    else:
+        log(f"system prompt: {conversation.n_tokens} tokens in {time.perf_counter() - started:.2f} s")
     terminal = _Terminal(conversation, args.stats)
     log(f"template {template.name} ({template.user}/{template.assistant}); /help for commands"
         + ("; Ctrl-C stops a reply, Ctrl-D quits" if terminal.interactive else ""))
