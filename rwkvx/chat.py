@@ -222,6 +222,8 @@ class Conversation:
         if sampler.seed is not None:
             sampler.seed = int(np.random.SeedSequence([sampler.seed, position, self._attempt]).generate_state(1)[0])
         sampler.reset()
+        # a stop request is for the reply that was running, not for this one
+        self._stop = False
         # the repeat penalty's window reaches back into the conversation behind the state
         window = getattr(sampler, "repeat_last_n", 0)
         if before and window:
@@ -268,8 +270,6 @@ class Conversation:
         added = prompt + generated[:j] + extra
         self.tokens = None if base is None else base + added
         self.n_tokens = position + len(added)
-        # a stop request is for the reply that was running, not the next one
-        self._stop = False
 
     def save(self, path) -> None:
         """Write the conversation's state and tokens to path (see model.save_state)."""
