@@ -84,6 +84,30 @@ def float_in(low: float, high: float = float("inf"), low_open: bool = False):
     return parse
 
 
+# ---- input text -------------------------------------------------------------------------
+
+
+def read_text(path: str, what: str = "text") -> str:
+    """The UTF-8 text of a file, or of stdin for "-"; every failure one RwkvxError line."""
+    if path == "-":
+        data, name = sys.stdin.buffer.read(), "stdin"
+    else:
+        name = path
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise RwkvxError(f"{path}: no such {what} file") from None
+        except IsADirectoryError:
+            raise RwkvxError(f"{path}: is a directory, expected a {what} file") from None
+        except OSError as e:
+            raise RwkvxError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvxError(f"{name}: the {what} is not UTF-8 text (an invalid byte at offset {e.start})") from None
+
+
 # ---- the model flags every tool shares ---------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from rwkvx._cli import (EXIT_OK, Parser, add_model_args, int_at_least, load_model, log, model_summary, peak_rss_mb,
-                        run_main)
+                        read_text, run_main)
 from rwkvx.errors import RwkvxError, TokenizerError
 
 DEFAULT_CTX = 1024
@@ -256,27 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_text(path: str) -> bytes:
-    if path == "-":
-        data = sys.stdin.buffer.read()
-        name = "stdin"
-    else:
-        name = path
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise RwkvxError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise RwkvxError(f"{path}: is a directory, expected a text file") from None
-        except OSError as e:
-            raise RwkvxError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RwkvxError(f"{name}: expected UTF-8 text, got an invalid byte at offset {e.start}") from None
-    if not data:
-        raise RwkvxError(f"{name}: the text is empty")
-    return data
+    text = read_text(path)
+    if not text:
+        raise RwkvxError(f"{'stdin' if path == '-' else path}: the text is empty")
+    return text.encode("utf-8")
 
 
 def _finite(x: Optional[float]) -> Optional[float]:

@@ -14,7 +14,7 @@ import time
 
 from rwkvx import demo
 from rwkvx._cli import (EXIT_OK, Parser, add_model_args, add_sampling_args, int_at_least, is_demo, load_model,
-                        log, model_summary, peak_rss_mb, run_main, sampler_from_args)
+                        log, model_summary, peak_rss_mb, read_text, run_main, sampler_from_args)
 from rwkvx.errors import RwkvxError
 
 
@@ -51,30 +51,13 @@ def _read_prompt(args, is_demo: bool) -> str:
         return args.prompt
     if args.file is None:
         # the demo runs with no input at all; other models need a prompt
-        text = "" if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
+        text = "" if sys.stdin is None or sys.stdin.isatty() else read_text("-", "prompt")
         if not text and is_demo:
             return demo.DEFAULT_PROMPT
         if not text and (sys.stdin is None or sys.stdin.isatty()):
             raise RwkvxError("no prompt: give -p TEXT, -f FILE, or pipe text to stdin")
         return text
-    if args.file == "-":
-        return _read_stdin()
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise RwkvxError(f"{args.file}: no such prompt file") from None
-    except UnicodeDecodeError:
-        raise RwkvxError(f"{args.file}: prompt file is not UTF-8 text") from None
-    except OSError as e:
-        raise RwkvxError(f"{args.file}: cannot read prompt file: {e.strerror or e}") from None
-
-
-def _read_stdin() -> str:
-    try:
-        return sys.stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError:
-        raise RwkvxError("the prompt on stdin is not UTF-8 text") from None
+    return read_text(args.file, "prompt")
 
 
 def _run(args) -> int:
