@@ -105,7 +105,7 @@ def read_text(path: str, what: str = "text") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RwkvxError(f"{name}: the {what} is not UTF-8 text (an invalid byte at offset {e.start})") from None
+        raise RwkvxError(f"{name}: the {what} is not UTF-8 (an invalid byte at offset {e.start})") from None
 
 
 # ---- the model flags every tool shares ---------------------------------------------------

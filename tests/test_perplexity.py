@@ -286,7 +286,7 @@ def test_cli_uint8_and_batch_size(byte_model, text_file, capsys):
 @pytest.mark.parametrize("make, extra, message", [
     (lambda d: d / "missing.txt", [], "missing.txt: no such text file"),
     (lambda d: d, [], "is a directory"),
-    (lambda d: _write(d / "latin1.txt", "café".encode("latin-1")), [], "the text is not UTF-8 text"),
+    (lambda d: _write(d / "latin1.txt", "café".encode("latin-1")), [], "the text is not UTF-8"),
     (lambda d: _write(d / "empty.txt", b""), [], "the text is empty"),
     (lambda d: _write(d / "one.txt", b"x"), [], "the text is 1 token long"),
     (lambda d: _write(d / "ok.txt", b"some text"), ["--ctx", "1"], "--ctx: expected an integer >= 2"),
