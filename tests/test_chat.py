@@ -5,8 +5,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -328,12 +328,15 @@ def test_bad_flags_exit_2_with_one_line(byte_model_path, flags):
 
 
 class Tmux:
+    """A tmux server of its own (its socket in a fresh short folder: sockets have a length limit)."""
+
     def __init__(self):
-        self.socket = f"rwkvx-test-{uuid.uuid4().hex[:8]}"
+        self.folder = tempfile.mkdtemp(prefix="rwkvx-tmux-")
+        self.socket = os.path.join(self.folder, "socket")
         self("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", "bash --norc --noprofile")
 
     def __call__(self, *args):
-        return subprocess.run(["tmux", "-L", self.socket, "-f", os.devnull, *args],
+        return subprocess.run(["tmux", "-S", self.socket, "-f", os.devnull, *args],
                               capture_output=True, text=True, timeout=20).stdout
 
     def keys(self, *keys):
@@ -353,6 +356,7 @@ class Tmux:
 
     def close(self):
         self("kill-server")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _reply_lines(screen):
