@@ -275,7 +275,7 @@ class RWKV:
 
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None, *,
          mmap: bool = True) -> RWKV:
-    """Load an RWKV-4 checkpoint to run in `dtype`.
+    """Load an RWKV-4, 5.2, 6 or 7 checkpoint to run in `dtype`.
 
     path: a checkpoint file or folder in any format rwkvx reads (see the README), or
     "demo" for the small model packaged with rwkvx.
@@ -293,4 +293,10 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     """
     if threads is not None:
         effective_n_threads(threads)
+    # RWKV-5.2, 6 and 7 are recognised by their tensor names and run by rwkvx.arch
+    from rwkvx import arch
+    version, source = arch.recognise_path(path)
+    if version is not None:
+        from rwkvx.arch.model import load as load_next
+        return load_next(source, version, dtype, threads)
     return RWKV(load_weights(path, dtype, mmap=mmap), threads=threads)

@@ -1,0 +1,344 @@
+"""What RWKV-5.2, 6 and 7 share: the state layout, the norms, reading and holding weights,
+and the float64 reference model that runs any of them.
+
+State per layer (float32, ``(2 + head_size, n_embd)``): row FFN_XX is the channel mixing's
+previous input, row ATT_XX the time mixing's, and rows WKV.. hold the H per-head (N, N)
+matrices of the WKV recurrence, flattened (H * N * N = N * n_embd floats). A whole state is
+``(n_layer, 2 + head_size, n_embd)``.
+
+The layer math itself lives in one module per architecture (v5, v6, v7); each defines
+``read_block`` (checkpoint names -> weights), ``block`` (float64 numpy, the specification),
+and ``Layer`` (the float32 runtime, calling the shared matrix kernels).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from rwkvx._matvec import Linear
+from rwkvx.quant import QuantizedMatrix, quantize_u8
+from rwkvx.tensorfile import TensorSource, fail
+from rwkvx.weights import to_bfloat16, to_float32
+
+FFN_XX, ATT_XX, WKV = 0, 1, 2
+
+LAYER_NORM_EPS = 1e-5
+# BlinkDL's ln_x: GroupNorm(eps=1e-5) of x / head_size_divisor(8) at training, which is
+# eps = 64e-5 on the undivided x (ChatRWKV's and rwkv.cpp's v6/v7 value)
+GROUP_NORM_EPS = 64e-5
+
+RUN_DTYPES = ("float32", "bfloat16", "float16", "uint8")
+_FLOAT16_MAX = 65504.0
+
+
+# ---- the math both the reference and the runtime use (any float dtype, last axis) ----
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + LAYER_NORM_EPS) * w + b
+
+
+def group_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, n_head: int, eps: float = GROUP_NORM_EPS) -> np.ndarray:
+    """Layer norm within each head's N channels, then a per-channel affine; x (..., H * N)."""
+    shape = x.shape
+    h = x.reshape(shape[:-1] + (n_head, shape[-1] // n_head))
+    mean = h.mean(axis=-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((h - mean) / np.sqrt(var + eps)).reshape(shape) * w + b
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * sigmoid(x)
+
+
+def new_state(n_layer: int, n_embd: int, head_size: int, dtype=np.float32) -> np.ndarray:
+    """A fresh state: all zeros, (n_layer, 2 + head_size, n_embd)."""
+    return np.zeros((n_layer, 2 + head_size, n_embd), dtype=dtype)
+
+
+def wkv_matrices(layer_state: np.ndarray, n_head: int) -> np.ndarray:
+    """The (H, N, N) view of a layer state's WKV rows (writes go to the state)."""
+    n = layer_state.shape[0] - WKV
+    return layer_state[WKV:].reshape(n_head, n, n)
+
+
+# ---- weights ----
+
+@dataclass
+class Weights:
+    """A v5+ model's weights, file format undone: matrices (out, in), vectors (n_embd,),
+    per-head parameters (H, N). The big matrices (arch.LINEAR) are in the run dtype; every
+    other tensor (norms, mixes, decays, the low-rank matrices) is float32."""
+
+    arch: object
+    emb: np.ndarray
+    ln0_weight: np.ndarray
+    ln0_bias: np.ndarray
+    blocks: list[dict]
+    ln_out_weight: np.ndarray
+    ln_out_bias: np.ndarray
+    head: object
+    head_size: int
+    dtype: str = "float32"
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    n_layer = property(lambda self: len(self.blocks))
+    n_vocab = property(lambda self: self.emb.shape[0])
+    n_embd = property(lambda self: self.emb.shape[1])
+    n_head = property(lambda self: self.n_embd // self.head_size)
+
+    @property
+    def n_ffn(self) -> int:
+        return self.blocks[0]["ffn_key"].shape[0]
+
+    def arrays(self):
+        def parts(m):
+            return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
+        out = [self.emb, self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias]
+        out += parts(self.head)
+        for block in self.blocks:
+            for value in block.values():
+                out += parts(value)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.nbytes - self.emb.nbytes + self.emb.itemsize * self.n_embd
+
+    def fingerprint(self) -> str:
+        """Tells checkpoints apart, the same for every run dtype: the architecture, the shapes
+        and every float32 tensor that no dtype rounds (all but the big matrices)."""
+        h = hashlib.blake2b(digest_size=12)
+        h.update(f"{self.arch.NAME},{self.n_layer},{self.n_embd},{self.n_vocab},{self.n_ffn},"
+                 f"{self.head_size}".encode())
+        for v in (self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias):
+            h.update(np.ascontiguousarray(v, dtype=np.float32).tobytes())
+        for block in self.blocks:
+            for name in sorted(block):
+                if name not in self.arch.LINEAR:
+                    h.update(name.encode())
+                    h.update(np.ascontiguousarray(block[name], dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+
+class Reader:
+    """Reads tensors by checkpoint name as float32 in the shapes rwkvx keeps, collecting every
+    missing or mis-shaped tensor so that one error names them all."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.rwkv_cpp = source.format == "rwkv.cpp"
+        self.problems: list[str] = []
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.source.tensors
+
+    def values(self, key: str, size: int) -> Optional[np.ndarray]:
+        """The tensor as float32 of any shape holding `size` values (None, recorded, if not)."""
+        tensor = self.source.tensors.get(key)
+        if tensor is None:
+            self.problems.append(f"missing {key}")
+            return None
+        self.used.add(key)
+        if int(np.prod(tensor.shape)) != size:
+            self.problems.append(f"{key}: expected {size} values, got shape {list(tensor.shape)}")
+            return None
+        if not hasattr(tensor, "float32") or isinstance(getattr(tensor, "parts", None), dict):
+            self.problems.append(f"{key}: stored as {tensor.dtype}, expected floating point")
+            return None
+        return tensor.float32()
+
+    def vector(self, key: str, n: int) -> np.ndarray:
+        """A (n,) vector; BlinkDL stores these (1, 1, n), converters (n,) or (n, 1)."""
+        v = self.values(key, n)
+        return np.zeros(n, np.float32) if v is None else np.ascontiguousarray(v.reshape(n))
+
+    def heads(self, key: str, n_head: int, head_size: int) -> np.ndarray:
+        """A per-head parameter (H, N); stored (H, N), (H, N, 1) or (1, 1, H, N)."""
+        v = self.values(key, n_head * head_size)
+        return np.zeros((n_head, head_size), np.float32) if v is None else v.reshape(n_head, head_size)
+
+    def matrix(self, key: str, shape: tuple[int, int], transposed: bool = False) -> np.ndarray:
+        """A matrix in rwkvx's (out, in) orientation; `transposed`: the file holds (in, out)."""
+        stored = shape[::-1] if transposed else shape
+        tensor = self.source.tensors.get(key)
+        if tensor is not None and tuple(tensor.shape) != tuple(stored):
+            self.problems.append(f"{key}: expected {list(stored)}, got {list(tensor.shape)}")
+            self.used.add(key)
+            return np.zeros(shape, np.float32)
+        m = self.values(key, shape[0] * shape[1])
+        if m is None:
+            return np.zeros(shape, np.float32)
+        return np.ascontiguousarray(m.T) if transposed else m
+
+    def check(self) -> None:
+        unexpected = sorted(set(self.source.tensors) - self.used)
+        problems = list(self.problems)
+        if unexpected:
+            problems.append(f"unexpected tensor(s): {', '.join(unexpected[:8])}"
+                            + (", ..." if len(unexpected) > 8 else ""))
+        if problems:
+            shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+            raise fail(self.source.path, shown)
+
+
+def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str):
+    """A float32 matrix in the format the kernels read for `dtype`."""
+    if dtype == "float32":
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if dtype == "bfloat16":
+        return to_bfloat16(w)
+    if dtype == "float16":
+        biggest = float(np.abs(w).max()) if w.size else 0.0
+        if biggest > _FLOAT16_MAX:
+            raise fail(path, f"{key}: a weight of magnitude {biggest:g} does not fit float16; "
+                             "use bfloat16 or float32")
+        return w.astype(np.float16)
+    return quantize_u8(w)
+
+
+def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
+    """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone."""
+    reader = Reader(source)
+    emb_tensor = source.tensors.get("emb.weight")
+    if emb_tensor is None or len(emb_tensor.shape) != 2:
+        raise fail(source.path, f"no 2-D emb.weight: not a complete {arch.NAME} checkpoint")
+    n_vocab, n_embd = emb_tensor.shape
+    n_layer = len({int(k.split(".")[1]) for k in source.tensors if k.startswith("blocks.")
+                   and k.split(".")[1].isdigit()})
+    n_head, head_size = arch.heads(source)
+    if n_head * head_size != n_embd:
+        raise fail(source.path, f"{n_head} heads of {head_size} do not make n_embd {n_embd}")
+    emb = reader.matrix("emb.weight", (n_vocab, n_embd))
+    ln0 = (reader.vector("blocks.0.ln0.weight", n_embd), reader.vector("blocks.0.ln0.bias", n_embd))
+    ln_out = (reader.vector("ln_out.weight", n_embd), reader.vector("ln_out.bias", n_embd))
+    head = reader.matrix("head.weight", (n_vocab, n_embd))
+    blocks = []
+    for layer in range(n_layer):
+        block = arch.read_block(reader, layer, n_embd, n_head, head_size)
+        for name in ("ln1", "ln2"):
+            block[f"{name}_weight"] = reader.vector(f"blocks.{layer}.{name}.weight", n_embd)
+            block[f"{name}_bias"] = reader.vector(f"blocks.{layer}.{name}.bias", n_embd)
+        blocks.append(block)
+    reader.check()
+    for layer, block in enumerate(blocks):
+        for name in arch.LINEAR:
+            block[name] = to_run_dtype(block[name], dtype, f"blocks.{layer}.{name}", source.path)
+    return Weights(arch=arch, emb=emb, ln0_weight=ln0[0], ln0_bias=ln0[1], blocks=blocks,
+                   ln_out_weight=ln_out[0], ln_out_bias=ln_out[1],
+                   head=to_run_dtype(head, dtype, "head.weight", source.path), head_size=head_size,
+                   dtype=dtype, source=source.path)
+
+
+def linear(m) -> Linear:
+    """A kernel-ready matrix from a float32, bfloat16 (uint16), float16 or uint8 one."""
+    if isinstance(m, QuantizedMatrix):
+        return Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+    if m.dtype == np.uint16:
+        return Linear.bf16(m)
+    if m.dtype == np.float16:
+        return Linear.f16(m)
+    return Linear.f32(np.ascontiguousarray(m, dtype=np.float32))
+
+
+# ---- the float64 reference ----
+
+def _f64(a) -> np.ndarray:
+    if isinstance(a, QuantizedMatrix):
+        return a.dequantize(np.float64)
+    return to_float32(np.asarray(a)).astype(np.float64)
+
+
+class Reference:
+    """Any v5+ model in float64 numpy, one token at a time: the executable specification.
+
+    forward(tokens, state) -> (logits, new_state) like RWKV.forward, in float64. The big
+    matrices are taken as the run dtype holds them (uint8 dequantised), so this also defines
+    what every run dtype must compute.
+    """
+
+    def __init__(self, weights: Weights):
+        self.arch = weights.arch
+        self.emb = weights.emb
+        self.ln0 = (_f64(weights.ln0_weight), _f64(weights.ln0_bias))
+        self.ln_out = (_f64(weights.ln_out_weight), _f64(weights.ln_out_bias))
+        self.head = _f64(weights.head)
+        self.blocks = [{name: _f64(value) for name, value in b.items()} for b in weights.blocks]
+        self.n_layer, self.n_embd, self.n_vocab = weights.n_layer, weights.n_embd, weights.n_vocab
+        self.head_size = weights.head_size
+        # rwkv.cpp's v5 graph normalises with 1e-5; tests of its expected logits set this
+        self.group_norm_eps = GROUP_NORM_EPS
+
+    def new_state(self) -> np.ndarray:
+        return new_state(self.n_layer, self.n_embd, self.head_size, np.float64)
+
+    def forward(self, tokens, state=None, all_logits: bool = False):
+        state = self.new_state() if state is None else np.array(state, dtype=np.float64)
+        outs = []
+        for token in tokens:
+            x = layer_norm(to_float32(self.emb[token]).astype(np.float64), *self.ln0)
+            carry = None
+            for p, s in zip(self.blocks, state):
+                x, carry = self.arch.block(x, s, p, carry, self.group_norm_eps)
+            outs.append(self.head @ layer_norm(x, *self.ln_out))
+        return (np.stack(outs) if all_logits else outs[-1]), state
+
+
+# ---- the float32 runtime's helpers: every op takes (T, C) rows, so one token (T = 1) and a
+# chunk of a prompt run the same code and give the same bits ----
+
+# multiply-adds below which a product runs on one thread
+_SERIAL_BELOW = 1 << 16
+
+
+def matmul(lin: Linear, X: np.ndarray, n_threads: int) -> np.ndarray:
+    """X @ W.T for rows X (T, n_cols): a matrix-vector product for one row (the memory-bound
+    decode path), else one pass over W; row t is bit-identical either way."""
+    rows, cols = lin.shape
+    if rows * cols * X.shape[0] < _SERIAL_BELOW:
+        # waking threads costs more than such a product (results do not depend on it)
+        n_threads = 1
+    if X.shape[0] == 1:
+        return lin(X[0], n_threads=n_threads)[None]
+    return lin.matmul(X, n_threads=n_threads)
+
+
+def norm_rows(X: np.ndarray, w: np.ndarray, b: np.ndarray, n_threads: int) -> np.ndarray:
+    from rwkvx._layer import layer_norm_rows
+    out = np.empty_like(X)
+    layer_norm_rows(X, w, b, out, min(n_threads, X.shape[0]))
+    return out
+
+
+def shift(X: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Each row's previous token: `last` (the state's row, then set to X's last row) for the
+    first row."""
+    prev = np.empty_like(X)
+    prev[0] = last
+    prev[1:] = X[:-1]
+    last[:] = X[-1]
+    return prev
+
+
+def group_norm_f32(y: np.ndarray, w: np.ndarray, b: np.ndarray, n_head: int) -> np.ndarray:
+    """group_norm in float32 over rows y (T, C), with the mean and variance accumulated in
+    float64 (head sizes are small, so this is cheap and keeps the norm near the reference)."""
+    t, c = y.shape
+    h = y.reshape(t, n_head, c // n_head).astype(np.float64)
+    mean = h.mean(axis=-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((h - mean) / np.sqrt(var + GROUP_NORM_EPS)).astype(np.float32).reshape(t, c) * w + b

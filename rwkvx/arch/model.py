@@ -1,0 +1,125 @@
+"""The runtime model for RWKV-5.2, 6 and 7: rwkvx.RWKV's API over an architecture's layers.
+
+The big matrices go through the shared kernels (rwkvx._matvec.Linear, every run dtype); the
+per-head recurrence, the norms and the low-rank paths are float32 numpy in each
+architecture's Layer. Tokens run chunk_size at a time: every projection is one pass over its
+matrix for the whole chunk, and only the recurrence steps token by token. Every op works row
+by row, so chunking, the number of tokens per call and forward_batch give the same bits as
+feeding the tokens one at a time.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from rwkvx._parallel import effective_n_threads
+from rwkvx.arch.common import Weights, linear, matmul, new_state, norm_rows, read_weights
+from rwkvx.errors import RwkvxError
+from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV
+from rwkvx.weights import to_float32
+
+
+class RWKVNext(RWKV):
+    """An RWKV-5.2, 6 or 7 model ready to run; the same API as RWKV (RWKV-4).
+
+    State: float32 (n_layer, 2 + head_size, n_embd) per sequence (see rwkvx.arch.common).
+    """
+
+    def __init__(self, weights: Weights, threads: int | None = None):
+        self.weights = weights
+        self.arch = weights.arch
+        self._n_threads = effective_n_threads(threads)
+        self.layers = [weights.arch.Layer(b, weights.n_head) for b in weights.blocks]
+        self.head = linear(weights.head)
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self._lock = threading.Lock()
+        self._fingerprint = None
+
+    @property
+    def architecture(self) -> str:
+        return self.arch.NAME
+
+    head_size = property(lambda self: self.weights.head_size)
+    n_head = property(lambda self: self.weights.n_head)
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """(n_layer, 2 + head_size, n_embd): two token-shift rows and the heads' WKV matrices."""
+        return (self.n_layer, 2 + self.head_size, self.n_embd)
+
+    def new_state(self) -> np.ndarray:
+        return new_state(self.n_layer, self.n_embd, self.head_size)
+
+    def forward(self, tokens: Iterable[int], state: np.ndarray | None = None, *,
+                all_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Feed tokens in order; return (logits, new state), as RWKV.forward does: the state
+        passed in is not modified; logits float32 (n_vocab,), or (len(tokens), n_vocab) with
+        all_logits."""
+        tokens = self._check_tokens(tokens)
+        state = self.new_state() if state is None else self._check_state(state)
+        with self._lock:
+            logits = self._run(tokens, state, all_logits)
+        return logits, state
+
+    def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
+                      states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Advance several independent sequences: (logits (B, n_vocab), B new states), each
+        bit-identical to running that sequence alone; the states passed in are not modified.
+        The sequences run one after another (one pass over the weights each)."""
+        if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
+            raise RwkvxError("tokens_per_sequence: expected a list of token lists")
+        if not tokens_per_sequence:
+            raise RwkvxError("tokens_per_sequence: expected at least one sequence, got none")
+        token_lists = [self._check_tokens(t) for t in tokens_per_sequence]
+        if states is None:
+            states = [None] * len(token_lists)
+        if isinstance(states, np.ndarray) or len(states) != len(token_lists):
+            raise RwkvxError(f"states: expected a list of {len(token_lists)} states (or None entries)")
+        new = [self.new_state() if st is None else self._check_state(st) for st in states]
+        with self._lock:
+            logits = np.stack([self._run(toks, st, False) for toks, st in zip(token_lists, new)])
+        return logits, new
+
+    def _run(self, tokens: list[int], state: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run one sequence's tokens, chunk_size per pass over the weights; state updated in place."""
+        w, n = self.weights, self.n_threads
+        chunk = max(1, int(self.chunk_size))
+        outputs = []
+        for begin in range(0, len(tokens), chunk):
+            ids = np.asarray(tokens[begin:begin + chunk], dtype=np.intp)
+            x = norm_rows(np.ascontiguousarray(to_float32(w.emb[ids])), w.ln0_weight, w.ln0_bias, n)
+            carry = None
+            for layer, layer_state in zip(self.layers, state):
+                carry = layer.forward(x, layer_state, carry, n)
+            if all_logits:
+                outputs.append(self._logits(x))
+        return np.concatenate(outputs) if all_logits else self._logits(x[-1:])[0]
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        w = self.weights
+        return matmul(self.head, norm_rows(x, w.ln_out_weight, w.ln_out_bias, self.n_threads), self.n_threads)
+
+    def __repr__(self) -> str:
+        return (f"RWKVNext({self.architecture}, n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                f"heads={self.n_head}x{self.head_size}, n_vocab={self.n_vocab}, dtype={self.dtype!r}, "
+                f"threads={self.n_threads})")
+
+
+def load(source, arch, dtype: str = "float32", threads: int | None = None) -> RWKVNext:
+    """An opened checkpoint (rwkvx.loader.open_checkpoint) of architecture module `arch`."""
+    if dtype not in ("float32", "bfloat16", "float16", "uint8"):
+        raise RwkvxError(f"dtype: expected float32, bfloat16, float16 or uint8, got {dtype!r}")
+    if threads is not None:
+        effective_n_threads(threads)
+    return RWKVNext(read_weights(source, arch, dtype), threads=threads)
+
+
+def load_path(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKVNext:
+    from rwkvx.arch import recognise_path
+    arch, source = recognise_path(path)
+    if arch is None:
+        raise RwkvxError(f"{os.fspath(path)}: not an RWKV-5.2, 6 or 7 checkpoint")
+    return load(source, arch, dtype, threads)

@@ -1,0 +1,168 @@
+"""RWKV-5.2 "Eagle" (x052): multi-headed matrix-valued state with a static per-channel decay.
+
+Per head, the state S (N keys x N values) evolves as
+
+    y = rᵀ (diag(u) kᵀv + S)        S = diag(w) S + kᵀv
+
+with w = exp(-exp(time_decay)) and the bonus u = time_faaaa, followed by a group norm over
+heads (ln_x) and a SiLU gate. Channel mixing is RWKV-4's. Written after ChatRWKV's
+att_one_v5_1 / v5.2 path (rwkv pip package).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu,
+                               wkv_matrices)
+
+NAME = "RWKV-5"
+ID = "x052"
+
+LINEAR = ("att_receptance", "att_key", "att_value", "att_gate", "att_output",
+          "ffn_key", "ffn_receptance", "ffn_value")
+
+
+def recognise(names: set[str]) -> bool:
+    return "blocks.0.att.ln_x.weight" in names and \
+        not any(n.endswith((".att.time_maa_x", ".att.k_k", ".att.r_k", ".att.x_rwkvag", ".att.time_misc_kkk"))
+                for n in names)
+
+
+def heads(source) -> tuple[int, int]:
+    from rwkvx.tensorfile import fail
+    decay = source.tensors.get("blocks.0.att.time_decay")
+    gate = "blocks.0.att.gate.weight" in source.tensors
+    shape = tuple(decay.shape) if decay is not None else ()
+    # 5.2 keeps one decay per channel, (H, N) (rwkv.cpp: (H, N, 1)); 5.0/5.1 one per head
+    if not gate or len(shape) < 2 or shape[1] == 1:
+        raise fail(source.path, "this is an RWKV-5.0 or 5.1 checkpoint (one decay per head); "
+                                "rwkvx runs RWKV-4, 5.2, 6 and 7")
+    return shape[0], shape[1]
+
+
+def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
+    """One layer's tensors. rwkv.cpp's converter stores time_decay as exp(-exp(raw)) (H, N, 1)
+    and time_faaaa as (H, N, 1); BlinkDL's files hold the raw (H, N)."""
+    att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
+    p = {f"att_time_mix_{m}": reader.vector(f"{att}time_mix_{m}", c) for m in "kvrg"}
+    decay = reader.heads(att + "time_decay", n_head, head_size)
+    if not reader.rwkv_cpp:
+        # the decay per token is e^{-e^x}: keep the factor, computed in float64
+        decay = np.exp(-np.exp(decay.astype(np.float64))).astype(np.float32)
+    p["att_time_decay"] = decay
+    p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
+    for m in ("receptance", "key", "value", "gate", "output"):
+        p[f"att_{m}"] = reader.matrix(f"{att}{m}.weight", (c, c))
+    p["att_ln_x_weight"] = reader.vector(att + "ln_x.weight", c)
+    p["att_ln_x_bias"] = reader.vector(att + "ln_x.bias", c)
+    p.update(read_ffn_v4(reader, ffn, c, "time_mix"))
+    return p
+
+
+def read_ffn_v4(reader, ffn: str, c: int, mix: str) -> dict:
+    key = reader.source.tensors.get(ffn + "key.weight")
+    n_ffn = key.shape[0] if key is not None and len(key.shape) == 2 else 4 * c
+    return {
+        f"ffn_{mix}_k": reader.vector(f"{ffn}{mix}_k", c),
+        f"ffn_{mix}_r": reader.vector(f"{ffn}{mix}_r", c),
+        "ffn_key": reader.matrix(ffn + "key.weight", (n_ffn, c)),
+        "ffn_receptance": reader.matrix(ffn + "receptance.weight", (c, c)),
+        "ffn_value": reader.matrix(ffn + "value.weight", (c, n_ffn)),
+    }
+
+
+# ---- the specification (float64, one token) ----
+
+def wkv(r, k, v, w, u, S):
+    """One step of every head; r, k, v (H, N), w, u (H, N); S (H, N, N) updated in place."""
+    kv = k[:, :, None] * v[:, None, :]
+    y = (r[:, None, :] @ (u[:, :, None] * kv + S))[:, 0, :]
+    S[:] = kv + w[:, :, None] * S
+    return y
+
+
+def time_mixing(x, s, p, eps=GROUP_NORM_EPS):
+    n_head, n = p["att_time_faaaa"].shape
+    last_x, s[ATT_XX] = s[ATT_XX].copy(), x
+    xk, xv, xr, xg = (x * p[f"att_time_mix_{m}"] + last_x * (1 - p[f"att_time_mix_{m}"]) for m in "kvrg")
+
+    r = (p["att_receptance"] @ xr).reshape(n_head, n)
+    k = (p["att_key"] @ xk).reshape(n_head, n)
+    v = (p["att_value"] @ xv).reshape(n_head, n)
+    g = silu(p["att_gate"] @ xg)
+
+    y = wkv(r, k, v, p["att_time_decay"], p["att_time_faaaa"], wkv_matrices(s, n_head))
+    y = group_norm(y.reshape(-1), p["att_ln_x_weight"], p["att_ln_x_bias"], n_head, eps)
+    return p["att_output"] @ (y * g)
+
+
+def channel_mixing(x, s, p):
+    last_x, s[FFN_XX] = s[FFN_XX].copy(), x
+    xk = x * p["ffn_time_mix_k"] + last_x * (1 - p["ffn_time_mix_k"])
+    xr = x * p["ffn_time_mix_r"] + last_x * (1 - p["ffn_time_mix_r"])
+    r = sigmoid(p["ffn_receptance"] @ xr)
+    k = np.square(np.maximum(p["ffn_key"] @ xk, 0))
+    return r * (p["ffn_value"] @ k)
+
+
+def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
+    x = x + time_mixing(layer_norm(x, p["ln1_weight"], p["ln1_bias"]), s, p, eps)
+    x = x + channel_mixing(layer_norm(x, p["ln2_weight"], p["ln2_bias"]), s, p)
+    return x, None
+
+
+# ---- the runtime (float32; big matrices in the run dtype) ----
+
+def wkv_rows(r, k, v, w, u, S):
+    """wkv() for each of T tokens in turn; r, k, v (T, H, N), w (T, H, N) or (H, N)."""
+    T = r.shape[0]
+    y = np.empty_like(r)
+    for t in range(T):
+        kv = k[t][:, :, None] * v[t][:, None, :]
+        y[t] = (r[t][:, None, :] @ (u[:, :, None] * kv + S))[:, 0, :]
+        S *= (w[t] if w.ndim == 3 else w)[:, :, None]
+        S += kv
+    return y
+
+
+def channel_mixing_rows(X, s, p, L, n, mixes):
+    """RWKV-4's channel mixing on rows, residual added to X; mixes: (k, 1-k, r, 1-r) or the
+    v6 form given as the same four (x weight, previous-token weight) vectors."""
+    from rwkvx.arch.common import matmul, norm_rows, shift
+    x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
+    prev = shift(x, s[FFN_XX])
+    mk, pk, mr, pr = mixes
+    r = sigmoid(matmul(L["ffn_receptance"], np.ascontiguousarray(x * mr + prev * pr), n))
+    k = np.square(np.maximum(matmul(L["ffn_key"], np.ascontiguousarray(x * mk + prev * pk), n), 0))
+    X += r * matmul(L["ffn_value"], k, n)
+
+
+class Layer:
+    """One RWKV-5.2 layer ready to run: forward(X, s, carry, n_threads) moves the rows X
+    (T, C) of one sequence through it in place, updating its state s (2 + N, C)."""
+
+    def __init__(self, p: dict, n_head: int):
+        from rwkvx.arch.common import linear
+        self.p = p
+        self.n_head = n_head
+        self.lin = {name: linear(p[name]) for name in LINEAR}
+        # x·mix + prev·(1 − mix), the complements computed once
+        self.mix = {m: (p[f"att_time_mix_{m}"], 1 - p[f"att_time_mix_{m}"]) for m in "kvrg"}
+        self.ffn_mix = (p["ffn_time_mix_k"], 1 - p["ffn_time_mix_k"], p["ffn_time_mix_r"], 1 - p["ffn_time_mix_r"])
+
+    def forward(self, X, s, carry, n):
+        from rwkvx.arch.common import group_norm_f32, matmul, norm_rows, shift
+        p, L, H = self.p, self.lin, self.n_head
+        T, C = X.shape
+        x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
+        prev = shift(x, s[ATT_XX])
+        xk, xv, xr, xg = (np.ascontiguousarray(x * m + prev * c) for m, c in (self.mix[q] for q in "kvrg"))
+        r = matmul(L["att_receptance"], xr, n).reshape(T, H, -1)
+        k = matmul(L["att_key"], xk, n).reshape(T, H, -1)
+        v = matmul(L["att_value"], xv, n).reshape(T, H, -1)
+        g = silu(matmul(L["att_gate"], xg, n))
+        y = wkv_rows(r, k, v, p["att_time_decay"], p["att_time_faaaa"], wkv_matrices(s, H))
+        y = group_norm_f32(y.reshape(T, C), p["att_ln_x_weight"], p["att_ln_x_bias"], H)
+        X += matmul(L["att_output"], np.ascontiguousarray(y * g), n)
+        channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
+        return None

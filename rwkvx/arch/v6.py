@@ -1,0 +1,148 @@
+"""RWKV-6 "Finch" (x060): RWKV-5.2 with data-dependent token shift and decay.
+
+The five token-shift mixes get a low-rank, input-dependent correction (a 5-way LoRA through
+tanh), and the decay w = exp(-exp(time_decay + LoRA(x))) changes every token; the WKV step
+itself is RWKV-5.2's. Written after ChatRWKV's att_one_v6_0 (rwkv pip package).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rwkvx.arch.common import ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu, wkv_matrices
+from rwkvx.arch.v5 import wkv
+
+NAME = "RWKV-6"
+ID = "x060"
+
+LINEAR = ("att_receptance", "att_key", "att_value", "att_gate", "att_output",
+          "ffn_key", "ffn_receptance", "ffn_value")
+# the order of the five mixes in time_maa_w1/w2
+MIXES = "wkvrg"
+
+
+def recognise(names: set[str]) -> bool:
+    return "blocks.0.att.ln_x.weight" in names and any(n.endswith(".att.time_maa_x") for n in names) and \
+        not any(n.endswith((".att.time_misc_kkk", ".att.k_k")) for n in names)
+
+
+def heads(source) -> tuple[int, int]:
+    from rwkvx.tensorfile import fail
+    t = source.tensors.get("blocks.0.att.time_faaaa")
+    shape = [d for d in t.shape if d != 1] if t is not None else []
+    if len(shape) != 2:
+        raise fail(source.path, "RWKV-6 checkpoint without a (heads, head size) blocks.0.att.time_faaaa")
+    return shape[0], shape[1]
+
+
+def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
+    """One layer's tensors. BlinkDL stores time_maa_w1 (C, 5D), time_maa_w2 (5, D, C),
+    time_decay_w1 (C, Dw), time_decay_w2 (Dw, C); rwkv.cpp's converter transposes all four
+    (to (out, in)) and stores time_decay/time_faaaa as (H, N, 1)."""
+    att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
+    p = {f"att_time_maa_{m}": reader.vector(f"{att}time_maa_{m}", c) for m in "x" + MIXES}
+    w1 = reader.source.tensors.get(att + "time_maa_w1")
+    d_mix = ((w1.shape[0] if reader.rwkv_cpp else w1.shape[1]) // 5) if w1 is not None and len(w1.shape) == 2 else 1
+    p["att_time_maa_w1"] = reader.matrix(att + "time_maa_w1", (5 * d_mix, c), transposed=not reader.rwkv_cpp)
+    w2 = reader.values(att + "time_maa_w2", 5 * d_mix * c)
+    if w2 is None:
+        w2 = np.zeros((5, c, d_mix), np.float32)
+    elif reader.rwkv_cpp:
+        w2 = w2.reshape(5, c, d_mix)
+    else:
+        w2 = w2.reshape(5, d_mix, c).transpose(0, 2, 1)
+    p["att_time_maa_w2"] = np.ascontiguousarray(w2)
+    d1 = reader.source.tensors.get(att + "time_decay_w1")
+    d_decay = (d1.shape[0] if reader.rwkv_cpp else d1.shape[1]) if d1 is not None and len(d1.shape) == 2 else 1
+    p["att_time_decay_w1"] = reader.matrix(att + "time_decay_w1", (d_decay, c), transposed=not reader.rwkv_cpp)
+    p["att_time_decay_w2"] = reader.matrix(att + "time_decay_w2", (c, d_decay), transposed=not reader.rwkv_cpp)
+    p["att_time_decay"] = reader.vector(att + "time_decay", c)
+    p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
+    for m in ("receptance", "key", "value", "gate", "output"):
+        p[f"att_{m}"] = reader.matrix(f"{att}{m}.weight", (c, c))
+    p["att_ln_x_weight"] = reader.vector(att + "ln_x.weight", c)
+    p["att_ln_x_bias"] = reader.vector(att + "ln_x.bias", c)
+    from rwkvx.arch.v5 import read_ffn_v4
+    p.update(read_ffn_v4(reader, ffn, c, "time_maa"))
+    return p
+
+
+# ---- the specification (float64, one token) ----
+
+def time_mixing(x, s, p, eps=GROUP_NORM_EPS):
+    n_head, n = p["att_time_faaaa"].shape
+    last_x, s[ATT_XX] = s[ATT_XX].copy(), x
+    sx = last_x - x
+    # data-dependent token shift: five mixes corrected by one low-rank map of x
+    lora = np.tanh(p["att_time_maa_w1"] @ (x + sx * p["att_time_maa_x"])).reshape(5, -1)
+    xw, xk, xv, xr, xg = (x + sx * (p[f"att_time_maa_{m}"] + p["att_time_maa_w2"][i] @ lora[i])
+                          for i, m in enumerate(MIXES))
+
+    r = (p["att_receptance"] @ xr).reshape(n_head, n)
+    k = (p["att_key"] @ xk).reshape(n_head, n)
+    v = (p["att_value"] @ xv).reshape(n_head, n)
+    g = silu(p["att_gate"] @ xg)
+    # data-dependent decay
+    w = p["att_time_decay"] + p["att_time_decay_w2"] @ np.tanh(p["att_time_decay_w1"] @ xw)
+    w = np.exp(-np.exp(w)).reshape(n_head, n)
+
+    y = wkv(r, k, v, w, p["att_time_faaaa"], wkv_matrices(s, n_head))
+    y = group_norm(y.reshape(-1), p["att_ln_x_weight"], p["att_ln_x_bias"], n_head, eps)
+    return p["att_output"] @ (y * g)
+
+
+def channel_mixing(x, s, p):
+    last_x, s[FFN_XX] = s[FFN_XX].copy(), x
+    xk = x + (last_x - x) * p["ffn_time_maa_k"]
+    xr = x + (last_x - x) * p["ffn_time_maa_r"]
+    r = sigmoid(p["ffn_receptance"] @ xr)
+    k = np.square(np.maximum(p["ffn_key"] @ xk, 0))
+    return r * (p["ffn_value"] @ k)
+
+
+def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
+    x = x + time_mixing(layer_norm(x, p["ln1_weight"], p["ln1_bias"]), s, p, eps)
+    x = x + channel_mixing(layer_norm(x, p["ln2_weight"], p["ln2_bias"]), s, p)
+    return x, None
+
+
+# ---- the runtime (float32; big matrices in the run dtype) ----
+
+class Layer:
+    """One RWKV-6 layer ready to run: forward(X, s, carry, n_threads) moves the rows X
+    (T, C) of one sequence through it in place, updating its state s (2 + N, C)."""
+
+    def __init__(self, p: dict, n_head: int):
+        from rwkvx.arch.common import linear
+        self.p = p
+        self.n_head = n_head
+        self.lin = {name: linear(p[name]) for name in LINEAR + ("att_time_maa_w1", "att_time_decay_w1",
+                                                                "att_time_decay_w2")}
+        self.maa_w2 = [linear(m) for m in p["att_time_maa_w2"]]
+        # x + (prev − x)·maa = x·(1 − maa) + prev·maa
+        one = np.float32(1)
+        self.ffn_mix = (one - p["ffn_time_maa_k"], p["ffn_time_maa_k"], one - p["ffn_time_maa_r"], p["ffn_time_maa_r"])
+
+    def forward(self, X, s, carry, n):
+        from rwkvx.arch.common import group_norm_f32, matmul, norm_rows, shift
+        from rwkvx.arch.v5 import channel_mixing_rows, wkv_rows
+        p, L, H = self.p, self.lin, self.n_head
+        T, C = X.shape
+        x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
+        sx = shift(x, s[ATT_XX]) - x
+        lora = np.tanh(matmul(L["att_time_maa_w1"], np.ascontiguousarray(x + sx * p["att_time_maa_x"]), n))
+        lora = lora.reshape(T, 5, -1)
+        xw, xk, xv, xr, xg = (
+            np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"]
+                                           + matmul(self.maa_w2[i], np.ascontiguousarray(lora[:, i]), n)))
+            for i, m in enumerate(MIXES))
+        r = matmul(L["att_receptance"], xr, n).reshape(T, H, -1)
+        k = matmul(L["att_key"], xk, n).reshape(T, H, -1)
+        v = matmul(L["att_value"], xv, n).reshape(T, H, -1)
+        g = silu(matmul(L["att_gate"], xg, n))
+        w = p["att_time_decay"] + matmul(L["att_time_decay_w2"], np.tanh(matmul(L["att_time_decay_w1"], xw, n)), n)
+        w = np.exp(-np.exp(w)).reshape(T, H, -1)
+        y = wkv_rows(r, k, v, w, p["att_time_faaaa"], wkv_matrices(s, H))
+        y = group_norm_f32(y.reshape(T, C), p["att_ln_x_weight"], p["att_ln_x_bias"], H)
+        X += matmul(L["att_output"], np.ascontiguousarray(y * g), n)
+        channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
+        return None
