@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from rwkvx._matvec import Linear
+from rwkvx.hugepages import Arena
 from rwkvx.quant import QuantizedMatrix, quantize_u8
 from rwkvx.tensorfile import TensorSource, fail
 from rwkvx.weights import to_bfloat16, to_float32
@@ -196,23 +197,29 @@ class Reader:
             raise fail(self.source.path, shown)
 
 
-def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str):
-    """A float32 matrix in the format the kernels read for `dtype`."""
+def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str, arena: Arena):
+    """A float32 matrix in the format the kernels read for `dtype`, placed in `arena`."""
     if dtype == "float32":
-        return np.ascontiguousarray(w, dtype=np.float32)
+        return arena.keep(np.ascontiguousarray(w, dtype=np.float32))
     if dtype == "bfloat16":
-        return to_bfloat16(w)
+        return arena.keep(to_bfloat16(w))
     if dtype == "float16":
         biggest = float(np.abs(w).max()) if w.size else 0.0
         if biggest > _FLOAT16_MAX:
             raise fail(path, f"{key}: a weight of magnitude {biggest:g} does not fit float16; "
                              "use bfloat16 or float32")
-        return w.astype(np.float16)
-    return quantize_u8(w)
+        return arena.keep(w.astype(np.float16))
+    return quantize_u8(w, q_out=arena.take(w.shape, np.uint8))
 
 
 def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
-    """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone."""
+    """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
+
+    Each layer is converted to the run dtype as it is read, so loading holds one layer in
+    float32 beyond the result. What decoding reads (all but the embedding) is put in one
+    block of 2 MB pages, as rwkvx.loader does for RWKV-4: streaming the weights through
+    4 KB pages costs a TLB miss per page.
+    """
     reader = Reader(source)
     emb_tensor = source.tensors.get("emb.weight")
     if emb_tensor is None or len(emb_tensor.shape) != 2:
@@ -223,24 +230,27 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     n_head, head_size = arch.heads(source)
     if n_head * head_size != n_embd:
         raise fail(source.path, f"{n_head} heads of {head_size} do not make n_embd {n_embd}")
+    # room for every tensor in float32 (an upper bound: pages are committed only as filled)
+    arena = Arena(sum(Arena.arena_nbytes(4 * t.size) for k, t in source.tensors.items() if k != "emb.weight"))
     emb = reader.matrix("emb.weight", (n_vocab, n_embd))
     ln0 = (reader.vector("blocks.0.ln0.weight", n_embd), reader.vector("blocks.0.ln0.bias", n_embd))
     ln_out = (reader.vector("ln_out.weight", n_embd), reader.vector("ln_out.bias", n_embd))
-    head = reader.matrix("head.weight", (n_vocab, n_embd))
     blocks = []
     for layer in range(n_layer):
         block = arch.read_block(reader, layer, n_embd, n_head, head_size)
         for name in ("ln1", "ln2"):
             block[f"{name}_weight"] = reader.vector(f"blocks.{layer}.{name}.weight", n_embd)
             block[f"{name}_bias"] = reader.vector(f"blocks.{layer}.{name}.bias", n_embd)
+        for name, value in block.items():
+            if name in arch.LINEAR:
+                block[name] = to_run_dtype(value, dtype, f"blocks.{layer}.{name}", source.path, arena)
+            else:
+                block[name] = arena.keep(value)
         blocks.append(block)
+    head = to_run_dtype(reader.matrix("head.weight", (n_vocab, n_embd)), dtype, "head.weight", source.path, arena)
     reader.check()
-    for layer, block in enumerate(blocks):
-        for name in arch.LINEAR:
-            block[name] = to_run_dtype(block[name], dtype, f"blocks.{layer}.{name}", source.path)
     return Weights(arch=arch, emb=emb, ln0_weight=ln0[0], ln0_bias=ln0[1], blocks=blocks,
-                   ln_out_weight=ln_out[0], ln_out_bias=ln_out[1],
-                   head=to_run_dtype(head, dtype, "head.weight", source.path), head_size=head_size,
+                   ln_out_weight=ln_out[0], ln_out_bias=ln_out[1], head=head, head_size=head_size,
                    dtype=dtype, source=source.path)
 
 
@@ -334,11 +344,14 @@ def shift(X: np.ndarray, last: np.ndarray) -> np.ndarray:
     return prev
 
 
-def group_norm_f32(y: np.ndarray, w: np.ndarray, b: np.ndarray, n_head: int) -> np.ndarray:
-    """group_norm in float32 over rows y (T, C), with the mean and variance accumulated in
-    float64 (head sizes are small, so this is cheap and keeps the norm near the reference)."""
-    t, c = y.shape
-    h = y.reshape(t, n_head, c // n_head).astype(np.float64)
-    mean = h.mean(axis=-1, keepdims=True)
-    var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
-    return ((h - mean) / np.sqrt(var + GROUP_NORM_EPS)).astype(np.float32).reshape(t, c) * w + b
+def products(jobs: list, n_threads: int) -> list[np.ndarray]:
+    """[matmul(lin, X) for lin, X in jobs]; for one row, up to four products share one
+    parallel loop (same bits as one at a time)."""
+    from rwkvx._group import matvec_group
+    if jobs[0][1].shape[0] != 1:
+        return [matmul(lin, X, n_threads) for lin, X in jobs]
+    outs = [np.empty((1, lin.shape[0]), np.float32) for lin, _ in jobs]
+    for i in range(0, len(jobs), 4):
+        part = jobs[i:i + 4]
+        matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]], n_threads)
+    return outs

@@ -113,18 +113,6 @@ def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
 
 # ---- the runtime (float32; big matrices in the run dtype) ----
 
-def wkv_rows(r, k, v, w, u, S):
-    """wkv() for each of T tokens in turn; r, k, v (T, H, N), w (T, H, N) or (H, N)."""
-    T = r.shape[0]
-    y = np.empty_like(r)
-    for t in range(T):
-        kv = k[t][:, :, None] * v[t][:, None, :]
-        y[t] = (r[t][:, None, :] @ (u[:, :, None] * kv + S))[:, 0, :]
-        S *= (w[t] if w.ndim == 3 else w)[:, :, None]
-        S += kv
-    return y
-
-
 def channel_mixing_rows(X, s, p, L, n, mixes):
     """RWKV-4's channel mixing on rows, residual added to X; mixes: (k, 1-k, r, 1-r) or the
     v6 form given as the same four (x weight, previous-token weight) vectors."""
@@ -149,20 +137,24 @@ class Layer:
         # x·mix + prev·(1 − mix), the complements computed once
         self.mix = {m: (p[f"att_time_mix_{m}"], 1 - p[f"att_time_mix_{m}"]) for m in "kvrg"}
         self.ffn_mix = (p["ffn_time_mix_k"], 1 - p["ffn_time_mix_k"], p["ffn_time_mix_r"], 1 - p["ffn_time_mix_r"])
+        self.decay = p["att_time_decay"].reshape(1, -1)
+        self.bonus = p["att_time_faaaa"].reshape(-1)
 
     def forward(self, X, s, carry, n):
-        from rwkvx.arch.common import group_norm_f32, matmul, norm_rows, shift
+        from rwkvx._wkv import wkv5
+        from rwkvx.arch.common import matmul, norm_rows, shift
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         prev = shift(x, s[ATT_XX])
         xk, xv, xr, xg = (np.ascontiguousarray(x * m + prev * c) for m, c in (self.mix[q] for q in "kvrg"))
-        r = matmul(L["att_receptance"], xr, n).reshape(T, H, -1)
-        k = matmul(L["att_key"], xk, n).reshape(T, H, -1)
-        v = matmul(L["att_value"], xv, n).reshape(T, H, -1)
+        r = matmul(L["att_receptance"], xr, n)
+        k = matmul(L["att_key"], xk, n)
+        v = matmul(L["att_value"], xv, n)
         g = silu(matmul(L["att_gate"], xg, n))
-        y = wkv_rows(r, k, v, p["att_time_decay"], p["att_time_faaaa"], wkv_matrices(s, H))
-        y = group_norm_f32(y.reshape(T, C), p["att_ln_x_weight"], p["att_ln_x_bias"], H)
-        X += matmul(L["att_output"], np.ascontiguousarray(y * g), n)
+        y = np.empty((T, C), np.float32)
+        wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g,
+             wkv_matrices(s, H), y, eps=GROUP_NORM_EPS, n_threads=min(n, H))
+        X += matmul(L["att_output"], y, n)
         channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
         return None

@@ -121,10 +121,12 @@ class Layer:
         # x + (prev − x)·maa = x·(1 − maa) + prev·maa
         one = np.float32(1)
         self.ffn_mix = (one - p["ffn_time_maa_k"], p["ffn_time_maa_k"], one - p["ffn_time_maa_r"], p["ffn_time_maa_r"])
+        self.bonus = p["att_time_faaaa"].reshape(-1)
 
     def forward(self, X, s, carry, n):
-        from rwkvx.arch.common import group_norm_f32, matmul, norm_rows, shift
-        from rwkvx.arch.v5 import channel_mixing_rows, wkv_rows
+        from rwkvx._wkv import wkv5
+        from rwkvx.arch.common import matmul, norm_rows, shift
+        from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
@@ -135,14 +137,15 @@ class Layer:
             np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"]
                                            + matmul(self.maa_w2[i], np.ascontiguousarray(lora[:, i]), n)))
             for i, m in enumerate(MIXES))
-        r = matmul(L["att_receptance"], xr, n).reshape(T, H, -1)
-        k = matmul(L["att_key"], xk, n).reshape(T, H, -1)
-        v = matmul(L["att_value"], xv, n).reshape(T, H, -1)
+        r = matmul(L["att_receptance"], xr, n)
+        k = matmul(L["att_key"], xk, n)
+        v = matmul(L["att_value"], xv, n)
         g = silu(matmul(L["att_gate"], xg, n))
         w = p["att_time_decay"] + matmul(L["att_time_decay_w2"], np.tanh(matmul(L["att_time_decay_w1"], xw, n)), n)
-        w = np.exp(-np.exp(w)).reshape(T, H, -1)
-        y = wkv_rows(r, k, v, w, p["att_time_faaaa"], wkv_matrices(s, H))
-        y = group_norm_f32(y.reshape(T, C), p["att_ln_x_weight"], p["att_ln_x_bias"], H)
-        X += matmul(L["att_output"], np.ascontiguousarray(y * g), n)
+        w = np.exp(-np.exp(w))
+        y = np.empty((T, C), np.float32)
+        wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, wkv_matrices(s, H), y,
+             eps=GROUP_NORM_EPS, n_threads=min(n, H))
+        X += matmul(L["att_output"], y, n)
         channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
         return None

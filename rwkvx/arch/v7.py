@@ -173,9 +173,11 @@ class Layer:
         # the low-rank matrices too: their products then give the same bits for one row
         # as for many, like the big ones'
         self.lin = {name: linear(p[name]) for name in LINEAR + LOW_RANK if name in p}
+        self.r_k = p["att_r_k"].reshape(-1)
 
     def forward(self, X, s, v_first, n):
-        from rwkvx.arch.common import group_norm_f32, matmul, norm_rows, shift
+        from rwkvx._wkv import wkv7
+        from rwkvx.arch.common import matmul, norm_rows, products, shift
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         N = C // H
@@ -183,37 +185,29 @@ class Layer:
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         sx = shift(x, s[ATT_XX]) - x
         xr, xw, xk, xv, xa, xg = (np.ascontiguousarray(x + sx * p[f"att_x_{m}"]) for m in MIXES)
-        r = matmul(L["att_receptance"], xr, n)
-        w = matmul(L["att_w2"], np.tanh(matmul(L["att_w1"], xw, n)), n)
+        # the projections in three groups of independent products
+        layer0 = v_first is None
+        r, k, v, w, a, g, *mv = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
+                                          (L["att_w1"], xw), (L["att_a1"], xa), (L["att_g1"], xg)]
+                                         + ([] if layer0 else [(L["att_v1"], xv)]), n)
+        w, a, g, *mv = products([(L["att_w2"], np.tanh(w)), (L["att_a2"], a), (L["att_g2"], sigmoid(g))]
+                                + ([] if layer0 else [(L["att_v2"], mv[0])]), n)
         w = np.exp(np.float32(-DECAY_SCALE) * sigmoid(p["att_w0"] + w))
-        k = matmul(L["att_key"], xk, n)
-        v = matmul(L["att_value"], xv, n)
-        a = sigmoid(p["att_a0"] + matmul(L["att_a2"], matmul(L["att_a1"], xa, n), n))
-        g = matmul(L["att_g2"], sigmoid(matmul(L["att_g1"], xg, n)), n)
+        a = sigmoid(p["att_a0"] + a)
 
         kk = (k * p["att_k_k"]).reshape(T, H, N)
         kk = kk / np.maximum(np.sqrt((kk * kk).sum(axis=-1, keepdims=True)), np.float32(1e-12))
         k = k * (1 + (a - 1) * p["att_k_a"])
-        if v_first is None:
+        if layer0:
             v_first = v
         else:
-            v = v + (v_first - v) * sigmoid(p["att_v0"] + matmul(L["att_v2"], matmul(L["att_v1"], xv, n), n))
+            v = v + (v_first - v) * sigmoid(p["att_v0"] + mv[0])
 
-        r, w, k, v, a = (t.reshape(T, H, N) for t in (r, w, k, v, a))
-        b = kk * a
-        S = wkv_matrices(s, H)
-        y = np.empty((T, H, N), np.float32)
-        for t in range(T):
-            # S = S·diag(w) + (S·(−κ̂))(κ̂·a)ᵀ + v kᵀ ;  y = S r
-            removed = S @ -kk[t][:, :, None]
-            S *= w[t][:, None, :]
-            S += removed * b[t][:, None, :]
-            S += v[t][:, :, None] * k[t][:, None, :]
-            y[t] = (S @ r[t][:, :, None])[:, :, 0]
-
-        y = group_norm_f32(y.reshape(T, C), p["att_ln_x_weight"], p["att_ln_x_bias"], H)
-        y = y + ((r * k * p["att_r_k"]).sum(axis=-1, keepdims=True) * v).reshape(T, C)
-        X += matmul(L["att_output"], np.ascontiguousarray(y * g), n)
+        y = np.empty((T, C), np.float32)
+        wkv7(r, w, k, v, kk.reshape(T, C), np.ascontiguousarray(kk.reshape(T, C) * a), self.r_k,
+             p["att_ln_x_weight"], p["att_ln_x_bias"], g, wkv_matrices(s, H), y, eps=GROUP_NORM_EPS,
+             n_threads=min(n, H))
+        X += matmul(L["att_output"], y, n)
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
         xk = np.ascontiguousarray(x + (shift(x, s[FFN_XX]) - x) * p["ffn_x_k"])

@@ -1,0 +1,118 @@
+"""The compiled WKV kernels (rwkvx._wkv) against the float64 specification of rwkvx.arch,
+and the grouped matrix-vector products (rwkvx._group) against one product at a time.
+
+Tolerances: rtol 1e-5 / atol 1e-6 relative to the outputs' scale (house style for the
+elementwise kernels); heads of awkward sizes; thread counts give the same bits."""
+import numpy as np
+import pytest
+
+from rwkvx import _matvec
+from rwkvx._group import matvec_group
+from rwkvx._wkv import wkv5, wkv7
+from rwkvx.arch import v5, v7
+from rwkvx.arch.common import group_norm, sigmoid
+from rwkvx.errors import RwkvxError
+
+
+def _inputs(rng, T, H, N):
+    C = H * N
+    f = lambda *shape, lo=-1.0, hi=1.0: rng.uniform(lo, hi, shape).astype(np.float32)  # noqa: E731
+    return C, f
+
+
+@pytest.mark.parametrize("H,N,T,per_token", [(1, 1, 1, False), (3, 7, 5, True), (2, 17, 3, False), (4, 64, 2, True)])
+def test_wkv5_matches_the_specification(H, N, T, per_token):
+    rng = np.random.default_rng(H * 100 + N)
+    C, f = _inputs(rng, T, H, N)
+    r, k, v, g = f(T, C), f(T, C), f(T, C), f(T, C)
+    w = f(T if per_token else 1, C, lo=0.05, hi=0.999)
+    u, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C, lo=-0.1, hi=0.1)
+    S0 = f(H, N, N)
+    S, out = S0.copy(), np.empty((T, C), np.float32)
+    wkv5(r, k, v, w, u, ln_w, ln_b, g, S, out, eps=64e-5, n_threads=2)
+    S_ref = S0.astype(np.float64)
+    for t in range(T):
+        y = v5.wkv(*(a[t].reshape(H, N).astype(np.float64) for a in (r, k, v)),
+                   w[t if per_token else 0].reshape(H, N).astype(np.float64), u.reshape(H, N).astype(np.float64), S_ref)
+        expected = group_norm(y.reshape(-1), ln_w, ln_b, H) * g[t]
+        np.testing.assert_allclose(out[t], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(S, S_ref, rtol=1e-5, atol=1e-6 * np.abs(S_ref).max())
+
+
+def _wkv7_spec(r, w, k, v, kk, a, r_k, ln_w, ln_b, g, S, H, N):
+    # the recurrence and output of rwkvx.arch.v7.time_mixing, from its inputs on
+    r, w, k, v, kk, a = (x.reshape(H, N).astype(np.float64) for x in (r, w, k, v, kk, a))
+    S[:] = S * w[:, None, :] + (S @ -kk[:, :, None]) * (kk * a)[:, None, :] + v[:, :, None] * k[:, None, :]
+    y = (S @ r[:, :, None])[:, :, 0]
+    y = group_norm(y.reshape(-1), ln_w, ln_b, H) + ((r * k * r_k.reshape(H, N)).sum(1, keepdims=True) * v).reshape(-1)
+    return y * g
+
+
+@pytest.mark.parametrize("H,N,T", [(1, 1, 1), (3, 7, 5), (2, 17, 3), (4, 64, 2), (1, 33, 4)])
+def test_wkv7_matches_the_specification(H, N, T):
+    rng = np.random.default_rng(H * 100 + N)
+    C, f = _inputs(rng, T, H, N)
+    r, k, v, g = f(T, C), f(T, C), f(T, C), f(T, C)
+    w = np.exp(-np.exp(-0.5) * sigmoid(f(T, C, lo=-4, hi=4))).astype(np.float32)
+    a = sigmoid(f(T, C, lo=-3, hi=3)).astype(np.float32)
+    kk = f(T, H, N)
+    kk = (kk / np.linalg.norm(kk, axis=-1, keepdims=True)).reshape(T, C).astype(np.float32)
+    r_k, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C, lo=-0.1, hi=0.1)
+    S0 = f(H, N, N)
+    S, out = S0.copy(), np.empty((T, C), np.float32)
+    wkv7(r, w, k, v, kk, np.ascontiguousarray(kk * a), r_k, ln_w, ln_b, g, S, out, eps=64e-5, n_threads=2)
+    S_ref = S0.astype(np.float64)
+    for t in range(T):
+        expected = _wkv7_spec(r[t], w[t], k[t], v[t], kk[t], a[t], r_k, ln_w, ln_b, g[t], S_ref, H, N)
+        np.testing.assert_allclose(out[t], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(S, S_ref, rtol=1e-5, atol=1e-6 * np.abs(S_ref).max())
+
+
+def test_kernels_give_the_same_bits_for_any_thread_count_and_token_split():
+    rng = np.random.default_rng(7)
+    H, N, T = 5, 16, 6
+    C, f = _inputs(rng, T, H, N)
+    r, k, v, g, kk, bb = (f(T, C) for _ in range(6))
+    w = np.abs(f(T, C))
+    results = []
+    for n_threads, split in ((1, T), (2, T), (3, 2)):
+        S, outs = np.zeros((H, N, N), np.float32), []
+        for s in range(0, T, split):
+            part = slice(s, s + split)
+            out = np.empty((len(range(T)[part]), C), np.float32)
+            wkv7(r[part], w[part], k[part], v[part], kk[part], bb[part], np.full(C, 0.3, np.float32), np.ones(C, np.float32),
+                 np.zeros(C, np.float32), g[part], S, out, eps=64e-5, n_threads=n_threads)
+            outs.append(out)
+        results.append((np.concatenate(outs), S))
+    for out, S in results[1:]:
+        assert np.array_equal(out, results[0][0]) and np.array_equal(S, results[0][1])
+
+
+def test_wkv_kernels_check_shapes():
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    with pytest.raises(RwkvxError, match="wkv5"):
+        wkv5(z(2, 8), z(2, 8), z(2, 8), z(3, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 4), z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="wkv7"):
+        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 3),
+             z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="kk"):
+        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(1, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 4),
+             z(2, 8), eps=1e-5)
+    with pytest.raises(ValueError):
+        wkv5(z(2, 8)[:, ::2], z(2, 4), z(2, 4), z(1, 4), z(4), z(4), z(4), z(2, 4), z(1, 4, 4), z(2, 4), eps=1e-5)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_matvec_group_equals_one_product_at_a_time(n_threads):
+    rng = np.random.default_rng(3)
+    shapes = [(33, 17), (7, 64), (128, 31), (1, 3)]
+    linears = [_matvec.Linear.f32(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    xs = [rng.standard_normal(s[1]).astype(np.float32) for s in shapes]
+    outs = [np.empty(s[0], np.float32) for s in shapes]
+    matvec_group(linears, xs, outs, n_threads)
+    for lin, x, out in zip(linears, xs, outs):
+        assert np.array_equal(out, lin(x, n_threads=1))
+    with pytest.raises(RwkvxError, match="1 to 4"):
+        matvec_group(linears + linears[:1], xs + xs[:1], outs + outs[:1])
+    with pytest.raises(RwkvxError, match="product 1"):
+        matvec_group(linears[:2], [xs[0], xs[0]], outs[:2])
