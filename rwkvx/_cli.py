@@ -90,6 +90,8 @@ def float_in(low: float, high: float = float("inf"), low_open: bool = False):
 def read_text(path: str, what: str = "text") -> str:
     """The UTF-8 text of a file, or of stdin for "-"; every failure one RwkvxError line."""
     if path == "-":
+        if sys.stdin is None:
+            raise RwkvxError(f"no standard input to read the {what} from (it is closed)")
         data, name = sys.stdin.buffer.read(), "stdin"
     else:
         name = path
