@@ -422,8 +422,9 @@ def _command(line: str, conversation: Conversation, terminal: _Terminal) -> bool
 
 
 def _chat(args) -> int:
-    sampler = sampler_from_args(args)
     model, tokenizer, load_seconds = load_model(args)
+    # made after loading, so that --logit-bias ids are checked against the vocabulary now
+    sampler = sampler_from_args(args, n_vocab=model.n_vocab)
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
     template = templates.TEMPLATES[args.template] if args.template else default_template(tokenizer)
     started = time.perf_counter()
@@ -454,7 +455,11 @@ def _chat(args) -> int:
             continue
         if message.startswith("//"):
             message = message[1:]
-        terminal.show(lambda: conversation.say(message))
+        try:
+            terminal.show(lambda: conversation.say(message))
+        except RwkvxError as e:
+            # e.g. a message the tokenizer cannot encode: one line, and the chat goes on
+            log(f"error: {e}")
     return EXIT_OK
 
 

@@ -314,14 +314,17 @@ def test_bad_file_for_load_costs_one_line(byte_model_path, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--temp", "-1"], ["--template", "klingon"], ["-n", "0"],
-                                   ["--top-p", "0"], ["--load", "/no/such/file.state"], ["--bogus"]])
+                                   ["--top-p", "0"], ["--load", "/no/such/file.state"], ["--bogus"],
+                                   ["--logit-bias", "999+1"]])
 def test_bad_flags_exit_2_with_one_line(byte_model_path, flags):
     result = chat_cli("-m", byte_model_path, *flags, stdin="hi\n")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("rwkvx: error: ") and "Traceback" not in result.stderr
-    # everything before the error is the load line (for a file given with --load)
+    # everything before the error is the load line (for a file given with --load; a token id
+    # outside the vocabulary is found once the model is loaded)
     assert len(lines) <= 2 and result.stdout == ""
+    assert "system prompt" not in result.stderr
 
 
 # ---- the command line in a real terminal ----------------------------------------------------------
