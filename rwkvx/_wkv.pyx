@@ -6,11 +6,14 @@ order on one thread, with no shared accumulator, so the results are the same bit
 thread count and for any split of the tokens into calls. float32 arithmetic; the group
 norm's mean and variance are accumulated in double (N values per head).
 
-Shapes: C = H * N. Rows r, k, v, ... are (T, C) float32 C-contiguous; the state S is the
-(H, N, N) block of a layer's state (rows WKV.. of rwkvx.arch.common), updated in place.
+Shapes: C = H * N. Rows r, k, v, ... are (R, C) float32 C-contiguous: the tokens of one or
+more sequences (forward_batch), sequence b being rows starts[b]..starts[b+1]. Each sequence's
+state S is the (H, N, N) block of its layer state (rows WKV.. of rwkvx.arch.common), updated
+in place.
 """
 from cython.parallel import prange
 from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
 
 from rwkvx.errors import RwkvxError
 
@@ -105,21 +108,29 @@ cdef void _wkv7_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
             out[row + i] = out[row + i] + bonus * v[row + i] * g[row + i]
 
 
-cdef void _wkv5(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, const float* r, const float* k, const float* v,
-                const float* w, Py_ssize_t w_step, const float* u, const float* ln_w, const float* ln_b,
-                const float* g, double eps, float* S, float* y, float* out, int n_threads) noexcept nogil:
-    cdef Py_ssize_t h
-    for h in prange(H, schedule="static", num_threads=n_threads):
-        _wkv5_head(h, T, H, N, r, k, v, w, w_step, u, ln_w, ln_b, g, eps, S, y, out)
+cdef void _wkv5(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
+                const float* k, const float* v, const float* w, Py_ssize_t w_step, const float* u,
+                const float* ln_w, const float* ln_b, const float* g, double eps, float** S, float* y,
+                float* out, int n_threads) noexcept nogil:
+    # sequence b is rows starts[b]..starts[b+1] with state S[b]; one task per (sequence, head)
+    cdef Py_ssize_t task, b, C = H * N, row
+    for task in prange(B * H, schedule="static", num_threads=n_threads):
+        b = task // H
+        row = starts[b] * C
+        _wkv5_head(task % H, starts[b + 1] - starts[b], H, N, r + row, k + row, v + row,
+                   w + starts[b] * w_step, w_step, u, ln_w, ln_b, g + row, eps, S[b], y + row, out + row)
 
 
-cdef void _wkv7(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, const float* r, const float* w, const float* k,
-                const float* v, const float* kk, const float* b, const float* r_k, const float* ln_w,
-                const float* ln_b, const float* g, double eps, float* S, float* y, float* out,
-                int n_threads) noexcept nogil:
-    cdef Py_ssize_t h
-    for h in prange(H, schedule="static", num_threads=n_threads):
-        _wkv7_head(h, T, H, N, r, w, k, v, kk, b, r_k, ln_w, ln_b, g, eps, S, y, out)
+cdef void _wkv7(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
+                const float* w, const float* k, const float* v, const float* kk, const float* b,
+                const float* r_k, const float* ln_w, const float* ln_b, const float* g, double eps,
+                float** S, float* y, float* out, int n_threads) noexcept nogil:
+    cdef Py_ssize_t task, seq, C = H * N, row
+    for task in prange(B * H, schedule="static", num_threads=n_threads):
+        seq = task // H
+        row = starts[seq] * C
+        _wkv7_head(task % H, starts[seq + 1] - starts[seq], H, N, r + row, w + row, k + row, v + row,
+                   kk + row, b + row, r_k, ln_w, ln_b, g + row, eps, S[seq], y + row, out + row)
 
 
 def _check(name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t T, Py_ssize_t C):
@@ -127,55 +138,104 @@ def _check(name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t T, Py_ssize_t C):
         raise RwkvxError(f"{name}: expected ({T}, {C}), got ({rows}, {cols})")
 
 
+cdef float** _state_pointers(list states, Py_ssize_t H, Py_ssize_t N, views) except NULL:
+    # each sequence's (H, N, N) state block, C-contiguous; views keeps them alive
+    cdef Py_ssize_t B = len(states), b
+    cdef float[:, :, ::1] S
+    cdef float** ptrs = <float**>malloc(max(B, 1) * sizeof(float*))
+    if ptrs == NULL:
+        raise MemoryError()
+    for b in range(B):
+        try:
+            S = states[b]
+        except (TypeError, ValueError):
+            free(ptrs)
+            raise RwkvxError(f"state {b}: expected a C-contiguous float32 ({H}, {N}, {N}) array") from None
+        if S.shape[0] != H or S.shape[1] != N or S.shape[2] != N:
+            free(ptrs)
+            raise RwkvxError(f"state {b}: expected ({H}, {N}, {N}), got ({S.shape[0]}, {S.shape[1]}, {S.shape[2]})")
+        views.append(S)
+        ptrs[b] = &S[0, 0, 0]
+    return ptrs
+
+
+def _check_starts(const Py_ssize_t[::1] starts, Py_ssize_t n_states, Py_ssize_t n_rows):
+    cdef Py_ssize_t b
+    if starts.shape[0] != n_states + 1 or starts[0] != 0 or starts[n_states] != n_rows:
+        raise RwkvxError(f"starts: expected {n_states + 1} offsets from 0 to {n_rows}")
+    for b in range(n_states):
+        if starts[b + 1] < starts[b]:
+            raise RwkvxError("starts: offsets must not decrease")
+
+
 def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, const float[:, ::1] w,
          const float[::1] u, const float[::1] ln_w, const float[::1] ln_b, const float[:, ::1] g,
-         float[:, :, ::1] S, float[:, ::1] out, *, double eps, int n_threads=1):
-    """RWKV-5.2/6 WKV for T tokens, then out = group_norm(y) * g.
+         list states, const Py_ssize_t[::1] starts, float[:, ::1] out, *, double eps, int n_threads=1):
+    """RWKV-5.2/6 WKV for the rows of several sequences, then out = group_norm(y) * g.
 
-    r, k, v, g, out: (T, C); w: the decay factors, (T, C) per token (RWKV-6) or (1, C) for
-    every token (RWKV-5.2); u (bonus), ln_w, ln_b: (C,); S: (H, N, N) keys x values, updated.
+    Sequence b is rows starts[b]..starts[b+1] (tokens in order), its state states[b]: (H, N, N)
+    keys x values, updated. r, k, v, g, out: (R, C); w: the decay factors, (R, C) per token
+    (RWKV-6) or (1, C) for every token (RWKV-5.2); u (bonus), ln_w, ln_b: (C,).
     """
-    cdef Py_ssize_t T = r.shape[0], H = S.shape[0], N = S.shape[1], C = H * N
-    if S.shape[2] != N or r.shape[1] != C:
-        raise RwkvxError(f"wkv5: S ({S.shape[0]}, {S.shape[1]}, {S.shape[2]}) does not fit r ({T}, {r.shape[1]})")
+    cdef Py_ssize_t R = r.shape[0], C = r.shape[1], B = len(states)
+    cdef Py_ssize_t H = states[0].shape[0] if B else 1
+    cdef Py_ssize_t N = C // H if H else 0
+    if H * N != C or N == 0:
+        raise RwkvxError(f"wkv5: {H} heads do not divide r's {C} columns")
     for name, a in (("k", k), ("v", v), ("g", g), ("out", out)):
-        _check(name, a.shape[0], a.shape[1], T, C)
-    if w.shape[1] != C or w.shape[0] not in (1, T):
-        raise RwkvxError(f"wkv5: w: expected (1, {C}) or ({T}, {C}), got ({w.shape[0]}, {w.shape[1]})")
+        _check(name, a.shape[0], a.shape[1], R, C)
+    if w.shape[1] != C or w.shape[0] not in (1, R):
+        raise RwkvxError(f"wkv5: w: expected (1, {C}) or ({R}, {C}), got ({w.shape[0]}, {w.shape[1]})")
     if u.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv5: u, ln_w, ln_b: expected ({C},)")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    if T == 0:
+    _check_starts(starts, B, R)
+    if R == 0:
         return
+    views = []
+    cdef float** S = _state_pointers(states, H, N, views)
     cdef float[:, ::1] y = out.copy()
     cdef Py_ssize_t w_step = 0 if w.shape[0] == 1 else C
-    with nogil:
-        _wkv5(T, H, N, &r[0, 0], &k[0, 0], &v[0, 0], &w[0, 0], w_step, &u[0], &ln_w[0], &ln_b[0],
-              &g[0, 0], eps, &S[0, 0, 0], &y[0, 0], &out[0, 0], n_threads)
+    try:
+        with nogil:
+            _wkv5(&starts[0], B, H, N, &r[0, 0], &k[0, 0], &v[0, 0], &w[0, 0], w_step, &u[0], &ln_w[0],
+                  &ln_b[0], &g[0, 0], eps, S, &y[0, 0], &out[0, 0], n_threads)
+    finally:
+        free(S)
 
 
 def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, const float[:, ::1] v,
          const float[:, ::1] kk, const float[:, ::1] b, const float[::1] r_k, const float[::1] ln_w,
-         const float[::1] ln_b, const float[:, ::1] g, float[:, :, ::1] S, float[:, ::1] out, *,
-         double eps, int n_threads=1):
-    """RWKV-7 WKV for T tokens, then out = (group_norm(y) + (r . k r_k) v) * g per head.
+         const float[::1] ln_b, const float[:, ::1] g, list states, const Py_ssize_t[::1] starts,
+         float[:, ::1] out, *, double eps, int n_threads=1):
+    """RWKV-7 WKV for the rows of several sequences, then out = (group_norm(y) + (r . k r_k) v) * g
+    per head.
 
-    r, w (decay factors), k, v, kk (normalised removal key), b (kk * a), g, out: (T, C);
-    r_k, ln_w, ln_b: (C,); S: (H, N, N) values x keys, updated.
+    Sequence b is rows starts[b]..starts[b+1], its state states[b]: (H, N, N) values x keys,
+    updated. r, w (decay factors), k, v, kk (normalised removal key), b (kk * a), g, out:
+    (R, C); r_k, ln_w, ln_b: (C,).
     """
-    cdef Py_ssize_t T = r.shape[0], H = S.shape[0], N = S.shape[1], C = H * N
-    if S.shape[2] != N or r.shape[1] != C:
-        raise RwkvxError(f"wkv7: S ({S.shape[0]}, {S.shape[1]}, {S.shape[2]}) does not fit r ({T}, {r.shape[1]})")
+    cdef Py_ssize_t R = r.shape[0], C = r.shape[1], B = len(states)
+    cdef Py_ssize_t H = states[0].shape[0] if B else 1
+    cdef Py_ssize_t N = C // H if H else 0
+    if H * N != C or N == 0:
+        raise RwkvxError(f"wkv7: {H} heads do not divide r's {C} columns")
     for name, a in (("w", w), ("k", k), ("v", v), ("kk", kk), ("b", b), ("g", g), ("out", out)):
-        _check(name, a.shape[0], a.shape[1], T, C)
+        _check(name, a.shape[0], a.shape[1], R, C)
     if r_k.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv7: r_k, ln_w, ln_b: expected ({C},)")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    if T == 0:
+    _check_starts(starts, B, R)
+    if R == 0:
         return
+    views = []
+    cdef float** S = _state_pointers(states, H, N, views)
     cdef float[:, ::1] y = out.copy()
-    with nogil:
-        _wkv7(T, H, N, &r[0, 0], &w[0, 0], &k[0, 0], &v[0, 0], &kk[0, 0], &b[0, 0], &r_k[0], &ln_w[0],
-              &ln_b[0], &g[0, 0], eps, &S[0, 0, 0], &y[0, 0], &out[0, 0], n_threads)
+    try:
+        with nogil:
+            _wkv7(&starts[0], B, H, N, &r[0, 0], &w[0, 0], &k[0, 0], &v[0, 0], &kk[0, 0], &b[0, 0], &r_k[0],
+                  &ln_w[0], &ln_b[0], &g[0, 0], eps, S, &y[0, 0], &out[0, 0], n_threads)
+    finally:
+        free(S)

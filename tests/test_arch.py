@@ -109,6 +109,16 @@ def test_forward_batch_matches_each_sequence_alone(checkpoint):
     for i, (toks, st) in enumerate(zip(seqs, [start, None, start])):
         alone, alone_state = model.forward(toks, st)
         assert np.array_equal(logits[i], alone) and np.array_equal(states[i], alone_state)
+    # chunks that split sequences, and one token per sequence (batched decoding)
+    for chunk in (2, 5):
+        model.chunk_size = chunk
+        again, again_states = model.forward_batch(seqs, [start, None, start])
+        assert np.array_equal(again, logits) and all(np.array_equal(a, b) for a, b in zip(again_states, states))
+    model.chunk_size = 128
+    step, step_states = model.forward_batch([[t] for t in seqs[2][:4]], [states[0], start, None, states[2]])
+    for i, st in enumerate([states[0], start, None, states[2]]):
+        alone, alone_state = model.forward([seqs[2][i]], st)
+        assert np.array_equal(step[i], alone) and np.array_equal(step_states[i], alone_state)
 
 
 def test_bfloat16_storage_is_bit_identical_to_float32_of_a_bf16_checkpoint(tmp_path, version):

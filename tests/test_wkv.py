@@ -14,6 +14,10 @@ from rwkvx.arch.common import group_norm, sigmoid
 from rwkvx.errors import RwkvxError
 
 
+def _starts(*lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.intp)
+
+
 def _inputs(rng, T, H, N):
     C = H * N
     f = lambda *shape, lo=-1.0, hi=1.0: rng.uniform(lo, hi, shape).astype(np.float32)  # noqa: E731
@@ -29,7 +33,7 @@ def test_wkv5_matches_the_specification(H, N, T, per_token):
     u, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C, lo=-0.1, hi=0.1)
     S0 = f(H, N, N)
     S, out = S0.copy(), np.empty((T, C), np.float32)
-    wkv5(r, k, v, w, u, ln_w, ln_b, g, S, out, eps=64e-5, n_threads=2)
+    wkv5(r, k, v, w, u, ln_w, ln_b, g, [S], _starts(T), out, eps=64e-5, n_threads=2)
     S_ref = S0.astype(np.float64)
     for t in range(T):
         y = v5.wkv(*(a[t].reshape(H, N).astype(np.float64) for a in (r, k, v)),
@@ -60,7 +64,8 @@ def test_wkv7_matches_the_specification(H, N, T):
     r_k, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C, lo=-0.1, hi=0.1)
     S0 = f(H, N, N)
     S, out = S0.copy(), np.empty((T, C), np.float32)
-    wkv7(r, w, k, v, kk, np.ascontiguousarray(kk * a), r_k, ln_w, ln_b, g, S, out, eps=64e-5, n_threads=2)
+    wkv7(r, w, k, v, kk, np.ascontiguousarray(kk * a), r_k, ln_w, ln_b, g, [S], _starts(T), out, eps=64e-5,
+         n_threads=2)
     S_ref = S0.astype(np.float64)
     for t in range(T):
         expected = _wkv7_spec(r[t], w[t], k[t], v[t], kk[t], a[t], r_k, ln_w, ln_b, g[t], S_ref, H, N)
@@ -81,25 +86,59 @@ def test_kernels_give_the_same_bits_for_any_thread_count_and_token_split():
             part = slice(s, s + split)
             out = np.empty((len(range(T)[part]), C), np.float32)
             wkv7(r[part], w[part], k[part], v[part], kk[part], bb[part], np.full(C, 0.3, np.float32), np.ones(C, np.float32),
-                 np.zeros(C, np.float32), g[part], S, out, eps=64e-5, n_threads=n_threads)
+                 np.zeros(C, np.float32), g[part], [S], _starts(len(out)), out, eps=64e-5, n_threads=n_threads)
             outs.append(out)
         results.append((np.concatenate(outs), S))
     for out, S in results[1:]:
         assert np.array_equal(out, results[0][0]) and np.array_equal(S, results[0][1])
 
 
+def test_several_sequences_in_one_call_equal_each_alone():
+    rng = np.random.default_rng(11)
+    H, N, lengths = 3, 8, (2, 1, 4)
+    R = sum(lengths)
+    C, f = _inputs(rng, R, H, N)
+    r, k, v, g, kk, bb = (f(R, C) for _ in range(6))
+    w = np.abs(f(R, C))
+    u, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C)
+    S0 = [f(H, N, N) for _ in lengths]
+    starts = _starts(*lengths)
+    for kernel in ("wkv5", "wkv7"):
+        S, out = [s.copy() for s in S0], np.empty((R, C), np.float32)
+        if kernel == "wkv5":
+            wkv5(r, k, v, w, u, ln_w, ln_b, g, S, starts, out, eps=64e-5, n_threads=2)
+        else:
+            wkv7(r, w, k, v, kk, bb, u, ln_w, ln_b, g, S, starts, out, eps=64e-5, n_threads=2)
+        for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+            alone, one = S0[b].copy(), np.empty((hi - lo, C), np.float32)
+            part = slice(lo, hi)
+            if kernel == "wkv5":
+                wkv5(r[part], k[part], v[part], w[part], u, ln_w, ln_b, g[part], [alone], _starts(hi - lo), one,
+                     eps=64e-5)
+            else:
+                wkv7(r[part], w[part], k[part], v[part], kk[part], bb[part], u, ln_w, ln_b, g[part], [alone],
+                     _starts(hi - lo), one, eps=64e-5)
+            assert np.array_equal(out[part], one) and np.array_equal(S[b], alone)
+
+
 def test_wkv_kernels_check_shapes():
     z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
-    with pytest.raises(RwkvxError, match="wkv5"):
-        wkv5(z(2, 8), z(2, 8), z(2, 8), z(3, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 4), z(2, 8), eps=1e-5)
-    with pytest.raises(RwkvxError, match="wkv7"):
-        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 3),
-             z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="wkv5: w"):
+        wkv5(z(2, 8), z(2, 8), z(2, 8), z(3, 8), z(8), z(8), z(8), z(2, 8), [z(2, 4, 4)], _starts(2), z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="state 0"):
+        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), [z(2, 4, 3)],
+             _starts(2), z(2, 8), eps=1e-5)
     with pytest.raises(RwkvxError, match="kk"):
-        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(1, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), z(2, 4, 4),
-             z(2, 8), eps=1e-5)
+        wkv7(z(2, 8), z(2, 8), z(2, 8), z(2, 8), z(1, 8), z(2, 8), z(8), z(8), z(8), z(2, 8), [z(2, 4, 4)],
+             _starts(2), z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="starts"):
+        wkv5(z(2, 8), z(2, 8), z(2, 8), z(1, 8), z(8), z(8), z(8), z(2, 8), [z(2, 4, 4)], _starts(3), z(2, 8), eps=1e-5)
+    with pytest.raises(RwkvxError, match="starts"):
+        wkv5(z(3, 8), z(3, 8), z(3, 8), z(1, 8), z(8), z(8), z(8), z(3, 8), [z(2, 4, 4)] * 2,
+             np.array([0, 4, 3], np.intp), z(3, 8), eps=1e-5)
     with pytest.raises(ValueError):
-        wkv5(z(2, 8)[:, ::2], z(2, 4), z(2, 4), z(1, 4), z(4), z(4), z(4), z(2, 4), z(1, 4, 4), z(2, 4), eps=1e-5)
+        wkv5(z(2, 8)[:, ::2], z(2, 4), z(2, 4), z(1, 4), z(4), z(4), z(4), z(2, 4), [z(1, 4, 4)], _starts(2), z(2, 4),
+             eps=1e-5)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])

@@ -334,14 +334,20 @@ def norm_rows(X: np.ndarray, w: np.ndarray, b: np.ndarray, n_threads: int) -> np
     return out
 
 
-def shift(X: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Each row's previous token: `last` (the state's row, then set to X's last row) for the
-    first row."""
+def shift(X: np.ndarray, states: list, row: int, starts: np.ndarray) -> np.ndarray:
+    """Each row's previous token: the row before it, or for the first row of sequence b,
+    row `row` of its layer state states[b] (which is then set to the sequence's last row)."""
     prev = np.empty_like(X)
-    prev[0] = last
     prev[1:] = X[:-1]
-    last[:] = X[-1]
+    for b, s in enumerate(states):
+        prev[starts[b]] = s[row]
+        s[row] = X[starts[b + 1] - 1]
     return prev
+
+
+def heads_of(states: list, n_head: int) -> list:
+    """The (H, N, N) WKV blocks of layer states (views: the kernels update the states)."""
+    return [wkv_matrices(s, n_head) for s in states]
 
 
 def products(jobs: list, n_threads: int) -> list[np.ndarray]:

@@ -1,11 +1,12 @@
 """The runtime model for RWKV-5.2, 6 and 7: rwkvx.RWKV's API over an architecture's layers.
 
-The big matrices go through the shared kernels (rwkvx._matvec.Linear, every run dtype); the
-per-head recurrence, the norms and the low-rank paths are float32 numpy in each
-architecture's Layer. Tokens run chunk_size at a time: every projection is one pass over its
-matrix for the whole chunk, and only the recurrence steps token by token. Every op works row
-by row, so chunking, the number of tokens per call and forward_batch give the same bits as
-feeding the tokens one at a time.
+The matrices go through the shared kernels (rwkvx._matvec.Linear: the big ones in the run
+dtype, the low-rank ones float32), the per-head recurrence with its group norm through
+rwkvx._wkv, and the elementwise glue is float32 numpy in each architecture's Layer. Tokens
+run chunk_size rows at a time, the rows of all sequences of a forward_batch together: every
+projection is one pass over its matrix for the whole chunk, and only the recurrence steps
+token by token. Every op works row by row, so chunking, the number of tokens per call and
+batching give the same bits as feeding the tokens one at a time.
 """
 from __future__ import annotations
 
@@ -57,18 +58,19 @@ class RWKVNext(RWKV):
                 all_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Feed tokens in order; return (logits, new state), as RWKV.forward does: the state
         passed in is not modified; logits float32 (n_vocab,), or (len(tokens), n_vocab) with
-        all_logits."""
+        all_logits. Several tokens run chunk_size at a time as matrix-matrix products; the
+        results are bit-identical to feeding them one by one."""
         tokens = self._check_tokens(tokens)
         state = self.new_state() if state is None else self._check_state(state)
         with self._lock:
-            logits = self._run(tokens, state, all_logits)
-        return logits, state
+            logits = self._run([tokens], [state], all_logits)
+        return (logits if all_logits else logits[0]), state
 
     def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Advance several independent sequences: (logits (B, n_vocab), B new states), each
-        bit-identical to running that sequence alone; the states passed in are not modified.
-        The sequences run one after another (one pass over the weights each)."""
+        """Advance several independent sequences in one pass over the weights: (logits
+        (B, n_vocab) after each sequence's last token, B new states), each bit-identical to
+        running that sequence alone; the states passed in are not modified."""
         if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
             raise RwkvxError("tokens_per_sequence: expected a list of token lists")
         if not tokens_per_sequence:
@@ -80,23 +82,38 @@ class RWKVNext(RWKV):
             raise RwkvxError(f"states: expected a list of {len(token_lists)} states (or None entries)")
         new = [self.new_state() if st is None else self._check_state(st) for st in states]
         with self._lock:
-            logits = np.stack([self._run(toks, st, False) for toks, st in zip(token_lists, new)])
+            logits = self._run(token_lists, new, all_logits=False)
         return logits, new
 
-    def _run(self, tokens: list[int], state: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Run one sequence's tokens, chunk_size per pass over the weights; state updated in place."""
+    def _run(self, token_lists: list[list[int]], states: list[np.ndarray], all_logits: bool) -> np.ndarray:
+        """Run B sequences (states updated in place), chunk_size rows per pass over the
+        weights; logits after every row (all_logits) or after each sequence's last (B, n_vocab)."""
         w, n = self.weights, self.n_threads
+        rows = [(b, t) for b, toks in enumerate(token_lists) for t in toks]
         chunk = max(1, int(self.chunk_size))
+        final = [None] * len(token_lists)
         outputs = []
-        for begin in range(0, len(tokens), chunk):
-            ids = np.asarray(tokens[begin:begin + chunk], dtype=np.intp)
+        for begin in range(0, len(rows), chunk):
+            part = rows[begin:begin + chunk]
+            first, last = part[0][0], part[-1][0]
+            # the sequences in this chunk are contiguous runs of rows: starts[i] is where
+            # sequence first + i begins
+            starts = np.searchsorted(np.fromiter((b for b, _ in part), np.intp, len(part)),
+                                     np.arange(first, last + 2)).astype(np.intp)
+            ids = np.fromiter((t for _, t in part), np.intp, len(part))
             x = norm_rows(np.ascontiguousarray(to_float32(w.emb[ids])), w.ln0_weight, w.ln0_bias, n)
             carry = None
-            for layer, layer_state in zip(self.layers, state):
-                carry = layer.forward(x, layer_state, carry, n)
+            for layer_id, layer in enumerate(self.layers):
+                carry = layer.forward(x, [states[b][layer_id] for b in range(first, last + 1)], starts, carry, n)
             if all_logits:
                 outputs.append(self._logits(x))
-        return np.concatenate(outputs) if all_logits else self._logits(x[-1:])[0]
+            for b in range(first, last + 1):
+                end = starts[b - first + 1]
+                if begin + end == len(rows) or rows[begin + end][0] != b:
+                    final[b] = x[end - 1]
+        if all_logits:
+            return np.concatenate(outputs)
+        return self._logits(np.stack(final))
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         w = self.weights

@@ -113,21 +113,22 @@ def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
 
 # ---- the runtime (float32; big matrices in the run dtype) ----
 
-def channel_mixing_rows(X, s, p, L, n, mixes):
+def channel_mixing_rows(X, states, starts, p, L, n, mixes):
     """RWKV-4's channel mixing on rows, residual added to X; mixes: (k, 1-k, r, 1-r) or the
     v6 form given as the same four (x weight, previous-token weight) vectors."""
-    from rwkvx.arch.common import matmul, norm_rows, shift
+    from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
-    prev = shift(x, s[FFN_XX])
+    prev = shift(x, states, FFN_XX, starts)
     mk, pk, mr, pr = mixes
-    r = sigmoid(matmul(L["ffn_receptance"], np.ascontiguousarray(x * mr + prev * pr), n))
-    k = np.square(np.maximum(matmul(L["ffn_key"], np.ascontiguousarray(x * mk + prev * pk), n), 0))
-    X += r * matmul(L["ffn_value"], k, n)
+    r, k = products([(L["ffn_receptance"], np.ascontiguousarray(x * mr + prev * pr)),
+                     (L["ffn_key"], np.ascontiguousarray(x * mk + prev * pk))], n)
+    X += sigmoid(r) * matmul(L["ffn_value"], np.square(np.maximum(k, 0)), n)
 
 
 class Layer:
-    """One RWKV-5.2 layer ready to run: forward(X, s, carry, n_threads) moves the rows X
-    (T, C) of one sequence through it in place, updating its state s (2 + N, C)."""
+    """One RWKV-5.2 layer ready to run: forward(X, states, starts, carry, n_threads) moves
+    the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
+    through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int):
         from rwkvx.arch.common import linear
@@ -140,21 +141,20 @@ class Layer:
         self.decay = p["att_time_decay"].reshape(1, -1)
         self.bonus = p["att_time_faaaa"].reshape(-1)
 
-    def forward(self, X, s, carry, n):
+    def forward(self, X, states, starts, carry, n):
         from rwkvx._wkv import wkv5
-        from rwkvx.arch.common import matmul, norm_rows, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        prev = shift(x, s[ATT_XX])
+        prev = shift(x, states, ATT_XX, starts)
         xk, xv, xr, xg = (np.ascontiguousarray(x * m + prev * c) for m, c in (self.mix[q] for q in "kvrg"))
-        r = matmul(L["att_receptance"], xr, n)
-        k = matmul(L["att_key"], xk, n)
-        v = matmul(L["att_value"], xv, n)
-        g = silu(matmul(L["att_gate"], xg, n))
+        r, k, v, g = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
+                               (L["att_gate"], xg)], n)
+        g = silu(g)
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g,
-             wkv_matrices(s, H), y, eps=GROUP_NORM_EPS, n_threads=min(n, H))
+             heads_of(states, H), starts, y, eps=GROUP_NORM_EPS, n_threads=min(n, H * len(states)))
         X += matmul(L["att_output"], y, n)
-        channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
+        channel_mixing_rows(X, states, starts, p, L, n, self.ffn_mix)
         return None

@@ -108,8 +108,9 @@ def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
 # ---- the runtime (float32; big matrices in the run dtype) ----
 
 class Layer:
-    """One RWKV-6 layer ready to run: forward(X, s, carry, n_threads) moves the rows X
-    (T, C) of one sequence through it in place, updating its state s (2 + N, C)."""
+    """One RWKV-6 layer ready to run: forward(X, states, starts, carry, n_threads) moves
+    the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
+    through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int):
         from rwkvx.arch.common import linear
@@ -123,29 +124,33 @@ class Layer:
         self.ffn_mix = (one - p["ffn_time_maa_k"], p["ffn_time_maa_k"], one - p["ffn_time_maa_r"], p["ffn_time_maa_r"])
         self.bonus = p["att_time_faaaa"].reshape(-1)
 
-    def forward(self, X, s, carry, n):
+    def forward(self, X, states, starts, carry, n):
         from rwkvx._wkv import wkv5
-        from rwkvx.arch.common import matmul, norm_rows, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        sx = shift(x, s[ATT_XX]) - x
+        sx = shift(x, states, ATT_XX, starts) - x
         lora = np.tanh(matmul(L["att_time_maa_w1"], np.ascontiguousarray(x + sx * p["att_time_maa_x"]), n))
         lora = lora.reshape(T, 5, -1)
-        xw, xk, xv, xr, xg = (
-            np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"]
-                                           + matmul(self.maa_w2[i], np.ascontiguousarray(lora[:, i]), n)))
-            for i, m in enumerate(MIXES))
-        r = matmul(L["att_receptance"], xr, n)
-        k = matmul(L["att_key"], xk, n)
-        v = matmul(L["att_value"], xv, n)
-        g = silu(matmul(L["att_gate"], xg, n))
-        w = p["att_time_decay"] + matmul(L["att_time_decay_w2"], np.tanh(matmul(L["att_time_decay_w1"], xw, n)), n)
+        # the five mix corrections (w, k, v, r, g), the decay's first stage as soon as xw is known
+        mix = products([(self.maa_w2[i], np.ascontiguousarray(lora[:, i])) for i in range(4)], n)
+
+        def mixed(i, m):
+            return np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"] + mix[i]))
+
+        xw = mixed(0, "w")
+        mg, w = products([(self.maa_w2[4], np.ascontiguousarray(lora[:, 4])), (L["att_time_decay_w1"], xw)], n)
+        mix.append(mg)
+        r, k, v, g = products([(L["att_receptance"], mixed(3, "r")), (L["att_key"], mixed(1, "k")),
+                               (L["att_value"], mixed(2, "v")), (L["att_gate"], mixed(4, "g"))], n)
+        g = silu(g)
+        w = p["att_time_decay"] + matmul(L["att_time_decay_w2"], np.tanh(w), n)
         w = np.exp(-np.exp(w))
         y = np.empty((T, C), np.float32)
-        wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, wkv_matrices(s, H), y,
-             eps=GROUP_NORM_EPS, n_threads=min(n, H))
+        wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y,
+             eps=GROUP_NORM_EPS, n_threads=min(n, H * len(states)))
         X += matmul(L["att_output"], y, n)
-        channel_mixing_rows(X, s, p, L, n, self.ffn_mix)
+        channel_mixing_rows(X, states, starts, p, L, n, self.ffn_mix)
         return None

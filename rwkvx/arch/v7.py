@@ -163,8 +163,9 @@ def block(x, s, p, v_first, eps=GROUP_NORM_EPS):
 # ---- the runtime (float32; big matrices in the run dtype) ----
 
 class Layer:
-    """One RWKV-7 layer ready to run: forward(X, s, v_first, n_threads) moves the rows X
-    (T, C) of one sequence through it in place, updating its state s (2 + N, C)."""
+    """One RWKV-7 layer ready to run: forward(X, states, starts, v_first, n_threads) moves
+    the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
+    through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int):
         from rwkvx.arch.common import linear
@@ -175,15 +176,15 @@ class Layer:
         self.lin = {name: linear(p[name]) for name in LINEAR + LOW_RANK if name in p}
         self.r_k = p["att_r_k"].reshape(-1)
 
-    def forward(self, X, s, v_first, n):
+    def forward(self, X, states, starts, v_first, n):
         from rwkvx._wkv import wkv7
-        from rwkvx.arch.common import matmul, norm_rows, products, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         N = C // H
 
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        sx = shift(x, s[ATT_XX]) - x
+        sx = shift(x, states, ATT_XX, starts) - x
         xr, xw, xk, xv, xa, xg = (np.ascontiguousarray(x + sx * p[f"att_x_{m}"]) for m in MIXES)
         # the projections in three groups of independent products
         layer0 = v_first is None
@@ -205,12 +206,12 @@ class Layer:
 
         y = np.empty((T, C), np.float32)
         wkv7(r, w, k, v, kk.reshape(T, C), np.ascontiguousarray(kk.reshape(T, C) * a), self.r_k,
-             p["att_ln_x_weight"], p["att_ln_x_bias"], g, wkv_matrices(s, H), y, eps=GROUP_NORM_EPS,
-             n_threads=min(n, H))
+             p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y, eps=GROUP_NORM_EPS,
+             n_threads=min(n, H * len(states)))
         X += matmul(L["att_output"], y, n)
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
-        xk = np.ascontiguousarray(x + (shift(x, s[FFN_XX]) - x) * p["ffn_x_k"])
+        xk = np.ascontiguousarray(x + (shift(x, states, FFN_XX, starts) - x) * p["ffn_x_k"])
         k = np.square(np.maximum(matmul(L["ffn_key"], xk, n), 0))
         X += matmul(L["ffn_value"], k, n)
         return v_first
