@@ -1,6 +1,11 @@
-"""Perplexity of a model on a text, measured the way llama.cpp's llama-perplexity does.
+"""Perplexity of a model on a text, printed as llama.cpp's llama-perplexity prints it.
 
-    python -m rwkvx.perplexity -m RWKV-4-Pile-169M.pth --tokenizer 20B_tokenizer.json -f wiki.test.raw
+    python -m rwkvx.perplexity -m RWKV-4-Pile-169M.pth -f wiki.test.raw
+
+The output and the error estimate follow llama-perplexity; the scored tokens do not:
+llama-perplexity scores only the second half of each chunk (a transformer's first tokens
+see too little context) and drops a partial last chunk, while an RNN is scored on every
+token after a chunk's first. Numbers from the two tools are therefore not comparable.
 
 Protocol: the whole text is tokenized once (no token is added before it) and split into
 consecutive chunks of ``ctx`` tokens; a last, shorter chunk is kept when it has at least 2
@@ -216,7 +221,8 @@ def perplexity(model, tokens: Sequence[int], ctx: int = DEFAULT_CTX, carry_state
 # ---- command line -----------------------------------------------------------------------
 
 _PROTOCOL = """\
-protocol (llama.cpp's llama-perplexity, without its BOS token):
+protocol (llama-perplexity's output, but every token after a chunk's first is scored,
+where llama-perplexity scores each chunk's second half: the numbers are not comparable):
   The text is tokenized once and split into consecutive chunks of --ctx tokens; a last,
   shorter chunk is kept when it has at least 2 tokens. Each chunk starts from a fresh
   state (--carry-state: from the previous chunk's state). Inside a chunk the logits after
@@ -240,7 +246,7 @@ at a time: a chunk is fed in pieces of -b tokens, never the whole text's logits.
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m rwkvx.perplexity",
-        description="Measure a model's perplexity on a text, like llama.cpp's llama-perplexity.",
+        description="Measure a model's perplexity on a text; output as llama.cpp's llama-perplexity prints it.",
         epilog=_PROTOCOL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -190,6 +190,13 @@ class _BytesTokenizer(Tokenizer):
         """Return the raw bytes token_id stands for (b"" for end-of-text and unused ids)."""
         return self._table[_check_id(token_id, self.vocab_size)]
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token's length in bytes: text of B bytes has at least B / this many tokens."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            self._max_token_bytes = max(map(len, self._table), default=1) or 1
+        return self._max_token_bytes
+
     def decode(self, ids: Iterable[int]) -> str:
         """Return the text of ids: their bytes joined, decoded as UTF-8 with U+FFFD for errors."""
         data = b"".join([self.token_bytes(i) for i in ids])
@@ -287,7 +294,9 @@ class HFTokenizer(_BytesTokenizer):
     def encode(self, text: str) -> list[int]:
         """Return the token ids of text, without adding special tokens (RWKV uses none)."""
         _utf8(text)
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+        # encode_batch releases the GIL while it works (encode does not): a long text
+        # being encoded in one thread must not stall the others (a server's clients)
+        return list(self._hf.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Return the text of ids, special tokens included; invalid UTF-8 becomes U+FFFD."""

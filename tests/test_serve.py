@@ -80,7 +80,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("-m", "demo", "--model-name", "demo", "--max-tokens", "512")
+    s = Server("-m", "demo", "--model-name", "demo")
     yield s
     s.stop()
 
@@ -161,18 +161,64 @@ def test_sixteen_concurrent_requests(server):
     assert again.choices[0].text == results[5].choices[0].text
 
 
-def test_disconnect_frees_the_slot(server):
-    client = server.client()
-    stream = client.completions.create(model="demo", prompt="Once", max_tokens=500, stream=True, seed=1)
+def wait_idle(server, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while metric(server, "rwkvx_active_sequences") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metric(server, "rwkvx_active_sequences") == 0
+
+
+def test_disconnect_of_a_stream_frees_the_slot(server):
+    before = metric(server, "rwkvx_generated_tokens_total")
+    stream = server.client().completions.create(model="demo", prompt="Once", max_tokens=4096, stream=True, seed=1,
+                                                extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    deadline = time.monotonic() + 10
-    while metric(server, "rwkvx_active_sequences") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(server, "rwkvx_active_sequences") == 0
-    assert metric(server, "rwkvx_generated_tokens_total") > 0
+    assert wait_idle(server)
+    # cancelled, not run to its end
+    assert metric(server, "rwkvx_generated_tokens_total") - before < 3000
+
+
+def test_disconnect_of_a_whole_response_frees_the_slot(server):
+    before = metric(server, "rwkvx_generated_tokens_total")
+    body = json.dumps({"prompt": "Once", "max_tokens": 4096, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while metric(server, "rwkvx_active_sequences") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert wait_idle(server)
+    assert metric(server, "rwkvx_generated_tokens_total") - before < 3000
+
+
+def test_n_choices_read_their_prompt_once(server):
+    prompt = "A prompt read once for all the choices: " + "x" * 200
+    before = metric(server, "rwkvx_prompt_tokens_total")
+    result = server.client().completions.create(model="demo", prompt=prompt, max_tokens=2, n=4, seed=1)
+    assert len(result.choices) == 4
+    assert metric(server, "rwkvx_prompt_tokens_total") - before == len(prompt.encode())
+
+
+def test_streamed_and_whole_chat_replies_are_the_same(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about dictionaries."}]
+    for seed in range(8):
+        whole = client.chat.completions.create(model="demo", messages=messages, max_tokens=40, seed=seed)
+        pieces = client.chat.completions.create(model="demo", messages=messages, max_tokens=40, seed=seed,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in pieces) == whole.choices[0].message.content
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v2/nothing", 404), ("GET", "/v1/completions", 405)])
+def test_unknown_routes_get_openai_errors(server, method, path, status):
+    request = urllib.request.Request(server.url + path, method=method)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == status
+    assert set(json.loads(info.value.read())["error"]) == {"message", "type", "param", "code"}
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -236,7 +282,8 @@ def test_api_key_and_a_full_queue():
         client = s.client(api_key="sekret")
         assert client.models.list().data[0].id == "demo"
         # one long request holds the only slot; the next finds no room in the queue
-        holder = client.completions.create(prompt="Once", max_tokens=400, stream=True, model="demo")
+        holder = client.completions.create(prompt="Once", max_tokens=4096, stream=True, model="demo",
+                                           extra_body={"ignore_eos": True})
         next(iter(holder))
         with pytest.raises(openai.RateLimitError):
             client.completions.create(prompt="x", max_tokens=1, model="demo")

@@ -105,7 +105,7 @@ def test_queue_limit(model):
 
 def test_state_cache_longest_prefix_and_bound():
     state = np.zeros((2, 5, 8), np.float32)
-    per_entry = state.nbytes + 8 * 3
+    per_entry = state.nbytes + 4 * 3
     cache = StateCache(max_bytes=3 * per_entry)
     cache.put([1, 2, 3], state + 1)
     cache.put([1, 2, 4], state + 2)

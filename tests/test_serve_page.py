@@ -50,6 +50,13 @@ def test_chat_page_streams_a_reply_and_keeps_the_conversation(browser, tmp_path)
         cached = int(meta.split("cached ")[1].rstrip(")"))
         assert cached > 0
         assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+        # a new chat starts empty, and its first reply is not mixed with the old conversation
+        browser.find_element(By.ID, "reset").click()
+        box.send_keys("Hello again", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant .meta")) == 1)
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == ["Hello again"]
+        prompt = int(browser.find_element(By.CSS_SELECTOR, ".assistant .meta").text.split("prompt ")[1].split()[0])
+        assert prompt < int(meta.split("prompt ")[1].split()[0])
         browser.save_screenshot(str(tmp_path / "chat.png"))
     finally:
         server.stop()

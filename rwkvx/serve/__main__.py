@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
-from rwkvx._cli import EXIT_OK, Parser, add_model_args, int_at_least, log, run_main
+from rwkvx._cli import EXIT_FAILURE, EXIT_OK, Parser, add_model_args, int_at_least, log, run_main
 
 EXTRAS = ("starlette", "uvicorn", "prometheus_client")
 
@@ -96,13 +97,21 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    app = make_app(args, name, tokenizer)
+    failed = []
+
+    def on_load_failure(message: str) -> None:
+        # the weights could not be loaded after all (memory, a damaged file): say so and stop
+        failed.append(message)
+        log(f"error: {message}")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    app = make_app(args, name, tokenizer, on_load_failure)
     log(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1); loading the model")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    return EXIT_OK
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
-def make_app(args, name: str, tokenizer=None):
+def make_app(args, name: str, tokenizer=None, on_load_failure=None):
     """The ASGI app for these flags; the model loads in a background thread."""
     from rwkvx._cli import load_model, model_summary
     from rwkvx.serve.app import Settings, create_app
@@ -119,7 +128,7 @@ def make_app(args, name: str, tokenizer=None):
     settings = Settings(model_name=name, api_key=args.api_key, template=args.template,
                         replica=os.environ.get("RWKVX_REPLICA"))
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
-    return create_app(settings, limits, build_engine=build_engine)
+    return create_app(settings, limits, build_engine=build_engine, on_load_failure=on_load_failure)
 
 
 def main(argv: list[str] | None = None) -> int:

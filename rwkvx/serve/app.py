@@ -7,8 +7,10 @@ in a background thread after the server starts listening, so /health says 503 un
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,15 +64,19 @@ class Server:
         self.limits.n_vocab = engine.model.n_vocab
         self.engine = engine
 
-    def load_in_background(self, build_engine) -> threading.Thread:
+    def load_in_background(self, build_engine, on_failure=None) -> threading.Thread:
+        """Load in a thread; a failure is reported by /health and every route, and passed to
+        on_failure (the command line prints it and stops the server)."""
         def run():
             try:
                 engine = build_engine()
                 engine.metrics = self.metrics
                 engine.start()
                 self.attach(engine)
-            except Exception as e:  # reported by /health and every route, not a crash
-                self.load_error = f"{type(e).__name__}: {e}"
+            except Exception as e:
+                self.load_error = str(e) if isinstance(e, RwkvxError) else f"{type(e).__name__}: {e}"
+                if on_failure is not None:
+                    on_failure(self.load_error)
         thread = threading.Thread(target=run, name="rwkvx-load", daemon=True)
         thread.start()
         return thread
@@ -96,8 +102,8 @@ def build_app(server: Server) -> Starlette:
     def authorise(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if given != f"Bearer {settings.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                            type="authentication_error", code="invalid_api_key")
 
@@ -180,18 +186,32 @@ def build_app(server: Server) -> Starlette:
         except RwkvxError as e:
             raise bad("messages", str(e)) from None
         params.stop = tuple(templates.stop_strings(server.template)) + params.stop
-        ids = await asyncio.to_thread(encode, engine, text, server.limits)
+        ids = await asyncio.to_thread(encode, engine, text, server.limits, "messages")
+
+        def tokens_of_history(reply: str) -> list[int]:
+            history = templates.render(server.template, messages + [{"role": "assistant", "content": reply}])
+            history = history[:-len(templates.assistant_prefix(server.template))]
+            return templates.encode_segment(engine.tokenizer.encode, history, f"{server.template.user}:")
 
         def remember(reply: str) -> None:
             # the history as the next turn will send it: its state, cached now, makes the
-            # next turn pay only for its new message
-            history = templates.render(server.template, messages + [{"role": "assistant", "content": reply}])
-            history = history[:-len(templates.assistant_prefix(server.template))]
-            following = f"{server.template.user}:"
-            engine.remember(templates.encode_segment(engine.tokenizer.encode, history, following))
+            # next turn pay only for its new message (tokenized off the event loop)
+            task = asyncio.get_running_loop().run_in_executor(None, tokens_of_history, reply)
+            task.add_done_callback(lambda t: t.exception() is None and engine.remember(t.result()))
         return await respond(request, engine, ids, params, chat=True, on_reply=remember)
 
-    return Starlette(routes=[
+    async def not_found(request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = "no such route" if status == 404 else f"{request.method} is not allowed here"
+        metrics.request("other", status)
+        return error_response(ApiError(status, f"{message}: {request.url.path[:200]}", code="not_found"
+                                       if status == 404 else "method_not_allowed"))
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        metrics.request("other", 500)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    return Starlette(exception_handlers={404: not_found, 405: not_found, Exception: internal}, routes=[
         route("/health", ["GET"], "health")(health),
         route("/", ["GET"], "page")(page),
         route("/v1/models", ["GET"], "models")(models),
@@ -201,15 +221,20 @@ def build_app(server: Server) -> Starlette:
     ])
 
 
-def encode(engine: Engine, text: str, limits: Limits) -> list[int]:
+def encode(engine: Engine, text: str, limits: Limits, param: str = "prompt") -> list[int]:
+    # text that must hold more tokens than allowed is refused before the work of encoding it
+    longest = getattr(engine.tokenizer, "max_token_bytes", None)
+    if longest and len(text) > limits.max_prompt_tokens and \
+            len(text.encode("utf-8", "replace")) > limits.max_prompt_tokens * longest:
+        raise bad(param, f"more than the {limits.max_prompt_tokens} tokens this server accepts")
     try:
         ids = engine.tokenizer.encode(text)
     except RwkvxError as e:
-        raise bad("prompt", str(e)) from None
+        raise bad(param, str(e)) from None
     if not ids:
-        raise bad("prompt", "the prompt has no tokens")
+        raise bad(param, "the prompt has no tokens")
     if len(ids) > limits.max_prompt_tokens:
-        raise bad("prompt", f"{len(ids)} tokens, more than this server accepts ({limits.max_prompt_tokens})")
+        raise bad(param, f"{len(ids)} tokens, more than this server accepts ({limits.max_prompt_tokens})")
     return ids
 
 
@@ -223,6 +248,52 @@ def make_sampler(params, seed):
     if params.logit_bias:
         kwargs["logit_bias"] = params.logit_bias
     return Sampler(**kwargs)
+
+
+class _ChatText:
+    """A chat reply as shown: without the space it starts with and the white space it ends
+    with (templates.clean_reply), streamed piece by piece. Trailing white space is held back
+    until more text follows, so the streamed pieces join to what a whole response has."""
+
+    def __init__(self):
+        self.started = False
+        self.held = ""
+
+    def push(self, piece: str) -> str:
+        text = self.held + piece
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
+
+
+async def _wait_for_events(request: Request, events: asyncio.Queue, n: int, texts: list[str]) -> None:
+    """Collect n sequences' text until all are done; CancelledError when the client leaves."""
+    done, last_check = 0, time.monotonic()
+    while done < n:
+        try:
+            index, what, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+        else:
+            if what == "text":
+                texts[index] += value
+            else:
+                done += 1
+        # checked by the clock: a generating sequence sends events far more often than the poll
+        if time.monotonic() - last_check >= DISCONNECT_POLL_SECONDS:
+            last_check = time.monotonic()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+
+
+def _failure(sequences) -> str:
+    failed = next(s for s in sequences if s.finish_reason == "error")
+    return f"generation failed: {failed.error}"
 
 
 async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool,
@@ -257,31 +328,21 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
         return usage_body(len(ids), completion, sequences[0].usage.cached_tokens)
 
     def finish_reason(seq):
-        if seq.finish_reason == "error":
-            return "error"
         return "length" if seq.finish_reason == "length" else "stop"
+
+    def cancel_unfinished():
+        for seq in sequences:
+            if seq.finish_reason is None:
+                engine.cancel(seq)
 
     if not params.stream:
         texts = [""] * params.n
-        done = 0
         try:
-            while done < params.n:
-                try:
-                    index, what, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
-                if what == "text":
-                    texts[index] += value
-                else:
-                    done += 1
+            await _wait_for_events(request, events, params.n, texts)
         finally:
-            for seq in sequences:
-                if seq.finish_reason is None:
-                    engine.cancel(seq)
+            cancel_unfinished()
         if any(s.finish_reason == "error" for s in sequences):
-            raise ApiError(500, f"generation failed: {sequences[0].error}", type="server_error")
+            raise ApiError(500, _failure(sequences), type="server_error")
         if on_reply is not None:
             on_reply(texts[0])
         choices = []
@@ -314,7 +375,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     async def stream():
-        started = [False] * params.n  # chat: the leading space of a reply is not shown
+        shown = [_ChatText() for _ in range(params.n)]
         done = 0
         first_text = []
         try:
@@ -326,12 +387,16 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 if what == "text":
                     if index == 0:
                         first_text.append(value)
-                    if chat and not started[index]:
-                        value = value.lstrip()
+                    if chat:
+                        value = shown[index].push(value)
                         if not value:
                             continue
-                        started[index] = True
                     yield sse(chunk(index, value))
+                elif value.finish_reason == "error":
+                    # OpenAI's way to fail mid-stream: the client raises APIError with this message
+                    error = ApiError(500, _failure([value]), type="server_error")
+                    yield sse(error.body())
+                    return
                 else:
                     done += 1
                     yield sse(chunk(index, finish=finish_reason(value)))
@@ -343,15 +408,14 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 on_reply("".join(first_text))
         finally:
             # the client went away (or we are done): free the slots at the next step
-            for seq in sequences:
-                if seq.finish_reason is None:
-                    engine.cancel(seq)
+            cancel_unfinished()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-def create_app(settings: Settings, limits: Limits, build_engine=None, engine: Engine | None = None) -> Starlette:
+def create_app(settings: Settings, limits: Limits, build_engine=None, engine: Engine | None = None,
+               on_load_failure=None) -> Starlette:
     """The ASGI app; the model loads in the background (build_engine) or is given (engine)."""
     metrics = Metrics()
     server = Server(settings, limits, metrics)
@@ -364,6 +428,6 @@ def create_app(settings: Settings, limits: Limits, build_engine=None, engine: En
             engine.start()
         server.attach(engine)
     elif build_engine is not None:
-        server.load_in_background(build_engine)
+        server.load_in_background(build_engine, on_load_failure)
     return app
 

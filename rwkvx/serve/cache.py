@@ -30,13 +30,13 @@ def prefix_hashes(tokens: list[int]) -> list[int]:
 
 @dataclass
 class Entry:
-    tokens: tuple[int, ...]
+    tokens: np.ndarray  # int32: a tuple of Python ints would take ~36 bytes a token
     state: np.ndarray
     logits: np.ndarray | None  # after the last token, when known
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + (0 if self.logits is None else self.logits.nbytes) + 8 * len(self.tokens)
+        return self.state.nbytes + (0 if self.logits is None else self.logits.nbytes) + self.tokens.nbytes
 
 
 class StateCache:
@@ -56,7 +56,7 @@ class StateCache:
         """Keep a copy of state (and logits) as the result of running tokens from the start."""
         if not tokens:
             return
-        entry = Entry(tuple(tokens), np.array(state, copy=True),
+        entry = Entry(np.asarray(tokens, dtype=np.int32), np.array(state, copy=True),
                       None if logits is None else np.array(logits, copy=True))
         if entry.nbytes > self.max_bytes:
             return
@@ -86,12 +86,13 @@ class StateCache:
         """
         hashes = prefix_hashes(tokens)
         n = len(tokens)
+        wanted = np.asarray(tokens, dtype=np.int64)
         with self._lock:
             for length in sorted(self._lengths, reverse=True):
                 if length > n:
                     continue
                 entry = self._entries.get((length, hashes[length]))
-                if entry is None or entry.tokens != tuple(tokens[:length]):
+                if entry is None or not np.array_equal(entry.tokens, wanted[:length]):
                     continue
                 if length == n and need_logits_at_end and entry.logits is None:
                     continue

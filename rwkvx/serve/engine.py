@@ -38,6 +38,10 @@ PREFILL_SLOWDOWN = 2.5
 IDLE_PREFILL_CHUNK = 512
 
 
+def _extends(tokens: list[int], prefix: list[int]) -> bool:
+    return len(prefix) <= len(tokens) and tokens[:len(prefix)] == prefix
+
+
 class QueueFull(RwkvxError):
     """More requests are waiting than the server accepts."""
 
@@ -118,9 +122,11 @@ class Engine:
             self._thread.join()
 
     def submit(self, prompt: list[int], sampler, *, max_tokens: int, stops: tuple[str, ...] = (),
-               ignore_eos: bool = False, on_event: Callable[[str, object], None]) -> Sequence:
+               ignore_eos: bool = False, on_event: Callable[[str, object], None],
+               queue_limit: bool = True) -> Sequence:
         """Queue a generation. on_event(kind, value) is called from the engine's thread with
-        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull."""
+        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull (unless
+        queue_limit is False: the engine's own work)."""
         if not prompt:
             raise RwkvxError("prompt: expected at least one token, got none")
         seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
@@ -130,7 +136,7 @@ class Engine:
             sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
         with self._cond:
             free_slots = max(0, self.max_batch - len(self._active))
-            if len(self._waiting) >= self.max_queue + free_slots:
+            if queue_limit and len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
             self._waiting.append(seq)
             self._cond.notify()
@@ -138,12 +144,10 @@ class Engine:
 
     def remember(self, tokens: list[int]) -> None:
         """Run tokens (from the longest cached prefix) only to cache their state, e.g. a chat's
-        history with its reply written as the next request will send it. Best effort: dropped
-        when the queue is full."""
-        try:
-            self.submit(tokens, None, max_tokens=0, on_event=lambda kind, value: None)
-        except RwkvxError:
-            pass
+        history with its reply written as the next request will send it. Not counted against
+        the queue's limit (one per chat request, so bounded by them) nor in the metrics."""
+        if tokens:
+            self.submit(tokens, None, max_tokens=0, on_event=lambda kind, value: None, queue_limit=False)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop seq (e.g. its client went away); its slot is freed at the next step."""
@@ -168,11 +172,12 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-                self._drop_cancelled()
-                self._admit_waiting()
             try:
+                with self._cond:
+                    self._drop_cancelled()
+                    self._admit_waiting()
                 self._step()
-            except Exception as e:  # a bug: fail these requests, keep serving others
+            except Exception as e:  # a bug: fail these requests, keep serving the next ones
                 for seq in self._active:
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 self._active = []
@@ -186,22 +191,21 @@ class Engine:
         self._waiting = deque(s for s in self._waiting if not s.cancelled)
 
     def _admit_waiting(self) -> None:
-        """Move waiting sequences into free slots, in order. One whose prompt extends a
-        sequence that is still being cached (Engine.remember) waits for it, to resume there."""
-        warming = [s for s in self._active if s.max_tokens == 0]
+        """Move waiting sequences into free slots, in order. One whose prompt starts with the
+        prompt of a sequence still reading it (the n choices of one request, a chat history
+        being cached by Engine.remember, the same prompt sent twice) waits until that one has
+        cached its state, and resumes there instead of reading the same tokens again."""
+        reading = [s for s in self._active if s.prefilling]
         still_waiting = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if len(self._active) >= self.max_batch:
-                still_waiting.append(seq)
-                continue
-            if any(len(w.prompt) <= len(seq.prompt) and seq.prompt[:len(w.prompt)] == w.prompt for w in warming):
+            if len(self._active) >= self.max_batch or any(_extends(seq.prompt, r.prompt) for r in reading):
                 still_waiting.append(seq)
                 continue
             self._active.append(seq)
             self._admit(seq)
-            if seq.max_tokens == 0:
-                warming.append(seq)
+            if seq.prefilling:
+                reading.append(seq)
         self._waiting = still_waiting
 
     def _admit(self, seq: Sequence) -> None:
@@ -211,7 +215,7 @@ class Engine:
             seq.state = self.model.new_state()
         else:
             seq.state = entry.state.copy()
-            seq.fed = list(entry.tokens)
+            seq.fed = entry.tokens.tolist()
             seq.logits = entry.logits
             seq.usage.cached_tokens = len(entry.tokens)
 
@@ -332,6 +336,9 @@ class Engine:
         # what this sequence read and wrote, for the next turn of its conversation
         if seq.state is not None and len(seq.fed) > len(seq.prompt):
             self.cache.put(seq.fed, seq.state)
-        if self.metrics is not None:
+        if self.metrics is not None and seq.max_tokens > 0:
             self.metrics.finished(seq.usage.prompt_tokens, seq.usage.cached_tokens, seq.usage.completion_tokens)
-        seq.on_event("done", seq)
+        try:
+            seq.on_event("done", seq)
+        except Exception:  # a listener that is gone (e.g. its event loop closed) is not our failure
+            pass
