@@ -12,7 +12,9 @@ architecture, dtype and the source file.
 
 Conversion streams tensor by tensor (each is read, converted, written and dropped), with a
 progress bar on stderr when stderr is a terminal; the output appears under its name only
-once complete. It is then flushed to disk and evicted from the page cache: the first load
+once complete: it is written to a new temporary file in DST's folder, removed on any error,
+Ctrl-C, SIGTERM or SIGHUP, and renamed over DST at the end. An existing DST is replaced
+only with --force, and only if it is a regular file. It is then flushed to disk and evicted from the page cache: the first load
 reads it from disk, into 2 MB pages, which decode faster than the small pages a file just
 written sits in (see hugepages).
 """
@@ -26,27 +28,33 @@ import time
 from rwkvx._cli import EXIT_OK, Parser, run_main
 from rwkvx.errors import RwkvxError
 from rwkvx.hugepages import drop_from_page_cache
-from rwkvx.loader import DTYPES, check_dtype, iter_weights, open_checkpoint, plan
+from rwkvx.loader import DTYPES, check_dtype, check_mode, iter_weights, open_checkpoint, plan
 from rwkvx.quant import QuantizedMatrix
-from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter
-from rwkvx.tensorfile import RUN_STORED, Progress
+from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter, refuse_to_replace
+from rwkvx.tensorfile import RUN_STORED, Progress, printable
+
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overwrite: bool = False,
-            progress: bool | None = None) -> dict:
+            progress: bool | None = None, check_tensors: bool | None = None) -> dict:
     """Write `src` (any readable checkpoint) to `dst` in rwkvx's layout with matrices in `dtype`.
 
-    Returns the metadata written. Raises CheckpointError for unreadable sources, RwkvxError
-    for bad arguments (unknown dtype, dst exists without overwrite, dst is src).
+    Returns the metadata written. Raises CheckpointError for unreadable sources (NaN or
+    infinite weights included: every tensor is read, so it is checked; check_tensors=False
+    skips that), RwkvxError for bad arguments (unknown dtype, dst exists without overwrite,
+    dst is src or not a regular file).
     """
+    check = check_mode(check_tensors if check_tensors is not None else True)
     check_dtype(dtype)
-    src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.exists(dst):
-        if os.path.exists(src) and os.path.samefile(src, dst):
+    src, dst = os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dst))
+    if "\0" in dst:
+        raise RwkvxError(f"{printable(dst)}: a path with a NUL character")
+    if os.path.lexists(dst):
+        if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
             raise RwkvxError(f"{dst}: is the source; write the conversion to another file")
         if not overwrite:
             raise RwkvxError(f"{dst}: exists (pass --force to overwrite)")
-        if os.path.isdir(dst):
-            raise RwkvxError(f"{dst}: is a directory")
+        # only a regular file is replaced: a device, FIFO, directory or link is refused
+        refuse_to_replace(dst)
     source = open_checkpoint(src)
     the_plan = plan(source)
 
@@ -88,7 +96,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
         raise RwkvxError(f"{dst}: cannot write: {e.strerror or e}") from None
     try:
         with writer:
-            for key, _, _, _, value, nbytes in iter_weights(source, the_plan, dtype):
+            for key, _, _, _, value, nbytes in iter_weights(source, the_plan, dtype, check=check):
                 if isinstance(value, QuantizedMatrix):
                     for part in QUANT_PARTS:
                         writer.write(f"{key}.{part}", getattr(value, part))

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from rwkvx.tensorfile import MappedFile, Tensor, TensorSource, fail, n_elements
+from rwkvx.tensorfile import MAX_TENSORS, MappedFile, Tensor, TensorSource, fail, n_elements, printable
 
 MAGIC = 0x67676D66
 VERSIONS = (100, 101)
@@ -127,8 +127,10 @@ def open_ggml(file: MappedFile) -> TensorSource:
         except UnicodeDecodeError:
             raise fail(path, f"tensor name at byte {pos} is not UTF-8") from None
         pos += key_len
-        if any(d < 0 for d in dims):
-            raise fail(path, f"tensor {name}: negative dimension {dims}")
+        if len(source.tensors) >= MAX_TENSORS:
+            raise fail(path, f"more than {MAX_TENSORS} tensors: not an RWKV checkpoint")
+        if any(d <= 0 for d in dims):
+            raise fail(path, f"tensor {printable(name, 120)}: dimension {list(dims)} is not positive")
         # rwkv.cpp stores dimensions reversed against PyTorch's shape
         shape = tuple(reversed(dims))
         if type_id in FLOAT_TYPES:
@@ -136,15 +138,15 @@ def open_ggml(file: MappedFile) -> TensorSource:
         elif type_id in QUANT_TYPES:
             kind = QUANT_TYPES[type_id][0]
             if version == 100:
-                raise fail(path, f"tensor {name} is {kind} in rwkv.cpp's pre-2023-05-27 block layout "
+                raise fail(path, f"tensor {printable(name, 120)} is {kind} in rwkv.cpp's pre-2023-05-27 block layout "
                                  "(file version 100), which rwkvx does not read: quantise the FP16 file "
                                  "again with a current rwkv.cpp, or use the FP16/FP32 file")
             if dims[0] % QK:
-                raise fail(path, f"tensor {name}: {kind} rows of {dims[0]} weights are not whole "
+                raise fail(path, f"tensor {printable(name, 120)}: {kind} rows of {dims[0]} weights are not whole "
                                  f"blocks of {QK}")
             tensor = GgmlQuantTensor(name, file, kind, shape, pos)
         else:
-            raise fail(path, f"tensor {name}: unknown rwkv.cpp data type {type_id} (known: 0 FP32, "
+            raise fail(path, f"tensor {printable(name, 120)}: unknown rwkv.cpp data type {type_id} (known: 0 FP32, "
                              "1 FP16, 2 Q4_0, 3 Q4_1, 7 Q5_0, 8 Q5_1, 9 Q8_0)")
         if tensor.nbytes <= 0 or pos + tensor.nbytes > size:
             raise fail(path, f"truncated: tensor {name} needs {tensor.nbytes} bytes at byte {pos}, "

@@ -15,12 +15,14 @@ transformers' to the precision of LayerNorm's epsilon.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Callable
 
-from rwkvx.tensorfile import TensorSource, fail
+from rwkvx.tensorfile import MAX_TENSORS, TensorSource, describe, fail, printable, read_regular
+
+# config.json and a shard index are a few KB; a 10 GB "config.json" is not read into memory
+_MAX_JSON = 16 << 20
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -53,18 +55,15 @@ def normalise_names(source: TensorSource) -> None:
                 new = pattern.sub(replacement, new)
                 break
         if new in renamed:
-            raise fail(source.path, f"tensors {name} and another both mean {new}")
+            raise fail(source.path, f"tensors {printable(name, 120)} and another both mean {printable(new, 120)}")
         renamed[new] = tensor
     source.tensors = renamed
 
 
 def _read_json(folder: str, name: str) -> dict:
+    from rwkvx.safetensors_io import load_json
     path = os.path.join(folder, name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise fail(path, f"cannot read JSON ({e})") from None
+    value = load_json(path, read_regular(path, _MAX_JSON, "JSON file"), "cannot read JSON")
     if not isinstance(value, dict):
         raise fail(path, "is not a JSON object")
     return value
@@ -72,27 +71,28 @@ def _read_json(folder: str, name: str) -> dict:
 
 def check_config(folder: str, config: dict) -> None:
     """Refuse configs of other architectures, naming what they are."""
-    model_type = str(config.get("model_type", ""))
-    later = re.fullmatch(r"rwkv[-_]?([5-9])", model_type)
+    model_type = config.get("model_type", "")
+    later = re.fullmatch(r"rwkv[-_]?([5-9])", model_type) if isinstance(model_type, str) else None
     if later:
         raise fail(folder, f"this is an RWKV-{later.group(1)} checkpoint; rwkvx supports RWKV-4")
     if model_type != "rwkv":
-        raise fail(folder, f"config.json says model_type {model_type!r}: rwkvx runs RWKV-4 models "
+        raise fail(folder, f"config.json says model_type {describe(model_type)}: rwkvx runs RWKV-4 models "
                            "(model_type 'rwkv')")
     hidden, attention = config.get("hidden_size"), config.get("attention_hidden_size")
     if attention is not None and attention != hidden:
-        raise fail(folder, f"config.json: attention_hidden_size {attention} differs from hidden_size "
-                           f"{hidden}; rwkvx supports RWKV-4 with equal sizes")
+        raise fail(folder, f"config.json: attention_hidden_size {describe(attention)} differs from hidden_size "
+                           f"{describe(hidden)}; rwkvx supports RWKV-4 with equal sizes")
 
 
 def open_folder(folder: str, open_file: Callable[[str], TensorSource]) -> TensorSource:
     """Index a Hugging Face model folder's tensors (all shards) under BlinkDL's names."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    # exists, not isfile: a config.json that is a FIFO or a device is refused by name when read
+    if not os.path.lexists(os.path.join(folder, "config.json")):
         raise fail(folder, "is a directory without config.json: not a Hugging Face model folder "
                            "(give a checkpoint file, or a folder with config.json)")
     config = _read_json(folder, "config.json")
     check_config(folder, config)
-    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+    present = [name for name in WEIGHT_FILES if os.path.lexists(os.path.join(folder, name))]
     if not present:
         raise fail(folder, f"no weights: expected one of {', '.join(WEIGHT_FILES)}")
     chosen = present[0]
@@ -100,20 +100,22 @@ def open_folder(folder: str, open_file: Callable[[str], TensorSource]) -> Tensor
         weight_map = _read_json(folder, chosen).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise fail(os.path.join(folder, chosen), "has no weight_map")
-        shards = sorted(set(map(str, weight_map.values())))
+        if len(weight_map) > MAX_TENSORS or not all(isinstance(v, str) for v in weight_map.values()):
+            raise fail(os.path.join(folder, chosen), "weight_map is not a map of tensor names to file names")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = [chosen]
 
     source = TensorSource(folder, "hf")
     source.config = config
     for shard in shards:
-        if os.path.basename(shard) != shard:
-            raise fail(os.path.join(folder, chosen), f"shard {shard!r} is not a file name in the folder")
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise fail(os.path.join(folder, chosen), f"shard {describe(shard)} is not a file name in the folder")
         part = open_file(os.path.join(folder, shard))
         source.files += part.files
         for name, tensor in part.tensors.items():
             if name in source.tensors:
-                raise fail(folder, f"tensor {name} appears in more than one shard")
+                raise fail(folder, f"tensor {printable(name, 120)} appears in more than one shard")
             source.tensors[name] = tensor
     normalise_names(source)
     if "head.weight" not in source.tensors and config.get("tie_word_embeddings") and "emb.weight" in source.tensors:

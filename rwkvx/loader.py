@@ -34,10 +34,10 @@ import numpy as np
 from rwkvx import demo, ggml, hf, pth
 from rwkvx.errors import RwkvxError
 from rwkvx.hugepages import Arena, drop_from_page_cache
-from rwkvx.quant import quantize_u8
+from rwkvx.quant import QuantizedMatrix, quantize_u8
 from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
 from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, NUMPY_DTYPES, RUN_STORED, MappedFile, Progress,
-                              QuantizedTensor, TensorSource, fail)
+                              QuantizedTensor, TensorSource, fail, n_elements, printable)
 from rwkvx.weights import MATRIX_NAMES, ModelWeights, to_bfloat16
 
 # what the weight matrices are kept in while running
@@ -93,6 +93,10 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     The name "demo" (when no such file exists) is the model packaged with rwkvx.
     """
     path = os.fspath(demo.resolve(path))
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if "\0" in path:
+        raise fail(printable(path), "a path with a NUL character")
     if os.path.isdir(path):
         source = hf.open_folder(path, _open_file)
     else:
@@ -161,23 +165,26 @@ def plan(source: TensorSource) -> Plan:
                                 f"({FORMAT_NAMES.get(source.format, source.format)}, "
                                 f"found {found or 'no tensors'})")
     n_vocab, n_embd = emb.shape
-    layers = {int(m.group(1)) for key in names if (m := re.match(r"blocks\.(\d+)\.", key))}
+    if n_vocab == 0 or n_embd == 0:
+        raise fail(source.path, f"emb.weight: shape {list(emb.shape)} has a zero-sized dimension")
+    # at most 6 digits: a name like blocks.99999999999999.x must not size anything
+    layers = {int(m.group(1)) for key in names if (m := re.match(r"blocks\.(\d{1,6})\.", key))}
     n_layer = len(layers)
     if n_layer == 0:
         raise fail(source.path, "no blocks.N.* tensors: not an RWKV-4 checkpoint")
     if max(layers) != n_layer - 1:
-        # say which layers are missing in ranges, rather than listing every tensor of each
-        absent = sorted(set(range(max(layers) + 1)) - layers)
-        spans, start = [], absent[0]
-        for prev, cur in zip(absent, absent[1:] + [None]):
-            if cur != prev + 1:
-                spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-                start = cur
-        shown = ", ".join(spans[:10]) + (", ..." if len(spans) > 10 else "")
+        # say which layers are missing in ranges, rather than listing every tensor of each;
+        # the gaps between present layers, never a list as long as the highest number
+        present = sorted(layers)
+        spans = [(b + 1, a - 1) for b, a in zip([-1] + present, present) if a > b + 1]
+        shown = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in spans[:10])
+        shown += ", ..." if len(spans) > 10 else ""
         raise fail(source.path, f"layers must be numbered 0..N-1: blocks {shown} are missing "
                                 f"(highest is blocks.{max(layers)})")
     ffn_key = source.tensors.get("blocks.0.ffn.key.weight")
     n_ffn = ffn_key.shape[0] if ffn_key is not None and len(ffn_key.shape) == 2 else 4 * n_embd
+    if n_ffn == 0:
+        raise fail(source.path, f"blocks.0.ffn.key.weight: shape {list(ffn_key.shape)} has a zero-sized dimension")
     result = Plan(n_layer, n_embd, n_vocab, n_ffn)
 
     vec = (n_embd,)
@@ -208,7 +215,7 @@ def plan(source: TensorSource) -> Plan:
         actual = tensor.shape
         # time_* vectors are stored (1, 1, C) by BlinkDL's trainer and (C,) by converters
         if len(shape) == 1:
-            ok = int(np.prod(actual)) == shape[0] and sum(d != 1 for d in actual) <= 1
+            ok = n_elements(actual) == shape[0] and sum(d != 1 for d in actual) <= 1
         else:
             ok = actual == shape
         if not ok:
@@ -217,29 +224,105 @@ def plan(source: TensorSource) -> Plan:
             problems.append(f"{key}: stored as {tensor.dtype}, expected floating point")
     if problems:
         raise fail(source.path, "; ".join(problems))
+    # Every reader checks each tensor against the file; tensors may still overlap (views of
+    # one PyTorch storage). Loading reads and converts each one, so their sum bounds what a
+    # load allocates: it may not exceed the file. A tensor used twice (a head tied to the
+    # embedding, the same bytes named twice) counts once.
+    used = {}
+    for key in expected:
+        t = source.tensors[key]
+        parts = t.parts.values() if isinstance(t, QuantizedTensor) else (t,)
+        for p in parts:
+            used[(id(p.file), p.offset, p.nbytes, p.dtype, p.strides)] = p.nbytes
+    total = sum(used.values())
+    if total > source.file_size:
+        raise fail(source.path, f"its tensors span {total} bytes, more than the file's {source.file_size}: "
+                                "tensors overlap one another (views sharing a storage)")
     return result
+
+
+# ---- finiteness: NaN or infinite weights make every logit NaN ----
+
+# the bits of a NaN or infinity: all exponent bits set. Compared on the magnitude bits of
+# each stored dtype's integer view, in chunks, with one reusable temporary: a pass at
+# memory speed, no float conversion
+_NONFINITE_BITS = {
+    np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    # bfloat16, kept as its uint16 bit patterns
+    np.dtype(np.uint16): (np.uint16, 0x7FFF, 0x7F80),
+}
+_CHECK_CHUNK = 1 << 20
+
+
+def _first_nonfinite(array: np.ndarray) -> Optional[tuple[int, ...]]:
+    """Index of the first NaN/inf in a float32, float16 or bfloat16-bits array, or None."""
+    bits = _NONFINITE_BITS.get(array.dtype)
+    if bits is None or array.size == 0:
+        return None
+    itype, mask, limit = bits
+    flat = np.ascontiguousarray(array).reshape(-1).view(itype)
+    tmp = np.empty(min(_CHECK_CHUNK, flat.size), dtype=itype)
+    for start in range(0, flat.size, _CHECK_CHUNK):
+        chunk = flat[start:start + _CHECK_CHUNK]
+        t = tmp[:chunk.size]
+        np.bitwise_and(chunk, mask, out=t)
+        if t.max() >= limit:
+            first = start + int(np.flatnonzero(t >= limit)[0])
+            return tuple(int(i) for i in np.unravel_index(first, array.shape))
+    return None
+
+
+def _check_finite(source: TensorSource, key: str, value) -> None:
+    """Raise CheckpointError naming the tensor when `value` (an array as kept, or the float
+    parts of a QuantizedMatrix) holds a NaN or an infinity."""
+    arrays = [value.mx, value.rx, value.my, value.ry] if isinstance(value, QuantizedMatrix) else [value]
+    for array in arrays:
+        at = _first_nonfinite(array)
+        if at is None:
+            continue
+        x = array[at]
+        if array.dtype == np.uint16:  # bfloat16 bits: the top half of a float32
+            x = np.array([int(x) << 16], dtype=np.uint32).view(np.float32)[0]
+        raise fail(source.path, f"{key} holds {'NaN' if np.isnan(x) else 'infinite'} values (first at index "
+                                f"{list(at)}): the file is damaged, or was saved from a training run that diverged")
 
 
 # ---- per-tensor conversion to what the model keeps ----
 
-def _embedding(source: TensorSource, tensor, copy_mapped: bool) -> np.ndarray:
+def _checked(source: TensorSource, key: str, value, check: str, mapped: bool):
+    """value, after the finiteness check `check` asks for: "all" every tensor, "read" those
+    read into memory (not those left mapped), "none" none."""
+    if check == "all" or (check == "read" and not mapped):
+        _check_finite(source, key, value)
+    return value
+
+
+def _embedding(source: TensorSource, tensor, copy_mapped: bool, check: str = "read") -> np.ndarray:
     # the embedding stays as stored (one row per token is widened when looked up)
     if tensor.dtype in ("F32", "F16", "BF16"):
         view = None if copy_mapped else tensor.view()
-        return view if view is not None else tensor.read()
+        if view is not None:
+            return _checked(source, "emb.weight", view, check, mapped=True)
+        return _checked(source, "emb.weight", tensor.read(), check, mapped=False)
     if isinstance(tensor, QuantizedTensor):
         raise fail(source.path, "emb.weight: an embedding stored as uint8 is not supported")
-    return tensor.float32()
+    return _checked(source, "emb.weight", tensor.float32(), check, mapped=False)
 
 
-def _vector(source: TensorSource, key: str, tensor, n_embd: int, copy_mapped: bool) -> np.ndarray:
+def _vector(source: TensorSource, key: str, tensor, n_embd: int, copy_mapped: bool,
+            check: str = "read") -> np.ndarray:
     if isinstance(tensor, QuantizedTensor):
         raise fail(source.path, f"{key}: expected a float32 vector, got a uint8 matrix")
     view = tensor.view() if tensor.dtype == "F32" and not copy_mapped else None
     v = (view if view is not None else tensor.float32()).reshape(n_embd)
+    # vectors are small: checked even when mapped, as stored (before the decay transform)
+    _checked(source, key, v, check, mapped=False)
     if key.endswith(".att.time_decay") and not source.decay_is_transformed:
-        # the real decay per token is e^{-e^x}: keep its log, -e^x, computed in float64
-        v = (-np.exp(v.astype(np.float64))).astype(np.float32)
+        # the real decay per token is e^{-e^x}: keep its log, -e^x, computed in float64.
+        # Above x = 88, e^x passes float32's range; the decay is 0 either way, so x is capped
+        # there and the log stays finite (-1.65e38), not -inf
+        v = (-np.exp(np.minimum(v.astype(np.float64), 88.0))).astype(np.float32)
     return v
 
 
@@ -249,30 +332,47 @@ def _stored_as_run(tensor, dtype: str) -> bool:
     return isinstance(tensor, QuantizedTensor) or tensor.dtype == RUN_STORED.get(dtype)
 
 
-def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool):
+def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool,
+            check: str = "read"):
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
-            # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are (or read)
+            # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are (or read); the
+            # float parts are small and always checked (q, uint8, is always finite)
             if copy_mapped:
-                return tensor.read(q_out=arena.take(tuple(tensor.shape), np.uint8))
-            return tensor.view()
+                value = tensor.read(q_out=arena.take(tuple(tensor.shape), np.uint8))
+            else:
+                value = tensor.view()
+            return _checked(source, key, value, check, mapped=False)
         raise fail(source.path, f"holds uint8 weights (converted with --dtype uint8), which cannot be "
                                 f"loaded as {dtype}: load it with dtype uint8, or convert the original "
                                 f"checkpoint to {dtype}")
     if _stored_as_run(tensor, dtype):
         # the file holds what the kernels read: map it, copy nothing (or read it, if asked)
         if copy_mapped:
-            return tensor.read(out=arena.take(tuple(tensor.shape), NUMPY_DTYPES[tensor.dtype]))
+            value = tensor.read(out=arena.take(tuple(tensor.shape), NUMPY_DTYPES[tensor.dtype]))
+            return _checked(source, key, value, check, mapped=False)
         view = tensor.view()
-        return view if view is not None else tensor.read()
+        if view is not None:
+            return _checked(source, key, view, check, mapped=True)
+        return _checked(source, key, tensor.read(), check, mapped=False)
     # a private float32 copy, converted on its own: one float tensor at a time; results
     # are written to the arena directly where the conversion allows
     shape = tuple(tensor.shape)
     w = tensor.float32(out=arena.take(shape, np.float32) if dtype == "float32" else None)
+    _checked(source, key, w, check, mapped=False)
     if dtype == "uint8":
-        return quantize_u8(w, overwrite=True, q_out=arena.take(shape, np.uint8))
+        try:
+            return quantize_u8(w, overwrite=True, q_out=arena.take(shape, np.uint8), name=key)
+        except RwkvxError as e:
+            raise fail(source.path, str(e)) from None
     if dtype == "bfloat16":
-        return arena.keep(to_bfloat16(w))
+        bits = to_bfloat16(w)
+        # rounding to nearest takes the float32 values within half a step of 3.4e38 to inf
+        at = _first_nonfinite(bits) if check != "none" else None
+        if at is not None:
+            raise fail(source.path, f"{key}: a weight of magnitude {abs(float(w[at])):g} rounds past "
+                                    "bfloat16's largest value; use float32")
+        return arena.keep(bits)
     if dtype == "float16":
         biggest = float(max(w.max(), -w.min())) if w.size else 0.0
         if biggest > _FLOAT16_MAX:
@@ -298,24 +398,35 @@ def _arena_nbytes(source: TensorSource, the_plan: Plan, dtype: str, copy_mapped:
     return total
 
 
+def check_mode(check_tensors: Optional[bool]) -> str:
+    """load_weights' check_tensors as iter_weights' check: True "all", None "read", False "none"."""
+    if check_tensors is not None and not isinstance(check_tensors, bool):
+        raise RwkvxError(f"check_tensors: expected True, False or None, got {check_tensors!r}")
+    return {True: "all", None: "read", False: "none"}[check_tensors]
+
+
 def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Optional[Arena] = None,
-                 copy_mapped: bool = False) -> Iterator[tuple[str, str, int, str, object, int]]:
+                 copy_mapped: bool = False, check: str = "read") -> Iterator[tuple[str, str, int, str, object, int]]:
     """Convert tensor by tensor: yields (key, kind, layer, rwkvx name, value, stored bytes).
 
     value is what ModelWeights keeps: a float32 vector, the embedding as stored, or a matrix
     in `dtype` (a QuantizedMatrix for uint8). Transforms are applied. Converted matrices
     are written into `arena` when one is given; with copy_mapped, so are the matrices that
     would otherwise be views of the file, and nothing is a view of it.
+    check: which tensors are scanned for NaN and infinities (a CheckpointError names the
+    first bad one): "read" (default) those read or converted into memory, whose data passes
+    through the CPU anyway, and the vectors; "all" also those left mapped (which reads the
+    whole file); "none" none.
     """
     arena = arena if arena is not None else Arena(0)
     for key, kind, layer, name in the_plan.entries():
         tensor = source.tensors[key]
         if kind == "emb":
-            value = _embedding(source, tensor, copy_mapped)
+            value = _embedding(source, tensor, copy_mapped, check)
         elif kind == "vector":
-            value = _vector(source, key, tensor, the_plan.n_embd, copy_mapped)
+            value = _vector(source, key, tensor, the_plan.n_embd, copy_mapped, check)
         else:
-            value = _matrix(source, key, tensor, dtype, arena, copy_mapped)
+            value = _matrix(source, key, tensor, dtype, arena, copy_mapped, check)
         yield key, kind, layer, name, value, tensor.nbytes
         # the caller holds what it keeps: don't pin this tensor while the next is converted
         del value
@@ -327,7 +438,8 @@ def check_dtype(dtype: str) -> None:
 
 
 def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
-                 progress: Optional[bool] = None, mmap: bool = True) -> ModelWeights:
+                 progress: Optional[bool] = None, mmap: bool = True,
+                 check_tensors: Optional[bool] = None) -> ModelWeights:
     """Read a checkpoint (file or Hugging Face folder) into ModelWeights with matrices in `dtype`.
 
     dtype: one of DTYPES. progress: None draws a progress bar on stderr when it is a terminal
@@ -336,9 +448,14 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
     the mapped file; False reads them into memory instead (the matrices in 2 MB pages), then
     drops the file from the page cache (where no other process maps it), so that one copy of
     the weights stays.
-    Raises CheckpointError naming the file and every problem found.
+    check_tensors: True scans every weight for NaN and infinities (reading a mapped file
+    through once); None (default) scans those the load reads or converts anyway (all of
+    them unless the file stores `dtype` and is mapped) and the vectors; False none.
+    Raises CheckpointError naming the file and every problem found (the first non-finite
+    tensor by name).
     """
     check_dtype(dtype)
+    check = check_mode(check_tensors)
     source = open_checkpoint(path)
     the_plan = plan(source)
     total = sum(source.tensors[key].nbytes for key, *_ in the_plan.entries())
@@ -348,7 +465,7 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
     # converted matrices go to one block in 2 MB pages, as a mapped file's are (hugepages)
     arena = Arena(_arena_nbytes(source, the_plan, dtype, not mmap))
     try:
-        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype, arena, not mmap):
+        for _, _, layer, name, value, nbytes in iter_weights(source, the_plan, dtype, arena, not mmap, check):
             (blocks[layer] if layer >= 0 else top)[name] = value
             bar.advance(nbytes)
     finally:

@@ -54,12 +54,14 @@ def _safe_scale(r: np.ndarray) -> np.ndarray:
     return np.where(r > 0, r, np.float32(1.0)).astype(np.float32)
 
 
-def quantize_u8(w: np.ndarray, *, overwrite: bool = False, q_out: np.ndarray | None = None) -> QuantizedMatrix:
+def quantize_u8(w: np.ndarray, *, overwrite: bool = False, q_out: np.ndarray | None = None,
+                name: str = "the matrix") -> QuantizedMatrix:
     """Quantise a float matrix (n_rows, n_cols) to the uint8 format.
 
     The work is done in float32 in one buffer: a copy of w, or w itself when overwrite
     is True (the loader passes a temporary it owns, so no second float copy exists).
     q_out: where to write q (uint8, w's shape, C-contiguous), if given.
+    name: what the matrix is called in errors (the loader passes the tensor's name).
     """
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise RwkvxError(f"quantize_u8: expected a non-empty 2-D matrix, got shape {w.shape}")
@@ -68,7 +70,9 @@ def quantize_u8(w: np.ndarray, *, overwrite: bool = False, q_out: np.ndarray | N
     else:
         work = np.array(w, dtype=np.float32, order="C")
     if not np.isfinite(work).all():
-        raise RwkvxError("quantize_u8: the matrix has NaN or infinite entries")
+        i, j = np.argwhere(~np.isfinite(work))[0]
+        raise RwkvxError(f"quantize_u8: {name} has NaN or infinite entries (first at [{i}, {j}]: "
+                         f"{work[i, j]}); uint8 cannot represent them")
     n_rows, n_cols = work.shape
     if n_cols > n_rows:
         mx = work.min(axis=0)

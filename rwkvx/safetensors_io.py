@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
+import tempfile
 
 import numpy as np
 
-from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, QuantizedTensor, Tensor, TensorSource, fail, n_elements
+from rwkvx.errors import RwkvxError
+from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, QuantizedTensor, Tensor, TensorSource,
+                              describe, fail, n_elements, printable)
 
 # what rwkvx's own files say about themselves
 FORMAT_NAME = "rwkvx"
@@ -28,7 +32,11 @@ STATE_FORMAT_NAME = "rwkvx-state"
 QUANT_PARTS = ("q", "mx", "rx", "my", "ry")
 
 _READ_DTYPES = ("F32", "F16", "BF16", "U8")
+# safetensors' own limit, for recognising the format
 _MAX_HEADER = 100_000_000
+# what rwkvx parses: a header of 730 tensors (RWKV-4 14B) is ~70 KB, while 100 MB of JSON
+# like [{},{},...] would build 2 GB of Python objects
+MAX_PARSED_HEADER = 16 << 20
 
 
 def looks_like_safetensors(head: bytes) -> bool:
@@ -53,15 +61,17 @@ def open_safetensors(file: MappedFile, dtypes: tuple[str, ...] = _READ_DTYPES) -
     (header_len,) = struct.unpack("<Q", file.head(8))
     if 8 + header_len > size:
         raise fail(path, f"truncated: the header needs {8 + header_len} bytes, the file has {size}")
-    try:
-        header = json.loads(bytes(file.map[8:8 + header_len]))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise fail(path, f"safetensors header is not valid JSON ({e})") from None
+    if header_len > MAX_PARSED_HEADER:
+        raise fail(path, f"a safetensors header of {header_len} bytes: more than rwkvx reads "
+                         f"({MAX_PARSED_HEADER}; a checkpoint's is well under 1 MB)")
+    header = load_json(path, bytes(file.map[8:8 + header_len]), "safetensors header is not valid JSON")
     if not isinstance(header, dict):
         raise fail(path, "safetensors header is not a JSON object")
+    if len(header) > MAX_TENSORS:
+        raise fail(path, f"safetensors header lists {len(header)} tensors, more than a checkpoint has")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise fail(path, "safetensors __metadata__ is not a JSON object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail(path, "safetensors __metadata__ is not a JSON object of strings")
     if source_is_state(metadata) and "I32" not in dtypes:
         raise fail(path, "is a saved model state (an rwkvx state file), not a checkpoint: "
                          "load the model, then the state with model.load_state")
@@ -69,32 +79,48 @@ def open_safetensors(file: MappedFile, dtypes: tuple[str, ...] = _READ_DTYPES) -
     data_size = size - data_start
     source = TensorSource(path, "safetensors")
     source.files.append(file)
-    source.metadata = {str(k): str(v) for k, v in metadata.items()}
+    source.metadata = {str(k): v for k, v in metadata.items()}
     spans = []
     for name, entry in header.items():
+        shown = printable(name, 120)
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape + (begin, end)):
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(shape, list) or len(shape) > 16:
+                raise ValueError
+            shape = tuple(shape)
+            if not all(type(d) is int and d >= 0 for d in shape + (begin, end)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise fail(path, f"tensor {name}: malformed header entry {entry!r}") from None
-        if dtype not in dtypes:
-            raise fail(path, f"tensor {name}: unsupported dtype {dtype} (expected {', '.join(dtypes)})")
+            raise fail(path, f"tensor {shown}: malformed header entry ({describe(entry)}; expected dtype, "
+                             "shape and data_offsets)") from None
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            raise fail(path, f"tensor {shown}: unsupported dtype {printable(dtype, 40) if isinstance(dtype, str) else describe(dtype)} (expected {', '.join(dtypes)})")
         nbytes = n_elements(shape) * NUMPY_DTYPES[dtype].itemsize
         if end - begin != nbytes:
-            raise fail(path, f"tensor {name}: shape {list(shape)} {dtype} needs {nbytes} bytes, "
+            raise fail(path, f"tensor {shown}: shape {list(shape)} {dtype} needs {nbytes} bytes, "
                              f"its offsets span {end - begin}")
         if end > data_size:
-            raise fail(path, f"truncated: tensor {name} ends at byte {data_start + end}, the file has {size}")
+            raise fail(path, f"truncated: tensor {shown} ends at byte {data_start + end}, the file has {size}")
         spans.append((begin, end, name))
         source.tensors[name] = Tensor(name, file, dtype, shape, data_start + begin)
     spans.sort()
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise fail(path, f"tensors {name_a} and {name_b} overlap in the file")
+            raise fail(path, f"tensors {printable(name_a, 120)} and {printable(name_b, 120)} overlap in the file")
     if source.metadata.get("format") == FORMAT_NAME:
         _read_rwkvx_layout(source)
     return source
+
+
+def load_json(path: str, data: bytes, problem: str):
+    """Parse JSON from a file; every way it can be bad is a one-line CheckpointError
+    'path: problem (why)'."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise fail(path, f"{problem} (it nests too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(path, f"{problem} ({printable(e, 200)})") from None
 
 
 def _read_rwkvx_layout(source: TensorSource) -> None:
@@ -103,7 +129,7 @@ def _read_rwkvx_layout(source: TensorSource) -> None:
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
-        raise fail(path, f"rwkvx file with a malformed format_version {meta.get('format_version')!r}") from None
+        raise fail(path, f"rwkvx file with a malformed format_version {describe(meta.get('format_version'))}") from None
     if version > FORMAT_VERSION:
         raise fail(path, f"written by a newer rwkvx (file format version {version}); "
                          f"this rwkvx reads version {FORMAT_VERSION} and older")
@@ -114,18 +140,37 @@ def _read_rwkvx_layout(source: TensorSource) -> None:
         parts = {p: source.tensors.get(f"{base}.{p}") for p in QUANT_PARTS}
         missing = [p for p, t in parts.items() if t is None]
         if missing:
-            raise fail(path, f"uint8 matrix {base}: missing {', '.join(base + '.' + p for p in missing)}")
+            raise fail(path, f"uint8 matrix {printable(base, 120)}: missing "
+                             f"{', '.join(printable(base, 120) + '.' + p for p in missing)}")
         q = parts["q"]
         n_rows, n_cols = q.shape if len(q.shape) == 2 else (-1, -1)
         expected = {"q": ("U8", (n_rows, n_cols)), "mx": ("F32", (n_cols,)), "rx": ("F32", (n_cols,)),
                     "my": ("F32", (n_rows,)), "ry": ("F32", (n_rows,))}
         for p, (dtype, shape) in expected.items():
             if (parts[p].dtype, parts[p].shape) != (dtype, shape):
-                raise fail(path, f"{base}.{p}: expected {list(shape)} {dtype}, "
+                raise fail(path, f"{printable(base, 120)}.{p}: expected {list(shape)} {dtype}, "
                                  f"got {list(parts[p].shape)} {parts[p].dtype}")
         for p in QUANT_PARTS:
             del source.tensors[f"{base}.{p}"]
         source.tensors[base] = QuantizedTensor(base, parts)
+
+
+def refuse_to_replace(path: str) -> None:
+    """Raise RwkvxError when `path` exists and is not a regular file: a writer renames a new
+    file over it, which would turn a device or FIFO into a plain file, or a symbolic link
+    into a file beside its target."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise RwkvxError(f"{printable(path)}: cannot write: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise RwkvxError(f"{printable(path)}: is {kind}, not a regular file: refusing to replace it")
 
 
 class SafetensorsWriter:
@@ -137,12 +182,17 @@ class SafetensorsWriter:
     dtype and can be mapped as a numpy array. The file appears under its name only when
     close() finds every tensor written; abort() (or an exception inside ``with``)
     removes the partial file.
+
+    The partial file is a new one created exclusively in the destination's folder
+    (``.NAME.XXXXXXXX.rwkvx-tmp``), never a name a user's file may already have, and is
+    renamed over the destination at the end; a destination that exists and is not a
+    regular file (a device, a FIFO, a directory, a symbolic link) is refused.
     """
 
     def __init__(self, path: str | os.PathLike, specs: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = os.fspath(path)
-        self._tmp = self.path + ".part"
+        refuse_to_replace(self.path)
         order = sorted(specs, key=lambda s: -NUMPY_DTYPES[s[1]].itemsize)
         header, offset = {}, 0
         self._layout = {}
@@ -161,10 +211,25 @@ class SafetensorsWriter:
         self._data_start = 8 + len(text)
         self.size = self._data_start + offset
         self._written: set[str] = set()
-        self._f = open(self._tmp, "wb")
-        self._f.write(struct.pack("<Q", len(text)))
-        self._f.write(text)
-        self._f.truncate(self.size)
+        folder, base = os.path.split(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".rwkvx-tmp", dir=folder)
+        try:
+            # mkstemp makes the file private (0600); the result gets a new file's usual mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+            self._f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            os.remove(self._tmp)
+            raise
+        try:
+            self._f.write(struct.pack("<Q", len(text)))
+            self._f.write(text)
+            self._f.truncate(self.size)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, array: np.ndarray) -> None:
         dtype, shape, offset, nbytes = self._layout[name]
@@ -181,14 +246,25 @@ class SafetensorsWriter:
         if missing:
             self.abort()
             raise ValueError(f"SafetensorsWriter: {len(missing)} tensor(s) never written: {', '.join(missing[:5])}")
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._f.close()
+            refuse_to_replace(self.path)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        if os.path.exists(self._tmp):
+        """Remove the partial file (safe to call more than once)."""
+        try:
+            if not self._f.closed:
+                self._f.close()
+        except OSError:
+            pass
+        try:
             os.remove(self._tmp)
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> "SafetensorsWriter":
         return self

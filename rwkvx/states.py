@@ -25,7 +25,7 @@ import numpy as np
 
 from rwkvx.errors import RwkvxError, RwkvxWarning
 from rwkvx.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
-from rwkvx.safetensors_io import looks_like_safetensors, open_safetensors
+from rwkvx.safetensors_io import looks_like_safetensors, open_safetensors, refuse_to_replace
 from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, fail
 
 FORMAT_VERSION = 1
@@ -38,6 +38,8 @@ def write_state_file(path: str | os.PathLike, tensors: dict[str, np.ndarray], me
     path = os.fspath(path)
     if os.path.isdir(path):
         raise RwkvxError(f"{path}: is a directory; give a file name for the state")
+    # the new file is renamed over path: a FIFO, device or link there is refused, not replaced
+    refuse_to_replace(path)
     header, blobs, offset = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                                               **metadata}}, [], 0
     for name, array in tensors.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import sys
 import time
 import weakref
@@ -45,9 +46,100 @@ DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "f
 _CHUNK = 1 << 22
 
 
-def fail(path: str, message: str) -> CheckpointError:
-    """The one-line error every reader raises: 'path: problem'."""
-    return CheckpointError(f"{path}: {message}")
+# most tensors one file may declare: RWKV-4 14B has 40 x 18 + 6; a header listing millions
+# of entries is refused before it costs seconds and gigabytes of Python objects
+MAX_TENSORS = 100_000
+
+
+def printable(text, limit: int = 200) -> str:
+    """`text` (from a file, usually) safe for a one-line message: control and other
+    non-printable characters escaped (no newlines, no terminal escape sequences), and cut
+    to `limit` characters."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def describe(value) -> str:
+    """A short description of a value read from a file, for messages: strings and small
+    numbers as themselves (escaped), anything else by its kind, never its (unbounded) repr."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 64 else "a huge integer"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(printable(value, 60))
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def fail(path, message: str) -> CheckpointError:
+    """The one-line error every reader raises: 'path: problem', with every character that
+    is not printable (newlines, escape sequences from a hostile file) escaped."""
+    return CheckpointError(printable(f"{os.fspath(path) if isinstance(path, os.PathLike) else path}: {message}",
+                                     2000))
+
+
+def open_regular(path: str, what: str = "") -> int:
+    """Open `path` read-only without blocking and return the descriptor, or raise a
+    CheckpointError: a FIFO, a device or a socket is refused (opening a FIFO would wait
+    forever for a writer), as are paths with a NUL character."""
+    path = os.fsdecode(path)
+    if "\0" in path:
+        raise fail(printable(path), "a path with a NUL character")
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise fail(path, f"no such {what or 'file'}") from None
+    except PermissionError:
+        raise fail(path, "permission denied") from None
+    except (OSError, ValueError) as e:
+        raise fail(path, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:  # pragma: no cover - fstat of an open descriptor
+        os.close(fd)
+        raise fail(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise fail(path, f"is a directory, not a {what or 'checkpoint file'}")
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise fail(path, f"is {kind}, not a regular file: refused")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: str, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see open_regular), or a CheckpointError."""
+    fd = open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise fail(path, f"{size} bytes is too large for a {what} (at most {limit})")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, max(limit + 1 - total, 1))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise fail(path, f"too large for a {what} (more than {limit} bytes)")
+        return b"".join(chunks)
+    except OSError as e:
+        raise fail(path, f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def n_elements(shape) -> int:
@@ -59,17 +151,8 @@ class MappedFile:
     """A checkpoint file opened once: a read-only mapping for views, a descriptor for reads."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if os.path.isdir(self.path):
-            raise fail(self.path, "is a directory, not a checkpoint file")
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except FileNotFoundError:
-            raise fail(self.path, "no such file") from None
-        except PermissionError:
-            raise fail(self.path, "permission denied") from None
-        except OSError as e:
-            raise fail(self.path, f"cannot read: {e.strerror or e}") from None
+        self.path = os.fsdecode(os.fspath(path))
+        fd = open_regular(self.path)
         # the descriptor lives as long as this object (a plain fd: no ResourceWarning)
         weakref.finalize(self, os.close, fd)
         self._fd = fd
