@@ -24,21 +24,123 @@ class Parser(argparse.ArgumentParser):
         raise RwkvxError(message)
 
 
-def run_main(body: Callable[[], int], out_of_memory_hint: str = "") -> int:
-    """Run a tool's body and turn every way it can fail into one line and an exit status."""
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C (temporary files removed, one line),
+    but not as a KeyboardInterrupt, which a tool may catch to stop one reply and go on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class OutputError(Exception):
+    """Writing to stdout failed (closed, disk full, I/O error): not a bug in the tool."""
+
+
+class _Stdout:
+    """sys.stdout while a tool runs: the same stream, but a failed write raises OutputError
+    (a broken pipe stays a BrokenPipeError), and a closed stdout (None) fails on first use
+    instead of print() silently writing nowhere."""
+
+    def __init__(self, stream, binary: bool = False):
+        self._stream = stream
+        self._binary = binary
+
+    def _call(self, name: str, *args):
+        if self._stream is None:
+            raise OutputError("standard output is closed")
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+        except ValueError as e:  # "I/O operation on closed file"
+            raise OutputError(f"cannot write to standard output: {e}") from None
+
+    def write(self, data):
+        return self._call("write", data)
+
+    def writelines(self, lines):
+        return self._call("writelines", lines)
+
+    def flush(self):
+        return None if self._stream is None else self._call("flush")
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream is not None and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    @property
+    def buffer(self):
+        if self._binary:
+            raise AttributeError("buffer")
+        return _Stdout(None if self._stream is None else getattr(self._stream, "buffer", None), binary=True)
+
+    def __getattr__(self, name: str):
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    # whatever is still buffered would fail again when Python flushes stdout at exit,
+    # printing a second error: point the descriptor at /dev/null
     try:
-        return body()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _on_terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def run_main(body: Callable[[], int], out_of_memory_hint: str = "") -> int:
+    """Run a tool's body and turn every way it can fail into one line and an exit status.
+
+    Also, for the body's duration: SIGTERM and SIGHUP unwind it like Ctrl-C (so files
+    being written are removed) and end with one line and status 128 + signal; a stdout
+    that is closed or cannot be written (disk full) ends with one line and status 1, a
+    broken pipe silently.
+    """
+    import signal
+    previous = {}
+    for signum in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        try:
+            if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, None):
+                previous[signum] = signal.signal(signum, _on_terminate)
+        except (ValueError, OSError):  # not the main thread: leave signals alone
+            pass
+    real_stdout = sys.stdout
+    sys.stdout = _Stdout(real_stdout)
+    try:
+        status = body()
+        # what is still buffered fails here, not at exit after the status was decided
+        sys.stdout.flush()
+        return status
     except RwkvxError as e:
         print(f"rwkvx: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, without a second error on exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return EXIT_OK
+    except OutputError as e:
+        _silence_stdout()
+        print(f"rwkvx: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("rwkvx: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        name = {getattr(signal, "SIGTERM", -1): "SIGTERM", getattr(signal, "SIGHUP", -1): "SIGHUP"}[e.signum]
+        print(f"rwkvx: terminated ({name})", file=sys.stderr)
+        return 128 + e.signum
     except MemoryError:
         print(f"rwkvx: error: out of memory{out_of_memory_hint}", file=sys.stderr)
         return EXIT_FAILURE
@@ -48,6 +150,11 @@ def run_main(body: Callable[[], int], out_of_memory_hint: str = "") -> int:
         print(f"rwkvx: internal error: {type(e).__name__}: {e} (set RWKVX_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        if sys.stdout.__class__ is _Stdout:
+            sys.stdout = real_stdout
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---- flag types ------------------------------------------------------------------------

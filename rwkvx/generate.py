@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,17 @@ class Model(Protocol):
     def forward(self, tokens: list[int], state: Any = None) -> tuple[np.ndarray, Any]:
         """Feed tokens after state; return float32 logits (n_vocab,) and the new state."""
         ...
+
+
+def _finite_logits(logits, fed: int) -> None:
+    """Refuse logits holding NaN or +inf: sampling from them draws garbage. (-inf is a
+    token the model rules out, as a logit bias bans one.)"""
+    x = np.asarray(logits)
+    # max is NaN when any value is, +inf when any is: one pass, no temporary
+    if x.dtype.kind == "f" and x.size and not float(x.max()) < math.inf:
+        raise RwkvxError(f"the model's logits hold NaN or infinite values after {fed} tokens: its weights are "
+                         "probably damaged (load it with check_tensors=True, or --check-tensors, to find the "
+                         "tensor), or the state passed in holds such values")
 
 
 def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
@@ -126,6 +138,7 @@ class TextStream:
         start = time.perf_counter()
         logits, self.state = self._model.forward(self._prompt_ids, self.state)
         self.prompt_seconds = time.perf_counter() - start
+        _finite_logits(logits, len(self._prompt_ids))
 
         # The model may have more logits than the tokenizer has tokens (padded vocabularies);
         # ids the tokenizer cannot decode must never be drawn.
@@ -163,6 +176,7 @@ class TextStream:
                 start = time.perf_counter()
 
             logits, self.state = self._model.forward([token], self.state)
+            _finite_logits(logits, len(self._prompt_ids) + self.generated_tokens)
 
         if self.stop_reason != "stop":
             # Bytes of an unfinished character become U+FFFD, which could complete a stop string.
@@ -205,6 +219,9 @@ def generate(
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
         raise RwkvxError(f"max_tokens: expected an integer >= 0, got {max_tokens!r}")
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        # iterating bytes gives ints, which would pass as token ids
+        raise RwkvxError("prompt: expected text (str) or a list of token ids, got bytes (decode them first)")
     if isinstance(prompt, str):
         prompt_ids = tokenizer.encode(prompt)
     else:
