@@ -14,6 +14,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
+from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
 from rwkvx._matvec cimport (Linear, Matrix, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec,
                             _matvec_jobs, wbuf_floats, xpack_floats)
 from rwkvx.errors import RwkvxError
@@ -315,6 +316,7 @@ cdef class Block:
             raise RwkvxError("Block.forward: workspace sized for another model")
         if n_threads < 1:
             raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        n_threads = team_size(n_threads)
         with nogil:
             self._time_mixing(&x[0], &state[0, 0], ws, n_threads)
             self._channel_mixing(&x[0], &state[0, 0], ws, n_threads)
@@ -351,6 +353,7 @@ cdef class Block:
             raise RwkvxError("Block.forward_rows: workspace too small for this call")
         if n_threads < 1:
             raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        n_threads = team_size(n_threads)
         if n_rows == 0:
             return
         with nogil:
@@ -467,6 +470,7 @@ def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[
         raise RwkvxError(f"layer_norm_rows: expected X and out ({n_rows}, {n}) and weight, bias ({n},)")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     if n_rows == 0:
         return
     with nogil:
@@ -498,6 +502,7 @@ def copy_rows(float[:, ::1] dst, list rows, int n_threads=1):
         raise RwkvxError(f"copy_rows: expected {n_rows} rows, got {len(rows)}")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     # the views hold the rows' buffers until the copy is done
     views = []
     cdef const float[::1] row

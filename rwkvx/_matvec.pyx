@@ -9,6 +9,7 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
+from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_simd.h" nogil:
@@ -411,6 +412,7 @@ cdef class Linear:
             raise RwkvxError(f"matvec: W {self.shape}, x ({xv.shape[0]},), out ({outv.shape[0]},)")
         if n_threads < 1:
             raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        n_threads = team_size(n_threads)
         cdef float* scratch = <float*>malloc(self.m.n_cols * sizeof(float))
         if scratch == NULL:
             raise MemoryError()
@@ -436,6 +438,7 @@ cdef class Linear:
                              f"out ({outv.shape[0]}, {outv.shape[1]})")
         if n_threads < 1:
             raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+        n_threads = team_size(n_threads)
         if n_tok == 0:
             return out
         xr = np.empty((n_tok, n_cols), dtype=np.float32)
