@@ -311,16 +311,20 @@ class Reference:
 # ---- the float32 runtime's helpers: every op takes (T, C) rows, so one token (T = 1) and a
 # chunk of a prompt run the same code and give the same bits ----
 
-# multiply-adds below which a product runs on one thread
-_SERIAL_BELOW = 1 << 16
+# Multiply-adds below which products run on one thread: a parallel loop ends in a barrier,
+# which on cores shared with other work waits for a descheduled thread (measured on the v7
+# 0.4B shape, 2 threads, a loaded 2-core machine: 7 parallel loops per layer decoded at
+# 2.3-2.5x RWKV-4's time per token, 1 thread at 1.0x). The low-rank groups of a decoded
+# token (~0.2M) and the WKV of one token (H N^2 = 65536 at 0.4B) stay serial; the big
+# projections and prompts are parallel. Results do not depend on it.
+SERIAL_BELOW = 1 << 18
 
 
 def matmul(lin: Linear, X: np.ndarray, n_threads: int) -> np.ndarray:
     """X @ W.T for rows X (T, n_cols): a matrix-vector product for one row (the memory-bound
     decode path), else one pass over W; row t is bit-identical either way."""
     rows, cols = lin.shape
-    if rows * cols * X.shape[0] < _SERIAL_BELOW:
-        # waking threads costs more than such a product (results do not depend on it)
+    if rows * cols * X.shape[0] < SERIAL_BELOW:
         n_threads = 1
     if X.shape[0] == 1:
         return lin(X[0], n_threads=n_threads)[None]
@@ -350,6 +354,15 @@ def heads_of(states: list, n_head: int) -> list:
     return [wkv_matrices(s, n_head) for s in states]
 
 
+try:
+    # the contention governor: fewer threads while the process keeps being preempted, as the
+    # kernels' own entry points ask it (rwkvx._parallel); absent in older builds
+    from rwkvx._parallel import team_size_now
+except ImportError:  # pragma: no cover
+    def team_size_now(n_threads: int) -> int:
+        return n_threads
+
+
 def products(jobs: list, n_threads: int) -> list[np.ndarray]:
     """[matmul(lin, X) for lin, X in jobs]; for one row, up to four products share one
     parallel loop (same bits as one at a time)."""
@@ -359,5 +372,14 @@ def products(jobs: list, n_threads: int) -> list[np.ndarray]:
     outs = [np.empty((1, lin.shape[0]), np.float32) for lin, _ in jobs]
     for i in range(0, len(jobs), 4):
         part = jobs[i:i + 4]
-        matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]], n_threads)
+        size = sum(lin.shape[0] * lin.shape[1] for lin, _ in part)
+        matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]],
+                     1 if size < SERIAL_BELOW else team_size_now(n_threads))
     return outs
+
+
+def wkv_threads(n_rows: int, n_head: int, head_size: int, n_threads: int) -> int:
+    """Threads for the WKV kernels: one per (sequence, head) task at most, one for little work."""
+    if n_rows * n_head * head_size * head_size < SERIAL_BELOW:
+        return 1
+    return team_size_now(min(n_threads, n_rows * n_head))

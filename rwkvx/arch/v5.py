@@ -116,7 +116,7 @@ def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
 def channel_mixing_rows(X, states, starts, p, L, n, mixes):
     """RWKV-4's channel mixing on rows, residual added to X; mixes: (k, 1-k, r, 1-r) or the
     v6 form given as the same four (x weight, previous-token weight) vectors."""
-    from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
+    from rwkvx.arch.common import matmul, norm_rows, products, shift
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
     prev = shift(x, states, FFN_XX, starts)
     mk, pk, mr, pr = mixes
@@ -143,7 +143,7 @@ class Layer:
 
     def forward(self, X, states, starts, carry, n):
         from rwkvx._wkv import wkv5
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
@@ -154,7 +154,7 @@ class Layer:
         g = silu(g)
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g,
-             heads_of(states, H), starts, y, eps=GROUP_NORM_EPS, n_threads=min(n, H * len(states)))
+             heads_of(states, H), starts, y, eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n))
         X += matmul(L["att_output"], y, n)
         channel_mixing_rows(X, states, starts, p, L, n, self.ffn_mix)
         return None

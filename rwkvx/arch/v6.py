@@ -126,7 +126,7 @@ class Layer:
 
     def forward(self, X, states, starts, carry, n):
         from rwkvx._wkv import wkv5
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
@@ -150,7 +150,7 @@ class Layer:
         w = np.exp(-np.exp(w))
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y,
-             eps=GROUP_NORM_EPS, n_threads=min(n, H * len(states)))
+             eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n))
         X += matmul(L["att_output"], y, n)
         channel_mixing_rows(X, states, starts, p, L, n, self.ffn_mix)
         return None

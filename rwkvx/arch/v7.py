@@ -178,7 +178,7 @@ class Layer:
 
     def forward(self, X, states, starts, v_first, n):
         from rwkvx._wkv import wkv7
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         N = C // H
@@ -207,7 +207,7 @@ class Layer:
         y = np.empty((T, C), np.float32)
         wkv7(r, w, k, v, kk.reshape(T, C), np.ascontiguousarray(kk.reshape(T, C) * a), self.r_k,
              p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y, eps=GROUP_NORM_EPS,
-             n_threads=min(n, H * len(states)))
+             n_threads=wkv_threads(T, H, C // H, n))
         X += matmul(L["att_output"], y, n)
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
