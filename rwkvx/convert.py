@@ -31,6 +31,7 @@ from rwkvx.hugepages import drop_from_page_cache
 from rwkvx.loader import DTYPES, check_dtype, check_mode, iter_weights, open_checkpoint, plan
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter, refuse_to_replace
+from rwkvx.states import checkpoint_fingerprint
 from rwkvx.tensorfile import RUN_STORED, Progress, printable
 
 
@@ -81,6 +82,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
         "dtype": dtype,
         "source": os.path.basename(os.path.normpath(source.path)),
         "source_format": source.format,
+        # states saved with the source load into the converted model without a warning
+        "model_fingerprint": checkpoint_fingerprint(src),
         "n_layer": str(the_plan.n_layer),
         "n_embd": str(the_plan.n_embd),
         "n_vocab": str(the_plan.n_vocab),

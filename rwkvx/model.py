@@ -13,7 +13,7 @@ from rwkvx._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
-from rwkvx.states import read_state_file, state_metadata, write_state_file
+from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
 
 
@@ -88,7 +88,10 @@ class RWKV:
 
     @property
     def fingerprint(self) -> str:
-        """Tells checkpoints apart; the same for every dtype of one checkpoint (state files record it)."""
+        """Tells checkpoints apart; the same for every dtype of one checkpoint (state files
+        record it). load() takes it from the checkpoint file's bytes
+        (rwkvx.states.checkpoint_fingerprint); a model built from weights in memory hashes
+        their float32 vectors."""
         if self._fingerprint is None:
             self._fingerprint = self.weights.fingerprint()
         return self._fingerprint
@@ -298,5 +301,9 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     version, source = arch.recognise_path(path)
     if version is not None:
         from rwkvx.arch.model import load as load_next
-        return load_next(source, version, dtype, threads)
-    return RWKV(load_weights(path, dtype, mmap=mmap), threads=threads)
+        model = load_next(source, version, dtype, threads)
+    else:
+        model = RWKV(load_weights(path, dtype, mmap=mmap), threads=threads)
+    # from the file, at load: a few KB, and the file may be gone or replaced later
+    model._fingerprint = checkpoint_fingerprint(path)
+    return model

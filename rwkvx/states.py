@@ -7,14 +7,15 @@ A state file is a safetensors file (loading one never runs code) with:
 - further float32/int32 tensors a caller adds (the prompt cache keeps earlier states and the
   last logits there); readers ignore names they do not know;
 - metadata: ``format = "rwkvx-state"``, ``format_version``, ``architecture``,
-  ``state_shape`` ("24,5,1024"), ``model_fingerprint`` (see
-  :meth:`rwkvx.weights.ModelWeights.fingerprint`) and ``n_tokens``.
+  ``state_shape`` ("24,5,1024"), ``model_fingerprint`` (see :func:`checkpoint_fingerprint`)
+  and ``n_tokens``.
 
 A file is written to a temporary name in its folder and renamed into place, so a reader
 never sees half a state and an interrupted save leaves the old file as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -135,6 +136,42 @@ def read_state_file(path: str | os.PathLike, *, architecture: str, state_shape: 
 def _printable(value) -> str:
     text = "unknown" if value is None else str(value)
     return text.encode("unicode_escape").decode("ascii")[:40]
+
+
+# bytes hashed from each stored tensor, at its start, middle and end
+_WINDOW = 256
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash that tells checkpoints apart, from the file's stored bytes.
+
+    It covers every tensor's name, shape and stored dtype, and three windows of 256 bytes of
+    its data: a fine-tune (a merged LoRA, a new head) changes it, a different run dtype of
+    the same file does not, and it reads a few KB however large the model. A file written
+    by ``python -m rwkvx.convert`` carries its source's fingerprint in its metadata, so the
+    converted file and its source agree. It is a fingerprint, not a checksum: a change to a
+    few weights away from the windows goes unnoticed.
+    """
+    from rwkvx.loader import open_checkpoint
+    from rwkvx.tensorfile import QuantizedTensor
+
+    source = open_checkpoint(path)
+    recorded = source.metadata.get("model_fingerprint")
+    if recorded:
+        return recorded
+    h = hashlib.blake2b(digest_size=12)
+    for name in sorted(source.tensors):
+        tensor = source.tensors[name]
+        parts = tensor.parts.values() if isinstance(tensor, QuantizedTensor) else [tensor]
+        h.update(f"{name}:{tensor.shape}".encode())
+        for part in parts:
+            data, start = part.file.map, part.offset
+            end = min(start + part.nbytes, len(data))
+            h.update(part.dtype.encode())
+            for at in (start, start + (end - start) // 2, end - _WINDOW):
+                at = max(start, at)
+                h.update(data[at:min(at + _WINDOW, end)])
+    return h.hexdigest()
 
 
 def state_metadata(architecture: str, state_shape: tuple[int, ...], fingerprint: str,

@@ -197,3 +197,25 @@ def test_float64_states_are_converted(model):
         warnings.simplefilter("error")
         b, _ = model.forward([3], state.astype(np.float64))
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_fine_tune_has_another_fingerprint(tmp_path):
+    from rwkvx.testing import random_tensors, write_safetensors
+    tensors = random_tensors(2, 64, 97)
+    write_safetensors(tmp_path / "base.safetensors", tensors)
+    # a merged LoRA: one matrix changes, every vector stays
+    tensors["blocks.1.att.key.weight"] = tensors["blocks.1.att.key.weight"] * 1.5
+    write_safetensors(tmp_path / "tuned.safetensors", tensors)
+    base, tuned = rwkvx.load(tmp_path / "base.safetensors"), rwkvx.load(tmp_path / "tuned.safetensors")
+    assert base.fingerprint != tuned.fingerprint
+    base.save_state(tmp_path / "s", base.forward([1, 2])[1])
+    with pytest.warns(RwkvxWarning):
+        tuned.load_state(tmp_path / "s")
+
+
+def test_a_converted_file_keeps_its_sources_fingerprint(tmp_path, tiny_path):
+    from rwkvx.convert import convert
+    source = rwkvx.load(tiny_path)
+    for dtype in ("uint8", "bfloat16"):
+        convert(tiny_path, tmp_path / f"{dtype}.safetensors", dtype)
+        assert rwkvx.load(tmp_path / f"{dtype}.safetensors", dtype=dtype).fingerprint == source.fingerprint
