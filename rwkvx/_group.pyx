@@ -1,9 +1,13 @@
-"""Several matrix-vector products in one parallel loop, for layers whose glue is Python
-(rwkvx.arch): one barrier for up to four products instead of one each, which matters most
-when the cores are shared and every barrier waits for a descheduled thread."""
+"""Several matrix products in one parallel loop, for layers whose glue is Python (rwkvx.arch):
+one set of barriers for up to four products instead of one each, which matters most when
+the cores are shared and every barrier waits for a descheduled thread."""
 from libc.stdlib cimport malloc, free
 
-from rwkvx._matvec cimport Linear, MatvecJob, _matvec_jobs
+import numpy as np
+
+from rwkvx._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
+                            xpack_floats)
+from rwkvx._matvec import _aligned_floats
 from rwkvx.errors import RwkvxError
 
 
@@ -45,3 +49,47 @@ def matvec_group(list linears, list xs, list outs, int n_threads=1):
             _matvec_jobs(jobs, n, scratch, n_threads)
     finally:
         free(scratch)
+
+
+def matmul_group(list linears, list Xs, list outs, int n_threads=1):
+    """outs[i] = Xs[i] @ linears[i].T for 1 to 4 products over the same n_tok rows, in one
+    set of parallel loops; each result is bit-identical to linears[i].matmul(Xs[i]).
+
+    Xs[i]: (n_tok, n_cols) float32 C-contiguous; outs[i]: (n_tok, n_rows) C-contiguous.
+    """
+    cdef int n = len(linears), i
+    if not 1 <= n <= 4 or len(Xs) != n or len(outs) != n:
+        raise RwkvxError(f"matmul_group: expected 1 to 4 products with as many inputs and outputs, "
+                         f"got {n}, {len(Xs)}, {len(outs)}")
+    if n_threads < 1:
+        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    cdef MatmulJob jobs[4]
+    cdef Linear lin
+    cdef const float[:, ::1] xv
+    cdef float[:, ::1] ov, xrv, xpv
+    cdef unsigned char[::1] sv
+    cdef Py_ssize_t n_tok = -1, wide = 0
+    keep = []
+    for i in range(n):
+        lin = linears[i]
+        xv = Xs[i]
+        ov = outs[i]
+        if n_tok < 0:
+            n_tok = xv.shape[0]
+        if xv.shape[0] != n_tok or xv.shape[1] != lin.m.n_cols or ov.shape[0] != n_tok or ov.shape[1] != lin.m.n_rows:
+            raise RwkvxError(f"matmul_group: product {i}: W ({lin.m.n_rows}, {lin.m.n_cols}), "
+                             f"X ({xv.shape[0]}, {xv.shape[1]}), out ({ov.shape[0]}, {ov.shape[1]}); "
+                             f"all products take {n_tok} rows")
+        if n_tok == 0:
+            return
+        xr = _aligned_floats(n_tok * lin.m.n_cols).reshape(n_tok, lin.m.n_cols)
+        xpack = _aligned_floats(xpack_floats(n_tok, lin.m.n_cols)).reshape(1, -1)
+        sums = np.empty(n_tok * sizeof(U8Sums), dtype=np.uint8)
+        xrv, xpv, sv = xr, xpack, sums
+        jobs[i] = MatmulJob(&ov[0, 0], lin.m.n_rows, &lin.m, &xv[0, 0], &xrv[0, 0], <U8Sums*>&sv[0], &xpv[0, 0])
+        wide = max(wide, lin.m.n_cols)
+        keep.append((lin, xv, ov, xr, xpack, sums))
+    wbuf = _aligned_floats(n_threads * wbuf_floats(wide))
+    cdef float[::1] wv = wbuf
+    with nogil:
+        _matmul_jobs(jobs, n, n_tok, &wv[0], n_threads)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from rwkvx import _matvec
-from rwkvx._group import matvec_group
+from rwkvx._group import matmul_group, matvec_group
 from rwkvx._wkv import wkv5, wkv7
-from rwkvx.arch import v5, v7
+from rwkvx.arch import v5
 from rwkvx.arch.common import group_norm, sigmoid
 from rwkvx.errors import RwkvxError
 
@@ -155,3 +155,23 @@ def test_matvec_group_equals_one_product_at_a_time(n_threads):
         matvec_group(linears + linears[:1], xs + xs[:1], outs + outs[:1])
     with pytest.raises(RwkvxError, match="product 1"):
         matvec_group(linears[:2], [xs[0], xs[0]], outs[:2])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_matmul_group_equals_one_product_at_a_time(n_threads):
+    from rwkvx.quant import quantize_u8
+    from rwkvx.weights import to_bfloat16
+    rng = np.random.default_rng(4)
+    mats = [rng.standard_normal(s).astype(np.float32) for s in [(33, 17), (7, 64), (128, 31), (5, 3)]]
+    q = quantize_u8(mats[2])
+    linears = [_matvec.Linear.f32(mats[0]), _matvec.Linear.bf16(to_bfloat16(mats[1])),
+               _matvec.Linear.u8(q.q, q.mx, q.rx, q.my, q.ry), _matvec.Linear.f16(mats[3].astype(np.float16))]
+    for n_tok in (1, 2, 7):
+        Xs = [rng.standard_normal((n_tok, m.shape[1])).astype(np.float32) for m in mats]
+        outs = [np.empty((n_tok, m.shape[0]), np.float32) for m in mats]
+        matmul_group(linears, Xs, outs, n_threads)
+        for lin, X, out in zip(linears, Xs, outs):
+            assert np.array_equal(out, lin.matmul(X, n_threads=1))
+    with pytest.raises(RwkvxError, match="all products take 2 rows"):
+        matmul_group(linears[:2], [np.zeros((2, 17), np.float32), np.zeros((3, 64), np.float32)],
+                     [np.zeros((2, 33), np.float32), np.zeros((3, 7), np.float32)])

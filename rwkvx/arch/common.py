@@ -364,17 +364,19 @@ except ImportError:  # pragma: no cover
 
 
 def products(jobs: list, n_threads: int) -> list[np.ndarray]:
-    """[matmul(lin, X) for lin, X in jobs]; for one row, up to four products share one
-    parallel loop (same bits as one at a time)."""
-    from rwkvx._group import matvec_group
-    if jobs[0][1].shape[0] != 1:
-        return [matmul(lin, X, n_threads) for lin, X in jobs]
-    outs = [np.empty((1, lin.shape[0]), np.float32) for lin, _ in jobs]
+    """[matmul(lin, X) for lin, X in jobs] (the same bits), up to four products sharing one
+    set of parallel loops; every X has the same number of rows."""
+    from rwkvx._group import matmul_group, matvec_group
+    n_tok = jobs[0][1].shape[0]
+    outs = [np.empty((n_tok, lin.shape[0]), np.float32) for lin, _ in jobs]
     for i in range(0, len(jobs), 4):
         part = jobs[i:i + 4]
-        size = sum(lin.shape[0] * lin.shape[1] for lin, _ in part)
-        matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]],
-                     1 if size < SERIAL_BELOW else team_size_now(n_threads))
+        size = n_tok * sum(lin.shape[0] * lin.shape[1] for lin, _ in part)
+        threads = 1 if size < SERIAL_BELOW else team_size_now(n_threads)
+        if n_tok == 1:
+            matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]], threads)
+        else:
+            matmul_group([lin for lin, _ in part], [X for _, X in part], outs[i:i + 4], threads)
     return outs
 
 
