@@ -1,6 +1,6 @@
 """llama-bench for rwkvx: prompt, decode and batched-decode speed per dtype, against the roofline.
 
-    PYTHONPATH=. python scripts/bench.py --shape 430M [--dtypes float32,bfloat16,float16,uint8]
+    PYTHONPATH=. python scripts/bench.py --shape 430M [--arch v7] [--dtypes float32,bfloat16,float16,uint8]
         [--threads 2 | --threads 4 --thread-sweep] [--pp 256] [--tg 32] [--batch 8] [--runs 5]
         [--chunk-size N] [--numpy-chunk-size N] [--no-baseline] [--no-mmap] [--schedule auto]
     PYTHONPATH=. python scripts/bench.py --model RWKV-4-Pile-430M.safetensors ...
@@ -129,7 +129,15 @@ def _child_write(spec: dict) -> None:
     from rwkvx.testing import random_tensors, write_safetensors
 
     n_layer, n_embd, n_vocab = spec["shape"]
-    tensors = random_tensors(n_layer, n_embd, n_vocab, seed=spec["seed"])
+    if spec.get("arch", "v4") == "v4":
+        tensors = random_tensors(n_layer, n_embd, n_vocab, seed=spec["seed"])
+    else:
+        from rwkvx.arch.random_weights import random_checkpoint
+
+        # BlinkDL's shapes: heads of 64, low-rank sizes of the 0.4B release (decay 64, a 64,
+        # v 32, gate 128), feed-forward 4x
+        tensors = random_checkpoint(spec["arch"], n_layer=n_layer, n_embd=n_embd, head_size=64,
+                                    n_vocab=n_vocab, seed=spec["seed"], lora=64)
     write_safetensors(spec["path"], tensors, dtype="bfloat16")
     # loaded as a downloaded checkpoint would be after a reboot: read from disk into huge pages
     drop_from_page_cache(spec["path"])
@@ -421,10 +429,10 @@ def run_group(labelled_specs: list[tuple[str, dict]], runs: int, threads: int) -
     return children
 
 
-def write_checkpoint(path: str, shape: tuple[int, int, int], seed: int) -> None:
-    _progress(f"writing random bf16 weights {shape} to {path}")
+def write_checkpoint(path: str, shape: tuple[int, int, int], seed: int, arch: str = "v4") -> None:
+    _progress(f"writing random bf16 {arch} weights {shape} to {path}")
     start = time.perf_counter()
-    child = Child("write", {"role": "write", "path": path, "shape": list(shape), "seed": seed}, 1)
+    child = Child("write", {"role": "write", "path": path, "shape": list(shape), "seed": seed, "arch": arch}, 1)
     try:
         child.receive()
         child.proc.stdin.close()
@@ -734,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="PATH", help="a checkpoint (safetensors or rwkv.cpp .bin)")
     which.add_argument("--shape", type=_shape, metavar="|".join(PUBLIC_SHAPES),
                        help="random bf16 weights of this RWKV-4 shape (169M 12x768, 430M 24x1024, 1.5B 24x2048)")
+    parser.add_argument("--arch", choices=("v4", "v5", "v6", "v7"), default="v4",
+                        help="architecture of the --shape weights: RWKV-4 (default), or RWKV-5.2/6/7 with "
+                             "heads of 64 and the World vocabulary (65536); no numpy baseline for those")
     parser.add_argument("--dtypes", type=_dtypes, default=list(DTYPES),
                         help=f"comma-separated (default {','.join(DTYPES)})")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads (default 2)")
@@ -766,15 +777,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and not os.path.isfile(args.model):
         parser.error(f"--model: no such file: {args.model}")
     thread_counts = list(range(1, args.threads + 1)) if args.thread_sweep else [args.threads]
+    if args.arch != "v4":
+        # scripts/numpy_rwkv.py is RWKV-4's math
+        args.baseline = False
 
     try:
         with tempfile.TemporaryDirectory(prefix="rwkvx-bench-") as tmp:
             if args.model is not None:
                 path, source = args.model, f"checkpoint {args.model}"
             else:
-                path = os.path.join(tmp, f"random-{args.shape}.safetensors")
-                write_checkpoint(path, SHAPES[args.shape], args.seed)
-                source = f"random {args.shape} weights stored bf16 (seed {args.seed})"
+                path = os.path.join(tmp, f"random-{args.arch}-{args.shape}.safetensors")
+                shape = SHAPES[args.shape]
+                if args.arch != "v4":
+                    shape = (shape[0], shape[1], 65536)
+                write_checkpoint(path, shape, args.seed, args.arch)
+                source = f"random {args.arch} {args.shape} weights stored bf16 (seed {args.seed})"
             schedule, note = plan_schedule(args, count_params(path))
             per_threads = []
             for threads in thread_counts:
