@@ -36,7 +36,8 @@ has its own):
 At least one token (the most probable) always survives steps 5-7. Equal probabilities are
 ranked by token id (lower first). ``-inf`` logits are never drawn; ``+inf`` logits share all
 the probability; NaN logits are an error. ``sample`` never changes the caller's array and
-never updates the penalties itself: call ``accept`` for that. Arithmetic is float64.
+never updates the penalties itself: call ``accept`` for that. Exponentials are computed in
+float32 (as llama.cpp's samplers do), everything else in float64.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def _check_finite(name: str, value: object) -> float:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    """exp of values <= 0, computed in float32 and returned as float64 for the sums.
+
+    float32 is what the logits are and what llama.cpp's samplers use; numpy's float32 exp
+    is vectorised, its float64 one often is not: 0.05 against 0.43 ms on 50k tokens, which
+    a server pays per sequence per step.
+    """
+    # values below float32's range are -inf there, and exp(-inf) = 0, as in float64
+    with np.errstate(over="ignore"):
+        small = x.astype(np.float32)
+    return np.exp(small).astype(np.float64)
 
 
 def _most_probable(p: np.ndarray, m: int) -> np.ndarray:
@@ -321,7 +335,7 @@ class Sampler:
             return int(np.argmax(x))
 
         # 5-7 judge the probabilities at temperature 1; shifted by the max so nothing overflows
-        p = np.exp(x - top)
+        p = _exp(x - top)
         p /= p.sum()
         # ids sorted by probability, or None for "all ids, in id order"
         kept: np.ndarray | None = None
@@ -338,7 +352,7 @@ class Sampler:
         # 8. temperature, over the survivors only
         if kept is None:
             # the whole vocabulary: no gather (at 50k tokens, index arrays cost more than the draw)
-            weights = p if self.temperature == 1 else np.exp((x - top) / self.temperature)
+            weights = p if self.temperature == 1 else _exp((x - top) / self.temperature)
             cdf = np.cumsum(weights)
             u = self.rng.random() * cdf[-1]
             # side="right" never lands on a zero-weight token, except past the end by rounding
@@ -348,7 +362,7 @@ class Sampler:
         if self.temperature == 1:
             weights = p[ids]
         else:
-            weights = np.exp((x[ids] - top) / self.temperature)
+            weights = _exp((x[ids] - top) / self.temperature)
 
         # 9. draw. Inverse CDF over the kept tokens, renormalised by their total; zero-weight
         # tokens are dropped first so rounding can never land on one.
