@@ -49,6 +49,8 @@ import zipfile
 import numpy as np
 
 FORMATS = ("safetensors", "rwkvx", "pth", "pickle", "ggml", "hf", "state", "cache")
+# read by rwkvx.tokenizer; not in the default set (nor CI's) until its findings are fixed
+EXTRA_FORMATS = ("tokenizer",)
 FINE = ("loaded", "loaded-unchecked", "error")
 TIMEOUT = 10.0
 MEMORY_LIMIT = 1536 << 20
@@ -181,7 +183,7 @@ def build_seeds(folder: str):
     # n_ffn 32 so ffn matrices hold whole Q blocks too
     from rwkvx.testing import random_tensors
     t32 = random_tensors(N_LAYER, 32, N_VOCAB, seed=1, time_shape="flat")
-    seeds: dict[str, list[dict[str, bytes]]] = {f: [] for f in FORMATS}
+    seeds: dict[str, list[dict[str, bytes]]] = {f: [] for f in FORMATS + EXTRA_FORMATS}
     for dtype in ("float32", "bfloat16", "float16"):
         path = os.path.join(folder, f"seed-{dtype}.safetensors")
         write_safetensors(path, t, dtype=dtype)
@@ -214,6 +216,7 @@ def build_seeds(folder: str):
                         **shard_files})
     seeds["hf"].append({"config.json": config, "pytorch_model.bin": _zip(_pth_members(hf_names, "f32"))})
 
+    seeds["tokenizer"] = _tokenizer_seeds(folder)
     model = RWKV(load_weights(src))
     _, state = model.forward([1, 2, 3])
     p = os.path.join(folder, "seed.state")
@@ -225,6 +228,29 @@ def build_seeds(folder: str):
     PromptCache(p, model).prefill(list(range(1, 12)))
     seeds["cache"].append({"m": open(p, "rb").read()})
     return seeds, model
+
+
+def _tokenizer_seeds(folder: str) -> list[dict[str, bytes]]:
+    """A World vocabulary's first 300 lines and a few longer ones; a small byte-level BPE
+    tokenizer.json trained here."""
+    from rwkvx.tokenizer import PACKAGED
+    with open(PACKAGED["world"], "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    seeds = [{"tokenizer": b"".join(lines[:300] + lines[20000:20040] + lines[-20:])}]
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:  # pragma: no cover - tokenizers is a dependency
+        return seeds
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog, and the model reads its own files."] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = os.path.join(folder, "tokenizer.json")
+    tok.save(path)
+    seeds.append({"tokenizer": open(path, "rb").read()})
+    return seeds
 
 
 # ---- hostile pickles, built by hand --------------------------------------------------------
@@ -480,6 +506,28 @@ def _mutate_json(rng: random.Random, data: bytes) -> bytes:
     return _mutate_bytes(rng, data)
 
 
+def _mutate_tokenizer_json(rng: random.Random, data: bytes) -> bytes:
+    value = json.loads(data)
+    model = value.get("model") or {}
+    vocab = model.get("vocab") or {}
+    kind = rng.randrange(6)
+    if kind == 0 and vocab:
+        vocab[rng.choice(list(vocab))] = rng.choice(INTERESTING + [300, 301])
+    elif kind == 1 and vocab:
+        vocab[rng.choice(_WEIRD_STRINGS)] = rng.choice(INTERESTING + [len(vocab)])
+    elif kind == 2:
+        value.setdefault("added_tokens", []).append(
+            {"id": rng.choice(INTERESTING), "content": rng.choice(_WEIRD_STRINGS), "special": True,
+             "single_word": False, "lstrip": False, "rstrip": False, "normalized": False})
+    elif kind == 3:
+        value[rng.choice(("decoder", "pre_tokenizer", "normalizer", "model"))] = _weird_value(rng)
+    elif kind == 4 and isinstance(model.get("merges"), list) and model["merges"]:
+        model["merges"][rng.randrange(len(model["merges"]))] = _weird_value(rng)
+    else:
+        return _mutate_json(rng, data)
+    return json.dumps(value).encode()
+
+
 def make_case(fmt: str, seed: int, index: int, seeds, catalogue) -> dict[str, bytes]:
     """The files of case (fmt, seed, index): deterministic."""
     rng = random.Random(f"{seed}:{fmt}:{index}")
@@ -515,6 +563,13 @@ def _make_case(rng: random.Random, fmt: str, seeds, catalogue) -> dict[str, byte
         if rng.random() < 0.05:
             del files[rng.choice(list(files))]
         return files
+    if fmt == "tokenizer":
+        data = files["tokenizer"]
+        if data.startswith(b"{") and rng.random() < 0.6:
+            files["tokenizer"] = _mutate_tokenizer_json(rng, data)
+        else:
+            files["tokenizer"] = _mutate_bytes(rng, data)
+        return files
     data = files["m"]
     if fmt in ("safetensors", "rwkvx", "state", "cache"):
         files["m"] = _mutate_safetensors(rng, data) if rng.random() < 0.6 else _mutate_bytes(rng, data)
@@ -527,14 +582,14 @@ def _make_case(rng: random.Random, fmt: str, seeds, catalogue) -> dict[str, byte
 
 # ---- running one case ----------------------------------------------------------------------
 
-def _write_case(folder: str, files: dict[str, bytes]) -> str:
-    """Write the case's files; the path to load (a file, or the folder)."""
+def _write_case(folder: str, files: dict[str, bytes], is_folder: bool = False) -> str:
+    """Write the case's files; the path to load (the folder, or its one file)."""
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
-    return folder if len(files) > 1 or "m" not in files else os.path.join(folder, "m")
+    return folder if is_folder else os.path.join(folder, next(iter(files)))
 
 
 def _finite(weights) -> bool:
@@ -554,8 +609,17 @@ def run_case(fmt: str, seed: int, index: int, seeds, catalogue, model, folder: s
     from rwkvx.model import RWKV
 
     rng = random.Random(f"run:{seed}:{fmt}:{index}")
-    path = _write_case(folder, make_case(fmt, seed, index, seeds, catalogue))
+    path = _write_case(folder, make_case(fmt, seed, index, seeds, catalogue), is_folder=fmt == "hf")
     try:
+        if fmt == "tokenizer":
+            from rwkvx.tokenizer import load_tokenizer
+            tok = load_tokenizer(path, rng.choice((256, 300, 65536, 1 << 20)))
+            ids = tok.encode("The quick br\u00f6wn fox \u2713 <|endoftext|>")
+            text = tok.decode(ids)
+            stream = tok.stream()
+            for i in list(ids) + [rng.randrange(max(tok.vocab_size, 1)) for _ in range(8)]:
+                text += stream.push(i)
+            return "loaded"
         if fmt == "state":
             state, tokens = model.load_state(path)
             return "loaded" if np.isfinite(state).all() else "nonfinite"
@@ -600,7 +664,7 @@ def _canary(seeds, folder: str) -> str:
     h = hashlib.sha256()
     for fmt in ("safetensors", "rwkvx", "pth", "ggml", "hf"):
         for files in seeds[fmt]:
-            path = _write_case(folder, files)
+            path = _write_case(folder, files, is_folder=fmt == "hf")
             for dtype in ("float32", "bfloat16"):
                 try:
                     w = load_weights(path, dtype, progress=False)
@@ -622,8 +686,12 @@ def worker(seed: int, memory_limit: int) -> None:
         pass
     import warnings
     warnings.simplefilter("ignore")
-    tmp = tempfile.mkdtemp(prefix="rwkvx-fuzz-")
-    out = sys.stdout
+    # inside the driver's folder, which the driver removes even when this worker is killed
+    tmp = tempfile.mkdtemp(prefix="worker-", dir=os.environ.get("RWKVX_FUZZ_TMP"))
+    # answers go to the driver on a copy of fd 1; whatever else writes to fd 1 (libraries,
+    # Rust code) goes to stderr instead of into the protocol
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
         seeds, model = build_seeds(tmp)
@@ -694,6 +762,8 @@ def fuzz(formats, seed: int, cases: int | None, seconds: float | None, timeout: 
     counts: dict[str, dict[str, int]] = {f: {} for f in formats}
     findings = []
     slowest = 0.0
+    base = tempfile.mkdtemp(prefix="rwkvx-fuzz-")
+    os.environ["RWKVX_FUZZ_TMP"] = base
     work = Worker(seed, memory_limit)
     start = time.monotonic()
     last_report = start
@@ -720,6 +790,7 @@ def fuzz(formats, seed: int, cases: int | None, seconds: float | None, timeout: 
                 print(f"{n} cases, {n / (last_report - start):.0f}/s, {len(findings)} findings", flush=True)
     finally:
         work.kill()
+        shutil.rmtree(base, ignore_errors=True)
     return {"seed": seed, "cases": n, "seconds": round(time.monotonic() - start, 1), "slowest_case_s": round(slowest, 2),
             "counts": counts, "findings": findings}
 
@@ -745,7 +816,7 @@ def replay(fmt: str, seed: int, index: int) -> None:
     try:
         seeds, model = build_seeds(tmp)
         files = make_case(fmt, seed, index, seeds, hostile_pickles())
-        path = _write_case(os.path.join(tmp, "case"), files)
+        path = _write_case(os.path.join(tmp, "case"), files, is_folder=fmt == "hf")
         print(f"case files: {', '.join(f'{k} ({len(v)} bytes)' for k, v in files.items())}")
         os.environ["RWKVX_FUZZ_REPLAY"] = "1"
         print("outcome:", run_case(fmt, seed, index, seeds, hostile_pickles(), model, os.path.join(tmp, "case")))
@@ -756,7 +827,8 @@ def replay(fmt: str, seed: int, index: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/fuzz.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", action="append", choices=FORMATS, help="formats to fuzz (default: all)")
+    p.add_argument("--format", action="append", choices=FORMATS + EXTRA_FORMATS,
+                   help=f"formats to fuzz (default: all but {', '.join(EXTRA_FORMATS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", type=int, help="cases to run (default: 1000 unless --seconds)")
     p.add_argument("--seconds", type=float, help="run until this much time has passed")
