@@ -174,6 +174,9 @@ class MappedFile:
 
     def read_into(self, out: np.ndarray, offset: int) -> None:
         """Fill the C-contiguous array `out` with the bytes at `offset`, bypassing the mapping."""
+        if out.size == 0:
+            # nothing to read (and memoryview cannot cast a view with a zero in its shape)
+            return
         buf = memoryview(out).cast("B")
         if offset + len(buf) > self.size:
             raise fail(self.path, f"truncated: {len(buf)} bytes at byte {offset} run past the end ({self.size})")

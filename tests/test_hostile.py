@@ -253,6 +253,16 @@ def test_zero_sized_dimensions(tmp_path, dtype):
     assert "ffn.key.weight" in message
 
 
+def test_zero_sized_tensors_in_a_state_file_are_read(tiny_path, tmp_path):
+    # found by scripts/fuzz.py --entry load --seed 2 (case state 3482): an empty tensor is valid
+    model = RWKV(load_weights(tiny_path))
+    _, state = model.forward([1, 2])
+    model.save_state(tmp_path / "s.state", state, tokens=[])
+    loaded, tokens = model.load_state(tmp_path / "s.state")
+    np.testing.assert_array_equal(loaded, state)
+    assert not tokens
+
+
 # ---- 5. a file cannot change how later files are read ----
 
 def test_build_on_the_readers_own_stand_ins_is_refused_and_changes_nothing(tmp_path):
