@@ -194,3 +194,15 @@ def test_missing_and_misshaped_tensors_are_named_in_one_error(tmp_path, version)
 def test_unknown_dtype_is_refused(checkpoint):
     with pytest.raises(RwkvxError, match="dtype"):
         rwkvx.load(checkpoint, dtype="int4")
+
+
+def test_info_reads_headers_only(checkpoint, version):
+    from rwkvx.arch import describe
+    text = describe(checkpoint)
+    assert f"{NAMES[version]} (x0" in text and "3 layers, n_embd 64, 4 heads of 16, vocabulary 97" in text
+    assert "kept float32" in text and "uint8" in text
+
+
+def test_info_of_an_rwkv_4_file_is_left_to_the_rwkv_4_loader(tmp_path):
+    from rwkvx.arch import describe
+    assert describe(save_random_model(tmp_path / "v4.safetensors")) is None
