@@ -21,7 +21,7 @@ import numpy as np
 from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.quant import QuantizedMatrix, quantize_u8
-from rwkvx.tensorfile import TensorSource, fail
+from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, TensorSource, fail
 from rwkvx.weights import to_bfloat16, to_float32
 
 FFN_XX, ATT_XX, WKV = 0, 1, 2
@@ -139,9 +139,11 @@ class Reader:
     """Reads tensors by checkpoint name as float32 in the shapes rwkvx keeps, collecting every
     missing or mis-shaped tensor so that one error names them all."""
 
-    def __init__(self, source: TensorSource):
+    def __init__(self, source: TensorSource, dtype: str = "float32", arena: Optional[Arena] = None):
         self.source = source
         self.rwkv_cpp = source.format == "rwkv.cpp"
+        self.dtype = dtype
+        self.arena = arena if arena is not None else Arena(0)
         self.problems: list[str] = []
         self.used: set[str] = set()
 
@@ -186,6 +188,25 @@ class Reader:
             return np.zeros(shape, np.float32)
         return np.ascontiguousarray(m.T) if transposed else m
 
+    def big(self, key: str, shape: tuple[int, int]):
+        """A big matrix (arch.LINEAR, the head) in the run dtype, in the arena: read as it is
+        when the file stores it so (a bf16 checkpoint run in bfloat16), else via float32."""
+        tensor = self.source.tensors.get(key)
+        if (tensor is not None and tuple(tensor.shape) == tuple(shape) and tensor.strides is None
+                and tensor.dtype == RUN_STORED.get(self.dtype)):
+            self.used.add(key)
+            return tensor.read(out=self.arena.take(tuple(shape), NUMPY_DTYPES[tensor.dtype]))
+        return to_run_dtype(self.matrix(key, shape), self.dtype, key, self.source.path, self.arena)
+
+    def embedding(self, key: str, shape: tuple[int, int]) -> np.ndarray:
+        """The embedding as stored when float32/float16/bfloat16 (one row is widened per token)."""
+        tensor = self.source.tensors.get(key)
+        if tensor is not None and tuple(tensor.shape) == tuple(shape) and tensor.strides is None \
+                and tensor.dtype in ("F32", "F16", "BF16"):
+            self.used.add(key)
+            return tensor.read()
+        return self.matrix(key, shape)
+
     def check(self) -> None:
         unexpected = sorted(set(self.source.tensors) - self.used)
         problems = list(self.problems)
@@ -215,12 +236,11 @@ def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str, arena: Arena):
 def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
 
-    Each layer is converted to the run dtype as it is read, so loading holds one layer in
-    float32 beyond the result. What decoding reads (all but the embedding) is put in one
+    Each layer is converted to the run dtype as it is read (matrices the file already holds
+    in it are read as they are), so loading holds one layer in float32 beyond the result. What decoding reads (all but the embedding) is put in one
     block of 2 MB pages, as rwkvx.loader does for RWKV-4: streaming the weights through
     4 KB pages costs a TLB miss per page.
     """
-    reader = Reader(source)
     emb_tensor = source.tensors.get("emb.weight")
     if emb_tensor is None or len(emb_tensor.shape) != 2:
         raise fail(source.path, f"no 2-D emb.weight: not a complete {arch.NAME} checkpoint")
@@ -232,7 +252,8 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
         raise fail(source.path, f"{n_head} heads of {head_size} do not make n_embd {n_embd}")
     # room for every tensor in float32 (an upper bound: pages are committed only as filled)
     arena = Arena(sum(Arena.arena_nbytes(4 * t.size) for k, t in source.tensors.items() if k != "emb.weight"))
-    emb = reader.matrix("emb.weight", (n_vocab, n_embd))
+    reader = Reader(source, dtype, arena)
+    emb = reader.embedding("emb.weight", (n_vocab, n_embd))
     ln0 = (reader.vector("blocks.0.ln0.weight", n_embd), reader.vector("blocks.0.ln0.bias", n_embd))
     ln_out = (reader.vector("ln_out.weight", n_embd), reader.vector("ln_out.bias", n_embd))
     blocks = []
@@ -242,12 +263,10 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
             block[f"{name}_weight"] = reader.vector(f"blocks.{layer}.{name}.weight", n_embd)
             block[f"{name}_bias"] = reader.vector(f"blocks.{layer}.{name}.bias", n_embd)
         for name, value in block.items():
-            if name in arch.LINEAR:
-                block[name] = to_run_dtype(value, dtype, f"blocks.{layer}.{name}", source.path, arena)
-            else:
+            if name not in arch.LINEAR:
                 block[name] = arena.keep(value)
         blocks.append(block)
-    head = to_run_dtype(reader.matrix("head.weight", (n_vocab, n_embd)), dtype, "head.weight", source.path, arena)
+    head = reader.big("head.weight", (n_vocab, n_embd))
     reader.check()
     return Weights(arch=arch, emb=emb, ln0_weight=ln0[0], ln0_bias=ln0[1], blocks=blocks,
                    ln_out_weight=ln_out[0], ln_out_bias=ln_out[1], head=head, head_size=head_size,

@@ -52,7 +52,7 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
     p["att_time_decay"] = decay
     p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
     for m in ("receptance", "key", "value", "gate", "output"):
-        p[f"att_{m}"] = reader.matrix(f"{att}{m}.weight", (c, c))
+        p[f"att_{m}"] = reader.big(f"{att}{m}.weight", (c, c))
     p["att_ln_x_weight"] = reader.vector(att + "ln_x.weight", c)
     p["att_ln_x_bias"] = reader.vector(att + "ln_x.bias", c)
     p.update(read_ffn_v4(reader, ffn, c, "time_mix"))
@@ -65,9 +65,9 @@ def read_ffn_v4(reader, ffn: str, c: int, mix: str) -> dict:
     return {
         f"ffn_{mix}_k": reader.vector(f"{ffn}{mix}_k", c),
         f"ffn_{mix}_r": reader.vector(f"{ffn}{mix}_r", c),
-        "ffn_key": reader.matrix(ffn + "key.weight", (n_ffn, c)),
-        "ffn_receptance": reader.matrix(ffn + "receptance.weight", (c, c)),
-        "ffn_value": reader.matrix(ffn + "value.weight", (c, n_ffn)),
+        "ffn_key": reader.big(ffn + "key.weight", (n_ffn, c)),
+        "ffn_receptance": reader.big(ffn + "receptance.weight", (c, c)),
+        "ffn_value": reader.big(ffn + "value.weight", (c, n_ffn)),
     }
 
 

@@ -58,7 +58,7 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
     p["att_time_decay"] = reader.vector(att + "time_decay", c)
     p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
     for m in ("receptance", "key", "value", "gate", "output"):
-        p[f"att_{m}"] = reader.matrix(f"{att}{m}.weight", (c, c))
+        p[f"att_{m}"] = reader.big(f"{att}{m}.weight", (c, c))
     p["att_ln_x_weight"] = reader.vector(att + "ln_x.weight", c)
     p["att_ln_x_bias"] = reader.vector(att + "ln_x.bias", c)
     from rwkvx.arch.v5 import read_ffn_v4

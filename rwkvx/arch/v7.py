@@ -94,14 +94,14 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
     p["att_k_a"] = reader.vector(name("k_a"), c)
     p["att_r_k"] = reader.heads(name("r_k"), n_head, head_size)
     for m in ("receptance", "key", "value", "output"):
-        p[f"att_{m}"] = reader.matrix(f"{att}{m}.weight", (c, c))
+        p[f"att_{m}"] = reader.big(f"{att}{m}.weight", (c, c))
     p["att_ln_x_weight"] = reader.vector(att + "ln_x.weight", c)
     p["att_ln_x_bias"] = reader.vector(att + "ln_x.bias", c)
     p["ffn_x_k"] = reader.vector(ffn + ("time_maa_k" if old else "x_k"), c)
     key = reader.source.tensors.get(ffn + "key.weight")
     n_ffn = key.shape[0] if key is not None and len(key.shape) == 2 else 4 * c
-    p["ffn_key"] = reader.matrix(ffn + "key.weight", (n_ffn, c))
-    p["ffn_value"] = reader.matrix(ffn + "value.weight", (c, n_ffn))
+    p["ffn_key"] = reader.big(ffn + "key.weight", (n_ffn, c))
+    p["ffn_value"] = reader.big(ffn + "value.weight", (c, n_ffn))
     return p
 
 
