@@ -64,8 +64,10 @@ def _run(args) -> int:
     from rwkvx.generate import generate
 
     if args.info:
+        from rwkvx import arch
         from rwkvx.loader import describe
-        print(describe(args.model))
+        text = arch.describe(args.model)  # RWKV-5.2/6/7; None for RWKV-4 files
+        print(text if text is not None else describe(args.model))
         return EXIT_OK
     demo_model = is_demo(args)
     prompt = _read_prompt(args, demo_model)

@@ -278,3 +278,11 @@ def test_repeat_penalty_breaks_a_trained_models_greedy_loop(capsys):
     assert main([*args, "--repeat-penalty", "1.3", "--repeat-last-n", "16"]) == 0
     penalised = capsys.readouterr().out
     assert greedy.count("the") >= 10 and penalised.count("the") <= greedy.count("the") // 2
+
+
+@pytest.mark.parametrize("name, arch", [("tiny-rwkv-5v2-730K-FP32.bin", "RWKV-5.2"), ("tiny-rwkv-7v0-834K-FP32.bin", "RWKV-7")])
+def test_info_names_later_architectures(capsys, name, arch):
+    path = shared_file(TINY_MODEL.parent / name)
+    assert main(["-m", str(path), "--info"]) == 0
+    out = capsys.readouterr().out
+    assert f"architecture  {arch}" in out and "state" in out

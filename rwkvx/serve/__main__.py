@@ -74,6 +74,16 @@ def _check_port(host: str, port: int) -> None:
             raise RwkvxError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def _vocabulary(path: str) -> int:
+    """The checkpoint's vocabulary size, from its headers (the file is checked, not loaded)."""
+    from rwkvx import arch
+    from rwkvx.loader import describe
+    version, source = arch.recognise_path(path)
+    if version is None:
+        return describe(path).n_vocab
+    return source.tensors["emb.weight"].shape[0]
+
+
 def default_model_name(model: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(model)))[0] or "rwkv"
 
@@ -84,11 +94,10 @@ def _serve(args) -> int:
     if missing:
         raise RwkvxError(f"the server needs {', '.join(missing)}: pip install \"rwkvx[server]\" "
                          "(or pip install \".[server]\" from the source tree)")
-    from rwkvx.loader import describe
     from rwkvx.tokenizer import default_tokenizer, load_tokenizer
 
-    info = describe(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, info.n_vocab), info.n_vocab)
+    n_vocab = _vocabulary(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, n_vocab), n_vocab)
     name = args.model_name or default_model_name(args.model)
     if args.replicas:
         from rwkvx.serve.replicas import serve_replicas
