@@ -280,7 +280,7 @@ def test_repeat_penalty_breaks_a_trained_models_greedy_loop(capsys):
     assert greedy.count("the") >= 10 and penalised.count("the") <= greedy.count("the") // 2
 
 
-@pytest.mark.parametrize("name, arch", [("tiny-rwkv-5v2-730K-FP32.bin", "RWKV-5.2"), ("tiny-rwkv-7v0-834K-FP32.bin", "RWKV-7")])
+@pytest.mark.parametrize("name, arch", [("tiny-rwkv-5v2-730K-FP32.bin", "RWKV-5 (x052)"), ("tiny-rwkv-7v0-834K-FP32.bin", "RWKV-7")])
 def test_info_names_later_architectures(capsys, name, arch):
     path = shared_file(TINY_MODEL.parent / name)
     assert main(["-m", str(path), "--info"]) == 0
