@@ -221,9 +221,11 @@ cdef extern from *:
 
 # seconds between decisions: several time slices, a few tokens
 cdef double GOVERNOR_WINDOW_S = 0.05
-# preemptions per second above which the cores count as contended: a core shared with one
-# busy process preempts us several hundred times a second, an idle machine a few times
-cdef double GOVERNOR_PREEMPTIONS_PER_S = 60.0
+# preemptions per second and thread of the team above which the cores count as contended:
+# a thread sharing its core with one busy process is preempted several hundred times a
+# second, one on an idle core a few times; per thread, so that many threads' background
+# preemptions on a big machine do not add up to a false alarm
+cdef double GOVERNOR_PREEMPTIONS_PER_THREAD_S = 30.0
 # the window needs at least this many, so one stray kernel worker never counts
 cdef long GOVERNOR_MIN_PREEMPTIONS = 3
 # wait after a reduction before trying one more thread, doubled after each failed try
@@ -241,6 +243,7 @@ cdef struct Governor:
     bint trying               # the last change added a thread
     double backoff            # seconds to wait before adding a thread
     long reductions           # for thread_governor()
+    int team                  # the team size handed out last
 
 
 cdef void _governor_reset(Governor* g, bint on) noexcept nogil:
@@ -252,6 +255,7 @@ cdef void _governor_reset(Governor* g, bint on) noexcept nogil:
     g.trying = False
     g.backoff = GOVERNOR_BACKOFF_S
     g.reductions = 0
+    g.team = 1
 
 
 cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) noexcept nogil:
@@ -265,7 +269,7 @@ cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) 
     elapsed = now - g.window_start
     if elapsed >= GOVERNOR_WINDOW_S:
         count = preempted - g.preempted_start
-        if count >= GOVERNOR_MIN_PREEMPTIONS and count >= GOVERNOR_PREEMPTIONS_PER_S * elapsed:
+        if count >= GOVERNOR_MIN_PREEMPTIONS and count >= GOVERNOR_PREEMPTIONS_PER_THREAD_S * elapsed * g.team:
             if min(g.limit, n_threads) > 1:
                 if g.trying:
                     g.backoff = min(2 * g.backoff, GOVERNOR_MAX_BACKOFF_S)
@@ -280,7 +284,8 @@ cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) 
             # the full team has run quietly for a while: contention has gone
             g.trying, g.backoff, g.limit = False, GOVERNOR_BACKOFF_S, UNLIMITED
         g.window_start, g.preempted_start = now, preempted
-    return min(n_threads, g.limit)
+    g.team = min(n_threads, g.limit)
+    return g.team
 
 
 cdef Governor _governor
