@@ -12,7 +12,7 @@ state S is the (H, N, N) block of its layer state (rows WKV.. of rwkvx.arch.comm
 in place.
 """
 from cython.parallel import prange
-from libc.math cimport sqrt
+from libc.math cimport expf, sqrt
 from libc.stdlib cimport free, malloc
 
 from rwkvx.errors import RwkvxError
@@ -239,3 +239,106 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
                   &ln_w[0], &ln_b[0], &g[0, 0], eps, S, &y[0, 0], &out[0, 0], n_threads)
     finally:
         free(S)
+
+
+# ---- the elementwise work around the recurrence (row by row: any split of rows gives the
+# same bits) ----
+
+cdef void _mix_rows(Py_ssize_t T, Py_ssize_t C, Py_ssize_t M, const float* x, const float* prev,
+                    const float* mix, float* out) noexcept nogil:
+    # out[m, t] = x[t] + (prev[t] - x[t]) * mix[m]
+    cdef Py_ssize_t m, t, j
+    cdef float sx
+    for t in range(T):
+        for j in range(C):
+            sx = prev[t * C + j] - x[t * C + j]
+            for m in range(M):
+                out[(m * T + t) * C + j] = x[t * C + j] + sx * mix[m * C + j]
+
+
+def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1] mix, float[:, :, ::1] out):
+    """Token-shift mixes: out[m, t] = x[t] + (prev[t] - x[t]) * mix[m].
+
+    x, prev: (T, C); mix: (M, C); out: (M, T, C).
+    """
+    cdef Py_ssize_t T = x.shape[0], C = x.shape[1], M = mix.shape[0]
+    if prev.shape[0] != T or prev.shape[1] != C or mix.shape[1] != C or out.shape[0] != M \
+            or out.shape[1] != T or out.shape[2] != C:
+        raise RwkvxError(f"mix_rows: x ({T}, {C}), prev ({prev.shape[0]}, {prev.shape[1]}), mix ({M}, "
+                         f"{mix.shape[1]}), out ({out.shape[0]}, {out.shape[1]}, {out.shape[2]})")
+    if T == 0 or C == 0 or M == 0:
+        return
+    with nogil:
+        _mix_rows(T, C, M, &x[0, 0], &prev[0, 0], &mix[0, 0], &out[0, 0, 0])
+
+
+cdef inline float _sigmoid(float x) noexcept nogil:
+    return 1.0 / (1.0 + expf(-x))
+
+
+cdef void _v7_prepare(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v, const float* a_lora,
+                      const float* v_lora, const float* v_first, const float* w0, const float* a0, const float* v0,
+                      const float* k_k, const float* k_a, float decay_scale, float* kk, float* b) noexcept nogil:
+    cdef Py_ssize_t C = H * N, t, h, j, i
+    cdef double ss
+    cdef float a, norm
+    for t in range(T):
+        for h in range(H):
+            # kk = normalize(k * k_k) within the head (as F.normalize: / max(|.|, 1e-12))
+            ss = 0.0
+            for j in range(N):
+                i = t * C + h * N + j
+                kk[i] = k[i] * k_k[h * N + j]
+                ss += <double>kk[i] * kk[i]
+            norm = <float>sqrt(ss)
+            if norm < 1e-12:
+                norm = 1e-12
+            for j in range(N):
+                kk[t * C + h * N + j] = kk[t * C + h * N + j] / norm
+        for j in range(C):
+            i = t * C + j
+            a = _sigmoid(a0[j] + a_lora[i])
+            w[i] = expf(-decay_scale * _sigmoid(w0[j] + w[i]))
+            b[i] = kk[i] * a
+            k[i] = k[i] * (1 + (a - 1) * k_a[j])
+            if v_lora != NULL:
+                v[i] = v[i] + (v_first[i] - v[i]) * _sigmoid(v0[j] + v_lora[i])
+
+
+def v7_prepare(float[:, ::1] w, float[:, ::1] k, float[:, ::1] v, const float[:, ::1] a_lora, v_lora, v_first,
+               const float[::1] w0, const float[::1] a0, v0, const float[::1] k_k, const float[::1] k_a,
+               float[:, ::1] kk, float[:, ::1] b, *, int n_head, float decay_scale):
+    """RWKV-7's inputs to the recurrence from its projections, row by row, in place:
+
+        a = sigmoid(a0 + a_lora);  w = exp(-decay_scale * sigmoid(w0 + w))
+        kk = normalize(k * k_k) per head;  b = kk * a;  k = k * (1 + (a - 1) * k_a)
+        v = v + (v_first - v) * sigmoid(v0 + v_lora)     (not in layer 0: v_lora None)
+
+    w, k, v, a_lora, v_lora, v_first, kk, b: (T, C); w0, a0, v0, k_k, k_a: (C,).
+    """
+    cdef Py_ssize_t T = w.shape[0], C = w.shape[1], H = n_head
+    cdef const float[:, ::1] vl, vf
+    cdef const float[::1] v0v
+    cdef const float* vl_p = NULL
+    cdef const float* vf_p = NULL
+    cdef const float* v0_p = NULL
+    if H < 1 or C % H:
+        raise RwkvxError(f"v7_prepare: {H} heads do not divide {C} channels")
+    for name, a in (("k", k), ("v", v), ("a_lora", a_lora), ("kk", kk), ("b", b)):
+        _check(name, a.shape[0], a.shape[1], T, C)
+    for name, a in (("w0", w0), ("a0", a0), ("k_k", k_k), ("k_a", k_a)):
+        if a.shape[0] != C:
+            raise RwkvxError(f"v7_prepare: {name}: expected ({C},), got ({a.shape[0]},)")
+    if v_lora is not None:
+        vl, vf, v0v = v_lora, v_first, v0
+        _check("v_lora", vl.shape[0], vl.shape[1], T, C)
+        _check("v_first", vf.shape[0], vf.shape[1], T, C)
+        if v0v.shape[0] != C:
+            raise RwkvxError(f"v7_prepare: v0: expected ({C},), got ({v0v.shape[0]},)")
+        if T:
+            vl_p, vf_p, v0_p = &vl[0, 0], &vf[0, 0], &v0v[0]
+    if T == 0 or C == 0:
+        return
+    with nogil:
+        _v7_prepare(T, H, C // H, &w[0, 0], &k[0, 0], &v[0, 0], &a_lora[0, 0], vl_p, vf_p, &w0[0], &a0[0], v0_p,
+                    &k_k[0], &k_a[0], decay_scale, &kk[0, 0], &b[0, 0])

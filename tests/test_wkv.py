@@ -175,3 +175,30 @@ def test_matmul_group_equals_one_product_at_a_time(n_threads):
     with pytest.raises(RwkvxError, match="all products take 2 rows"):
         matmul_group(linears[:2], [np.zeros((2, 17), np.float32), np.zeros((3, 64), np.float32)],
                      [np.zeros((2, 33), np.float32), np.zeros((3, 7), np.float32)])
+
+
+def test_mix_rows_and_v7_prepare_match_numpy():
+    from rwkvx._wkv import mix_rows, v7_prepare
+    rng = np.random.default_rng(5)
+    T, H, N = 3, 4, 8
+    C, f = _inputs(rng, T, H, N)
+    x, prev, mix = f(T, C), f(T, C), f(6, C, lo=0, hi=1)
+    out = np.empty((6, T, C), np.float32)
+    mix_rows(x, prev, mix, out)
+    np.testing.assert_allclose(out, x + (prev - x) * mix[:, None], rtol=1e-6, atol=1e-6)
+
+    w_raw, k, v, a_raw, v_raw, v_first = (f(T, C, lo=-3, hi=3) for _ in range(6))
+    w0, a0, v0, k_k, k_a = f(C), f(C), f(C), f(C, lo=0.5, hi=1), f(C, lo=0, hi=1)
+    for layer0 in (True, False):
+        w, kw, vw, kk, b = w_raw.copy(), k.copy(), v.copy(), np.empty((T, C), np.float32), np.empty((T, C), np.float32)
+        v7_prepare(w, kw, vw, a_raw, None if layer0 else v_raw, v_first, w0, a0, v0, k_k, k_a, kk, b,
+                   n_head=H, decay_scale=float(np.exp(-0.5)))
+        d = lambda a: a.astype(np.float64)  # noqa: E731
+        a = sigmoid(d(a0) + d(a_raw))
+        kk_ref = (d(k) * d(k_k)).reshape(T, H, N)
+        kk_ref = (kk_ref / np.linalg.norm(kk_ref, axis=-1, keepdims=True)).reshape(T, C)
+        expected = {"w": np.exp(-np.exp(-0.5) * sigmoid(d(w0) + d(w_raw))), "kk": kk_ref, "b": kk_ref * a,
+                    "k": d(k) * (1 + (a - 1) * d(k_a)),
+                    "v": d(v) if layer0 else d(v) + (d(v_first) - d(v)) * sigmoid(d(v0) + d(v_raw))}
+        for name, got in (("w", w), ("kk", kk), ("b", b), ("k", kw), ("v", vw)):
+            np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -175,17 +175,18 @@ class Layer:
         # as for many, like the big ones'
         self.lin = {name: linear(p[name]) for name in LINEAR + LOW_RANK if name in p}
         self.r_k = p["att_r_k"].reshape(-1)
+        self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
+        self.ffn_mix = p["ffn_x_k"].reshape(1, -1)
 
     def forward(self, X, states, starts, v_first, n):
-        from rwkvx._wkv import wkv7
+        from rwkvx._wkv import mix_rows, v7_prepare, wkv7
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
-        N = C // H
-
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        sx = shift(x, states, ATT_XX, starts) - x
-        xr, xw, xk, xv, xa, xg = (np.ascontiguousarray(x + sx * p[f"att_x_{m}"]) for m in MIXES)
+        mixed = np.empty((6, T, C), np.float32)
+        mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed)
+        xr, xw, xk, xv, xa, xg = mixed
         # the projections in three groups of independent products
         layer0 = v_first is None
         r, k, v, w, a, g, *mv = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
@@ -193,25 +194,22 @@ class Layer:
                                          + ([] if layer0 else [(L["att_v1"], xv)]), n)
         w, a, g, *mv = products([(L["att_w2"], np.tanh(w)), (L["att_a2"], a), (L["att_g2"], sigmoid(g))]
                                 + ([] if layer0 else [(L["att_v2"], mv[0])]), n)
-        w = np.exp(np.float32(-DECAY_SCALE) * sigmoid(p["att_w0"] + w))
-        a = sigmoid(p["att_a0"] + a)
-
-        kk = (k * p["att_k_k"]).reshape(T, H, N)
-        kk = kk / np.maximum(np.sqrt((kk * kk).sum(axis=-1, keepdims=True)), np.float32(1e-12))
-        k = k * (1 + (a - 1) * p["att_k_a"])
+        # decay, in-context rate, removal key, key and value residual (in place)
+        kk, b = np.empty((T, C), np.float32), np.empty((T, C), np.float32)
+        v7_prepare(w, k, v, a, None if layer0 else mv[0], v_first, p["att_w0"], p["att_a0"], p.get("att_v0"),
+                   p["att_k_k"], p["att_k_a"], kk, b, n_head=H, decay_scale=DECAY_SCALE)
         if layer0:
             v_first = v
-        else:
-            v = v + (v_first - v) * sigmoid(p["att_v0"] + mv[0])
 
         y = np.empty((T, C), np.float32)
-        wkv7(r, w, k, v, kk.reshape(T, C), np.ascontiguousarray(kk.reshape(T, C) * a), self.r_k,
+        wkv7(r, w, k, v, kk, b, self.r_k,
              p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y, eps=GROUP_NORM_EPS,
              n_threads=wkv_threads(T, H, C // H, n))
         X += matmul(L["att_output"], y, n)
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
-        xk = np.ascontiguousarray(x + (shift(x, states, FFN_XX, starts) - x) * p["ffn_x_k"])
-        k = np.square(np.maximum(matmul(L["ffn_key"], xk, n), 0))
+        xk = np.empty((1, T, C), np.float32)
+        mix_rows(x, shift(x, states, FFN_XX, starts), self.ffn_mix, xk)
+        k = np.square(np.maximum(matmul(L["ffn_key"], xk[0], n), 0))
         X += matmul(L["ffn_value"], k, n)
         return v_first
