@@ -194,16 +194,18 @@ def test_governor_drops_one_thread_per_busy_window_down_to_one():
 
 
 def test_governor_threshold_grows_with_the_team():
-    # 200 preemptions a second: contention for a team of 4 (50 each), not for 8 (25 each)
-    times, counts = [0.0, 0.051, 0.102], [0, 10, 20]
+    # 235 preemptions a second: contention for a team of 4 (59 each), not for 8 (29 each)
+    times, counts = [0.0, 0.051, 0.102], [0, 12, 24]
     assert _parallel._simulate_governor(_steps(4, times, counts)) == [4, 3, 2]
     assert _parallel._simulate_governor(_steps(8, times, counts)) == [8, 8, 8]
 
 
 def test_governor_threshold():
-    # 2 preemptions in a window (40 a second) are tolerated, 4 (80 a second) are not
-    assert _parallel._simulate_governor(_steps(2, [0.0, 0.051, 0.102], [0, 2, 4])) == [2, 2, 2]
-    assert _parallel._simulate_governor(_steps(2, [0.0, 0.051, 0.102], [0, 4, 8])) == [2, 1, 1]
+    # for two threads, 4 preemptions in a window (78 a second) are tolerated, 6 (118) are not
+    assert _parallel._simulate_governor(_steps(2, [0.0, 0.051, 0.102], [0, 4, 8])) == [2, 2, 2]
+    assert _parallel._simulate_governor(_steps(2, [0.0, 0.051, 0.102], [0, 6, 12])) == [2, 1, 1]
+    # and a single thread's requests are never cut
+    assert _parallel._simulate_governor(_steps(1, [0.0, 0.051, 0.102], [0, 60, 120])) == [1, 1, 1]
 
 
 def test_governor_tries_again_and_backs_off():
