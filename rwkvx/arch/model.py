@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from rwkvx._layer import copy_rows
 from rwkvx._parallel import effective_n_threads
 from rwkvx.arch.common import Weights, linear, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
@@ -61,10 +62,20 @@ class RWKVNext(RWKV):
         all_logits. Several tokens run chunk_size at a time as matrix-matrix products; the
         results are bit-identical to feeding them one by one."""
         tokens = self._check_tokens(tokens)
-        state = self.new_state() if state is None else self._check_state(state)
+        state = self._new_states([state])[0]
         with self._lock:
             logits = self._run([tokens], [state], all_logits)
         return (logits if all_logits else logits[0]), state
+
+    def _new_states(self, states: list) -> list[np.ndarray]:
+        """Checked private copies of states (None: fresh), in one block copied in parallel: a
+        v5+ state is big (6.5 MB at 24 x 1024), and numpy's copy into fresh 4 KB pages took
+        17 ms of a 154 ms batch-8 step on that shape."""
+        block = np.empty((len(states),) + self.state_shape, dtype=np.float32)
+        sources = [self.new_state() if st is None else self._check_state(st, copy=False) for st in states]
+        copy_rows(block.reshape(len(states), -1),
+                  [np.ascontiguousarray(st, dtype=np.float32).reshape(-1) for st in sources], self.n_threads)
+        return list(block)
 
     def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -80,7 +91,7 @@ class RWKVNext(RWKV):
             states = [None] * len(token_lists)
         if isinstance(states, np.ndarray) or len(states) != len(token_lists):
             raise RwkvxError(f"states: expected a list of {len(token_lists)} states (or None entries)")
-        new = [self.new_state() if st is None else self._check_state(st) for st in states]
+        new = self._new_states(list(states))
         with self._lock:
             logits = self._run(token_lists, new, all_logits=False)
         return logits, new
