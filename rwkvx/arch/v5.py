@@ -114,14 +114,14 @@ def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
 # ---- the runtime (float32; big matrices in the run dtype) ----
 
 def channel_mixing_rows(X, states, starts, p, L, n, mixes):
-    """RWKV-4's channel mixing on rows, residual added to X; mixes: (k, 1-k, r, 1-r) or the
-    v6 form given as the same four (x weight, previous-token weight) vectors."""
+    """RWKV-4's channel mixing on rows, residual added to X; mixes (2, C): the previous
+    token's share for k and r (x + (prev - x) * share: 1 - time_mix, or v6's time_maa)."""
     from rwkvx.arch.common import matmul, norm_rows, products, shift
+    from rwkvx._wkv import mix_rows
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
-    prev = shift(x, states, FFN_XX, starts)
-    mk, pk, mr, pr = mixes
-    r, k = products([(L["ffn_receptance"], np.ascontiguousarray(x * mr + prev * pr)),
-                     (L["ffn_key"], np.ascontiguousarray(x * mk + prev * pk))], n)
+    xkr = np.empty((2, len(x), x.shape[1]), np.float32)
+    mix_rows(x, shift(x, states, FFN_XX, starts), mixes, xkr)
+    k, r = products([(L["ffn_key"], xkr[0]), (L["ffn_receptance"], xkr[1])], n)
     X += sigmoid(r) * matmul(L["ffn_value"], np.square(np.maximum(k, 0)), n)
 
 
@@ -135,20 +135,20 @@ class Layer:
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name]) for name in LINEAR}
-        # x·mix + prev·(1 − mix), the complements computed once
-        self.mix = {m: (p[f"att_time_mix_{m}"], 1 - p[f"att_time_mix_{m}"]) for m in "kvrg"}
-        self.ffn_mix = (p["ffn_time_mix_k"], 1 - p["ffn_time_mix_k"], p["ffn_time_mix_r"], 1 - p["ffn_time_mix_r"])
+        # x·mix + prev·(1 − mix) = x + (prev − x)·(1 − mix): the previous token's shares
+        self.mix = np.stack([1 - p[f"att_time_mix_{m}"] for m in "kvrg"])
+        self.ffn_mix = np.stack([1 - p["ffn_time_mix_k"], 1 - p["ffn_time_mix_r"]])
         self.decay = p["att_time_decay"].reshape(1, -1)
         self.bonus = p["att_time_faaaa"].reshape(-1)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import wkv5
+        from rwkvx._wkv import mix_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        prev = shift(x, states, ATT_XX, starts)
-        xk, xv, xr, xg = (np.ascontiguousarray(x * m + prev * c) for m, c in (self.mix[q] for q in "kvrg"))
+        xk, xv, xr, xg = mixed = np.empty((4, T, C), np.float32)
+        mix_rows(x, shift(x, states, ATT_XX, starts), self.mix, mixed)
         r, k, v, g = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
                                (L["att_gate"], xg)], n)
         g = silu(g)

@@ -119,20 +119,22 @@ class Layer:
         self.lin = {name: linear(p[name]) for name in LINEAR + ("att_time_maa_w1", "att_time_decay_w1",
                                                                 "att_time_decay_w2")}
         self.maa_w2 = [linear(m) for m in p["att_time_maa_w2"]]
-        # x + (prev − x)·maa = x·(1 − maa) + prev·maa
-        one = np.float32(1)
-        self.ffn_mix = (one - p["ffn_time_maa_k"], p["ffn_time_maa_k"], one - p["ffn_time_maa_r"], p["ffn_time_maa_r"])
+        self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)
+        self.maa_x = p["att_time_maa_x"].reshape(1, -1)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import wkv5
+        from rwkvx._wkv import mix_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
-        sx = shift(x, states, ATT_XX, starts) - x
-        lora = np.tanh(matmul(L["att_time_maa_w1"], np.ascontiguousarray(x + sx * p["att_time_maa_x"]), n))
+        prev = shift(x, states, ATT_XX, starts)
+        sx = prev - x
+        xx = np.empty((1, T, C), np.float32)
+        mix_rows(x, prev, self.maa_x, xx)
+        lora = np.tanh(matmul(L["att_time_maa_w1"], xx[0], n))
         lora = lora.reshape(T, 5, -1)
         # the five mix corrections (w, k, v, r, g), the decay's first stage as soon as xw is known
         mix = products([(self.maa_w2[i], np.ascontiguousarray(lora[:, i])) for i in range(4)], n)
