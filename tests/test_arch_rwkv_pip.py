@@ -68,6 +68,10 @@ def test_reference_matches_blinkdl_runtime(tmp_path, version):
     err = np.abs(logits - expected).max()
     print(f"{version}: max abs diff {err:.3g}, max |logit| {np.abs(expected).max():.3g}")
     assert err <= 1e-5 * np.abs(expected).max(), f"max abs diff {err:.3g}"
+    # the .pth the package read, through rwkvx's own .pth reader: the same model
+    arch_pth, source_pth = recognise_path(tmp_path / "model.pth")
+    assert arch_pth is arch and source_pth.format == "pth"
+    assert np.array_equal(Reference(read_weights(source_pth, arch_pth)).forward(TOKENS, all_logits=True)[0], logits)
     # the package's state per layer: att_x, the (H, N, N) matrices, ffn_x (same orientation as ours)
     for layer in range(ref.n_layer):
         att_x, heads, ffn_x = (out[f"s{3 * layer + i}"] for i in range(3))
