@@ -51,8 +51,8 @@ def describe(path: str | os.PathLike) -> str | None:
     n_ffn = key.shape[0] if key is not None else 0
     # the big matrices (arch.LINEAR, the head) run in the chosen dtype; every other tensor,
     # the embedding included, is kept float32
-    big = {f"blocks.{layer}.{name.replace('_', '.', 1)}.weight" for layer in range(n_layer) for name in arch.LINEAR}
-    big.add("head.weight")
+    from rwkvx.arch.common import big_keys
+    big = big_keys(arch, n_layer)
     big_elements = sum(t.size for k, t in source.tensors.items() if k in big)
     small_elements = sum(t.size for k, t in source.tensors.items() if k not in big)
     stored = sorted({str(t.dtype) for t in source.tensors.values()})

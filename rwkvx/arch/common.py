@@ -233,6 +233,25 @@ def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str, arena: Arena):
     return quantize_u8(w, q_out=arena.take(w.shape, np.uint8))
 
 
+def big_keys(arch, n_layer: int) -> set[str]:
+    """Checkpoint keys of the matrices that run in the model's dtype (arch.LINEAR, the head)."""
+    keys = {f"blocks.{layer}.{name.replace('_', '.', 1)}.weight" for layer in range(n_layer) for name in arch.LINEAR}
+    return keys | {"head.weight"}
+
+
+def arena_nbytes(source: TensorSource, arch, dtype: str, n_layer: int) -> int:
+    """Bytes of the block read_weights fills: the big matrices in `dtype` (uint8: their q), every
+    other tensor but the embedding in float32, each padded to a cache line (a file's tensor
+    may become several arrays: v7's packed mixes, so a few lines spare per tensor)."""
+    big = big_keys(arch, n_layer)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}[dtype]
+    total = 0
+    for key, tensor in source.tensors.items():
+        if key != "emb.weight":
+            total += Arena.arena_nbytes(tensor.size * (itemsize if key in big else 4)) + 8 * 64
+    return total
+
+
 def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
 
@@ -250,8 +269,7 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     n_head, head_size = arch.heads(source)
     if n_head * head_size != n_embd:
         raise fail(source.path, f"{n_head} heads of {head_size} do not make n_embd {n_embd}")
-    # room for every tensor in float32 (an upper bound: pages are committed only as filled)
-    arena = Arena(sum(Arena.arena_nbytes(4 * t.size) for k, t in source.tensors.items() if k != "emb.weight"))
+    arena = Arena(arena_nbytes(source, arch, dtype, n_layer))
     reader = Reader(source, dtype, arena)
     emb = reader.embedding("emb.weight", (n_vocab, n_embd))
     ln0 = (reader.vector("blocks.0.ln0.weight", n_embd), reader.vector("blocks.0.ln0.bias", n_embd))
