@@ -206,3 +206,20 @@ def test_info_reads_headers_only(checkpoint, version):
 def test_info_of_an_rwkv_4_file_is_left_to_the_rwkv_4_loader(tmp_path):
     from rwkvx.arch import describe
     assert describe(save_random_model(tmp_path / "v4.safetensors")) is None
+
+
+def test_simd_levels_1_and_2_give_the_same_bits(checkpoint):
+    # the shared matrix kernels promise it for AVX2 vs AVX-512; the v5+ kernels have one path
+    from rwkvx import _matvec
+    if _matvec.best_simd_level() < 2:
+        pytest.skip("needs a CPU with AVX-512")
+    model = rwkvx.load(checkpoint, dtype="bfloat16")
+    before = _matvec.simd_level()
+    try:
+        results = []
+        for level in (1, 2):
+            _matvec.set_simd_level(level)
+            results.append(model.forward(TOKENS, all_logits=True))
+    finally:
+        _matvec.set_simd_level(before)
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
