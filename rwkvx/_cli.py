@@ -266,9 +266,11 @@ def load_model(args):
 
 
 def model_summary(args, model, load_seconds: float) -> str:
-    """The load line: shapes, dtype, threads, memory, load time."""
+    """The load line: shapes, dtype, threads and why that many, memory, load time."""
+    from rwkvx._parallel import thread_policy
+    why = "--threads" if args.threads is not None else thread_policy()[1].split(" ", 1)[-1].strip("()")
     return (f"{args.model}: {model.n_layer} layers, {model.n_embd} wide, vocabulary {model.n_vocab}, "
-            f"dtype {model.dtype}, {model.n_threads} threads, weights {model.nbytes / 1e6:.1f} MB, "
+            f"dtype {model.dtype}, {model.n_threads} thread{'s' * (model.n_threads != 1)} ({why}), weights {model.nbytes / 1e6:.1f} MB, "
             f"peak RSS {peak_rss_mb():.0f} MB, loaded in {load_seconds:.2f} s")
 
 

@@ -48,7 +48,7 @@ def test_prompt_from_file_and_stdin(byte_model, tmp_path):
 def test_dtypes_and_threads(byte_model, dtype):
     result = run_cli("-m", byte_model, "-p", "abc", "-n", "5", "--dtype", dtype, "-t", "1", "-s", "1")
     assert result.returncode == 0, result.stderr
-    assert f"dtype {dtype}, 1 threads" in result.stderr
+    assert f"dtype {dtype}, 1 thread (--threads)" in result.stderr
 
 
 def test_no_mmap_gives_the_same_text(byte_model, capsys):
