@@ -64,12 +64,15 @@ def test_runtime_matches_reference(checkpoint, dtype):
     _close(state, ref_state)
 
 
-def test_rwkv_cpp_layout_reads_as_blinkdl(tmp_path, version):
-    # rwkv.cpp's converter squeezes, transposes, packs and pre-transforms; undone on load
-    tensors = random_checkpoint(version, seed=3)
+@pytest.mark.parametrize("head_size", [16, 64])
+def test_rwkv_cpp_layout_reads_as_blinkdl(tmp_path, version, head_size):
+    # rwkv.cpp's converter squeezes, transposes, packs and pre-transforms; undone on load.
+    # One head of 64 too: squeezing leaves its per-head tensors without the head axis
+    tensors = random_checkpoint(version, seed=3, head_size=head_size)
     a = rwkvx.load(write_safetensors(tmp_path / "a.safetensors", tensors))
     b = rwkvx.load(write_rwkv_cpp(tmp_path / "b.bin", version, tensors))
     assert b.architecture == NAMES[version]
+    assert (a.n_head, a.head_size) == (b.n_head, b.head_size) == (64 // head_size, head_size)
     la, _ = a.forward(TOKENS)
     lb, _ = b.forward(TOKENS)
     # v5's decay factor is exp(-exp(x)) in float64 here, in float32 in the converter

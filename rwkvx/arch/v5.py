@@ -29,15 +29,19 @@ def recognise(names: set[str]) -> bool:
 
 
 def heads(source) -> tuple[int, int]:
+    """(n_head, head_size). 5.2 keeps one decay per channel: (H, N) in BlinkDL's files, (H, N, 1)
+    in rwkv.cpp's, (N, 1) there for a single head; 5.0/5.1 keep one per head."""
     from rwkvx.tensorfile import fail
     decay = source.tensors.get("blocks.0.att.time_decay")
-    gate = "blocks.0.att.gate.weight" in source.tensors
-    shape = tuple(decay.shape) if decay is not None else ()
-    # 5.2 keeps one decay per channel, (H, N) (rwkv.cpp: (H, N, 1)); 5.0/5.1 one per head
-    if not gate or len(shape) < 2 or shape[1] == 1:
+    emb = source.tensors.get("emb.weight")
+    n_embd = emb.shape[-1] if emb is not None else (decay.size if decay is not None else 0)
+    if decay is None or "blocks.0.att.gate.weight" not in source.tensors or decay.size != n_embd:
         raise fail(source.path, "this is an RWKV-5.0 or 5.1 checkpoint (one decay per head); "
                                 "rwkvx runs RWKV-4, 5.2, 6 and 7")
-    return shape[0], shape[1]
+    shape = tuple(decay.shape)
+    if len(shape) >= 2 and shape[1] > 1:
+        return shape[0], shape[1]
+    return 1, n_embd
 
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:

@@ -29,9 +29,10 @@ def heads(source) -> tuple[int, int]:
     from rwkvx.tensorfile import fail
     t = source.tensors.get("blocks.0.att.time_faaaa")
     shape = [d for d in t.shape if d != 1] if t is not None else []
-    if len(shape) != 2:
+    if len(shape) not in (1, 2):
         raise fail(source.path, "RWKV-6 checkpoint without a (heads, head size) blocks.0.att.time_faaaa")
-    return shape[0], shape[1]
+    # a single head may be stored (N,) or (1, N)
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
 
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:

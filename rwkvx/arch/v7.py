@@ -43,21 +43,15 @@ def recognise(names: set[str]) -> bool:
 
 
 def heads(source) -> tuple[int, int]:
+    """(n_head, head_size) from the bonus r_k (H, N); a single head may be stored (N,) or (1, N)."""
+    from rwkvx.tensorfile import fail
     for key in ("blocks.0.att.r_k", "blocks.0.att.time_faaaa"):
         t = source.tensors.get(key)
         if t is not None:
             shape = [d for d in t.shape if d != 1]
-            if len(shape) == 2:
-                return shape[0], shape[1]
-            if len(shape) == 1:
-                # a single head: (1, N) stored as (N,) or (1, N)
-                return 1, shape[0]
-    raise _no_heads(source)
-
-
-def _no_heads(source):
-    from rwkvx.tensorfile import fail
-    return fail(source.path, "RWKV-7 checkpoint without a 2-D blocks.0.att.r_k: cannot tell the head size")
+            if len(shape) in (1, 2):
+                return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    raise fail(source.path, "RWKV-7 checkpoint without a (heads, head size) blocks.0.att.r_k")
 
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
