@@ -37,11 +37,14 @@ cdef inline void _group_norm_gate(float* out, const float* y, const float* w, co
 cdef void _wkv5_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
                      const float* r, const float* k, const float* v, const float* w, Py_ssize_t w_step,
                      const float* u, const float* ln_w, const float* ln_b, const float* g,
-                     double eps, float* S, float* y, float* out) noexcept nogil:
+                     double eps, const float* S_in, float* S, float* y, float* out) noexcept nogil:
     # per token, for keys i and values j of head h:
     #   y[j] = sum_i r[i] (u[i] k[i] v[j] + S[i, j]);  S[i, j] = w[i] S[i, j] + k[i] v[j]
+    # The first token reads S_in and writes S (the state passed in stays as it was; they may
+    # be the same memory), later tokens update S.
     cdef Py_ssize_t C = H * N, t, i, j, row
     cdef float* s = S + h * N * N
+    cdef const float* src = S_in + h * N * N
     cdef float* yt
     cdef const float* vt
     cdef float ri, ki, wi, ui, kv
@@ -58,8 +61,9 @@ cdef void _wkv5_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
             ui = u[h * N + i]
             for j in range(N):
                 kv = ki * vt[j]
-                yt[j] = yt[j] + ri * (ui * kv + s[i * N + j])
-                s[i * N + j] = s[i * N + j] * wi + kv
+                yt[j] = yt[j] + ri * (ui * kv + src[i * N + j])
+                s[i * N + j] = src[i * N + j] * wi + kv
+        src = s
         _group_norm_gate(out + row, yt, ln_w + h * N, ln_b + h * N, g + row, N, eps)
 
 
@@ -83,23 +87,27 @@ cdef void _wkv7_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
                      const float* r, const float* w, const float* k, const float* v,
                      const float* kk, const float* b, const float* r_k,
                      const float* ln_w, const float* ln_b, const float* g,
-                     double eps, float* S, float* y, float* out) noexcept nogil:
+                     double eps, const float* S_in, float* S, float* y, float* out) noexcept nogil:
     # per token, for values i and keys j of head h (S = S diag(w) + (S (-kk)) b^T + v k^T):
     #   S[i, j] = S[i, j] w[j] - (S[i, :] . kk) b[j] + v[i] k[j];  y[i] = S[i, :] . r
-    # then out = (group_norm(y) + (r . (k * r_k)) v) * g
+    # then out = (group_norm(y) + (r . (k * r_k)) v) * g. The first token reads S_in (as wkv5).
     cdef Py_ssize_t C = H * N, t, i, j, row
     cdef float* s = S + h * N * N
+    cdef const float* src = S_in + h * N * N
     cdef float* si
+    cdef const float* si_src
     cdef float sa, vi, bonus
     for t in range(T):
         row = t * C + h * N
         for i in range(N):
             si = s + i * N
-            sa = _dot(si, kk + row, N)
+            si_src = src + i * N
+            sa = _dot(si_src, kk + row, N)
             vi = v[row + i]
             for j in range(N):
-                si[j] = si[j] * w[row + j] - sa * b[row + j] + vi * k[row + j]
+                si[j] = si_src[j] * w[row + j] - sa * b[row + j] + vi * k[row + j]
             y[row + i] = _dot(si, r + row, N)
+        src = s
         bonus = 0.0
         for j in range(N):
             bonus = bonus + r[row + j] * k[row + j] * r_k[h * N + j]
@@ -110,27 +118,27 @@ cdef void _wkv7_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
 
 cdef void _wkv5(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
                 const float* k, const float* v, const float* w, Py_ssize_t w_step, const float* u,
-                const float* ln_w, const float* ln_b, const float* g, double eps, float** S, float* y,
-                float* out, int n_threads) noexcept nogil:
+                const float* ln_w, const float* ln_b, const float* g, double eps, const float** S_in, float** S,
+                float* y, float* out, int n_threads) noexcept nogil:
     # sequence b is rows starts[b]..starts[b+1] with state S[b]; one task per (sequence, head)
     cdef Py_ssize_t task, b, C = H * N, row
     for task in prange(B * H, schedule="static", num_threads=n_threads):
         b = task // H
         row = starts[b] * C
         _wkv5_head(task % H, starts[b + 1] - starts[b], H, N, r + row, k + row, v + row,
-                   w + starts[b] * w_step, w_step, u, ln_w, ln_b, g + row, eps, S[b], y + row, out + row)
+                   w + starts[b] * w_step, w_step, u, ln_w, ln_b, g + row, eps, S_in[b], S[b], y + row, out + row)
 
 
 cdef void _wkv7(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
                 const float* w, const float* k, const float* v, const float* kk, const float* b,
                 const float* r_k, const float* ln_w, const float* ln_b, const float* g, double eps,
-                float** S, float* y, float* out, int n_threads) noexcept nogil:
+                const float** S_in, float** S, float* y, float* out, int n_threads) noexcept nogil:
     cdef Py_ssize_t task, seq, C = H * N, row
     for task in prange(B * H, schedule="static", num_threads=n_threads):
         seq = task // H
         row = starts[seq] * C
         _wkv7_head(task % H, starts[seq + 1] - starts[seq], H, N, r + row, w + row, k + row, v + row,
-                   kk + row, b + row, r_k, ln_w, ln_b, g + row, eps, S[seq], y + row, out + row)
+                   kk + row, b + row, r_k, ln_w, ln_b, g + row, eps, S_in[seq], S[seq], y + row, out + row)
 
 
 def _check(name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t T, Py_ssize_t C):
@@ -138,24 +146,31 @@ def _check(name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t T, Py_ssize_t C):
         raise RwkvxError(f"{name}: expected ({T}, {C}), got ({rows}, {cols})")
 
 
-cdef float** _state_pointers(list states, Py_ssize_t H, Py_ssize_t N, views) except NULL:
-    # each sequence's (H, N, N) state block, C-contiguous; views keeps them alive
+cdef float** _state_pointers(list states, list sources, Py_ssize_t H, Py_ssize_t N, views) except NULL:
+    # each sequence's (H, N, N) state block, C-contiguous, written (first B pointers) and read
+    # at the first token (the next B: sources, or the states themselves); views keeps them alive
     cdef Py_ssize_t B = len(states), b
     cdef float[:, :, ::1] S
-    cdef float** ptrs = <float**>malloc(max(B, 1) * sizeof(float*))
+    cdef const float[:, :, ::1] S_in
+    if sources is not None and len(sources) != B:
+        raise RwkvxError(f"sources: expected {B} states, got {len(sources)}")
+    cdef float** ptrs = <float**>malloc(max(2 * B, 1) * sizeof(float*))
     if ptrs == NULL:
         raise MemoryError()
     for b in range(B):
         try:
             S = states[b]
+            S_in = states[b] if sources is None else sources[b]
         except (TypeError, ValueError):
             free(ptrs)
             raise RwkvxError(f"state {b}: expected a C-contiguous float32 ({H}, {N}, {N}) array") from None
-        if S.shape[0] != H or S.shape[1] != N or S.shape[2] != N:
-            free(ptrs)
-            raise RwkvxError(f"state {b}: expected ({H}, {N}, {N}), got ({S.shape[0]}, {S.shape[1]}, {S.shape[2]})")
-        views.append(S)
+        for shape in ((S.shape[0], S.shape[1], S.shape[2]), (S_in.shape[0], S_in.shape[1], S_in.shape[2])):
+            if shape != (H, N, N):
+                free(ptrs)
+                raise RwkvxError(f"state {b}: expected ({H}, {N}, {N}), got {shape}")
+        views.append((S, S_in))
         ptrs[b] = &S[0, 0, 0]
+        ptrs[B + b] = <float*>&S_in[0, 0, 0]
     return ptrs
 
 
@@ -170,12 +185,15 @@ def _check_starts(const Py_ssize_t[::1] starts, Py_ssize_t n_states, Py_ssize_t 
 
 def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, const float[:, ::1] w,
          const float[::1] u, const float[::1] ln_w, const float[::1] ln_b, const float[:, ::1] g,
-         list states, const Py_ssize_t[::1] starts, float[:, ::1] out, *, double eps, int n_threads=1):
+         list states, const Py_ssize_t[::1] starts, float[:, ::1] out, *, double eps, int n_threads=1,
+         list sources=None):
     """RWKV-5.2/6 WKV for the rows of several sequences, then out = group_norm(y) * g.
 
     Sequence b is rows starts[b]..starts[b+1] (tokens in order), its state states[b]: (H, N, N)
-    keys x values, updated. r, k, v, g, out: (R, C); w: the decay factors, (R, C) per token
-    (RWKV-6) or (1, C) for every token (RWKV-5.2); u (bonus), ln_w, ln_b: (C,).
+    keys x values, updated; with sources, the state before the first token is read from
+    sources[b] instead (which is left unchanged: no separate copy of the state is needed).
+    r, k, v, g, out: (R, C); w: the decay factors, (R, C) per token (RWKV-6) or (1, C) for
+    every token (RWKV-5.2); u (bonus), ln_w, ln_b: (C,).
     """
     cdef Py_ssize_t R = r.shape[0], C = r.shape[1], B = len(states)
     cdef Py_ssize_t H = states[0].shape[0] if B else 1
@@ -194,13 +212,13 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
     if R == 0:
         return
     views = []
-    cdef float** S = _state_pointers(states, H, N, views)
+    cdef float** S = _state_pointers(states, sources, H, N, views)
     cdef float[:, ::1] y = out.copy()
     cdef Py_ssize_t w_step = 0 if w.shape[0] == 1 else C
     try:
         with nogil:
             _wkv5(&starts[0], B, H, N, &r[0, 0], &k[0, 0], &v[0, 0], &w[0, 0], w_step, &u[0], &ln_w[0],
-                  &ln_b[0], &g[0, 0], eps, S, &y[0, 0], &out[0, 0], n_threads)
+                  &ln_b[0], &g[0, 0], eps, <const float**>(S + B), S, &y[0, 0], &out[0, 0], n_threads)
     finally:
         free(S)
 
@@ -208,12 +226,12 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
 def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, const float[:, ::1] v,
          const float[:, ::1] kk, const float[:, ::1] b, const float[::1] r_k, const float[::1] ln_w,
          const float[::1] ln_b, const float[:, ::1] g, list states, const Py_ssize_t[::1] starts,
-         float[:, ::1] out, *, double eps, int n_threads=1):
+         float[:, ::1] out, *, double eps, int n_threads=1, list sources=None):
     """RWKV-7 WKV for the rows of several sequences, then out = (group_norm(y) + (r . k r_k) v) * g
     per head.
 
     Sequence b is rows starts[b]..starts[b+1], its state states[b]: (H, N, N) values x keys,
-    updated. r, w (decay factors), k, v, kk (normalised removal key), b (kk * a), g, out:
+    updated; sources as for wkv5. r, w (decay factors), k, v, kk (normalised removal key), b (kk * a), g, out:
     (R, C); r_k, ln_w, ln_b: (C,).
     """
     cdef Py_ssize_t R = r.shape[0], C = r.shape[1], B = len(states)
@@ -231,12 +249,12 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
     if R == 0:
         return
     views = []
-    cdef float** S = _state_pointers(states, H, N, views)
+    cdef float** S = _state_pointers(states, sources, H, N, views)
     cdef float[:, ::1] y = out.copy()
     try:
         with nogil:
             _wkv7(&starts[0], B, H, N, &r[0, 0], &w[0, 0], &k[0, 0], &v[0, 0], &kk[0, 0], &b[0, 0], &r_k[0],
-                  &ln_w[0], &ln_b[0], &g[0, 0], eps, S, &y[0, 0], &out[0, 0], n_threads)
+                  &ln_w[0], &ln_b[0], &g[0, 0], eps, <const float**>(S + B), S, &y[0, 0], &out[0, 0], n_threads)
     finally:
         free(S)
 

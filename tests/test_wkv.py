@@ -85,8 +85,9 @@ def test_kernels_give_the_same_bits_for_any_thread_count_and_token_split():
         for s in range(0, T, split):
             part = slice(s, s + split)
             out = np.empty((len(range(T)[part]), C), np.float32)
-            wkv7(r[part], w[part], k[part], v[part], kk[part], bb[part], np.full(C, 0.3, np.float32), np.ones(C, np.float32),
-                 np.zeros(C, np.float32), g[part], [S], _starts(len(out)), out, eps=64e-5, n_threads=n_threads)
+            wkv7(r[part], w[part], k[part], v[part], kk[part], bb[part], np.full(C, 0.3, np.float32),
+                 np.ones(C, np.float32), np.zeros(C, np.float32), g[part], [S], _starts(len(out)), out, eps=64e-5,
+                 n_threads=n_threads)
             outs.append(out)
         results.append((np.concatenate(outs), S))
     for out, S in results[1:]:
@@ -202,3 +203,27 @@ def test_mix_rows_and_v7_prepare_match_numpy():
                     "v": d(v) if layer0 else d(v) + (d(v_first) - d(v)) * sigmoid(d(v0) + d(v_raw))}
         for name, got in (("w", w), ("kk", kk), ("b", b), ("k", kw), ("v", vw)):
             np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sources_are_read_and_left_unchanged():
+    rng = np.random.default_rng(9)
+    H, N, T = 2, 8, 3
+    C, f = _inputs(rng, T, H, N)
+    r, k, v, g, kk, bb = (f(T, C) for _ in range(6))
+    w = np.abs(f(T, C))
+    u, ln_w, ln_b = f(C), f(C, lo=0.5, hi=1.5), f(C)
+    S0 = f(H, N, N)
+    for kernel in (wkv5, wkv7):
+        def run(states, **kw):
+            out = np.empty((T, C), np.float32)
+            if kernel is wkv5:
+                wkv5(r, k, v, w, u, ln_w, ln_b, g, states, _starts(T), out, eps=64e-5, **kw)
+            else:
+                wkv7(r, w, k, v, kk, bb, u, ln_w, ln_b, g, states, _starts(T), out, eps=64e-5, **kw)
+            return out
+        in_place = S0.copy()
+        expected = run([in_place])
+        source, fresh = S0.copy(), np.full_like(S0, np.nan)
+        source.flags.writeable = False
+        got = run([fresh], sources=[source])
+        assert np.array_equal(got, expected) and np.array_equal(fresh, in_place) and np.array_equal(source, S0)

@@ -59,7 +59,8 @@ def describe(path: str | os.PathLike) -> str | None:
     lines = [
         f"file          {source.path} ({source.file_size / 1e6:.1f} MB)",
         f"format        {FORMAT_NAMES.get(source.format, source.format)}",
-        f"architecture  {arch.NAME} ({arch.ID}): {n_layer} layers, n_embd {n_embd}, {n_head} head{'s' * (n_head != 1)} of {head_size}, "
+        f"architecture  {arch.NAME} ({arch.ID}): {n_layer} layers, n_embd {n_embd}, "
+        f"{n_head} head{'s' * (n_head != 1)} of {head_size}, "
         f"vocabulary {n_vocab}, ffn {n_ffn} ({(big_elements + small_elements) / 1e6:.1f}M parameters)",
         f"stored        {', '.join(stored)}",
         f"kept float32  embedding, norms, token-shift mixes, decays and bonuses, low-rank matrices "

@@ -235,7 +235,8 @@ def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str, arena: Arena):
 
 def big_keys(arch, n_layer: int) -> set[str]:
     """Checkpoint keys of the matrices that run in the model's dtype (arch.LINEAR, the head)."""
-    keys = {f"blocks.{layer}.{name.replace('_', '.', 1)}.weight" for layer in range(n_layer) for name in arch.LINEAR}
+    keys = {f"blocks.{layer}.{name.replace('_', '.', 1)}.weight"
+            for layer in range(n_layer) for name in arch.LINEAR}
     return keys | {"head.weight"}
 
 
@@ -256,9 +257,10 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
 
     Each layer is converted to the run dtype as it is read (matrices the file already holds
-    in it are read as they are), so loading holds one layer in float32 beyond the result. What decoding reads (all but the embedding) is put in one
-    block of 2 MB pages, as rwkvx.loader does for RWKV-4: streaming the weights through
-    4 KB pages costs a TLB miss per page.
+    in it are read as they are), so loading holds one layer in float32 beyond the result.
+    What decoding reads (all but the embedding) is put in one block of 2 MB pages, as
+    rwkvx.loader does for RWKV-4: streaming the weights through 4 KB pages costs a TLB miss
+    per page.
     """
     emb_tensor = source.tensors.get("emb.weight")
     if emb_tensor is None or len(emb_tensor.shape) != 2:
@@ -375,20 +377,33 @@ def norm_rows(X: np.ndarray, w: np.ndarray, b: np.ndarray, n_threads: int) -> np
     return out
 
 
-def shift(X: np.ndarray, states: list, row: int, starts: np.ndarray) -> np.ndarray:
+def shift(X: np.ndarray, states, row: int, starts: np.ndarray) -> np.ndarray:
     """Each row's previous token: the row before it, or for the first row of sequence b,
-    row `row` of its layer state states[b] (which is then set to the sequence's last row)."""
+    row `row` of its layer state before this call (states.sources[b]); states[b]'s row is
+    then set to the sequence's last row."""
     prev = np.empty_like(X)
     prev[1:] = X[:-1]
-    for b, s in enumerate(states):
-        prev[starts[b]] = s[row]
+    for b, (s, source) in enumerate(zip(states, states.sources)):
+        prev[starts[b]] = source[row]
         s[row] = X[starts[b + 1] - 1]
     return prev
+
+
+class LayerStates(list):
+    """One layer's states of the sequences in a call (written), with `sources`: the same
+    layer's states before the call (read; the states themselves once a call is past its
+    first chunk). The kernels read the old state and write the new one, so a call's new
+    state is never first copied from the old."""
+
+    def __init__(self, states: list, sources: list):
+        super().__init__(states)
+        self.sources = sources
 
 
 def heads_of(states: list, n_head: int) -> list:
     """The (H, N, N) WKV blocks of layer states (views: the kernels update the states)."""
     return [wkv_matrices(s, n_head) for s in states]
+
 
 
 try:

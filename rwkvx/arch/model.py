@@ -16,9 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rwkvx._layer import copy_rows
 from rwkvx._parallel import effective_n_threads
-from rwkvx.arch.common import Weights, linear, matmul, new_state, norm_rows, read_weights
+from rwkvx.arch.common import LayerStates, Weights, linear, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
 from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV
 from rwkvx.weights import to_float32
@@ -62,20 +61,24 @@ class RWKVNext(RWKV):
         all_logits. Several tokens run chunk_size at a time as matrix-matrix products; the
         results are bit-identical to feeding them one by one."""
         tokens = self._check_tokens(tokens)
-        state = self._new_states([state])[0]
+        new, sources = self._new_states([state])
         with self._lock:
-            logits = self._run([tokens], [state], all_logits)
-        return (logits if all_logits else logits[0]), state
+            logits = self._run([tokens], new, sources, all_logits)
+        return (logits if all_logits else logits[0]), new[0]
 
-    def _new_states(self, states: list) -> list[np.ndarray]:
-        """Checked private copies of states (None: fresh), in one block copied in parallel: a
-        v5+ state is big (6.5 MB at 24 x 1024), and numpy's copy into fresh 4 KB pages took
-        17 ms of a 154 ms batch-8 step on that shape."""
+    def _new_states(self, states: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(new states to fill, checked states to read): a new state is written by the layers
+        from the old one (no copy first: a v5+ state is 6.5 MB at 24 x 1024); None is fresh."""
         block = np.empty((len(states),) + self.state_shape, dtype=np.float32)
-        sources = [self.new_state() if st is None else self._check_state(st, copy=False) for st in states]
-        copy_rows(block.reshape(len(states), -1),
-                  [np.ascontiguousarray(st, dtype=np.float32).reshape(-1) for st in sources], self.n_threads)
-        return list(block)
+        fresh = None
+        sources = []
+        for st in states:
+            if st is None:
+                fresh = self.new_state() if fresh is None else fresh
+                sources.append(fresh)
+            else:
+                sources.append(np.ascontiguousarray(self._check_state(st, copy=False)))
+        return list(block), sources
 
     def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -91,19 +94,22 @@ class RWKVNext(RWKV):
             states = [None] * len(token_lists)
         if isinstance(states, np.ndarray) or len(states) != len(token_lists):
             raise RwkvxError(f"states: expected a list of {len(token_lists)} states (or None entries)")
-        new = self._new_states(list(states))
+        new, sources = self._new_states(list(states))
         with self._lock:
-            logits = self._run(token_lists, new, all_logits=False)
+            logits = self._run(token_lists, new, sources, all_logits=False)
         return logits, new
 
-    def _run(self, token_lists: list[list[int]], states: list[np.ndarray], all_logits: bool) -> np.ndarray:
-        """Run B sequences (states updated in place), chunk_size rows per pass over the
-        weights; logits after every row (all_logits) or after each sequence's last (B, n_vocab)."""
+    def _run(self, token_lists: list[list[int]], states: list[np.ndarray], sources: list[np.ndarray],
+             all_logits: bool) -> np.ndarray:
+        """Run B sequences from states `sources` (read only) into `states` (every value
+        written), chunk_size rows per pass over the weights; logits after every row
+        (all_logits) or after each sequence's last (B, n_vocab)."""
         w, n = self.weights, self.n_threads
         rows = [(b, t) for b, toks in enumerate(token_lists) for t in toks]
         chunk = max(1, int(self.chunk_size))
         final = [None] * len(token_lists)
         outputs = []
+        started = set()
         for begin in range(0, len(rows), chunk):
             part = rows[begin:begin + chunk]
             first, last = part[0][0], part[-1][0]
@@ -114,8 +120,13 @@ class RWKVNext(RWKV):
             ids = np.fromiter((t for _, t in part), np.intp, len(part))
             x = norm_rows(np.ascontiguousarray(to_float32(w.emb[ids])), w.ln0_weight, w.ln0_bias, n)
             carry = None
+            # a sequence begun in an earlier chunk continues from its new state
+            reads = [sources[b] if b not in started else states[b] for b in range(first, last + 1)]
+            started.update(range(first, last + 1))
             for layer_id, layer in enumerate(self.layers):
-                carry = layer.forward(x, [states[b][layer_id] for b in range(first, last + 1)], starts, carry, n)
+                layer_states = LayerStates([states[b][layer_id] for b in range(first, last + 1)],
+                                           [read[layer_id] for read in reads])
+                carry = layer.forward(x, layer_states, starts, carry, n)
             if all_logits:
                 outputs.append(self._logits(x))
             for b in range(first, last + 1):

@@ -157,8 +157,8 @@ class Layer:
                                (L["att_gate"], xg)], n)
         g = silu(g)
         y = np.empty((T, C), np.float32)
-        wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g,
-             heads_of(states, H), starts, y, eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n))
+        wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H),
+             starts, y, eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n), sources=heads_of(states.sources, H))
         X += matmul(L["att_output"], y, n)
         channel_mixing_rows(X, states, starts, p, L, n, self.ffn_mix)
         return None

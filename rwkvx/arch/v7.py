@@ -198,7 +198,7 @@ class Layer:
         y = np.empty((T, C), np.float32)
         wkv7(r, w, k, v, kk, b, self.r_k,
              p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y, eps=GROUP_NORM_EPS,
-             n_threads=wkv_threads(T, H, C // H, n))
+             n_threads=wkv_threads(T, H, C // H, n), sources=heads_of(states.sources, H))
         X += matmul(L["att_output"], y, n)
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
