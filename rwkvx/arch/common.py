@@ -3,12 +3,14 @@ and the float64 reference model that runs any of them.
 
 State per layer (float32, ``(2 + head_size, n_embd)``): row FFN_XX is the channel mixing's
 previous input, row ATT_XX the time mixing's, and rows WKV.. hold the H per-head (N, N)
-matrices of the WKV recurrence, flattened (H * N * N = N * n_embd floats). A whole state is
-``(n_layer, 2 + head_size, n_embd)``.
+matrices of the WKV recurrence, flattened (H * N * N = N * n_embd floats): keys x values
+for RWKV-5.2/6, values x keys for RWKV-7, as in BlinkDL's runtime (so its states compare
+directly). A whole state is ``(n_layer, 2 + head_size, n_embd)``.
 
 The layer math itself lives in one module per architecture (v5, v6, v7); each defines
 ``read_block`` (checkpoint names -> weights), ``block`` (float64 numpy, the specification),
-and ``Layer`` (the float32 runtime, calling the shared matrix kernels).
+and ``Layer`` (the float32 runtime: the shared matrix kernels, rwkvx._wkv for the
+recurrence and the elementwise work around it, numpy for the rest).
 """
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ class Reader:
         if int(np.prod(tensor.shape)) != size:
             self.problems.append(f"{key}: expected {size} values, got shape {list(tensor.shape)}")
             return None
-        if not hasattr(tensor, "float32") or isinstance(getattr(tensor, "parts", None), dict):
+        if not hasattr(tensor, "float32"):
             self.problems.append(f"{key}: stored as {tensor.dtype}, expected floating point")
             return None
         return tensor.float32()
