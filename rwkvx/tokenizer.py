@@ -35,7 +35,8 @@ import os
 import re
 from collections.abc import Callable, Iterable
 
-from rwkvx.errors import TokenizerError
+from rwkvx.errors import RwkvxError, TokenizerError
+from rwkvx.tensorfile import open_regular, printable
 
 __all__ = [
     "Tokenizer",
@@ -246,21 +247,26 @@ class HFTokenizer(_BytesTokenizer):
     ``decode`` keeps special tokens (``<|endoftext|>`` decodes to its text).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
         try:
             import tokenizers
         except ImportError:
             raise TokenizerError(
-                f"tokenizer {os.fspath(path)}: expected the 'tokenizers' package to be installed, got ImportError"
+                f"tokenizer {_name(path)}: expected the 'tokenizers' package to be installed, got ImportError"
             ) from None
         self.path = os.fspath(path)
+        if data is None:
+            data = _read_file(self.path)
+        # checked here first: the library aborts the whole process on some hostile files
+        # (an id of 2^31 makes it allocate that many entries)
+        _checked_tokenizer_json(self.path, data)
         try:
-            self._hf = tokenizers.Tokenizer.from_file(self.path)
+            self._hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
             config = json.loads(self._hf.to_str())
         # The library raises bare Exception subclasses (from Rust) for any malformed file.
         except Exception as exc:
             raise TokenizerError(
-                f"tokenizer {self.path}: expected a valid tokenizer.json, got {_one_line(exc)}"
+                f"tokenizer {_name(self.path)}: expected a valid tokenizer.json, got {printable(_one_line(exc))}"
             ) from None
         self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         self.eos_id = next(
@@ -351,7 +357,7 @@ class WorldTokenizer(_BytesTokenizer):
     decodes to "". ``vocab_size`` is 65536; ids without a line decode to "".
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
         self.path = os.fspath(path)
         self.vocab_size = WORLD_VOCAB_SIZE
         self.eos_id = 0
@@ -360,20 +366,17 @@ class WorldTokenizer(_BytesTokenizer):
         # -1. Encoding walks forward while the text so far is a prefix, so the cost per token
         # is its length, not the longest token's length.
         self._prefixes: dict[bytes, int] = {}
+        if data is None:
+            data = _read_file(self.path)
         try:
-            with open(self.path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    line = line.rstrip("\r\n")
-                    if line:
-                        self._add_line(line, lineno)
-        except OSError as exc:
-            raise TokenizerError(
-                f"tokenizer {self.path}: expected a readable file, got {exc.strerror or exc}"
-            ) from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise TokenizerError(
-                f"tokenizer {self.path}: expected UTF-8 text, got an invalid byte at offset {exc.start}"
+                f"tokenizer {_name(self.path)}: expected UTF-8 text, got an invalid byte at offset {exc.start}"
             ) from None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line:
+                self._add_line(line, lineno)
 
     def _add_line(self, line: str, lineno: int) -> None:
         """Parse one ``ID REPR LEN`` line and add the token, or raise TokenizerError naming the line."""
@@ -432,6 +435,50 @@ class WorldTokenizer(_BytesTokenizer):
         return f"WorldTokenizer({self.path!r})"
 
 
+# tokenizer files are at most this large (the 20B tokenizer.json is 2.4 MB) ...
+_MAX_FILE_BYTES = 256 << 20
+# ... and their token ids below this (vocabularies have ~50-250k tokens)
+_MAX_TOKEN_ID = 1 << 24
+
+
+def _name(path) -> str:
+    return printable(os.fspath(path))
+
+
+def _read_file(path: str) -> bytes:
+    """A tokenizer file's bytes: a regular file only (a FIFO would block), of bounded size."""
+    try:
+        fd = open_regular(os.fspath(path), "tokenizer file")
+    except RwkvxError as exc:
+        raise TokenizerError(f"tokenizer {exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(_MAX_FILE_BYTES + 1)
+    if len(data) > _MAX_FILE_BYTES:
+        raise TokenizerError(f"tokenizer {_name(path)}: larger than {_MAX_FILE_BYTES >> 20} MB")
+    return data
+
+
+def _checked_tokenizer_json(path: str, data: bytes) -> dict:
+    """The parsed tokenizer.json, with every token id an int in 0..2^24."""
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise TokenizerError(f"tokenizer {_name(path)}: not valid JSON ({printable(_one_line(exc), 80)})") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"tokenizer {_name(path)}: expected a JSON object")
+    model = config.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    added = config.get("added_tokens")
+    if isinstance(added, list):
+        ids += [t.get("id") for t in added if isinstance(t, dict)]
+    for token_id in ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < _MAX_TOKEN_ID:
+            raise TokenizerError(f"tokenizer {_name(path)}: a token id of {printable(token_id, 40)} "
+                                 f"(expected integers in 0..{_MAX_TOKEN_ID - 1})")
+    return config
+
+
 def _one_line(exc: BaseException) -> str:
     """Return the first line of an exception's message (the type name if it has none)."""
     text = str(exc).strip()
@@ -478,26 +525,20 @@ def load_tokenizer(path: str | os.PathLike[str] | None, n_vocab: int) -> Tokeniz
     if isinstance(path, str) and path == "bytes":
         tokenizer = ByteTokenizer()
     else:
-        try:
-            with open(name, "rb") as f:
-                head = f.read(4096)
-        except OSError as exc:
-            raise TokenizerError(
-                f"tokenizer {name}: expected a readable file, got {exc.strerror or _one_line(exc)}"
-            ) from None
-        head = head.removeprefix(codecs.BOM_UTF8).lstrip()
+        data = _read_file(name)
+        head = data[:4096].removeprefix(codecs.BOM_UTF8).lstrip()
         if head.startswith(b"{"):
-            tokenizer = HFTokenizer(name)
+            tokenizer = HFTokenizer(name, data)
         elif _WORLD_FIRST_LINE.match(head):
-            tokenizer = WorldTokenizer(name)
+            tokenizer = WorldTokenizer(name, data)
         else:
             raise TokenizerError(
-                f"tokenizer {name}: expected a Hugging Face tokenizer.json or an RWKV World "
+                f"tokenizer {_name(name)}: expected a Hugging Face tokenizer.json or an RWKV World "
                 "vocabulary (.txt), got neither"
             )
     if tokenizer.vocab_size > n_vocab:
         raise TokenizerError(
-            f"tokenizer {name} has {tokenizer.vocab_size} tokens but the model's vocabulary has {n_vocab}"
+            f"tokenizer {_name(name)} has {tokenizer.vocab_size} tokens but the model's vocabulary has {n_vocab}"
         )
     return tokenizer
 

@@ -525,3 +525,28 @@ def test_packaged_world_vocabulary_has_words_not_just_bytes(world: WorldTokenize
     text = "".join(MULTILINGUAL)
     # about 2.4 bytes per token on this text when written; bytes alone would be 1
     assert len(text.encode("utf-8")) / len(world.encode(text)) > 2
+
+
+def test_hostile_tokenizer_files_are_one_line_errors(tmp_path):
+    import json
+    import os
+    from rwkvx.tokenizer import load_tokenizer
+    from rwkvx.errors import TokenizerError
+    base = {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
+    cases = {
+        # an id of 2^31: the library would allocate that many entries (or abort the process)
+        "huge id": json.dumps({**base, "added_tokens": [{"id": 2**31, "content": "x", "special": True}]}),
+        "float id": json.dumps({**base, "model": {"type": "BPE", "vocab": {"a": 0.5}, "merges": []}}),
+        "deep": "{\"a\": " + "[" * 100000 + "]" * 100000 + "}",
+        "not an object": "[1, 2]",
+    }
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(TokenizerError) as info:
+            load_tokenizer(str(path), 50277)
+        assert "\n" not in str(info.value), name
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(TokenizerError, match="FIFO"):
+        load_tokenizer(str(fifo), 50277)
