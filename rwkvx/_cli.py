@@ -9,11 +9,13 @@ import argparse
 import math
 import os
 import re
+import stat
 import sys
 import time
 from typing import Callable
 
 from rwkvx.errors import RwkvxError
+from rwkvx.tensorfile import printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -194,23 +196,47 @@ def float_in(low: float, high: float = float("inf"), low_open: bool = False):
 # ---- input text -------------------------------------------------------------------------
 
 
+# the longest text a tool reads (a prompt, a perplexity corpus): beyond, memory, not text
+MAX_TEXT_BYTES = 1 << 30
+
+
 def read_text(path: str, what: str = "text") -> str:
-    """The UTF-8 text of a file, or of stdin for "-"; every failure one RwkvxError line."""
+    """The UTF-8 text of a file, or of stdin for "-"; every failure one RwkvxError line.
+
+    A regular file or a pipe (`-f <(cmd)`); a FIFO nobody writes to reads as empty instead
+    of waiting, and devices are refused (/dev/zero would never end).
+    """
     if path == "-":
         if sys.stdin is None:
             raise RwkvxError(f"no standard input to read the {what} from (it is closed)")
-        data, name = sys.stdin.buffer.read(), "stdin"
+        data, name = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1), "stdin"
     else:
-        name = path
+        name = printable(path)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            # without blocking: opening a FIFO for reading waits for a writer
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise RwkvxError(f"{path}: no such {what} file") from None
+            raise RwkvxError(f"{name}: no such {what} file") from None
         except IsADirectoryError:
-            raise RwkvxError(f"{path}: is a directory, expected a {what} file") from None
-        except OSError as e:
-            raise RwkvxError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+            raise RwkvxError(f"{name}: is a directory, expected a {what} file") from None
+        except (OSError, ValueError) as e:
+            raise RwkvxError(f"{name}: cannot read the {what} file: {getattr(e, 'strerror', None) or e}") from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise RwkvxError(f"{name}: is a directory, expected a {what} file")
+            raise RwkvxError(f"{name}: not a regular file or a pipe")
+        with os.fdopen(fd, "rb") as f:
+            if stat.S_ISFIFO(mode) and hasattr(os, "set_blocking"):
+                # a writer is there (a pipe from a command) or the read ends at once
+                os.set_blocking(fd, True)
+            try:
+                data = f.read(MAX_TEXT_BYTES + 1)
+            except OSError as e:
+                raise RwkvxError(f"{name}: cannot read the {what} file: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise RwkvxError(f"{name}: the {what} is larger than {MAX_TEXT_BYTES >> 30} GB")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -241,6 +267,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="read the weights into memory (in 2 MB pages) instead of using the mapped file, "
                         "and drop the file from the page cache; decodes faster when the file is cached in "
                         "small pages")
+    p.add_argument("--check-tensors", action="store_true",
+                   help="scan every weight for NaN and infinite values, also those used in place from the "
+                        "mapped file (reads it once); weights read or converted at load are always checked")
     p.add_argument("-b", "--batch-size", type=int_at_least(1), default=None, metavar="N",
                    help="prompt tokens processed per pass over the weights (default: 128)")
 
@@ -257,7 +286,8 @@ def load_model(args):
     from rwkvx.tokenizer import default_tokenizer, load_tokenizer
 
     start = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
+                 check_tensors=True if args.check_tensors else None)
     if args.batch_size is not None:
         model.chunk_size = args.batch_size
     seconds = time.perf_counter() - start

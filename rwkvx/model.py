@@ -277,7 +277,7 @@ class RWKV:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None, *,
-         mmap: bool = True) -> RWKV:
+         mmap: bool = True, check_tensors: bool | None = None) -> RWKV:
     """Load an RWKV-4, 5.2, 6 or 7 checkpoint to run in `dtype`.
 
     path: a checkpoint file or folder in any format rwkvx reads (see the README), or
@@ -291,6 +291,9 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     memory in 2 MB pages and drops the file from the page cache: a full read at load, and
     faster decoding where the page cache holds the file in small pages (see README, Huge
     pages).
+    check_tensors: scan weights for NaN and infinite values, naming the first bad tensor:
+    None (default) those the load reads or converts anyway, and every vector; True all,
+    those used in place from the mapped file too (reads the whole file once); False none.
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """
@@ -303,7 +306,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
         from rwkvx.arch.model import load as load_next
         model = load_next(source, version, dtype, threads)
     else:
-        model = RWKV(load_weights(path, dtype, mmap=mmap), threads=threads)
+        model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors), threads=threads)
     # from the file, at load: a few KB, and the file may be gone or replaced later
     model._fingerprint = checkpoint_fingerprint(path)
     return model

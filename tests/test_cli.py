@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 import pytest
 
 from rwkvx.model import DEFAULT_CHUNK_SIZE
@@ -286,3 +288,38 @@ def test_info_names_later_architectures(capsys, name, arch):
     assert main(["-m", str(path), "--info"]) == 0
     out = capsys.readouterr().out
     assert f"architecture  {arch}" in out and "state" in out
+
+
+def test_check_tensors_finds_nan_in_weights_used_in_place(tmp_path, capsys):
+    from rwkvx.testing import random_tensors, write_safetensors
+    tensors = random_tensors(2, 32, 256)
+    tensors["blocks.1.ffn.value.weight"][3, 5] = np.nan
+    path = tmp_path / "nan.safetensors"
+    write_safetensors(path, tensors, dtype="bfloat16")
+    # bfloat16 stored, run as bfloat16: mapped as is, so only --check-tensors reads it all
+    assert main(["-m", str(path), "--dtype", "bfloat16", "-p", "x", "-n", "1", "--check-tensors"]) == 2
+    err = capsys.readouterr().err
+    assert "blocks.1.ffn.value.weight holds NaN values (first at index [3, 5])" in err and err.count("\n") == 1
+
+
+def test_prompt_file_that_is_a_fifo_or_a_device_does_not_hang(byte_model, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = run_cli("-m", byte_model, "-f", fifo, "-n", "2")  # nobody writes: empty, not a hang
+    assert result.returncode == 2 and result.stderr.strip().endswith("rwkvx: error: the prompt is empty")
+    if os.path.exists("/dev/zero"):
+        result = run_cli("-m", byte_model, "-f", "/dev/zero", "-n", "2")
+        assert result.returncode == 2 and "/dev/zero: not a regular file or a pipe" in result.stderr
+
+
+def test_prompt_from_a_pipe_as_a_file(byte_model):
+    # what `-f <(cmd)` passes: a pipe with a writer
+    read, write = os.pipe()
+    os.write(write, b"Once upon a time")
+    os.close(write)
+    result = subprocess.run([sys.executable, "-m", "rwkvx.run", "-m", str(byte_model), "-f", f"/dev/fd/{read}",
+                             "-n", "4", "--temp", "0"], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(__file__), pass_fds=(read,))
+    os.close(read)
+    plain = run_cli("-m", byte_model, "-p", "Once upon a time", "-n", "4", "--temp", "0")
+    assert result.returncode == 0 and result.stdout == plain.stdout
