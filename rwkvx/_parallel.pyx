@@ -193,7 +193,8 @@ def _record_wait_policy(note: str) -> None:
 # process hundreds of times. While that rate is high, team_size hands out one thread
 # fewer per window, down to one; when it is quiet it tries one more, waiting twice as
 # long after each try that brought the preemptions back (a single thread on a free core
-# sees no contention, so only a try can tell whether a second core came free). Team
+# sees no contention, so only a try can tell whether a second core came free), and not
+# while the machine's runnable threads (/proc/loadavg) leave no CPU free. Team
 # sizes change only which thread computes which rows, never the results (each output
 # element is computed by exactly one thread, in the same order, whatever the count).
 
@@ -215,17 +216,45 @@ cdef extern from *:
     static long rwkvx_preemptions(void) { return -1; }
     static double rwkvx_monotonic(void) { return 0.0; }
     #endif
+    #if defined(__linux__)
+    #include <fcntl.h>
+    #include <unistd.h>
+    #include <stdlib.h>
+    #include <string.h>
+    /* threads running or waiting for a CPU, machine-wide: /proc/loadavg's "R/T"; -1 if unknown */
+    static long rwkvx_runnable(void) {
+        char buf[128];
+        int fd = open("/proc/loadavg", O_RDONLY);
+        ssize_t n;
+        char* slash;
+        char* start;
+        if (fd < 0) return -1;
+        n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n <= 0) return -1;
+        buf[n] = 0;
+        slash = strchr(buf, '/');
+        if (slash == NULL) return -1;
+        start = slash;
+        while (start > buf && start[-1] != ' ') start--;
+        return strtol(start, NULL, 10);
+    }
+    #else
+    static long rwkvx_runnable(void) { return -1; }
+    #endif
     """
     long rwkvx_preemptions() noexcept nogil
     double rwkvx_monotonic() noexcept nogil
+    long rwkvx_runnable() noexcept nogil
 
 # seconds between decisions: several time slices, a few tokens
 cdef double GOVERNOR_WINDOW_S = 0.05
 # preemptions per second and thread of the team above which the cores count as contended.
-# Measured on 2 cores, 430M uint8 decode with 2 threads: 330-460 a second in all next to
-# busy processes, 4-44 when nothing could preempt them (run at real-time priority); per
-# thread, so that many threads' background preemptions on a big machine never add up to
-# a false alarm
+# Measured on 2 cores, 430M decode with 2 threads: 330-460 a second in all next to busy
+# processes; none at real-time priority, where nothing else could run, in bursts of half a
+# second (4-44 in runs of several seconds, once the kernel's real-time throttling let
+# others in). Per thread, so that many threads' background preemptions on a big machine
+# never add up to a false alarm.
 cdef double GOVERNOR_PREEMPTIONS_PER_THREAD_S = 50.0
 # the window needs at least this many, so one stray kernel worker never counts
 cdef long GOVERNOR_MIN_PREEMPTIONS = 3
@@ -245,10 +274,12 @@ cdef struct Governor:
     double backoff            # seconds to wait before adding a thread
     long reductions           # for thread_governor()
     int team                  # the team size handed out last
+    int cpus                  # CPUs this process may use
 
 
-cdef void _governor_reset(Governor* g, bint on) noexcept nogil:
+cdef void _governor_reset(Governor* g, bint on, int cpus) noexcept nogil:
     g.on = on
+    g.cpus = cpus
     g.limit = UNLIMITED
     g.window_start = -1.0
     g.preempted_start = 0
@@ -259,8 +290,9 @@ cdef void _governor_reset(Governor* g, bint on) noexcept nogil:
     g.team = 1
 
 
-cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) noexcept nogil:
-    # the decision, apart from the clock and the counter so that tests can drive it
+cdef int _governor_step(Governor* g, int n_threads, double now, long preempted, long runnable) noexcept nogil:
+    # the decision, apart from the clock and the counters so that tests can drive it.
+    # runnable: threads running or waiting for a CPU machine-wide, ours included (-1: unknown)
     cdef double elapsed
     cdef long count
     if not g.on or n_threads <= 1 or preempted < 0:
@@ -278,7 +310,10 @@ cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) 
                 g.last_change, g.trying = now, False
                 g.reductions += 1
         elif g.limit < n_threads:
-            if now - g.last_change >= g.backoff:
+            # a try costs a window of contended work when no CPU is free: skip it while the
+            # others' runnable threads fill the CPUs ours do not (ours all count as runnable;
+            # one asleep only makes a try likelier)
+            if now - g.last_change >= g.backoff and (runnable < 0 or g.cpus - (runnable - g.team) > g.team):
                 g.limit += 1
                 g.last_change, g.trying = now, True
         elif g.trying and now - g.last_change >= GOVERNOR_MAX_BACKOFF_S:
@@ -290,7 +325,7 @@ cdef int _governor_step(Governor* g, int n_threads, double now, long preempted) 
 
 
 cdef Governor _governor
-_governor_reset(&_governor, os.environ.get("RWKVX_ADAPTIVE_THREADS", "1").strip() != "0")
+_governor_reset(&_governor, os.environ.get("RWKVX_ADAPTIVE_THREADS", "1").strip() != "0", usable_cpus())
 
 
 cdef int team_size(int n_threads) noexcept nogil:
@@ -299,10 +334,12 @@ cdef int team_size(int n_threads) noexcept nogil:
     serialises the governor's updates."""
     cdef double now = rwkvx_monotonic()
     # the counter costs a system call: read it only when a window closes
-    cdef long preempted = _governor.preempted_start
+    cdef long preempted = _governor.preempted_start, runnable = -1
     if _governor.window_start < 0 or now - _governor.window_start >= GOVERNOR_WINDOW_S:
         preempted = rwkvx_preemptions()
-    return _governor_step(&_governor, n_threads, now, preempted)
+        if _governor.limit < n_threads:
+            runnable = rwkvx_runnable()
+    return _governor_step(&_governor, n_threads, now, preempted, runnable)
 
 
 def adaptive_threads() -> bool:
@@ -313,7 +350,7 @@ def adaptive_threads() -> bool:
 
 def set_adaptive_threads(bint on) -> None:
     """Turn the contention governor on or off; either way it starts afresh."""
-    _governor_reset(&_governor, on)
+    _governor_reset(&_governor, on, usable_cpus())
 
 
 def thread_governor() -> dict:
@@ -322,11 +359,12 @@ def thread_governor() -> dict:
             "backoff_s": _governor.backoff, "reductions": _governor.reductions}
 
 
-def _simulate_governor(list steps) -> list:
-    """Team sizes a fresh governor hands out for (n_threads, seconds, preemptions) steps (tests)."""
+def _simulate_governor(list steps, int cpus=2) -> list:
+    """Team sizes a fresh governor hands out for (n_threads, seconds, preemptions[, runnable])
+    steps on a machine of cpus usable CPUs (tests)."""
     cdef Governor g
-    _governor_reset(&g, True)
-    return [_governor_step(&g, n, t, p) for n, t, p in steps]
+    _governor_reset(&g, True, cpus)
+    return [_governor_step(&g, step[0], step[1], step[2], step[3] if len(step) > 3 else -1) for step in steps]
 
 
 def team_size_now(int n_threads) -> int:

@@ -217,6 +217,16 @@ def test_governor_tries_again_and_backs_off():
     assert _parallel._simulate_governor(steps) == [2, 1, 2, 1, 1, 1, 2]
 
 
+def test_governor_tries_only_when_a_cpu_is_free():
+    # reduced to one thread on 2 CPUs; quiet since, but a busy process keeps the other CPU
+    # (2 runnable: ours and it), so no try until it stops (1 runnable: ours)
+    steps = [(2, 0.0, 0, -1), (2, 0.06, 10, -1), (2, 0.3, 10, 2), (2, 0.6, 10, 2), (2, 0.9, 10, 1), (2, 0.96, 10, 2)]
+    assert _parallel._simulate_governor(steps, cpus=2) == [2, 1, 1, 1, 2, 2]
+    # on 4 CPUs, one busy process leaves a CPU free for a second thread
+    steps = [(2, 0.0, 0, -1), (2, 0.06, 10, -1), (2, 0.3, 10, 2)]
+    assert _parallel._simulate_governor(steps, cpus=4) == [2, 1, 2]
+
+
 def test_governor_never_adds_threads_beyond_the_request():
     steps = _steps(3, [0.05 * i for i in range(40)], [0] * 40)
     assert max(_parallel._simulate_governor(steps)) == 3
