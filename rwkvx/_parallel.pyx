@@ -95,7 +95,8 @@ def cgroup_cpu_limit(root: str = CGROUP_ROOT, self_cgroup: str = SELF_CGROUP) ->
             # v2; "unified" is its mount point on hybrid systems
             mounts, read = [root, os.path.join(root, "unified")], _quota_v2
         elif "cpu" in controllers.split(","):
-            mounts = [os.path.join(root, name) for name in dict.fromkeys([controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu"])]
+            names = dict.fromkeys([controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu"])
+            mounts = [os.path.join(root, name) for name in names]
             read = _quota_v1
         else:
             continue
@@ -374,8 +375,9 @@ def team_size_now(int n_threads) -> int:
 
 def threads_info() -> str:
     """One line for --info: the default thread count and why, how threads wait, the governor."""
+    governor = "on" if _governor.on else "off (RWKVX_ADAPTIVE_THREADS=0)"
     return (f"threads {thread_policy()[1]}; waiting: {wait_policy()}; "
-            f"fewer threads while the cores are contended: {'on' if _governor.on else 'off (RWKVX_ADAPTIVE_THREADS=0)'}")
+            f"fewer threads while the cores are contended: {governor}")
 
 
 def effective_n_threads(n_threads=None) -> int:

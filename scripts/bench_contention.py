@@ -386,7 +386,8 @@ def target_lines(args, children: list[Child], times: dict) -> list[str]:
                 lines.append(f"- {dtype} {name}, default with one core busy / 1 thread alone: **{ratio:.2f}×** "
                              f"(want ≤ {TARGET_BUSY_VS_ONE_THREAD}: {met})")
         for kind, name in (("tg", "decode"), ("pp", "prompt"), ("batch", "batch")):
-            now, then = (times.get((default, 0, kind)) if default else None), (times.get((old, 0, kind)) if old else None)
+            now = times.get((default, 0, kind)) if default else None
+            then = times.get((old, 0, kind)) if old else None
             if now and then:
                 lines.append(f"- {dtype} {name} alone, default / old: {med(now) / med(then):.3f}× time "
                              f"(want ≤ 1.03)")
@@ -394,8 +395,8 @@ def target_lines(args, children: list[Child], times: dict) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench_contention",
-                                     description="rwkvx decode / prompt / batch speed alone and next to busy processes.")
+    parser = argparse.ArgumentParser(
+        prog="bench_contention", description="rwkvx decode / prompt / batch speed alone and next to busy processes.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH", help="a checkpoint (safetensors or rwkv.cpp .bin)")
     which.add_argument("--shape", choices=("169M", "430M", "1.5B"), default="430M",
@@ -458,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = os.path.join(tmp, f"random-{args.shape}.safetensors")
                 write_checkpoint(path, SHAPES[args.shape], args.seed)
                 n_layer, n_embd, n_vocab = SHAPES[args.shape]
-                source = f"random {args.shape}-shaped weights ({n_layer} x {n_embd}, vocabulary {n_vocab}, seed {args.seed})"
+                source = (f"random {args.shape}-shaped weights ({n_layer} x {n_embd}, vocabulary {n_vocab}, "
+                          f"seed {args.seed})")
             load_before = _load_average()
             children, times = run(args, path)
             args.load_text = f"load average before {load_before}, after {_load_average()}"
