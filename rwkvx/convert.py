@@ -57,6 +57,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
         # only a regular file is replaced: a device, FIFO, directory or link is refused
         refuse_to_replace(dst)
     source = open_checkpoint(src)
+    from rwkvx import arch
+    later = arch.recognise(source)
+    if later is not None:
+        raise RwkvxError(f"{printable(src)}: an {later.NAME} checkpoint; converting RWKV-5/6/7 files is not "
+                         "supported yet (run it as it is: rwkvx reads it directly)")
     the_plan = plan(source)
 
     specs = []
