@@ -1,11 +1,11 @@
 """python -m rwkvx.convert: rwkvx's own layout loads by mapping and runs exactly like its source;
 python -m rwkvx.run --info; the streaming writer; the progress bar."""
 import io
+import json
 import os
+import struct
 import subprocess
 import sys
-import json
-import struct
 
 import numpy as np
 import pytest
@@ -244,7 +244,8 @@ def test_loading_prints_nothing_when_not_a_terminal(sources, capsys):
 def test_converting_a_later_architecture_says_so(tmp_path):
     from conftest import SHARED, shared_file
     src = shared_file(SHARED / "models" / "tiny-rwkv-7v0-834K-FP32.bin")
-    result = subprocess.run([sys.executable, "-m", "rwkvx.convert", str(src), str(tmp_path / "out.safetensors")],
+    result = subprocess.run([sys.executable, "-m", "rwkvx.convert", str(src), str(tmp_path / "out.safetensors"),
+                             "--dtype", "uint8"],
                             capture_output=True, text=True, timeout=120, cwd=os.path.dirname(__file__))
     assert result.returncode == 2
     assert result.stderr.strip().endswith("an RWKV-7 checkpoint; converting RWKV-5/6/7 files is not supported yet "
