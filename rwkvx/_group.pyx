@@ -7,6 +7,7 @@ import numpy as np
 
 from rwkvx._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
                             xpack_floats)
+from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
 from rwkvx._matvec import _aligned_floats
 from rwkvx.errors import RwkvxError
 
@@ -22,6 +23,7 @@ def matvec_group(list linears, list xs, list outs, int n_threads=1):
                          f"got {n}, {len(xs)}, {len(outs)}")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     cdef MatvecJob jobs[4]
     cdef Linear lin
     cdef const float[::1] xv
@@ -63,6 +65,7 @@ def matmul_group(list linears, list Xs, list outs, int n_threads=1):
                          f"got {n}, {len(Xs)}, {len(outs)}")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     cdef MatmulJob jobs[4]
     cdef Linear lin
     cdef const float[:, ::1] xv

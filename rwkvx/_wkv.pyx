@@ -14,6 +14,7 @@ in place.
 from cython.parallel import prange
 from libc.math cimport expf, sqrt
 from libc.stdlib cimport free, malloc
+from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
 
 from rwkvx.errors import RwkvxError
 
@@ -208,6 +209,7 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
         raise RwkvxError(f"wkv5: u, ln_w, ln_b: expected ({C},)")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     _check_starts(starts, B, R)
     if R == 0:
         return
@@ -245,6 +247,7 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
         raise RwkvxError(f"wkv7: r_k, ln_w, ln_b: expected ({C},)")
     if n_threads < 1:
         raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    n_threads = team_size(n_threads)
     _check_starts(starts, B, R)
     if R == 0:
         return

@@ -66,8 +66,10 @@ def _run(args) -> int:
     if args.info:
         from rwkvx import arch
         from rwkvx.loader import describe
+        from rwkvx._parallel import threads_info
         text = arch.describe(args.model)  # RWKV-5.2/6/7; None for RWKV-4 files
         print(text if text is not None else describe(args.model))
+        print(f"{'threads':<14}{threads_info().removeprefix('threads ')}")
         return EXIT_OK
     demo_model = is_demo(args)
     prompt = _read_prompt(args, demo_model)
