@@ -179,6 +179,16 @@ def scenario_chat(client, args) -> list[str]:
             f"turn 20 prompt {cached[-1][1]} tokens, {cached[-1][0]} from the cache"]
 
 
+def cache_mb(client) -> float:
+    """The server's state cache size, from /metrics."""
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("rwkvx_state_cache_bytes "):
+                return float(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def scenario_soak(client, args, server) -> list[str]:
     import openai
     outcomes: dict[str, int] = {}
@@ -211,6 +221,7 @@ def scenario_soak(client, args, server) -> list[str]:
             outcomes[kind] = outcomes.get(kind, 0) + 1
             if server is not None and sum(outcomes.values()) == 100:
                 rss["after 100"] = server.rss_mb()
+                rss["cache 100"] = cache_mb(client)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
@@ -220,8 +231,10 @@ def scenario_soak(client, args, server) -> list[str]:
              + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))]
     if server is not None:
         end = server.rss_mb()
-        lines.append(f"server RSS after 100 requests {rss.get('after 100', float('nan')):.0f} MB, after "
-                     f"{args.soak_requests} {end:.0f} MB ({(end / rss['after 100'] - 1) * 100:+.1f}%)")
+        cache = cache_mb(client)
+        lines.append(f"server RSS after 100 requests {rss['after 100']:.0f} MB (state cache {rss['cache 100']:.0f} MB), "
+                     f"after {args.soak_requests} {end:.0f} MB (state cache {cache:.0f} MB, bounded by --state-cache-mb); "
+                     f"RSS less the cache {(end - cache) / (rss['after 100'] - rss['cache 100']) * 100 - 100:+.1f}%")
     return lines
 
 

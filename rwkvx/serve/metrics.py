@@ -19,6 +19,8 @@ class Metrics:
         self.generated_tokens = Counter("rwkvx_generated_tokens", "tokens generated", registry=r)
         self.queue_depth = Gauge("rwkvx_queue_depth", "requests waiting for a slot", registry=r)
         self.active = Gauge("rwkvx_active_sequences", "sequences being generated", registry=r)
+        self.cache_bytes = Gauge("rwkvx_state_cache_bytes", "memory held by the state cache", registry=r)
+        self.cache_entries = Gauge("rwkvx_state_cache_entries", "states in the state cache", registry=r)
         self.batch_size = Histogram("rwkvx_batch_size", "sequences per engine step", registry=r,
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.step_seconds = Histogram("rwkvx_step_seconds", "time of one engine step", registry=r,
@@ -31,9 +33,11 @@ class Metrics:
     def request(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()
 
-    def engine_state(self, waiting: int, active: int) -> None:
+    def engine_state(self, waiting: int, active: int, cache_bytes: int = 0, cache_entries: int = 0) -> None:
         self.queue_depth.set(waiting)
         self.active.set(active)
+        self.cache_bytes.set(cache_bytes)
+        self.cache_entries.set(cache_entries)
 
     def step(self, n_sequences: int, n_tokens: int, seconds: float) -> None:
         self.batch_size.observe(n_sequences)
