@@ -65,6 +65,19 @@ FFN_XX, ATT_XX, ATT_AA, ATT_BB, ATT_PP = range(5)
 PP_INIT = -1e30
 
 
+def held_arrays(weights) -> list:
+    """Every array a model's weights hold (emb, ln0/ln_out vectors, head, each block's
+    values), once each; a quantised matrix contributes its parts. Any architecture."""
+    def parts(m):
+        return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
+    out = [weights.emb, weights.ln0_weight, weights.ln0_bias, weights.ln_out_weight, weights.ln_out_bias]
+    out += parts(weights.head)
+    for block in weights.blocks:
+        for value in block.values():
+            out += parts(value)
+    return out
+
+
 @dataclass
 class ModelWeights:
     """emb (n_vocab, n_embd) float32, float16 or bfloat16 (as stored: a row is widened to
@@ -99,14 +112,7 @@ class ModelWeights:
 
     def arrays(self):
         """Every array held, once each (quantised matrices contribute their parts)."""
-        def parts(m):
-            return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
-        out = [self.emb, self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias]
-        out += parts(self.head)
-        for block in self.blocks:
-            for value in block.values():
-                out += parts(value)
-        return out
+        return held_arrays(self)
 
     @property
     def nbytes(self) -> int:

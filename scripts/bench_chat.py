@@ -11,13 +11,18 @@ pays per turn. Repeats --runs times and prints medians.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import rwkvx
 from rwkvx import templates
 from rwkvx.chat import Conversation
 from rwkvx.tokenizer import default_tokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _args import add_model_args, cpu_name  # noqa: E402
 
 
 def one_run(model, tokenizer, reply_tokens: int, seed: int) -> dict:
@@ -28,7 +33,7 @@ def one_run(model, tokenizer, reply_tokens: int, seed: int) -> dict:
         times = []
         for t in range(n):
             start = time.perf_counter()
-            _, state = model.forward([1000 + t], state)
+            _, state = model.forward([(1000 + t) % model.n_vocab], state)
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3
 
@@ -48,10 +53,7 @@ def one_run(model, tokenizer, reply_tokens: int, seed: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", required=True)
-    p.add_argument("--dtype", default="uint8")
-    p.add_argument("--tokenizer")
-    p.add_argument("-t", "--threads", type=int)
+    add_model_args(p)
     p.add_argument("--reply", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
@@ -62,7 +64,7 @@ def main() -> int:
     def med(turn, key):
         return statistics.median(r[turn][key] for r in runs)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"# {args.model}, dtype {args.dtype}, {model.n_threads} threads, {cpu}; medians of {args.runs} runs")
     print("| turn | conversation tokens | time to first token ms | per token ms | bare decode ms |")
     print("|---|---:|---:|---:|---:|")

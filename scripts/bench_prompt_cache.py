@@ -20,6 +20,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _args import add_model_args, cpu_name  # noqa: E402
 
 
 def prompt_of(n_tokens: int, tokenizer) -> str:
@@ -51,10 +53,7 @@ def run(args, prompt_file: str, cache: str | None) -> tuple[float, float, str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", required=True)
-    p.add_argument("--dtype", default="uint8")
-    p.add_argument("--tokenizer")
-    p.add_argument("-t", "--threads", type=int)
+    add_model_args(p)
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
@@ -84,7 +83,7 @@ def main() -> int:
             with open(cache, "rb") as src, open(extended, "wb") as dst:
                 dst.write(src.read())
             rows["prompt + a sentence, cached"].append(run(args, longer, extended))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"# {args.model}, dtype {args.dtype}, {args.tokens}-token prompt, one token generated; {cpu}; "
           f"medians of {args.rounds} interleaved rounds")
     print("| run | wall time s | prompt s (stderr) | prompt tokens reused |")

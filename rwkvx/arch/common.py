@@ -24,7 +24,7 @@ from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.quant import QuantizedMatrix, quantize_u8
 from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, TensorSource, fail
-from rwkvx.weights import to_bfloat16, to_float32
+from rwkvx.weights import held_arrays, to_bfloat16, to_float32
 
 FFN_XX, ATT_XX, WKV = 0, 1, 2
 
@@ -104,14 +104,7 @@ class Weights:
         return self.blocks[0]["ffn_key"].shape[0]
 
     def arrays(self):
-        def parts(m):
-            return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
-        out = [self.emb, self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias]
-        out += parts(self.head)
-        for block in self.blocks:
-            for value in block.values():
-                out += parts(value)
-        return out
+        return held_arrays(self)
 
     @property
     def nbytes(self) -> int:
