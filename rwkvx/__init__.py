@@ -1,4 +1,4 @@
-"""rwkvx: fast CPU inference for RWKV-4 language models."""
+"""rwkvx: fast CPU inference for RWKV-4, 5.2, 6 and 7 language models."""
 import os as _os
 
 # How OpenMP threads wait at the kernels' barriers. libgomp's default spins 300,000 pauses

@@ -1,4 +1,4 @@
-"""Command line: generate text from a prompt with an RWKV-4 model.
+"""Command line: generate text from a prompt with an RWKV model (RWKV-4, 5.2, 6 or 7).
 
     python -m rwkvx.run -m model.safetensors -p "The Eiffel tower is"
 
@@ -21,7 +21,7 @@ from rwkvx.errors import RwkvxError
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m rwkvx.run",
-        description="Generate text with an RWKV-4 model on the CPU. The continuation of the "
+        description="Generate text with an RWKV model (RWKV-4, 5.2, 6 or 7) on the CPU. The continuation of the "
                     "prompt streams to stdout; statistics go to stderr.",
         epilog="Threads: --threads, else OMP_NUM_THREADS, else the CPUs this process may use.",
     )
