@@ -88,7 +88,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
         "source": os.path.basename(os.path.normpath(source.path)),
         "source_format": source.format,
         # states saved with the source load into the converted model without a warning
-        "model_fingerprint": checkpoint_fingerprint(src),
+        "model_fingerprint": checkpoint_fingerprint(source),
         "n_layer": str(the_plan.n_layer),
         "n_embd": str(the_plan.n_embd),
         "n_vocab": str(the_plan.n_vocab),

@@ -439,7 +439,7 @@ def check_dtype(dtype: str) -> None:
 
 def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
                  progress: Optional[bool] = None, mmap: bool = True,
-                 check_tensors: Optional[bool] = None) -> ModelWeights:
+                 check_tensors: Optional[bool] = None, source: Optional[TensorSource] = None) -> ModelWeights:
     """Read a checkpoint (file or Hugging Face folder) into ModelWeights with matrices in `dtype`.
 
     dtype: one of DTYPES. progress: None draws a progress bar on stderr when it is a terminal
@@ -452,11 +452,12 @@ def load_weights(path: str | os.PathLike, dtype: str = "float32", *,
     through once); None (default) scans those the load reads or converts anyway (all of
     them unless the file stores `dtype` and is mapped) and the vectors; False none.
     Raises CheckpointError naming the file and every problem found (the first non-finite
-    tensor by name).
+    tensor by name). source: path already opened by open_checkpoint, so it is not indexed twice.
     """
     check_dtype(dtype)
     check = check_mode(check_tensors)
-    source = open_checkpoint(path)
+    if source is None:
+        source = open_checkpoint(path)
     the_plan = plan(source)
     total = sum(source.tensors[key].nbytes for key, *_ in the_plan.entries())
     bar = Progress(f"loading {os.path.basename(os.path.normpath(source.path))}", total, enabled=progress)

@@ -306,7 +306,8 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
         from rwkvx.arch.model import load as load_next
         model = load_next(source, version, dtype, threads)
     else:
-        model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors), threads=threads)
-    # from the file, at load: a few KB, and the file may be gone or replaced later
-    model._fingerprint = checkpoint_fingerprint(path)
+        model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors, source=source), threads=threads)
+    # from the file, at load (a few KB; the file may be gone or replaced later), through
+    # the index recognise_path opened
+    model._fingerprint = checkpoint_fingerprint(source)
     return model

@@ -142,8 +142,9 @@ def _printable(value) -> str:
 _WINDOW = 256
 
 
-def checkpoint_fingerprint(path: str | os.PathLike) -> str:
-    """A short hash that tells checkpoints apart, from the file's stored bytes.
+def checkpoint_fingerprint(source) -> str:
+    """A short hash that tells checkpoints apart, from an opened checkpoint's stored bytes
+    (source: rwkvx.loader.open_checkpoint's TensorSource, which the caller has open anyway).
 
     It covers every tensor's name, shape and stored dtype, and three windows of 256 bytes of
     its data: a fine-tune (a merged LoRA, a new head) changes it, a different run dtype of
@@ -152,10 +153,8 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     converted file and its source agree. It is a fingerprint, not a checksum: a change to a
     few weights away from the windows goes unnoticed.
     """
-    from rwkvx.loader import open_checkpoint
     from rwkvx.tensorfile import QuantizedTensor
 
-    source = open_checkpoint(path)
     recorded = source.metadata.get("model_fingerprint")
     if recorded:
         return recorded
