@@ -50,7 +50,7 @@ import tempfile
 import time
 
 # scripts/ is first on sys.path when a script runs
-from _args import positive_int
+from _args import cpu_name, positive_int
 
 # name: (n_layer, n_embd, n_vocab); "tiny" is for smoke tests and not listed in --help
 SHAPES = {
@@ -649,7 +649,7 @@ def report(args, source: str, shape_name: str | None, schedule: str, schedule_no
           f"n_vocab={first_ready['n_vocab']} n_ffn={first_ready['n_ffn']}")
     print(f"rwkvx {first_ready['rwkvx']} (OpenMP {'on' if first_ready['openmp'] else 'OFF: serial build'}, "
           f"SIMD level {first_ready['simd_level']}); numpy {bw_ready['numpy']} with {bw_ready['blas']}; "
-          f"{_cpu_name()}, {os.cpu_count()} CPUs, {_l3_text()}")
+          f"{cpu_name()}, {os.cpu_count()} CPUs, {_l3_text()}")
     print(f"pp={args.pp} tokens (rwkvx chunk {first_ready['chunk_size']}, numpy chunk "
           f"{args.numpy_chunk_size or args.pp}), tg={args.tg} tokens, batch={args.batch} sequences x {args.tg} steps; "
           f"{args.runs} rounds after warm-up, median [min–max]; schedule {schedule} ({schedule_note}); "
@@ -686,17 +686,6 @@ def report(args, source: str, shape_name: str | None, schedule: str, schedule_no
         print(json.dumps({"kind": "bandwidth", **_round_floats(bw)}))
         for r in rows:
             print(json.dumps({"kind": "result", **_round_floats(r)}))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _l3_bytes() -> int | None:

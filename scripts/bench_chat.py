@@ -11,9 +11,7 @@ pays per turn. Repeats --runs times and prints medians.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import rwkvx
@@ -21,8 +19,8 @@ from rwkvx import templates
 from rwkvx.chat import Conversation
 from rwkvx.tokenizer import default_tokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _args import add_model_args, cpu_name  # noqa: E402
+# scripts/ is first on sys.path when a script runs
+from _args import add_model_args, cpu_name
 
 
 def one_run(model, tokenizer, reply_tokens: int, seed: int) -> dict:

@@ -49,8 +49,8 @@ import tempfile
 import time
 
 # scripts/ is first on sys.path when a script runs
-from _args import positive_int
-from bench import PROTOCOL, SHAPES, _cpu_name, _send, _Timed, write_checkpoint
+from _args import cpu_name, positive_int
+from bench import PROTOCOL, SHAPES, _send, _Timed, write_checkpoint
 
 DTYPES = ("float32", "bfloat16", "float16", "uint8")
 # libgomp's spin count when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set
@@ -331,7 +331,7 @@ def _cell(values: list[float] | None, per: float, fmt: str, invert: bool) -> str
 
 def report(args, source: str, children: list[Child], times: dict) -> None:
     print(f"# rwkvx under contention: {source}")
-    print(f"{_cpu_name()}, {os.cpu_count()} CPUs ({_affinity_text()}); tg={args.tg} tokens, pp={args.pp} tokens, "
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs ({_affinity_text()}); tg={args.tg} tokens, pp={args.pp} tokens, "
           f"batch={args.batch} x {args.tg} steps; {args.runs} interleaved rounds, median [min–max]; "
           f"busy = processes spinning one core each"
           f"{'' if args.nice is None else f'; model and busy processes at niceness {args.nice}'}")
@@ -365,7 +365,7 @@ def report(args, source: str, children: list[Child], times: dict) -> None:
     print("\n".join(target_lines(args, children, times)))
     print()
     for row in rows:
-        print(json.dumps({"kind": "contention", "cpu": _cpu_name(), "tg": args.tg, "pp": args.pp,
+        print(json.dumps({"kind": "contention", "cpu": cpu_name(), "tg": args.tg, "pp": args.pp,
                           "batch": args.batch, **row}))
 
 

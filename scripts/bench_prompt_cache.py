@@ -20,8 +20,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _args import add_model_args, cpu_name  # noqa: E402
+# scripts/ is first on sys.path when a script runs
+from _args import add_model_args, cpu_name
 
 
 def prompt_of(n_tokens: int, tokenizer) -> str:

@@ -32,7 +32,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# scripts/ is first on sys.path when a script runs
+from _args import cpu_name
 
 WORDS = ("the of and to in is was for on that with as by at from his it an were are which this be or "
          "has had not first their its new after one also who but they two been her all there").split()
@@ -270,12 +271,7 @@ def main() -> int:
         url = args.url
     client = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=0,
                            timeout=600)
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   "?")
-    except OSError:
-        cpu = "?"
-    print(f"# rwkvx load test: {args.model or url}, dtype {args.dtype}, CPU {cpu}, {os.cpu_count()} CPUs")
+    print(f"# rwkvx load test: {args.model or url}, dtype {args.dtype}, CPU {cpu_name()}, {os.cpu_count()} CPUs")
     try:
         for name in args.scenario or ("throughput", "interference", "chat", "soak"):
             print(f"\n## {name}")
