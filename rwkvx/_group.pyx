@@ -7,7 +7,7 @@ import numpy as np
 
 from rwkvx._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
                             xpack_floats)
-from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
+from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx._matvec import _aligned_floats
 from rwkvx.errors import RwkvxError
 
@@ -21,9 +21,7 @@ def matvec_group(list linears, list xs, list outs, int n_threads=1):
     if not 1 <= n <= 4 or len(xs) != n or len(outs) != n:
         raise RwkvxError(f"matvec_group: expected 1 to 4 products with as many inputs and outputs, "
                          f"got {n}, {len(xs)}, {len(outs)}")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     cdef MatvecJob jobs[4]
     cdef Linear lin
     cdef const float[::1] xv
@@ -63,9 +61,7 @@ def matmul_group(list linears, list Xs, list outs, int n_threads=1):
     if not 1 <= n <= 4 or len(Xs) != n or len(outs) != n:
         raise RwkvxError(f"matmul_group: expected 1 to 4 products with as many inputs and outputs, "
                          f"got {n}, {len(Xs)}, {len(outs)}")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     cdef MatmulJob jobs[4]
     cdef Linear lin
     cdef const float[:, ::1] xv

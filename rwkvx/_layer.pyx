@@ -14,7 +14,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
+from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx._matvec cimport (Linear, Matrix, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec,
                             _matvec_jobs, wbuf_floats, xpack_floats)
 from rwkvx.errors import RwkvxError
@@ -314,9 +314,7 @@ cdef class Block:
                              f"got ({x.shape[0]},) and ({state.shape[0]}, {state.shape[1]})")
         if ws.n_embd != self.n_embd or ws.n_ffn != self.n_ffn:
             raise RwkvxError("Block.forward: workspace sized for another model")
-        if n_threads < 1:
-            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-        n_threads = team_size(n_threads)
+        n_threads = kernel_threads(n_threads)
         with nogil:
             self._time_mixing(&x[0], &state[0, 0], ws, n_threads)
             self._channel_mixing(&x[0], &state[0, 0], ws, n_threads)
@@ -351,9 +349,7 @@ cdef class Block:
                 raise RwkvxError("Block.forward_rows: starts must not decrease")
         if ws.n_embd != self.n_embd or ws.n_ffn != self.n_ffn or n_rows > ws.n_max or n_threads > ws.n_threads:
             raise RwkvxError("Block.forward_rows: workspace too small for this call")
-        if n_threads < 1:
-            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-        n_threads = team_size(n_threads)
+        n_threads = kernel_threads(n_threads)
         if n_rows == 0:
             return
         with nogil:
@@ -468,9 +464,7 @@ def layer_norm_rows(const float[:, ::1] X, const float[::1] weight, const float[
     cdef Py_ssize_t n_rows = X.shape[0], n = X.shape[1], t
     if weight.shape[0] != n or bias.shape[0] != n or out.shape[0] != n_rows or out.shape[1] != n or n == 0:
         raise RwkvxError(f"layer_norm_rows: expected X and out ({n_rows}, {n}) and weight, bias ({n},)")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     if n_rows == 0:
         return
     with nogil:
@@ -500,9 +494,7 @@ def copy_rows(float[:, ::1] dst, list rows, int n_threads=1):
     cdef Py_ssize_t n_rows = dst.shape[0], n = dst.shape[1], i
     if len(rows) != n_rows:
         raise RwkvxError(f"copy_rows: expected {n_rows} rows, got {len(rows)}")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     # the views hold the rows' buffers until the copy is done
     views = []
     cdef const float[::1] row

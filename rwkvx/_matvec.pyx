@@ -9,7 +9,7 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
+from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_simd.h" nogil:
@@ -410,9 +410,7 @@ cdef class Linear:
         cdef float[::1] outv = out
         if xv.shape[0] != self.m.n_cols or outv.shape[0] != self.m.n_rows:
             raise RwkvxError(f"matvec: W {self.shape}, x ({xv.shape[0]},), out ({outv.shape[0]},)")
-        if n_threads < 1:
-            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-        n_threads = team_size(n_threads)
+        n_threads = kernel_threads(n_threads)
         cdef float* scratch = <float*>malloc(self.m.n_cols * sizeof(float))
         if scratch == NULL:
             raise MemoryError()
@@ -436,9 +434,7 @@ cdef class Linear:
         if xv.shape[1] != n_cols or outv.shape[0] != n_tok or outv.shape[1] != self.m.n_rows:
             raise RwkvxError(f"matmul: W {self.shape}, X ({n_tok}, {xv.shape[1]}), "
                              f"out ({outv.shape[0]}, {outv.shape[1]})")
-        if n_threads < 1:
-            raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-        n_threads = team_size(n_threads)
+        n_threads = kernel_threads(n_threads)
         if n_tok == 0:
             return out
         xr = np.empty((n_tok, n_cols), dtype=np.float32)

@@ -329,6 +329,13 @@ cdef Governor _governor
 _governor_reset(&_governor, os.environ.get("RWKVX_ADAPTIVE_THREADS", "1").strip() != "0", usable_cpus())
 
 
+cdef int kernel_threads(int n_threads) except -1:
+    """What every kernel entry point runs with: n_threads checked (>= 1), then team_size."""
+    if n_threads < 1:
+        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
+    return team_size(n_threads)
+
+
 cdef int team_size(int n_threads) noexcept nogil:
     """The threads for the next kernel call: n_threads, or fewer while the process keeps
     being preempted. Called with the GIL held (from the kernels' def entry points), which

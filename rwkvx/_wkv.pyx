@@ -14,7 +14,7 @@ in place.
 from cython.parallel import prange
 from libc.math cimport expf, sqrt
 from libc.stdlib cimport free, malloc
-from rwkvx._parallel cimport team_size  # fewer threads while other programs contend for the cores
+from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 
 from rwkvx.errors import RwkvxError
 
@@ -207,9 +207,7 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
         raise RwkvxError(f"wkv5: w: expected (1, {C}) or ({R}, {C}), got ({w.shape[0]}, {w.shape[1]})")
     if u.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv5: u, ln_w, ln_b: expected ({C},)")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     _check_starts(starts, B, R)
     if R == 0:
         return
@@ -245,9 +243,7 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
         _check(name, a.shape[0], a.shape[1], R, C)
     if r_k.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv7: r_k, ln_w, ln_b: expected ({C},)")
-    if n_threads < 1:
-        raise RwkvxError(f"n_threads: expected >= 1, got {n_threads}")
-    n_threads = team_size(n_threads)
+    n_threads = kernel_threads(n_threads)
     _check_starts(starts, B, R)
     if R == 0:
         return
