@@ -14,8 +14,7 @@ recurrence and the elementwise work around it, numpy for the rest).
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,7 +23,7 @@ from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.quant import QuantizedMatrix, quantize_u8
 from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, TensorSource, fail
-from rwkvx.weights import held_arrays, to_bfloat16, to_float32
+from rwkvx.weights import ModelWeights, to_bfloat16, to_float32
 
 FFN_XX, ATT_XX, WKV = 0, 1, 2
 
@@ -76,58 +75,24 @@ def wkv_matrices(layer_state: np.ndarray, n_head: int) -> np.ndarray:
 # ---- weights ----
 
 @dataclass
-class Weights:
+class Weights(ModelWeights):
     """A v5+ model's weights, file format undone: matrices (out, in), vectors (n_embd,),
     per-head parameters (H, N). The big matrices (arch.LINEAR) are in the run dtype; every
-    other tensor (norms, mixes, decays, the low-rank matrices) is float32."""
+    other tensor (norms, mixes, decays, the low-rank matrices) is float32. Shapes, arrays()
+    and byte counts are ModelWeights'."""
 
-    arch: object
-    emb: np.ndarray
-    ln0_weight: np.ndarray
-    ln0_bias: np.ndarray
-    blocks: list[dict]
-    ln_out_weight: np.ndarray
-    ln_out_bias: np.ndarray
-    head: object
-    head_size: int
-    dtype: str = "float32"
-    source: str = ""
-    info: dict = field(default_factory=dict)
+    arch: object = None
+    head_size: int = 0
 
-    n_layer = property(lambda self: len(self.blocks))
-    n_vocab = property(lambda self: self.emb.shape[0])
-    n_embd = property(lambda self: self.emb.shape[1])
     n_head = property(lambda self: self.n_embd // self.head_size)
-
-    @property
-    def n_ffn(self) -> int:
-        return self.blocks[0]["ffn_key"].shape[0]
-
-    def arrays(self):
-        return held_arrays(self)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays())
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.nbytes - self.emb.nbytes + self.emb.itemsize * self.n_embd
 
     def fingerprint(self) -> str:
         """Tells checkpoints apart, the same for every run dtype: the architecture, the shapes
         and every float32 tensor that no dtype rounds (all but the big matrices)."""
-        h = hashlib.blake2b(digest_size=12)
-        h.update(f"{self.arch.NAME},{self.n_layer},{self.n_embd},{self.n_vocab},{self.n_ffn},"
-                 f"{self.head_size}".encode())
-        for v in (self.ln0_weight, self.ln0_bias, self.ln_out_weight, self.ln_out_bias):
-            h.update(np.ascontiguousarray(v, dtype=np.float32).tobytes())
-        for block in self.blocks:
-            for name in sorted(block):
-                if name not in self.arch.LINEAR:
-                    h.update(name.encode())
-                    h.update(np.ascontiguousarray(block[name], dtype=np.float32).tobytes())
-        return h.hexdigest()
+        names = [sorted(name for name in block if name not in self.arch.LINEAR) for block in self.blocks]
+        header = (f"{self.arch.NAME},{self.n_layer},{self.n_embd},{self.n_vocab},{self.n_ffn},{self.head_size},"
+                  f"{names}")
+        return self._hash_float32(header, [block[name] for block, kept in zip(self.blocks, names) for name in kept])
 
 
 class Reader:
