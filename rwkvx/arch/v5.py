@@ -14,6 +14,8 @@ import numpy as np
 
 from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu,
                                wkv_matrices)
+# RWKV-5.2's channel mixing is RWKV-4's (the state's FFN_XX row is row 0 in both layouts)
+from rwkvx.reference import channel_mixing
 
 NAME = "RWKV-5"
 ID = "x052"
@@ -98,15 +100,6 @@ def time_mixing(x, s, p, eps=GROUP_NORM_EPS):
     y = wkv(r, k, v, p["att_time_decay"], p["att_time_faaaa"], wkv_matrices(s, n_head))
     y = group_norm(y.reshape(-1), p["att_ln_x_weight"], p["att_ln_x_bias"], n_head, eps)
     return p["att_output"] @ (y * g)
-
-
-def channel_mixing(x, s, p):
-    last_x, s[FFN_XX] = s[FFN_XX].copy(), x
-    xk = x * p["ffn_time_mix_k"] + last_x * (1 - p["ffn_time_mix_k"])
-    xr = x * p["ffn_time_mix_r"] + last_x * (1 - p["ffn_time_mix_r"])
-    r = sigmoid(p["ffn_receptance"] @ xr)
-    k = np.square(np.maximum(p["ffn_key"] @ xk, 0))
-    return r * (p["ffn_value"] @ k)
 
 
 def block(x, s, p, carry=None, eps=GROUP_NORM_EPS):
