@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from rwkvx import reference
 from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.quant import QuantizedMatrix, quantize_u8
@@ -266,13 +267,7 @@ def linear(m) -> Linear:
 
 # ---- the float64 reference ----
 
-def _f64(a) -> np.ndarray:
-    if isinstance(a, QuantizedMatrix):
-        return a.dequantize(np.float64)
-    return to_float32(np.asarray(a)).astype(np.float64)
-
-
-class Reference:
+class Reference(reference.Reference):
     """Any v5+ model in float64 numpy, one token at a time: the executable specification.
 
     forward(tokens, state) -> (logits, new_state) like RWKV.forward, in float64. The big
@@ -281,13 +276,8 @@ class Reference:
     """
 
     def __init__(self, weights: Weights):
+        super().__init__(weights)  # every tensor in float64, as RWKV-4's reference holds them
         self.arch = weights.arch
-        self.emb = weights.emb
-        self.ln0 = (_f64(weights.ln0_weight), _f64(weights.ln0_bias))
-        self.ln_out = (_f64(weights.ln_out_weight), _f64(weights.ln_out_bias))
-        self.head = _f64(weights.head)
-        self.blocks = [{name: _f64(value) for name, value in b.items()} for b in weights.blocks]
-        self.n_layer, self.n_embd, self.n_vocab = weights.n_layer, weights.n_embd, weights.n_vocab
         self.head_size = weights.head_size
         # rwkv.cpp's v5 graph normalises with 1e-5; tests of its expected logits set this
         self.group_norm_eps = GROUP_NORM_EPS
