@@ -124,3 +124,49 @@ def test_prefix_hashes_tell_sequences_apart():
     assert prefix_hashes([1, 2])[2] != prefix_hashes([2, 1])[2]
     assert prefix_hashes([0])[1] != prefix_hashes([])[0]
     assert prefix_hashes([1, 2, 3])[:3] == prefix_hashes([1, 2])
+
+
+def drive(engine, until):
+    """Run the engine's steps in this thread (it is not started) until until() holds."""
+    for _ in range(1000):
+        if until():
+            return
+        with engine._cond:
+            engine._drop_cancelled()
+            engine._admit_waiting()
+        engine._step()
+    raise AssertionError("the engine did not get there in 1000 steps")
+
+
+def test_a_request_takes_over_the_warm_up_of_its_history_instead_of_waiting(model):
+    tok = ByteTokenizer()
+    engine = Engine(model, tok)
+    history = list(b"An old conversation, remembered. " * 20)  # longer than one step reads
+    engine.remember(history)
+    drive(engine, lambda: engine.active and 0 < len(engine._active[0].fed))
+    read = len(engine._active[0].fed)
+    assert read < len(history)
+    prompt = history + list(b"The next turn.")
+    out = []
+    seq = engine.submit(prompt, rwkvx.Sampler(temperature=0), max_tokens=6,
+                        on_event=lambda kind, value: out.append(value) if kind == "text" else None)
+    with engine._cond:
+        engine._admit_waiting()
+    # admitted at once, in the warm-up's slot, from where the warm-up had got to
+    assert engine._active == [seq] and len(seq.fed) == read and not engine._waiting
+    drive(engine, lambda: seq.finish_reason is not None)
+    assert seq.usage.cached_tokens == read
+    assert "".join(out) == "".join(rwkvx.generate(model, tok, prompt, max_tokens=6,
+                                                  sampler=rwkvx.Sampler(temperature=0)))
+
+
+def test_a_warm_up_that_a_request_already_covers_is_dropped(model):
+    engine = Engine(model, ByteTokenizer())
+    history = list(b"Some history. " * 5)
+    seq = engine.submit(history + list(b"More."), rwkvx.Sampler(temperature=0), max_tokens=20,
+                        on_event=lambda kind, value: None)
+    drive(engine, lambda: engine.active)
+    engine.remember(history)
+    with engine._cond:
+        engine._admit_waiting()
+    assert engine._active == [seq] and not engine._waiting

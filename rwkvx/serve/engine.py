@@ -78,6 +78,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    warm_up: bool = False  # only caches its state (Engine.remember): no client waits for it
 
     @property
     def prefilling(self) -> bool:
@@ -122,32 +123,34 @@ class Engine:
             self._thread.join()
 
     def submit(self, prompt: list[int], sampler, *, max_tokens: int, stops: tuple[str, ...] = (),
-               ignore_eos: bool = False, on_event: Callable[[str, object], None],
-               queue_limit: bool = True) -> Sequence:
+               ignore_eos: bool = False, on_event: Callable[[str, object], None]) -> Sequence:
         """Queue a generation. on_event(kind, value) is called from the engine's thread with
-        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull (unless
-        queue_limit is False: the engine's own work)."""
+        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull."""
         if not prompt:
             raise RwkvxError("prompt: expected at least one token, got none")
         seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
                        None if ignore_eos else self.tokenizer.eos_id, on_event)
         seq.usage.prompt_tokens = len(prompt)
-        if sampler is not None and hasattr(sampler, "accept_prompt"):
+        if hasattr(sampler, "accept_prompt"):
             sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
+        self._enqueue(seq)
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
         with self._cond:
             free_slots = max(0, self.max_batch - len(self._active))
-            if queue_limit and len(self._waiting) >= self.max_queue + free_slots:
+            if not seq.warm_up and len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting")
             self._waiting.append(seq)
             self._cond.notify()
-        return seq
 
     def remember(self, tokens: list[int]) -> None:
         """Run tokens (from the longest cached prefix) only to cache their state, e.g. a chat's
         history with its reply written as the next request will send it. Not counted against
         the queue's limit (one per chat request, so bounded by them) nor in the metrics."""
         if tokens:
-            self.submit(tokens, None, max_tokens=0, on_event=lambda kind, value: None, queue_limit=False)
+            self._enqueue(Sequence(next(self._ids), list(tokens), None, 0, (), None,
+                                   lambda kind, value: None, warm_up=True))
 
     def cancel(self, seq: Sequence) -> None:
         """Stop seq (e.g. its client went away); its slot is freed at the next step."""
@@ -192,14 +195,24 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Move waiting sequences into free slots, in order. One whose prompt starts with the
-        prompt of a sequence still reading it (the n choices of one request, a chat history
-        being cached by Engine.remember, the same prompt sent twice) waits until that one has
-        cached its state, and resumes there instead of reading the same tokens again."""
+        prompt of a sequence still reading it (the n choices of one request, the same prompt
+        sent twice) waits until that one has cached its state, and resumes there instead of
+        reading the same tokens again. A warm-up (Engine.remember) is not waited for: the
+        request that extends it takes over its state and goes on reading, and a warm-up that
+        a request already covers is dropped -- the next turn of a chat then never waits."""
         reading = [s for s in self._active if s.prefilling]
         still_waiting = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if len(self._active) >= self.max_batch or any(_extends(seq.prompt, r.prompt) for r in reading):
+            if seq.warm_up and any(_extends(s.prompt, seq.prompt) for s in self._active):
+                self._finish(seq, "length")
+                continue
+            leader = next((r for r in reading if _extends(seq.prompt, r.prompt)), None)
+            if leader is not None and leader.warm_up:
+                self._take_over(seq, leader)
+                reading[reading.index(leader)] = seq
+                continue
+            if len(self._active) >= self.max_batch or leader is not None:
                 still_waiting.append(seq)
                 continue
             self._active.append(seq)
@@ -207,6 +220,15 @@ class Engine:
             if seq.prefilling:
                 reading.append(seq)
         self._waiting = still_waiting
+
+    def _take_over(self, seq: Sequence, warm_up: Sequence) -> None:
+        """seq continues from where warm_up (whose prompt is a prefix of seq's) has got to, in
+        its slot; the tokens warm_up has read count as cached."""
+        seq.state, seq.fed = warm_up.state, list(warm_up.fed)
+        seq.usage.cached_tokens = len(warm_up.fed)
+        warm_up.state = None
+        self._finish(warm_up, "length")
+        self._active[self._active.index(warm_up)] = seq
 
     def _admit(self, seq: Sequence) -> None:
         """Start seq from the longest cached prefix of its prompt."""
@@ -343,7 +365,7 @@ class Engine:
         # what this sequence read and wrote, for the next turn of its conversation
         if seq.state is not None and len(seq.fed) > len(seq.prompt):
             self.cache.put(seq.fed, seq.state)
-        if self.metrics is not None and seq.max_tokens > 0:
+        if self.metrics is not None and not seq.warm_up:
             self.metrics.finished(seq.usage.prompt_tokens, seq.usage.cached_tokens, seq.usage.completion_tokens)
         try:
             seq.on_event("done", seq)
