@@ -191,13 +191,16 @@ def _record_wait_policy(note: str) -> None:
 # next to one busy process decode slower than one thread (the issue's 171 vs 32 ms/token).
 # The signal is the process's involuntary context switches (getrusage's ru_nivcsw): an
 # idle machine preempts our threads a few times a second, a core shared with a busy
-# process hundreds of times. While that rate is high, team_size hands out one thread
-# fewer per window, down to one; when it is quiet it tries one more, waiting twice as
-# long after each try that brought the preemptions back (a single thread on a free core
-# sees no contention, so only a try can tell whether a second core came free), and not
-# while the machine's runnable threads (/proc/loadavg) leave no CPU free. Team
-# sizes change only which thread computes which rows, never the results (each output
-# element is computed by exactly one thread, in the same order, whatever the count).
+# process hundreds of times. While that rate is high and some other thread wants a CPU
+# (/proc/loadavg's runnable count less this process's threads in state R; without that
+# check an idle machine's stray preemptions now and then cut a 2-thread batch to one
+# thread, 9-24% slower), team_size hands out one thread fewer per window, down to one;
+# when it is quiet it tries one more, waiting twice as long after each try that brought
+# the preemptions back (a single thread on a free core sees no contention, so only a try
+# can tell whether a second core came free), and not while the machine's runnable
+# threads leave no CPU free. Team sizes change only which thread computes which rows,
+# never the results (each output element is computed by exactly one thread, in the same
+# order, whatever the count).
 
 cdef extern from *:
     """
@@ -240,13 +243,43 @@ cdef extern from *:
         while (start > buf && start[-1] != ' ') start--;
         return strtol(start, NULL, 10);
     }
+    #include <dirent.h>
+    #include <stdio.h>
+    /* of this process's threads, how many are running or waiting for a CPU; -1 if unknown */
+    static long rwkvx_own_runnable(void) {
+        char path[96], buf[512];
+        struct dirent* entry;
+        long n = 0;
+        DIR* dir = opendir("/proc/self/task");
+        if (dir == NULL) return -1;
+        while ((entry = readdir(dir)) != NULL) {
+            int fd;
+            ssize_t k;
+            char* paren;
+            if (entry->d_name[0] == '.') continue;
+            snprintf(path, sizeof(path), "/proc/self/task/%s/stat", entry->d_name);
+            fd = open(path, O_RDONLY);
+            if (fd < 0) continue;
+            k = read(fd, buf, sizeof(buf) - 1);
+            close(fd);
+            if (k <= 0) continue;
+            buf[k] = 0;
+            /* "tid (comm) S ...": the state follows the last parenthesis */
+            paren = strrchr(buf, ')');
+            if (paren != NULL && paren[1] == ' ' && paren[2] == 'R') n++;
+        }
+        closedir(dir);
+        return n;
+    }
     #else
     static long rwkvx_runnable(void) { return -1; }
+    static long rwkvx_own_runnable(void) { return -1; }
     #endif
     """
     long rwkvx_preemptions() noexcept nogil
     double rwkvx_monotonic() noexcept nogil
     long rwkvx_runnable() noexcept nogil
+    long rwkvx_own_runnable() noexcept nogil
 
 # seconds between decisions: several time slices, a few tokens
 cdef double GOVERNOR_WINDOW_S = 0.05
@@ -291,9 +324,15 @@ cdef void _governor_reset(Governor* g, bint on, int cpus) noexcept nogil:
     g.team = 1
 
 
-cdef int _governor_step(Governor* g, int n_threads, double now, long preempted, long runnable) noexcept nogil:
+cdef bint _hot(Governor* g, double elapsed, long count) noexcept nogil:
+    return count >= GOVERNOR_MIN_PREEMPTIONS and count >= GOVERNOR_PREEMPTIONS_PER_THREAD_S * elapsed * g.team
+
+
+cdef int _governor_step(Governor* g, int n_threads, double now, long preempted, long runnable,
+                        long others) noexcept nogil:
     # the decision, apart from the clock and the counters so that tests can drive it.
-    # runnable: threads running or waiting for a CPU machine-wide, ours included (-1: unknown)
+    # runnable: threads running or waiting for a CPU machine-wide, ours included (-1: unknown);
+    # others: those of them not ours, read when a window was hot (-1: unknown)
     cdef double elapsed
     cdef long count
     if not g.on or n_threads <= 1 or preempted < 0:
@@ -303,7 +342,9 @@ cdef int _governor_step(Governor* g, int n_threads, double now, long preempted, 
     elapsed = now - g.window_start
     if elapsed >= GOVERNOR_WINDOW_S:
         count = preempted - g.preempted_start
-        if count >= GOVERNOR_MIN_PREEMPTIONS and count >= GOVERNOR_PREEMPTIONS_PER_THREAD_S * elapsed * g.team:
+        # preemptions with nothing else wanting a CPU were stray (kernel work, our own
+        # threads trading places): fewer threads would only slow us down
+        if _hot(g, elapsed, count) and others != 0:
             if min(g.limit, n_threads) > 1:
                 if g.trying:
                     g.backoff = min(2 * g.backoff, GOVERNOR_MAX_BACKOFF_S)
@@ -342,12 +383,19 @@ cdef int team_size(int n_threads) noexcept nogil:
     serialises the governor's updates."""
     cdef double now = rwkvx_monotonic()
     # the counter costs a system call: read it only when a window closes
-    cdef long preempted = _governor.preempted_start, runnable = -1
+    cdef long preempted = _governor.preempted_start, runnable = -1, others = -1, own
     if _governor.window_start < 0 or now - _governor.window_start >= GOVERNOR_WINDOW_S:
         preempted = rwkvx_preemptions()
         if _governor.limit < n_threads:
             runnable = rwkvx_runnable()
-    return _governor_step(&_governor, n_threads, now, preempted, runnable)
+        if _governor.window_start >= 0 and preempted >= 0 and \
+                _hot(&_governor, now - _governor.window_start, preempted - _governor.preempted_start):
+            # a hot window (rare on an idle machine): is anyone else runnable right now?
+            runnable = rwkvx_runnable()
+            own = rwkvx_own_runnable()
+            if runnable >= 0 and own >= 0:
+                others = max(0, runnable - own)
+    return _governor_step(&_governor, n_threads, now, preempted, runnable, others)
 
 
 def adaptive_threads() -> bool:
@@ -368,11 +416,17 @@ def thread_governor() -> dict:
 
 
 def _simulate_governor(list steps, int cpus=2) -> list:
-    """Team sizes a fresh governor hands out for (n_threads, seconds, preemptions[, runnable])
-    steps on a machine of cpus usable CPUs (tests)."""
+    """Team sizes a fresh governor hands out for (n_threads, seconds, preemptions[, runnable[,
+    others]]) steps on a machine of cpus usable CPUs (tests)."""
     cdef Governor g
     _governor_reset(&g, True, cpus)
-    return [_governor_step(&g, step[0], step[1], step[2], step[3] if len(step) > 3 else -1) for step in steps]
+    return [_governor_step(&g, step[0], step[1], step[2], step[3] if len(step) > 3 else -1,
+                           step[4] if len(step) > 4 else -1) for step in steps]
+
+
+def _runnable_now() -> tuple:
+    """(threads runnable machine-wide, this process's runnable threads); -1 where unknown (tests)."""
+    return rwkvx_runnable(), rwkvx_own_runnable()
 
 
 def team_size_now(int n_threads) -> int:

@@ -386,3 +386,16 @@ def test_default_threads_match_one_thread(tiny_path, dtype):
         got = model.forward(tokens)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
         assert np.array_equal(model.forward_batch(batch)[0], one.forward_batch(batch)[0])
+
+
+def test_governor_ignores_preemptions_while_nothing_else_is_runnable():
+    # 400 preemptions a second, but at each hot window no other thread wanted a CPU
+    steps = [(2, 0.0, 0, -1, -1), (2, 0.051, 20, 2, 0), (2, 0.102, 40, 2, 0), (2, 0.153, 60, 3, 1)]
+    assert _parallel._simulate_governor(steps) == [2, 2, 2, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_own_runnable_threads_are_counted():
+    runnable, own = _parallel._runnable_now()
+    assert own >= 1  # this thread, running
+    assert runnable >= 1
