@@ -109,15 +109,44 @@ def stream_one(client, prompt: str, max_tokens: int, **extra) -> dict:
             "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "seconds": end - start}
 
 
+class HealthProbe:
+    """GET /health every 20 ms in a thread while a scenario runs: how long the server's HTTP
+    side takes to answer while its engine is busy (is it starved by the kernels?)."""
+
+    def __init__(self, client):
+        self.url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/health"
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            start = time.perf_counter()
+            with urllib.request.urlopen(self.url, timeout=30) as r:
+                r.read()
+            self.times.append(time.perf_counter() - start)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def scenario_throughput(client, args) -> list[str]:
     prompt = text_of(20, 1)
     stream_one(client, prompt, 4)  # warm up
+    health: list[float] = []
 
     def run(n):
         start = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
+        with ThreadPoolExecutor(n) as pool, HealthProbe(client) as probe:
             results = list(pool.map(lambda i: stream_one(client, text_of(20, i), args.max_tokens, seed=i), range(n)))
         seconds = time.perf_counter() - start
+        if n > 1:
+            health.extend(probe.times)
         return results, sum(r["tokens"] for r in results) / seconds, seconds
 
     rows, ratios = [], []
@@ -134,7 +163,8 @@ def scenario_throughput(client, args) -> list[str]:
             f"| {args.clients} | {many_rate:.1f} | {percentiles([r['ttft'] for r in all_many])} | "
             f"{percentiles([g for r in all_many for g in r['gaps']])} |",
             "", f"aggregate {args.clients} clients / 1 client: median {statistics.median(ratios):.2f}x "
-            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"]
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}); GET /health while they stream, "
+            f"p50/p90/p99 {percentiles(health)} ms"]
 
 
 def scenario_interference(client, args) -> list[str]:
