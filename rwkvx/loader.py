@@ -273,7 +273,7 @@ def _first_nonfinite(array: np.ndarray) -> Optional[tuple[int, ...]]:
     return None
 
 
-def _check_finite(source: TensorSource, key: str, value) -> None:
+def check_finite(source: TensorSource, key: str, value) -> None:
     """Raise CheckpointError naming the tensor when `value` (an array as kept, or the float
     parts of a QuantizedMatrix) holds a NaN or an infinity."""
     arrays = [value.mx, value.rx, value.my, value.ry] if isinstance(value, QuantizedMatrix) else [value]
@@ -294,11 +294,13 @@ def _checked(source: TensorSource, key: str, value, check: str, mapped: bool):
     """value, after the finiteness check `check` asks for: "all" every tensor, "read" those
     read into memory (not those left mapped), "none" none."""
     if check == "all" or (check == "read" and not mapped):
-        _check_finite(source, key, value)
+        check_finite(source, key, value)
     return value
 
 
-def _embedding(source: TensorSource, tensor, copy_mapped: bool, check: str = "read") -> np.ndarray:
+def read_embedding(source: TensorSource, tensor, copy_mapped: bool, check: str = "read") -> np.ndarray:
+    """emb.weight as the model keeps it, for any architecture: a view of the file when stored
+    float32, float16 or bfloat16 (a private copy with copy_mapped), else float32."""
     # the embedding stays as stored (one row per token is widened when looked up)
     if tensor.dtype in ("F32", "F16", "BF16"):
         view = None if copy_mapped else tensor.view()
@@ -326,14 +328,18 @@ def _vector(source: TensorSource, key: str, tensor, n_embd: int, copy_mapped: bo
     return v
 
 
-def _stored_as_run(tensor, dtype: str) -> bool:
+def stored_as_run(tensor, dtype: str) -> bool:
     # the file already holds what the kernels read for dtype (a uint8 file is only loadable
     # as uint8): mapped, or read as is, never converted
     return isinstance(tensor, QuantizedTensor) or tensor.dtype == RUN_STORED.get(dtype)
 
 
-def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool,
-            check: str = "read"):
+def read_matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, copy_mapped: bool,
+                check: str = "read"):
+    """A weight matrix in the run dtype, for any architecture: a view of the file where it
+    stores `dtype` (rwkvx's uint8 parts included; read into `arena` with copy_mapped), else
+    converted from float32 into `arena`, after the finiteness check `check` asks for (see
+    iter_weights). Raises CheckpointError naming the tensor."""
     if isinstance(tensor, QuantizedTensor):
         if dtype == "uint8":
             # rwkvx's uint8 layout: q, mx, rx, my, ry are mapped as they are (or read); the
@@ -346,7 +352,7 @@ def _matrix(source: TensorSource, key: str, tensor, dtype: str, arena: Arena, co
         raise fail(source.path, f"holds uint8 weights (converted with --dtype uint8), which cannot be "
                                 f"loaded as {dtype}: load it with dtype uint8, or convert the original "
                                 f"checkpoint to {dtype}")
-    if _stored_as_run(tensor, dtype):
+    if stored_as_run(tensor, dtype):
         # the file holds what the kernels read: map it, copy nothing (or read it, if asked)
         if copy_mapped:
             value = tensor.read(out=arena.take(tuple(tensor.shape), NUMPY_DTYPES[tensor.dtype]))
@@ -393,7 +399,7 @@ def _arena_nbytes(source: TensorSource, the_plan: Plan, dtype: str, copy_mapped:
     total = 0
     for key, kind, _, _ in the_plan.entries():
         tensor = source.tensors[key]
-        if kind == "matrix" and (copy_mapped or not _stored_as_run(tensor, dtype)):
+        if kind == "matrix" and (copy_mapped or not stored_as_run(tensor, dtype)):
             total += Arena.arena_nbytes(tensor.size * itemsize)
     return total
 
@@ -422,11 +428,11 @@ def iter_weights(source: TensorSource, the_plan: Plan, dtype: str, arena: Option
     for key, kind, layer, name in the_plan.entries():
         tensor = source.tensors[key]
         if kind == "emb":
-            value = _embedding(source, tensor, copy_mapped, check)
+            value = read_embedding(source, tensor, copy_mapped, check)
         elif kind == "vector":
             value = _vector(source, key, tensor, the_plan.n_embd, copy_mapped, check)
         else:
-            value = _matrix(source, key, tensor, dtype, arena, copy_mapped, check)
+            value = read_matrix(source, key, tensor, dtype, arena, copy_mapped, check)
         yield key, kind, layer, name, value, tensor.nbytes
         # the caller holds what it keeps: don't pin this tensor while the next is converted
         del value
@@ -500,7 +506,7 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         lines = [
-            f"file          {self.path} ({_size(self.file_size)})",
+            f"file          {self.path} ({size_text(self.file_size)})",
             f"format        {FORMAT_NAMES.get(self.format, self.format)}",
             f"architecture  RWKV-4: {self.n_layer} layers, n_embd {self.n_embd}, vocabulary {self.n_vocab}, "
             f"ffn {self.n_ffn} ({self.n_params / 1e6:.1f}M parameters)",
@@ -516,16 +522,16 @@ class CheckpointInfo:
                 lines.append(f"  {dtype:<9}  -          not loadable: the file holds uint8 weights")
                 continue
             nbytes, extra, how = entry
-            extra_text = f", +{_size(extra)} while loading" if extra else ""
-            lines.append(f"  {dtype:<9}  {_size(nbytes):>9}  {how}{extra_text}")
+            extra_text = f", +{size_text(extra)} while loading" if extra else ""
+            lines.append(f"  {dtype:<9}  {size_text(nbytes):>9}  {how}{extra_text}")
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def _dtype_summary(tensors: list) -> str:
+def dtype_summary(tensors: list) -> str:
     counts: dict[str, int] = {}
     for t in tensors:
         label = "uint8 (rwkvx)" if isinstance(t, QuantizedTensor) else DTYPE_NAMES.get(t.dtype, t.dtype)
@@ -568,7 +574,7 @@ def describe(path: str | os.PathLike) -> CheckpointInfo:
         memory[dtype] = (nbytes + emb_bytes + vector_bytes, extra, how)
     return CheckpointInfo(
         path=source.path, format=source.format, n_layer=p.n_layer, n_embd=p.n_embd, n_vocab=p.n_vocab,
-        n_ffn=p.n_ffn, stored=_dtype_summary(matrices), embedding=_dtype_summary([emb]),
+        n_ffn=p.n_ffn, stored=dtype_summary(matrices), embedding=dtype_summary([emb]),
         file_size=source.file_size, n_params=elements + emb.size + n_vectors * p.n_embd,
         memory=memory, metadata=dict(source.metadata))
 

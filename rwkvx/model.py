@@ -304,7 +304,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     version, source = arch.recognise_path(path)
     if version is not None:
         from rwkvx.arch.model import load as load_next
-        model = load_next(source, version, dtype, threads)
+        model = load_next(source, version, dtype, threads, mmap=mmap, check_tensors=check_tensors)
     else:
         model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors, source=source), threads=threads)
     # from the file, at load (a few KB; the file may be gone or replaced later), through

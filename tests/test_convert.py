@@ -241,13 +241,12 @@ def test_loading_prints_nothing_when_not_a_terminal(sources, capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_converting_a_later_architecture_says_so(tmp_path):
+def test_converting_a_later_architecture_from_the_command_line(tmp_path):
     from conftest import SHARED, shared_file
     src = shared_file(SHARED / "models" / "tiny-rwkv-7v0-834K-FP32.bin")
     result = subprocess.run([sys.executable, "-m", "rwkvx.convert", str(src), str(tmp_path / "out.safetensors"),
                              "--dtype", "uint8"],
                             capture_output=True, text=True, timeout=120, cwd=os.path.dirname(__file__))
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("an RWKV-7 checkpoint; converting RWKV-5/6/7 files is not supported yet "
-                                          "(run it as it is: rwkvx reads it directly)")
-    assert not (tmp_path / "out.safetensors").exists()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"rwkvx: wrote {tmp_path / 'out.safetensors'}: RWKV-7 12 layers x 64")
+    assert header(tmp_path / "out.safetensors")["__metadata__"]["architecture"] == "RWKV-7"

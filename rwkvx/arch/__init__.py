@@ -33,13 +33,16 @@ def recognise_path(path: str | os.PathLike):
     return recognise(source), source
 
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
 
 
 def describe(path: str | os.PathLike) -> str | None:
     """What `python -m rwkvx.run --info` prints for an RWKV-5.2/6/7 checkpoint (headers only),
     or None for any other file."""
-    from rwkvx.loader import FORMAT_NAMES
+    from rwkvx.arch.common import big_keys
+    from rwkvx.loader import DTYPES, FORMAT_NAMES, dtype_summary, size_text, stored_as_run
+    from rwkvx.safetensors_io import FORMAT_NAME
+    from rwkvx.tensorfile import QuantizedTensor
     arch, source = recognise_path(path)
     if arch is None:
         return None
@@ -49,26 +52,44 @@ def describe(path: str | os.PathLike) -> str | None:
     n_layer = len({k.split(".")[1] for k in source.tensors if k.startswith("blocks.")})
     key = source.tensors.get("blocks.0.ffn.key.weight")
     n_ffn = key.shape[0] if key is not None else 0
-    # the big matrices (arch.LINEAR, the head) run in the chosen dtype; every other tensor,
-    # the embedding included, is kept float32
-    from rwkvx.arch.common import big_keys
-    big = big_keys(arch, n_layer)
-    big_elements = sum(t.size for k, t in source.tensors.items() if k in big)
-    small_elements = sum(t.size for k, t in source.tensors.items() if k not in big)
-    stored = sorted({str(t.dtype) for t in source.tensors.values()})
+    # the big matrices (arch.LINEAR, the head) run in the chosen dtype; the embedding stays
+    # as stored; every other tensor is kept float32
+    big_names = big_keys(arch, n_layer)
+    big = [t for k, t in source.tensors.items() if k in big_names]
+    small = [t for k, t in source.tensors.items() if k not in big_names and k != "emb.weight"]
+    big_elements = sum(t.size for t in big)
+    small_elements = sum(t.size for t in small)
+    emb_bytes = (emb.nbytes if emb.dtype in ("F32", "F16", "BF16") else emb.size * 4) if emb is not None else 0
     lines = [
-        f"file          {source.path} ({source.file_size / 1e6:.1f} MB)",
+        f"file          {source.path} ({size_text(source.file_size)})",
         f"format        {FORMAT_NAMES.get(source.format, source.format)}",
         f"architecture  {arch.NAME} ({arch.ID}): {n_layer} layers, n_embd {n_embd}, "
         f"{n_head} head{'s' * (n_head != 1)} of {head_size}, "
-        f"vocabulary {n_vocab}, ffn {n_ffn} ({(big_elements + small_elements) / 1e6:.1f}M parameters)",
-        f"stored        {', '.join(stored)}",
-        f"kept float32  embedding, norms, token-shift mixes, decays and bonuses, low-rank matrices "
-        f"({small_elements / 1e6:.2f}M values); state {n_layer} x {2 + head_size} x {n_embd} float32",
-        "memory by --dtype (weights held; read into memory at load):",
+        f"vocabulary {n_vocab}, ffn {n_ffn} "
+        f"({(big_elements + small_elements + (emb.size if emb is not None else 0)) / 1e6:.1f}M parameters)",
+        f"stored        big matrices {dtype_summary(big)}; embedding {dtype_summary([emb])}; "
+        f"others {dtype_summary(small)}",
     ]
-    for dtype in ("float32", "bfloat16", "float16", "uint8"):
-        nbytes = small_elements * 4 + (big_elements * _ITEMSIZE[dtype] if dtype in _ITEMSIZE else
-                                       big_elements + 8 * (n_layer * len(arch.LINEAR) + 1) * (n_embd + n_ffn))
-        lines.append(f"  {dtype:<9}  {nbytes / 1e6:>7.1f} MB")
+    if source.format == FORMAT_NAME:
+        m = source.metadata
+        lines.append(f"converted     to {m.get('dtype')} from {m.get('source')} ({m.get('source_format')}), "
+                     f"rwkvx file format version {m.get('format_version')}")
+    lines += [
+        f"kept float32  norms, token-shift mixes, per-head decays and bonuses, low-rank (LoRA) matrices "
+        f"({small_elements / 1e6:.2f}M values), in every dtype; state {n_layer} x {2 + head_size} x {n_embd} float32",
+        "memory by --dtype (weights held):",
+    ]
+    quantized = bool(big) and all(isinstance(t, QuantizedTensor) for t in big)
+    for dtype in DTYPES:
+        if quantized and dtype != "uint8":
+            lines.append(f"  {dtype:<9}  -          not loadable: the file holds uint8 weights")
+            continue
+        rows_cols = sum(sum(t.shape) for t in big)
+        nbytes = small_elements * 4 + emb_bytes + big_elements * _ITEMSIZE[dtype] + \
+            (8 * rows_cols if dtype == "uint8" else 0)
+        if big and all(stored_as_run(t, dtype) for t in big):
+            how = "mapped from the file, no copy"
+        else:
+            how = "quantised at load" if dtype == "uint8" else "converted at load"
+        lines.append(f"  {dtype:<9}  {size_text(nbytes):>9}  {how}")
     return "\n".join(lines)

@@ -22,9 +22,11 @@ import numpy as np
 from rwkvx import reference
 from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
-from rwkvx.quant import QuantizedMatrix, quantize_u8
-from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, TensorSource, fail
-from rwkvx.weights import ModelWeights, to_bfloat16, to_float32
+from rwkvx.loader import check_finite, read_embedding, read_matrix, stored_as_run
+from rwkvx.quant import QuantizedMatrix
+from rwkvx.safetensors_io import FORMAT_NAME
+from rwkvx.tensorfile import RUN_STORED, Tensor, TensorSource, fail
+from rwkvx.weights import ModelWeights, to_float32
 
 FFN_XX, ATT_XX, WKV = 0, 1, 2
 
@@ -34,7 +36,6 @@ LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5
 
 RUN_DTYPES = ("float32", "bfloat16", "float16", "uint8")
-_FLOAT16_MAX = 65504.0
 
 
 # ---- the math both the reference and the runtime use (any float dtype, last axis) ----
@@ -96,15 +97,38 @@ class Weights(ModelWeights):
         return self._hash_float32(header, [block[name] for block, kept in zip(self.blocks, names) for name in kept])
 
 
-class Reader:
-    """Reads tensors by checkpoint name as float32 in the shapes rwkvx keeps, collecting every
-    missing or mis-shaped tensor so that one error names them all."""
+class Planned:
+    """What a big matrix or the embedding will be (shape, stored dtype name or "uint8"),
+    in place of its data: Reader(shapes_only=True) plans a file without reading weights."""
 
-    def __init__(self, source: TensorSource, dtype: str = "float32", arena: Optional[Arena] = None):
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+class Reader:
+    """Reads tensors by checkpoint name in the shapes rwkvx keeps, collecting every missing or
+    mis-shaped tensor so that one error names them all.
+
+    Small tensors (vectors, per-head parameters, low-rank matrices) come out float32: views
+    of the mapped file where it stores them so, else private copies. The big matrices and
+    the embedding go through rwkvx.loader's read_matrix / read_embedding, as RWKV-4's do:
+    views of the file where it stores the run dtype, else converted into `arena`.
+    copy_mapped: nothing is a view of the file (load(mmap=False)). check: the finiteness
+    check (rwkvx.loader.iter_weights): small tensors are checked unless "none".
+    shapes_only: read no data (small tensors are zeros, big ones Planned), to plan a file.
+    """
+
+    def __init__(self, source: TensorSource, dtype: str = "float32", arena: Optional[Arena] = None, *,
+                 copy_mapped: bool = False, check: str = "read", shapes_only: bool = False):
         self.source = source
-        self.rwkv_cpp = source.format == "rwkv.cpp"
+        # rwkv.cpp's converter and rwkvx.convert store the tensors as the runtime holds
+        # them: low-rank matrices (out, in), RWKV-5.2's decay as exp(-exp(raw))
+        self.transformed = source.format in ("rwkv.cpp", FORMAT_NAME)
         self.dtype = dtype
         self.arena = arena if arena is not None else Arena(0)
+        self.copy_mapped = copy_mapped
+        self.check_mode = check
+        self.shapes_only = shapes_only
         self.problems: list[str] = []
         self.used: set[str] = set()
 
@@ -124,7 +148,16 @@ class Reader:
         if not hasattr(tensor, "float32"):
             self.problems.append(f"{key}: stored as {tensor.dtype}, expected floating point")
             return None
-        return tensor.float32()
+        if self.shapes_only:
+            return np.zeros(tensor.shape, np.float32)
+        view = None
+        if isinstance(tensor, Tensor) and tensor.dtype == "F32" and not self.copy_mapped:
+            view = tensor.view()
+        v = view if view is not None else tensor.float32()
+        if self.check_mode != "none":
+            # small: checked even when mapped, as stored (before any transform)
+            check_finite(self.source, key, v)
+        return v
 
     def vector(self, key: str, n: int) -> np.ndarray:
         """A (n,) vector; BlinkDL stores these (1, 1, n), converters (n,) or (n, 1)."""
@@ -149,24 +182,36 @@ class Reader:
             return np.zeros(shape, np.float32)
         return np.ascontiguousarray(m.T) if transposed else m
 
-    def big(self, key: str, shape: tuple[int, int]):
-        """A big matrix (arch.LINEAR, the head) in the run dtype, in the arena: read as it is
-        when the file stores it so (a bf16 checkpoint run in bfloat16), else via float32."""
+    def _present(self, key: str, shape: tuple[int, int]):
+        """The stored tensor if it has `shape` (recorded as used), else None (the problem recorded)."""
         tensor = self.source.tensors.get(key)
-        if (tensor is not None and tuple(tensor.shape) == tuple(shape) and tensor.strides is None
-                and tensor.dtype == RUN_STORED.get(self.dtype)):
-            self.used.add(key)
-            return tensor.read(out=self.arena.take(tuple(shape), NUMPY_DTYPES[tensor.dtype]))
-        return to_run_dtype(self.matrix(key, shape), self.dtype, key, self.source.path, self.arena)
+        if tensor is None:
+            self.problems.append(f"missing {key}")
+            return None
+        self.used.add(key)
+        if tuple(tensor.shape) != tuple(shape):
+            self.problems.append(f"{key}: expected {list(shape)}, got {list(tensor.shape)}")
+            return None
+        return tensor
+
+    def big(self, key: str, shape: tuple[int, int]):
+        """A big matrix (arch.LINEAR, the head) in the run dtype, as RWKV-4's loader reads its
+        matrices (rwkvx.loader.read_matrix)."""
+        tensor = self._present(key, shape)
+        if tensor is None:
+            return np.zeros(shape, np.float32)
+        if self.shapes_only:
+            return Planned(shape, "uint8" if self.dtype == "uint8" else RUN_STORED[self.dtype])
+        return read_matrix(self.source, key, tensor, self.dtype, self.arena, self.copy_mapped, self.check_mode)
 
     def embedding(self, key: str, shape: tuple[int, int]) -> np.ndarray:
         """The embedding as stored when float32/float16/bfloat16 (one row is widened per token)."""
-        tensor = self.source.tensors.get(key)
-        if tensor is not None and tuple(tensor.shape) == tuple(shape) and tensor.strides is None \
-                and tensor.dtype in ("F32", "F16", "BF16"):
-            self.used.add(key)
-            return tensor.read()
-        return self.matrix(key, shape)
+        tensor = self._present(key, shape)
+        if tensor is None:
+            return np.zeros(shape, np.float32)
+        if self.shapes_only:
+            return Planned(shape, tensor.dtype if tensor.dtype in ("F32", "F16", "BF16") else "F32")
+        return read_embedding(self.source, tensor, self.copy_mapped, self.check_mode)
 
     def check(self) -> None:
         unexpected = sorted(set(self.source.tensors) - self.used)
@@ -179,50 +224,26 @@ class Reader:
             raise fail(self.source.path, shown)
 
 
-def to_run_dtype(w: np.ndarray, dtype: str, key: str, path: str, arena: Arena):
-    """A float32 matrix in the format the kernels read for `dtype`, placed in `arena`."""
-    if dtype == "float32":
-        return arena.keep(np.ascontiguousarray(w, dtype=np.float32))
-    if dtype == "bfloat16":
-        return arena.keep(to_bfloat16(w))
-    if dtype == "float16":
-        biggest = float(np.abs(w).max()) if w.size else 0.0
-        if biggest > _FLOAT16_MAX:
-            raise fail(path, f"{key}: a weight of magnitude {biggest:g} does not fit float16; "
-                             "use bfloat16 or float32")
-        return arena.keep(w.astype(np.float16))
-    return quantize_u8(w, q_out=arena.take(w.shape, np.uint8))
-
-
 def big_keys(arch, n_layer: int) -> set[str]:
     """Checkpoint keys of the matrices that run in the model's dtype (arch.LINEAR, the head)."""
-    keys = {f"blocks.{layer}.{name.replace('_', '.', 1)}.weight"
-            for layer in range(n_layer) for name in arch.LINEAR}
-    return keys | {"head.weight"}
+    return {f"blocks.{layer}.{stored_key(name, arch)}" for layer in range(n_layer) for name in arch.LINEAR} \
+        | {"head.weight"}
 
 
-def arena_nbytes(source: TensorSource, arch, dtype: str, n_layer: int) -> int:
-    """Bytes of the block read_weights fills: the big matrices in `dtype` (uint8: their q), every
-    other tensor but the embedding in float32, each padded to a cache line (a file's tensor
-    may become several arrays: v7's packed mixes, so a few lines spare per tensor)."""
-    big = big_keys(arch, n_layer)
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}[dtype]
-    total = 0
-    for key, tensor in source.tensors.items():
-        if key != "emb.weight":
-            total += Arena.arena_nbytes(tensor.size * (itemsize if key in big else 4)) + 8 * 64
-    return total
+def stored_key(name: str, arch) -> str:
+    """The checkpoint key (after "blocks.N.") of a layer weight's rwkvx name, BlinkDL's
+    spelling: att_key -> att.key.weight, att_ln_x_weight -> att.ln_x.weight, ln1_bias ->
+    ln1.bias, att_time_decay -> att.time_decay. rwkvx.convert writes layers under these."""
+    part, _, rest = name.partition("_")
+    key = f"{part}.{rest}" if part in ("att", "ffn") else name
+    for end in ("_weight", "_bias"):
+        if key.endswith(end):
+            key = key[:-len(end)] + "." + end[1:]
+    return key + ".weight" if name in arch.LINEAR else key
 
 
-def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
-    """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
-
-    Each layer is converted to the run dtype as it is read (matrices the file already holds
-    in it are read as they are), so loading holds one layer in float32 beyond the result.
-    What decoding reads (all but the embedding) is put in one block of 2 MB pages, as
-    rwkvx.loader does for RWKV-4: streaming the weights through 4 KB pages costs a TLB miss
-    per page.
-    """
+def sizes(source: TensorSource, arch) -> tuple[int, int, int, int, int]:
+    """(n_layer, n_embd, n_vocab, n_head, head_size) of a v5+ checkpoint, from its index."""
     emb_tensor = source.tensors.get("emb.weight")
     if emb_tensor is None or len(emb_tensor.shape) != 2:
         raise fail(source.path, f"no 2-D emb.weight: not a complete {arch.NAME} checkpoint")
@@ -232,26 +253,93 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32") -> Weights:
     n_head, head_size = arch.heads(source)
     if n_head * head_size != n_embd:
         raise fail(source.path, f"{n_head} heads of {head_size} do not make n_embd {n_embd}")
-    arena = Arena(arena_nbytes(source, arch, dtype, n_layer))
-    reader = Reader(source, dtype, arena)
-    emb = reader.embedding("emb.weight", (n_vocab, n_embd))
-    ln0 = (reader.vector("blocks.0.ln0.weight", n_embd), reader.vector("blocks.0.ln0.bias", n_embd))
-    ln_out = (reader.vector("ln_out.weight", n_embd), reader.vector("ln_out.bias", n_embd))
-    blocks = []
+    return n_layer, n_embd, n_vocab, n_head, head_size
+
+
+def arena_nbytes(source: TensorSource, arch, dtype: str, n_layer: int, copy_mapped: bool = False) -> int:
+    """Bytes of the block read_weights fills: the big matrices it converts (or with copy_mapped
+    reads) in `dtype` (uint8: their q), and every other tensor but the embedding in float32
+    (those left mapped too: pages of the block are committed only when filled), each padded
+    to a cache line (a file's tensor may become several arrays: v7's packed mixes, so a few
+    lines spare per tensor)."""
+    big = big_keys(arch, n_layer)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}[dtype]
+    total = 0
+    for key, tensor in source.tensors.items():
+        if key in big:
+            if copy_mapped or not stored_as_run(tensor, dtype):
+                total += Arena.arena_nbytes(tensor.size * itemsize)
+        elif key != "emb.weight":
+            total += Arena.arena_nbytes(tensor.size * 4) + 8 * 64
+    return total
+
+
+def read_parts(reader: Reader, arch, n_layer: int, n_embd: int, n_head: int, head_size: int):
+    """The model's weights in file order, a layer at a time: yields (-1, {emb, ln0_weight,
+    ln0_bias}), (l, layer l's dict) for each layer, then (-1, {ln_out_weight, ln_out_bias,
+    head}); reader.check() then raises if any tensor was missing, mis-shaped or unused."""
+    n_vocab = reader.source.tensors["emb.weight"].shape[0]
+    yield -1, {"emb": reader.embedding("emb.weight", (n_vocab, n_embd)),
+               "ln0_weight": reader.vector("blocks.0.ln0.weight", n_embd),
+               "ln0_bias": reader.vector("blocks.0.ln0.bias", n_embd)}
     for layer in range(n_layer):
         block = arch.read_block(reader, layer, n_embd, n_head, head_size)
         for name in ("ln1", "ln2"):
             block[f"{name}_weight"] = reader.vector(f"blocks.{layer}.{name}.weight", n_embd)
             block[f"{name}_bias"] = reader.vector(f"blocks.{layer}.{name}.bias", n_embd)
-        for name, value in block.items():
-            if name not in arch.LINEAR:
-                block[name] = arena.keep(value)
-        blocks.append(block)
-    head = reader.big("head.weight", (n_vocab, n_embd))
+        yield layer, block
+    yield -1, {"ln_out_weight": reader.vector("ln_out.weight", n_embd),
+               "ln_out_bias": reader.vector("ln_out.bias", n_embd),
+               "head": reader.big("head.weight", (n_vocab, n_embd))}
     reader.check()
-    return Weights(arch=arch, emb=emb, ln0_weight=ln0[0], ln0_bias=ln0[1], blocks=blocks,
-                   ln_out_weight=ln_out[0], ln_out_bias=ln_out[1], head=head, head_size=head_size,
-                   dtype=dtype, source=source.path)
+
+
+# the file keys of the weights outside the layers
+_TOP_KEYS = {"emb": "emb.weight", "ln0_weight": "blocks.0.ln0.weight", "ln0_bias": "blocks.0.ln0.bias",
+             "ln_out_weight": "ln_out.weight", "ln_out_bias": "ln_out.bias", "head": "head.weight"}
+
+
+def converted_tensors(source: TensorSource, arch, dtype: str, *, check: str = "all", shapes_only: bool = False):
+    """What rwkvx.convert writes for a v5+ checkpoint: (key, value) for every weight as
+    read_weights keeps it (transforms applied, big matrices in `dtype`, small ones float32),
+    keyed by BlinkDL's names (stored_key), one layer in memory at a time. Files written so
+    are read back by the same read_block (Reader.transformed). shapes_only: Planned big
+    matrices and zero small ones, reading no weights; every name and shape is checked."""
+    n_layer, n_embd, _, n_head, head_size = sizes(source, arch)
+    reader = Reader(source, dtype, check=check, shapes_only=shapes_only)
+    for layer, part in read_parts(reader, arch, n_layer, n_embd, n_head, head_size):
+        for name, value in part.items():
+            yield (_TOP_KEYS[name] if layer < 0 else f"blocks.{layer}.{stored_key(name, arch)}"), value
+
+
+def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bool = True,
+                 check: str = "read") -> Weights:
+    """Every tensor of a v5+ checkpoint, checked, with the file format's transforms undone.
+
+    Matrices the file stores in the run dtype (a bf16 checkpoint run in bfloat16, a file
+    written by rwkvx.convert in its dtype), and float32 small tensors, are read-only views
+    of the mapped file, as RWKV-4's loader keeps them; mmap=False reads them instead, and
+    then drops the file from the page cache. Each other layer is converted to the run dtype
+    as it is read, so loading holds one layer in float32 beyond the result. What decoding
+    reads and is not mapped is put in one block of 2 MB pages, as rwkvx.loader does for
+    RWKV-4: streaming the weights through 4 KB pages costs a TLB miss per page.
+    check: rwkvx.loader.check_mode's NaN/infinity scan ("read", "all" or "none").
+    """
+    n_layer, n_embd, _, n_head, head_size = sizes(source, arch)
+    arena = Arena(arena_nbytes(source, arch, dtype, n_layer, copy_mapped=not mmap))
+    reader = Reader(source, dtype, arena, copy_mapped=not mmap, check=check)
+    top, blocks = {}, []
+    for layer, part in read_parts(reader, arch, n_layer, n_embd, n_head, head_size):
+        for name, value in part.items():
+            # small tensors read privately join the 2 MB pages (views of the file stay views)
+            if name not in arch.LINEAR and name not in ("emb", "head") and value.flags.writeable:
+                part[name] = arena.keep(value)
+        (blocks.append(part) if layer >= 0 else top.update(part))
+    if not mmap:
+        from rwkvx.hugepages import drop_from_page_cache
+        for file in source.files:
+            drop_from_page_cache(file.path)
+    return Weights(arch=arch, blocks=blocks, head_size=head_size, dtype=dtype, source=source.path, **top)
 
 
 def linear(m) -> Linear:

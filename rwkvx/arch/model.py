@@ -147,13 +147,16 @@ class RWKVNext(RWKV):
                 f"threads={self.n_threads})")
 
 
-def load(source, arch, dtype: str = "float32", threads: int | None = None) -> RWKVNext:
-    """An opened checkpoint (rwkvx.loader.open_checkpoint) of architecture module `arch`."""
-    if dtype not in ("float32", "bfloat16", "float16", "uint8"):
-        raise RwkvxError(f"dtype: expected float32, bfloat16, float16 or uint8, got {dtype!r}")
+def load(source, arch, dtype: str = "float32", threads: int | None = None, *, mmap: bool = True,
+         check_tensors: bool | None = None) -> RWKVNext:
+    """An opened checkpoint (rwkvx.loader.open_checkpoint) of architecture module `arch`;
+    mmap and check_tensors as rwkvx.load takes them."""
+    from rwkvx.loader import check_dtype, check_mode
+    check_dtype(dtype)
+    check = check_mode(check_tensors)
     if threads is not None:
         effective_n_threads(threads)
-    return RWKVNext(read_weights(source, arch, dtype), threads=threads)
+    return RWKVNext(read_weights(source, arch, dtype, mmap=mmap, check=check), threads=threads)
 
 
 def load_path(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKVNext:

@@ -48,11 +48,12 @@ def heads(source) -> tuple[int, int]:
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
     """One layer's tensors. rwkv.cpp's converter stores time_decay as exp(-exp(raw)) (H, N, 1)
-    and time_faaaa as (H, N, 1); BlinkDL's files hold the raw (H, N)."""
+    and time_faaaa as (H, N, 1), rwkvx.convert both as exp(-exp(raw)) (H, N); BlinkDL's files
+    hold the raw (H, N)."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
     p = {f"att_time_mix_{m}": reader.vector(f"{att}time_mix_{m}", c) for m in "kvrg"}
     decay = reader.heads(att + "time_decay", n_head, head_size)
-    if not reader.rwkv_cpp:
+    if not reader.transformed:
         # the decay per token is e^{-e^x}: keep the factor, computed in float64
         decay = np.exp(-np.exp(decay.astype(np.float64))).astype(np.float32)
     p["att_time_decay"] = decay

@@ -37,25 +37,25 @@ def heads(source) -> tuple[int, int]:
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
     """One layer's tensors. BlinkDL stores time_maa_w1 (C, 5D), time_maa_w2 (5, D, C),
-    time_decay_w1 (C, Dw), time_decay_w2 (Dw, C); rwkv.cpp's converter transposes all four
-    (to (out, in)) and stores time_decay/time_faaaa as (H, N, 1)."""
+    time_decay_w1 (C, Dw), time_decay_w2 (Dw, C); rwkv.cpp's converter and rwkvx.convert
+    transpose all four (to (out, in)); rwkv.cpp's stores time_decay/time_faaaa as (H, N, 1)."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
     p = {f"att_time_maa_{m}": reader.vector(f"{att}time_maa_{m}", c) for m in "x" + MIXES}
     w1 = reader.source.tensors.get(att + "time_maa_w1")
-    d_mix = ((w1.shape[0] if reader.rwkv_cpp else w1.shape[1]) // 5) if w1 is not None and len(w1.shape) == 2 else 1
-    p["att_time_maa_w1"] = reader.matrix(att + "time_maa_w1", (5 * d_mix, c), transposed=not reader.rwkv_cpp)
+    d_mix = ((w1.shape[0] if reader.transformed else w1.shape[1]) // 5) if w1 is not None and len(w1.shape) == 2 else 1
+    p["att_time_maa_w1"] = reader.matrix(att + "time_maa_w1", (5 * d_mix, c), transposed=not reader.transformed)
     w2 = reader.values(att + "time_maa_w2", 5 * d_mix * c)
     if w2 is None:
         w2 = np.zeros((5, c, d_mix), np.float32)
-    elif reader.rwkv_cpp:
+    elif reader.transformed:
         w2 = w2.reshape(5, c, d_mix)
     else:
         w2 = w2.reshape(5, d_mix, c).transpose(0, 2, 1)
     p["att_time_maa_w2"] = np.ascontiguousarray(w2)
     d1 = reader.source.tensors.get(att + "time_decay_w1")
-    d_decay = (d1.shape[0] if reader.rwkv_cpp else d1.shape[1]) if d1 is not None and len(d1.shape) == 2 else 1
-    p["att_time_decay_w1"] = reader.matrix(att + "time_decay_w1", (d_decay, c), transposed=not reader.rwkv_cpp)
-    p["att_time_decay_w2"] = reader.matrix(att + "time_decay_w2", (c, d_decay), transposed=not reader.rwkv_cpp)
+    d_decay = (d1.shape[0] if reader.transformed else d1.shape[1]) if d1 is not None and len(d1.shape) == 2 else 1
+    p["att_time_decay_w1"] = reader.matrix(att + "time_decay_w1", (d_decay, c), transposed=not reader.transformed)
+    p["att_time_decay_w2"] = reader.matrix(att + "time_decay_w2", (c, d_decay), transposed=not reader.transformed)
     p["att_time_decay"] = reader.vector(att + "time_decay", c)
     p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
     for m in ("receptance", "key", "value", "gate", "output"):

@@ -57,7 +57,8 @@ def heads(source) -> tuple[int, int]:
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
     """One layer's tensors: BlinkDL's names and layouts (.pth, safetensors), or rwkv.cpp's,
     whose converter packs the six token-shift mixes into att.x_rwkvag (6, 1, C) and stores
-    the low-rank matrices transposed (already (out, in))."""
+    the low-rank matrices transposed (already (out, in)), or rwkvx.convert's (those transposed,
+    the mixes apart)."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
     old = not reader.has(att + "k_k") and reader.has(att + "time_misc_kkk")
 
@@ -82,8 +83,8 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
         if lora != "g":
             p[f"att_{lora}0"] = reader.vector(name(f"{lora}0"), c)
         rank = _rank(reader, name(f"{lora}1"), c)
-        p[f"att_{lora}1"] = reader.matrix(name(f"{lora}1"), (rank, c), transposed=not reader.rwkv_cpp)
-        p[f"att_{lora}2"] = reader.matrix(name(f"{lora}2"), (c, rank), transposed=not reader.rwkv_cpp)
+        p[f"att_{lora}1"] = reader.matrix(name(f"{lora}1"), (rank, c), transposed=not reader.transformed)
+        p[f"att_{lora}2"] = reader.matrix(name(f"{lora}2"), (c, rank), transposed=not reader.transformed)
     p["att_k_k"] = reader.vector(name("k_k"), c)
     p["att_k_a"] = reader.vector(name("k_a"), c)
     p["att_r_k"] = reader.heads(name("r_k"), n_head, head_size)
@@ -103,8 +104,8 @@ def _rank(reader, key: str, n_embd: int) -> int:
     t = reader.source.tensors.get(key)
     if t is None or len(t.shape) != 2:
         return 1
-    # (in, out) = (C, D) in BlinkDL's files, (D, C) in rwkv.cpp's
-    return t.shape[0] if reader.rwkv_cpp else t.shape[1]
+    # (in, out) = (C, D) in BlinkDL's files, (D, C) in rwkv.cpp's and rwkvx's
+    return t.shape[0] if reader.transformed else t.shape[1]
 
 
 # ---- the specification (float64, one token) ----
