@@ -16,7 +16,14 @@ from libc.math cimport expf, sqrt
 from libc.stdlib cimport free, malloc
 from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 
+from rwkvx._matvec import simd_level
 from rwkvx.errors import RwkvxError
+
+cdef extern from "_wkv.h":
+    void rwkvx_wkv5_token(int level, Py_ssize_t N, const float* src, float* s, const float* r, const float* k,
+                          const float* v, const float* w, const float* u, float* y) noexcept nogil
+    void rwkvx_wkv7_token(int level, Py_ssize_t N, const float* src, float* s, const float* r, const float* w,
+                          const float* k, const float* v, const float* kk, const float* b, float* y) noexcept nogil
 
 
 cdef inline void _group_norm_gate(float* out, const float* y, const float* w, const float* b,
@@ -35,79 +42,40 @@ cdef inline void _group_norm_gate(float* out, const float* y, const float* w, co
         out[i] = (<float>((y[i] - mean) * inv) * w[i] + b[i]) * g[i]
 
 
-cdef void _wkv5_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
+cdef void _wkv5_head(int level, Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
                      const float* r, const float* k, const float* v, const float* w, Py_ssize_t w_step,
                      const float* u, const float* ln_w, const float* ln_b, const float* g,
                      double eps, const float* S_in, float* S, float* y, float* out) noexcept nogil:
-    # per token, for keys i and values j of head h:
+    # per token, for keys i and values j of head h (rwkvx_wkv5_token in _wkv.h):
     #   y[j] = sum_i r[i] (u[i] k[i] v[j] + S[i, j]);  S[i, j] = w[i] S[i, j] + k[i] v[j]
     # The first token reads S_in and writes S (the state passed in stays as it was; they may
     # be the same memory), later tokens update S.
-    cdef Py_ssize_t C = H * N, t, i, j, row
+    cdef Py_ssize_t C = H * N, t, row
     cdef float* s = S + h * N * N
     cdef const float* src = S_in + h * N * N
-    cdef float* yt
-    cdef const float* vt
-    cdef float ri, ki, wi, ui, kv
     for t in range(T):
         row = t * C + h * N
-        yt = y + row
-        vt = v + row
-        for j in range(N):
-            yt[j] = 0.0
-        for i in range(N):
-            ri = r[row + i]
-            ki = k[row + i]
-            wi = w[t * w_step + h * N + i]
-            ui = u[h * N + i]
-            for j in range(N):
-                kv = ki * vt[j]
-                yt[j] = yt[j] + ri * (ui * kv + src[i * N + j])
-                s[i * N + j] = src[i * N + j] * wi + kv
+        rwkvx_wkv5_token(level, N, src, s, r + row, k + row, v + row, w + t * w_step + h * N, u + h * N, y + row)
         src = s
-        _group_norm_gate(out + row, yt, ln_w + h * N, ln_b + h * N, g + row, N, eps)
+        _group_norm_gate(out + row, y + row, ln_w + h * N, ln_b + h * N, g + row, N, eps)
 
 
-cdef inline float _dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
-    # four partial sums: breaks the add chain (no -ffast-math to reassociate for us)
-    cdef float s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
-    cdef Py_ssize_t j = 0
-    while j + 4 <= n:
-        s0 = s0 + a[j] * b[j]
-        s1 = s1 + a[j + 1] * b[j + 1]
-        s2 = s2 + a[j + 2] * b[j + 2]
-        s3 = s3 + a[j + 3] * b[j + 3]
-        j += 4
-    while j < n:
-        s0 = s0 + a[j] * b[j]
-        j += 1
-    return (s0 + s1) + (s2 + s3)
-
-
-cdef void _wkv7_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
+cdef void _wkv7_head(int level, Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
                      const float* r, const float* w, const float* k, const float* v,
                      const float* kk, const float* b, const float* r_k,
                      const float* ln_w, const float* ln_b, const float* g,
                      double eps, const float* S_in, float* S, float* y, float* out) noexcept nogil:
-    # per token, for values i and keys j of head h (S = S diag(w) + (S (-kk)) b^T + v k^T):
+    # per token, for values i and keys j of head h (S = S diag(w) + (S (-kk)) b^T + v k^T;
+    # rwkvx_wkv7_token in _wkv.h):
     #   S[i, j] = S[i, j] w[j] - (S[i, :] . kk) b[j] + v[i] k[j];  y[i] = S[i, :] . r
     # then out = (group_norm(y) + (r . (k * r_k)) v) * g. The first token reads S_in (as wkv5).
     cdef Py_ssize_t C = H * N, t, i, j, row
     cdef float* s = S + h * N * N
     cdef const float* src = S_in + h * N * N
-    cdef float* si
-    cdef const float* si_src
-    cdef float sa, vi, bonus
+    cdef float bonus
     for t in range(T):
         row = t * C + h * N
-        for i in range(N):
-            si = s + i * N
-            si_src = src + i * N
-            sa = _dot(si_src, kk + row, N)
-            vi = v[row + i]
-            for j in range(N):
-                si[j] = si_src[j] * w[row + j] - sa * b[row + j] + vi * k[row + j]
-            y[row + i] = _dot(si, r + row, N)
+        rwkvx_wkv7_token(level, N, src, s, r + row, w + row, k + row, v + row, kk + row, b + row, y + row)
         src = s
         bonus = 0.0
         for j in range(N):
@@ -117,7 +85,7 @@ cdef void _wkv7_head(Py_ssize_t h, Py_ssize_t T, Py_ssize_t H, Py_ssize_t N,
             out[row + i] = out[row + i] + bonus * v[row + i] * g[row + i]
 
 
-cdef void _wkv5(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
+cdef void _wkv5(int level, const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
                 const float* k, const float* v, const float* w, Py_ssize_t w_step, const float* u,
                 const float* ln_w, const float* ln_b, const float* g, double eps, const float** S_in, float** S,
                 float* y, float* out, int n_threads) noexcept nogil:
@@ -126,11 +94,11 @@ cdef void _wkv5(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t
     for task in prange(B * H, schedule="static", num_threads=n_threads):
         b = task // H
         row = starts[b] * C
-        _wkv5_head(task % H, starts[b + 1] - starts[b], H, N, r + row, k + row, v + row,
+        _wkv5_head(level, task % H, starts[b + 1] - starts[b], H, N, r + row, k + row, v + row,
                    w + starts[b] * w_step, w_step, u, ln_w, ln_b, g + row, eps, S_in[b], S[b], y + row, out + row)
 
 
-cdef void _wkv7(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
+cdef void _wkv7(int level, const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t N, const float* r,
                 const float* w, const float* k, const float* v, const float* kk, const float* b,
                 const float* r_k, const float* ln_w, const float* ln_b, const float* g, double eps,
                 const float** S_in, float** S, float* y, float* out, int n_threads) noexcept nogil:
@@ -138,7 +106,7 @@ cdef void _wkv7(const Py_ssize_t* starts, Py_ssize_t B, Py_ssize_t H, Py_ssize_t
     for task in prange(B * H, schedule="static", num_threads=n_threads):
         seq = task // H
         row = starts[seq] * C
-        _wkv7_head(task % H, starts[seq + 1] - starts[seq], H, N, r + row, w + row, k + row, v + row,
+        _wkv7_head(level, task % H, starts[seq + 1] - starts[seq], H, N, r + row, w + row, k + row, v + row,
                    kk + row, b + row, r_k, ln_w, ln_b, g + row, eps, S_in[seq], S[seq], y + row, out + row)
 
 
@@ -208,6 +176,7 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
     if u.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv5: u, ln_w, ln_b: expected ({C},)")
     n_threads = kernel_threads(n_threads)
+    cdef int level = simd_level()
     _check_starts(starts, B, R)
     if R == 0:
         return
@@ -217,7 +186,7 @@ def wkv5(const float[:, ::1] r, const float[:, ::1] k, const float[:, ::1] v, co
     cdef Py_ssize_t w_step = 0 if w.shape[0] == 1 else C
     try:
         with nogil:
-            _wkv5(&starts[0], B, H, N, &r[0, 0], &k[0, 0], &v[0, 0], &w[0, 0], w_step, &u[0], &ln_w[0],
+            _wkv5(level, &starts[0], B, H, N, &r[0, 0], &k[0, 0], &v[0, 0], &w[0, 0], w_step, &u[0], &ln_w[0],
                   &ln_b[0], &g[0, 0], eps, <const float**>(S + B), S, &y[0, 0], &out[0, 0], n_threads)
     finally:
         free(S)
@@ -244,6 +213,7 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
     if r_k.shape[0] != C or ln_w.shape[0] != C or ln_b.shape[0] != C:
         raise RwkvxError(f"wkv7: r_k, ln_w, ln_b: expected ({C},)")
     n_threads = kernel_threads(n_threads)
+    cdef int level = simd_level()
     _check_starts(starts, B, R)
     if R == 0:
         return
@@ -252,7 +222,7 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
     cdef float[:, ::1] y = out.copy()
     try:
         with nogil:
-            _wkv7(&starts[0], B, H, N, &r[0, 0], &w[0, 0], &k[0, 0], &v[0, 0], &kk[0, 0], &b[0, 0], &r_k[0],
+            _wkv7(level, &starts[0], B, H, N, &r[0, 0], &w[0, 0], &k[0, 0], &v[0, 0], &kk[0, 0], &b[0, 0], &r_k[0],
                   &ln_w[0], &ln_b[0], &g[0, 0], eps, <const float**>(S + B), S, &y[0, 0], &out[0, 0], n_threads)
     finally:
         free(S)

@@ -94,6 +94,31 @@ def test_kernels_give_the_same_bits_for_any_thread_count_and_token_split():
         assert np.array_equal(out, results[0][0]) and np.array_equal(S, results[0][1])
 
 
+@pytest.mark.parametrize("N", [64, 20])  # 20: no whole step of 16 columns at the end
+def test_kernels_give_the_same_bits_at_every_simd_level(N):
+    rng = np.random.default_rng(N)
+    H, T = 3, 5
+    C, f = _inputs(rng, T, H, N)
+    r, k, v, g, kk, bb, u = (f(T, C) for _ in range(7))
+    w = np.abs(f(T, C))
+    ones, zeros = np.ones(C, np.float32), np.zeros(C, np.float32)
+    S0 = f(H, N, N)
+    results = {}
+    saved = _matvec.simd_level()
+    try:
+        for level in range(_matvec.best_simd_level() + 1):
+            _matvec.set_simd_level(level)
+            S5, S7 = S0.copy(), S0.copy()
+            out5, out7 = np.empty((T, C), np.float32), np.empty((T, C), np.float32)
+            wkv5(r, k, v, w, u[0], ones, zeros, g, [S5], _starts(T), out5, eps=64e-5, n_threads=2)
+            wkv7(r, w, k, v, kk, bb, u[0], ones, zeros, g, [S7], _starts(T), out7, eps=64e-5, n_threads=2)
+            results[level] = (out5, S5, out7, S7)
+    finally:
+        _matvec.set_simd_level(saved)
+    for level, arrays in results.items():
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, results[0])), level
+
+
 def test_several_sequences_in_one_call_equal_each_alone():
     rng = np.random.default_rng(11)
     H, N, lengths = 3, 8, (2, 1, 4)
