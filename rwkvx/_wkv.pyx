@@ -232,18 +232,19 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
 # same bits) ----
 
 cdef void _mix_rows(Py_ssize_t T, Py_ssize_t C, Py_ssize_t M, const float* x, const float* prev,
-                    const float* mix, float* out) noexcept nogil:
+                    const float* mix, float* out, int n_threads) noexcept nogil:
     # out[m, t] = x[t] + (prev[t] - x[t]) * mix[m]
     cdef Py_ssize_t m, t, j
     cdef float sx
-    for t in range(T):
+    for t in prange(T, schedule="static", num_threads=n_threads):
         for j in range(C):
             sx = prev[t * C + j] - x[t * C + j]
             for m in range(M):
                 out[(m * T + t) * C + j] = x[t * C + j] + sx * mix[m * C + j]
 
 
-def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1] mix, float[:, :, ::1] out):
+def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1] mix, float[:, :, ::1] out,
+             int n_threads=1):
     """Token-shift mixes: out[m, t] = x[t] + (prev[t] - x[t]) * mix[m].
 
     x, prev: (T, C); mix: (M, C); out: (M, T, C).
@@ -253,48 +254,59 @@ def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1
             or out.shape[1] != T or out.shape[2] != C:
         raise RwkvxError(f"mix_rows: x ({T}, {C}), prev ({prev.shape[0]}, {prev.shape[1]}), mix ({M}, "
                          f"{mix.shape[1]}), out ({out.shape[0]}, {out.shape[1]}, {out.shape[2]})")
+    n_threads = kernel_threads(n_threads) if T > 1 else 1
     if T == 0 or C == 0 or M == 0:
         return
     with nogil:
-        _mix_rows(T, C, M, &x[0, 0], &prev[0, 0], &mix[0, 0], &out[0, 0, 0])
+        _mix_rows(T, C, M, &x[0, 0], &prev[0, 0], &mix[0, 0], &out[0, 0, 0], n_threads)
 
 
 cdef inline float _sigmoid(float x) noexcept nogil:
     return 1.0 / (1.0 + expf(-x))
 
 
-cdef void _v7_prepare(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v, const float* a_lora,
-                      const float* v_lora, const float* v_first, const float* w0, const float* a0, const float* v0,
-                      const float* k_k, const float* k_a, float decay_scale, float* kk, float* b) noexcept nogil:
-    cdef Py_ssize_t C = H * N, t, h, j, i
+cdef void _v7_prepare_row(Py_ssize_t t, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v,
+                          const float* a_lora, const float* v_lora, const float* v_first, const float* w0,
+                          const float* a0, const float* v0, const float* k_k, const float* k_a, float decay_scale,
+                          float* kk, float* b) noexcept nogil:
+    cdef Py_ssize_t C = H * N, h, j, i
     cdef double ss
     cdef float a, norm
-    for t in range(T):
-        for h in range(H):
-            # kk = normalize(k * k_k) within the head (as F.normalize: / max(|.|, 1e-12))
-            ss = 0.0
-            for j in range(N):
-                i = t * C + h * N + j
-                kk[i] = k[i] * k_k[h * N + j]
-                ss += <double>kk[i] * kk[i]
-            norm = <float>sqrt(ss)
-            if norm < 1e-12:
-                norm = 1e-12
-            for j in range(N):
-                kk[t * C + h * N + j] = kk[t * C + h * N + j] / norm
-        for j in range(C):
-            i = t * C + j
-            a = _sigmoid(a0[j] + a_lora[i])
-            w[i] = expf(-decay_scale * _sigmoid(w0[j] + w[i]))
-            b[i] = kk[i] * a
-            k[i] = k[i] * (1 + (a - 1) * k_a[j])
-            if v_lora != NULL:
-                v[i] = v[i] + (v_first[i] - v[i]) * _sigmoid(v0[j] + v_lora[i])
+    for h in range(H):
+        # kk = normalize(k * k_k) within the head (as F.normalize: / max(|.|, 1e-12))
+        ss = 0.0
+        for j in range(N):
+            i = t * C + h * N + j
+            kk[i] = k[i] * k_k[h * N + j]
+            ss += <double>kk[i] * kk[i]
+        norm = <float>sqrt(ss)
+        if norm < 1e-12:
+            norm = 1e-12
+        for j in range(N):
+            kk[t * C + h * N + j] = kk[t * C + h * N + j] / norm
+    for j in range(C):
+        i = t * C + j
+        a = _sigmoid(a0[j] + a_lora[i])
+        w[i] = expf(-decay_scale * _sigmoid(w0[j] + w[i]))
+        b[i] = kk[i] * a
+        k[i] = k[i] * (1 + (a - 1) * k_a[j])
+        if v_lora != NULL:
+            v[i] = v[i] + (v_first[i] - v[i]) * _sigmoid(v0[j] + v_lora[i])
+
+
+cdef void _v7_prepare(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v, const float* a_lora,
+                      const float* v_lora, const float* v_first, const float* w0, const float* a0, const float* v0,
+                      const float* k_k, const float* k_a, float decay_scale, float* kk, float* b,
+                      int n_threads) noexcept nogil:
+    # row by row: any split of the rows between threads gives the same bits
+    cdef Py_ssize_t t
+    for t in prange(T, schedule="static", num_threads=n_threads):
+        _v7_prepare_row(t, H, N, w, k, v, a_lora, v_lora, v_first, w0, a0, v0, k_k, k_a, decay_scale, kk, b)
 
 
 def v7_prepare(float[:, ::1] w, float[:, ::1] k, float[:, ::1] v, const float[:, ::1] a_lora, v_lora, v_first,
                const float[::1] w0, const float[::1] a0, v0, const float[::1] k_k, const float[::1] k_a,
-               float[:, ::1] kk, float[:, ::1] b, *, int n_head, float decay_scale):
+               float[:, ::1] kk, float[:, ::1] b, *, int n_head, float decay_scale, int n_threads=1):
     """RWKV-7's inputs to the recurrence from its projections, row by row, in place:
 
         a = sigmoid(a0 + a_lora);  w = exp(-decay_scale * sigmoid(w0 + w))
@@ -324,8 +336,9 @@ def v7_prepare(float[:, ::1] w, float[:, ::1] k, float[:, ::1] v, const float[:,
             raise RwkvxError(f"v7_prepare: v0: expected ({C},), got ({v0v.shape[0]},)")
         if T:
             vl_p, vf_p, v0_p = &vl[0, 0], &vf[0, 0], &v0v[0]
+    n_threads = kernel_threads(n_threads) if T > 1 else 1
     if T == 0 or C == 0:
         return
     with nogil:
         _v7_prepare(T, H, C // H, &w[0, 0], &k[0, 0], &v[0, 0], &a_lora[0, 0], vl_p, vf_p, &w0[0], &a0[0], v0_p,
-                    &k_k[0], &k_a[0], decay_scale, &kk[0, 0], &b[0, 0])
+                    &k_k[0], &k_a[0], decay_scale, &kk[0, 0], &b[0, 0], n_threads)

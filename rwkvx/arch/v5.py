@@ -118,9 +118,10 @@ def channel_mixing_rows(X, states, starts, p, L, n, mixes):
     from rwkvx._wkv import mix_rows
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
     xkr = np.empty((2, len(x), x.shape[1]), np.float32)
-    mix_rows(x, shift(x, states, FFN_XX, starts), mixes, xkr)
+    mix_rows(x, shift(x, states, FFN_XX, starts), mixes, xkr, n)
     k, r = products([(L["ffn_key"], xkr[0]), (L["ffn_receptance"], xkr[1])], n)
-    X += sigmoid(r) * matmul(L["ffn_value"], np.square(np.maximum(k, 0)), n)
+    np.square(np.maximum(k, 0, out=k), out=k)  # in place: (T, 4C) is the layer's largest array
+    X += sigmoid(r) * matmul(L["ffn_value"], k, n)
 
 
 class Layer:
@@ -146,7 +147,7 @@ class Layer:
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         xk, xv, xr, xg = mixed = np.empty((4, T, C), np.float32)
-        mix_rows(x, shift(x, states, ATT_XX, starts), self.mix, mixed)
+        mix_rows(x, shift(x, states, ATT_XX, starts), self.mix, mixed, n)
         r, k, v, g = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
                                (L["att_gate"], xg)], n)
         g = silu(g)

@@ -134,7 +134,7 @@ class Layer:
         prev = shift(x, states, ATT_XX, starts)
         sx = prev - x
         xx = np.empty((1, T, C), np.float32)
-        mix_rows(x, prev, self.maa_x, xx)
+        mix_rows(x, prev, self.maa_x, xx, n)
         lora = np.tanh(matmul(L["att_time_maa_w1"], xx[0], n))
         lora = lora.reshape(T, 5, -1)
         # the five mix corrections (w, k, v, r, g), the decay's first stage as soon as xw is known

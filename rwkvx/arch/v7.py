@@ -180,7 +180,7 @@ class Layer:
         T, C = X.shape
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         mixed = np.empty((6, T, C), np.float32)
-        mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed)
+        mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed, n)
         xr, xw, xk, xv, xa, xg = mixed
         # the projections in three groups of independent products
         layer0 = v_first is None
@@ -192,7 +192,7 @@ class Layer:
         # decay, in-context rate, removal key, key and value residual (in place)
         kk, b = np.empty((T, C), np.float32), np.empty((T, C), np.float32)
         v7_prepare(w, k, v, a, None if layer0 else mv[0], v_first, p["att_w0"], p["att_a0"], p.get("att_v0"),
-                   p["att_k_k"], p["att_k_a"], kk, b, n_head=H, decay_scale=DECAY_SCALE)
+                   p["att_k_k"], p["att_k_a"], kk, b, n_head=H, decay_scale=DECAY_SCALE, n_threads=n)
         if layer0:
             v_first = v
 
@@ -204,7 +204,8 @@ class Layer:
 
         x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
         xk = np.empty((1, T, C), np.float32)
-        mix_rows(x, shift(x, states, FFN_XX, starts), self.ffn_mix, xk)
-        k = np.square(np.maximum(matmul(L["ffn_key"], xk[0], n), 0))
+        mix_rows(x, shift(x, states, FFN_XX, starts), self.ffn_mix, xk, n)
+        k = matmul(L["ffn_key"], xk[0], n)
+        np.square(np.maximum(k, 0, out=k), out=k)  # in place: (T, 4C) is the layer's largest array
         X += matmul(L["ffn_value"], k, n)
         return v_first
