@@ -5,20 +5,27 @@ cdef enum MatrixKind:
     MATRIX_U8 = 1
     MATRIX_BF16 = 2
     MATRIX_F16 = 3
+    MATRIX_Q4 = 4
 
 # A weight matrix as the kernels see it: (n_rows, n_cols) row-major, the checkpoint's
-# (out, in) orientation. For MATRIX_U8, W[i, j] ~ (q[i, j] + 0.5) * ry[i] * rx[j] + my[i] + mx[j].
+# (out, in) orientation. For MATRIX_U8, W[i, j] ~ (q[i, j] + 0.5) * ry[i] * rx[j] + my[i] + mx[j];
+# for MATRIX_Q4 see Q4Matrix in quant.py (q holds the packed nibbles).
 cdef struct Matrix:
     int kind
     Py_ssize_t n_rows
     Py_ssize_t n_cols
     const float* f32      # (n_rows, n_cols), MATRIX_F32
     const uint16_t* h16   # (n_rows, n_cols), MATRIX_BF16 (bfloat16 bits) or MATRIX_F16
-    const uint8_t* q      # (n_rows, n_cols), MATRIX_U8
+    const uint8_t* q      # (n_rows, n_cols), MATRIX_U8; (n_rows, 32 n_groups), MATRIX_Q4
     const float* mx       # (n_cols,)
     const float* rx       # (n_cols,)
     const float* my       # (n_rows,)
     const float* ry       # (n_rows,)
+    const uint8_t* sd     # (n_rows, n_groups), MATRIX_Q4: group scales
+    const signed char* sm # (n_rows, n_groups), MATRIX_Q4: group minima
+    const uint16_t* q4_D  # (n_rows,) float16 bits, MATRIX_Q4: row scale of sd
+    const uint16_t* q4_M  # (n_rows,) float16 bits, MATRIX_Q4: row scale of sm
+    Py_ssize_t n_groups   # MATRIX_Q4
 
 # Per-vector sums of the uint8 product (see _prepare_u8); the layout of rwkvx_u8_sums in
 # _simd.h, which the kernels are given

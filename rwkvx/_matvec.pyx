@@ -1,4 +1,4 @@
-"""Matrix-vector products over float32, bfloat16, float16 and uint8 weights.
+"""Matrix-vector products over float32, bfloat16, float16, uint8 and q4 weights.
 
 Over 90% of a decoded token's time is spent here, reading every weight once. Work is
 split over blocks of four output rows; no row is ever shared between threads.
@@ -54,9 +54,25 @@ cdef extern from "_simd.h" nogil:
                            const float* P, Py_ssize_t n_tok, Py_ssize_t n, float* Y, Py_ssize_t ldy,
                            const rwkvx_u8_affine* u8)
 
-rwkvx_detect_simd()
+cdef extern from "_q4.h" nogil:
+    ctypedef struct rwkvx_q4:
+        const uint8_t* q
+        const uint8_t* sd
+        const signed char* sm
+        const uint16_t* D
+        const uint16_t* M
+        Py_ssize_t n_cols
+        Py_ssize_t n_groups
+    float rwkvx_dot_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x)
+    void rwkvx_dot4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x, float* out4, int prefetch)
+    void rwkvx_widen_q4(const rwkvx_q4* m, Py_ssize_t i, Py_ssize_t n_rows, float* out)
+    void rwkvx_q4_detect()
 
-DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MATRIX_F16: "float16"}
+rwkvx_detect_simd()
+rwkvx_q4_detect()
+
+DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MATRIX_F16: "float16",
+          MATRIX_Q4: "q4"}
 
 
 def simd_level() -> int:
@@ -84,10 +100,26 @@ def set_simd_level(int level) -> int:
     return rwkvx_simd_level
 
 
+cdef inline rwkvx_q4 _q4(const Matrix* m) noexcept nogil:
+    cdef rwkvx_q4 q4
+    q4.q = m.q
+    q4.sd = m.sd
+    q4.sm = m.sm
+    q4.D = m.q4_D
+    q4.M = m.q4_M
+    q4.n_cols = m.n_cols
+    q4.n_groups = m.n_groups
+    return q4
+
+
 cdef inline void _dot4(const Matrix* m, Py_ssize_t i, const float* x, float* out) noexcept nogil:
     # out[0..3] = rows i..i+3 of the stored matrix (q itself for uint8) times x
     cdef Py_ssize_t n = m.n_cols
-    if m.kind == MATRIX_F32:
+    cdef rwkvx_q4 q4
+    if m.kind == MATRIX_Q4:
+        q4 = _q4(m)
+        rwkvx_dot4_q4(&q4, i, x, out, i + 8 <= m.n_rows)
+    elif m.kind == MATRIX_F32:
         rwkvx_dot4_f32(m.f32 + i * n, n, x, n, out)
     elif m.kind == MATRIX_BF16:
         rwkvx_dot4_bf16(m.h16 + i * n, n, x, n, out)
@@ -99,6 +131,10 @@ cdef inline void _dot4(const Matrix* m, Py_ssize_t i, const float* x, float* out
 
 cdef inline float _dot1(const Matrix* m, Py_ssize_t i, const float* x) noexcept nogil:
     cdef Py_ssize_t n = m.n_cols
+    cdef rwkvx_q4 q4
+    if m.kind == MATRIX_Q4:
+        q4 = _q4(m)
+        return rwkvx_dot_q4(&q4, i, x)
     if m.kind == MATRIX_F32:
         return rwkvx_dot_f32(m.f32 + i * n, x, n)
     elif m.kind == MATRIX_BF16:
@@ -222,12 +258,20 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
     cdef rwkvx_widen_job* next_job = NULL
     cdef rwkvx_u8_affine u8
     cdef rwkvx_u8_affine* finish = NULL
+    cdef rwkvx_q4 q4
     if m.kind == MATRIX_U8:
         u8.ry = m.ry + i
         u8.my = m.my + i
         u8.sums = <const rwkvx_u8_sums*>sums
         finish = &u8
-    if end <= m.n_rows:
+    if end <= m.n_rows and m.kind == MATRIX_Q4:
+        # dequantised into this thread's buffer (exactly the values the matrix-vector
+        # product computes with), then the float32 product
+        q4 = _q4(m)
+        widened = wbuf + (key % 2) * 4 * n
+        rwkvx_widen_q4(&q4, i, 4, widened)
+        rwkvx_gemm4_f32(widened, n, X, n, xpack, n_tok, n, out + i, ldo, NULL, NULL)
+    elif end <= m.n_rows:
         if m.kind != MATRIX_F32:
             # a few tokens (batched decoding): widened in the tile, in small spans
             job = _widen_job(m, i, NULL)
@@ -340,9 +384,14 @@ def _check_vector(name, const float[::1] v, Py_ssize_t n):
         raise RwkvxError(f"{name}: expected ({n},) float32, got ({v.shape[0]},)")
 
 
+def _check_vector_u16(name, const uint16_t[::1] v, Py_ssize_t n):
+    if v.shape[0] != n:
+        raise RwkvxError(f"{name}: expected ({n},) float16, got ({v.shape[0]},)")
+
+
 cdef class Linear:
-    """A weight matrix ready for the kernels: float32, bfloat16, float16, or uint8 with its
-    min/scale vectors. Build one with Linear.f32/bf16/f16/u8.
+    """A weight matrix ready for the kernels: float32, bfloat16, float16, uint8 with its
+    min/scale vectors, or q4 with its group scales. Build one with Linear.f32/bf16/f16/u8/q4.
 
     Holds references to the arrays it points into, which may be read-only (memory-mapped).
     """
@@ -387,6 +436,35 @@ cdef class Linear:
         self.m.rx = &rxv[0]
         self.m.my = &myv[0]
         self.m.ry = &ryv[0]
+        return self
+
+    @staticmethod
+    def q4(q4, sd, sm, D, M, Py_ssize_t n_cols) -> Linear:
+        """q4: (n_rows, 32 n_groups) uint8 packed nibbles, n_groups = ceil(n_cols / 64);
+        sd: (n_rows, n_groups) uint8; sm: (n_rows, n_groups) int8; D, M: (n_rows,) float16
+        (see Q4Matrix in quant.py)."""
+        cdef const uint8_t[:, ::1] qv = q4
+        cdef const uint8_t[:, ::1] sdv = sd
+        cdef const signed char[:, ::1] smv = sm
+        cdef const uint16_t[::1] Dv = D.view(np.uint16) if D.dtype == np.float16 else D
+        cdef const uint16_t[::1] Mv = M.view(np.uint16) if M.dtype == np.float16 else M
+        n_rows = qv.shape[0]
+        n_groups = (n_cols + 63) // 64
+        if n_cols < 1 or qv.shape[1] != 32 * n_groups:
+            raise RwkvxError(f"Linear.q4: q4 ({n_rows}, {qv.shape[1]}) does not hold {n_cols} columns "
+                             f"(expected ({n_rows}, {32 * n_groups}))")
+        for name, v in (("sd", sdv), ("sm", smv)):
+            if v.shape[0] != n_rows or v.shape[1] != n_groups:
+                raise RwkvxError(f"Linear.q4: {name}: expected ({n_rows}, {n_groups}), got ({v.shape[0]}, {v.shape[1]})")
+        _check_vector_u16("D", Dv, n_rows)
+        _check_vector_u16("M", Mv, n_rows)
+        cdef Linear self = _new_linear(MATRIX_Q4, n_rows, n_cols, (q4, sd, sm, D, M))
+        self.m.q = &qv[0, 0]
+        self.m.sd = &sdv[0, 0]
+        self.m.sm = &smv[0, 0]
+        self.m.q4_D = &Dv[0]
+        self.m.q4_M = &Mv[0]
+        self.m.n_groups = n_groups
         return self
 
     @property

@@ -12,7 +12,7 @@ from rwkvx import _layer, _matvec
 from rwkvx._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
-from rwkvx.quant import QuantizedMatrix
+from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
 
@@ -34,6 +34,8 @@ DEFAULT_CHUNK_SIZE = 128
 def _linear(m) -> _matvec.Linear:
     if isinstance(m, QuantizedMatrix):
         return _matvec.Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+    if isinstance(m, Q4Matrix):
+        return _matvec.Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
     if m.dtype == np.uint16:
         return _matvec.Linear.bf16(m)
     if m.dtype == np.float16:

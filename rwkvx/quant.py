@@ -103,3 +103,179 @@ def quantize_u8(w: np.ndarray, *, overwrite: bool = False, q_out: np.ndarray | N
         my=np.ascontiguousarray(my, dtype=np.float32),
         ry=(ry / 16).astype(np.float32),
     )
+
+
+# ---- q4: 4-bit groups along the input dimension ---------------------------------------
+#
+# W[i, j] ~ q[i, j] * d[i, g] + m[i, g] for the group g = j // Q4_GROUP, with q in 0..15,
+#   d[i, g] = sd[i, g] * D[i]      sd uint8 (1..255), D float16 per row
+#   m[i, g] = sm[i, g] * M[i]      sm int8 (-127..127), M float16 per row
+# (8-bit scales under a 16-bit row scale, as ggml's Q4_K keeps 6-bit ones under a 16-bit
+# super-block scale). Every product there is exact in float32: sd * D and sm * M need 8 + 11
+# significant bits, q * d another 4, at most 23 < 24; so W's float32 value is
+# q * d + m rounded once, the same whether a kernel computes it with one fused multiply-add
+# or a multiply then an add. dequantize() computes exactly that.
+#
+# Packing: row i's group g is 32 bytes, eight little-endian 32-bit words; bits 4p .. 4p + 3
+# of word k hold column 64 g + 8 p + k (p, k = 0..7). So byte 32 g + 4 k + t holds column
+# 64 g + 16 t + k in its low nibble and 64 g + 16 t + 8 + k in its high one. One vector load
+# holds a group, and shifting its words by 4p puts eight consecutive columns in eight lanes
+# (see _q4.h). A partial last group is padded with zero nibbles.
+#
+# Bits per weight: 4 + 16 / 64 for the scales = 4.25, plus 32 bits a row.
+
+Q4_GROUP = 64
+# scale candidates per group: the range divided by 15 + delta, each refitted by least squares
+# (ggml's make_qkx2_quants searches the same way, with 21 candidates); see
+# README's q4 section for what the search buys against min-max
+_Q4_DELTAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
+# the largest magnitude whose group minimum fits sm * M (float16's largest finite value * 127)
+_Q4_LARGEST = 65504.0 * 127
+
+
+@dataclass(frozen=True)
+class Q4Matrix:
+    """q4 (n_rows, n_groups * 32) uint8 packed nibbles; sd (n_rows, n_groups) uint8;
+    sm (n_rows, n_groups) int8; D, M (n_rows,) float16; n_cols the unpadded width."""
+
+    q4: np.ndarray
+    sd: np.ndarray
+    sm: np.ndarray
+    D: np.ndarray
+    M: np.ndarray
+    n_cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q4.shape[0], self.n_cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.q4, self.sd, self.sm, self.D, self.M))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        """The float32 matrix the kernels compute with (as `dtype`), exactly (see above)."""
+        n_rows, n_groups = self.sd.shape
+        # packed[r, g, k, t]: columns 16 t + k (low nibble) and 16 t + 8 + k (high)
+        nib = np.empty((n_rows, n_groups, 4, 2, 8), dtype=np.uint8)
+        packed = self.q4.reshape(n_rows, n_groups, 8, 4).transpose(0, 1, 3, 2)
+        nib[:, :, :, 0, :] = packed & 15
+        nib[:, :, :, 1, :] = packed >> 4
+        q = nib.reshape(n_rows, n_groups, Q4_GROUP).astype(np.float32)
+        d = self.sd.astype(np.float32) * self.D.astype(np.float32)[:, None]
+        m = self.sm.astype(np.float32) * self.M.astype(np.float32)[:, None]
+        w = q * d[:, :, None] + m[:, :, None]
+        return w.reshape(n_rows, n_groups * Q4_GROUP)[:, :self.n_cols].astype(dtype)
+
+
+def _q4_fit(w: np.ndarray):
+    """Per-group (d, m) with small squared error for groups w (rows, groups, 64) float32."""
+    lo = w.min(axis=2)
+    span = w.max(axis=2) - lo
+    live = span > 0
+    span = np.where(live, span, np.float32(1))
+    sw = w.sum(axis=2)
+    sww = np.einsum("rgk,rgk->rg", w, w)
+    n = np.float32(Q4_GROUP)
+    # min-max first: d = span / 15, m = lo
+    best_d, best_m = span / 15, lo.copy()
+    q = np.clip(np.rint((w - lo[..., None]) / best_d[..., None]), 0, 15)
+    best_e = ((q * best_d[..., None] + lo[..., None] - w) ** 2).sum(axis=2)
+    for delta in _Q4_DELTAS:
+        q = np.clip(np.rint((w - lo[..., None]) * ((15 + delta) / span)[..., None]), 0, 15)
+        sq = q.sum(axis=2)
+        sqq = np.einsum("rgk,rgk->rg", q, q)
+        sqw = np.einsum("rgk,rgk->rg", q, w)
+        det = n * sqq - sq * sq
+        ok = det > 0
+        det = np.where(ok, det, np.float32(1))
+        d = (n * sqw - sq * sw) / det
+        m = (sqq * sw - sq * sqw) / det
+        ok &= d > 0
+        # the squared error of the least-squares fit, from the sums
+        e = d * d * sqq + 2 * d * m * sq - 2 * d * sqw + n * m * m - 2 * m * sw + sww
+        better = ok & (e < best_e)
+        best_e = np.where(better, e, best_e)
+        best_d = np.where(better, d, best_d)
+        best_m = np.where(better, m, best_m)
+    return np.where(live, best_d, np.float32(0)), best_m
+
+
+def _row_scale(v: np.ndarray, top: int, what: str, name: str) -> np.ndarray:
+    # float16 row scale with v / scale within +-top; a zero row gets 1 (any scale works)
+    biggest = np.abs(v).max(axis=1)
+    scale = (biggest / top).astype(np.float16)
+    if not np.isfinite(scale).all():
+        i = int(np.argmax(~np.isfinite(scale)))
+        raise RwkvxError(f"quantize_q4: {name} row {i}: group {what}s up to {biggest[i]:g} do not fit "
+                         f"q4's float16 row scale")
+    tiny = np.float16(2.0 ** -24)
+    return np.where(biggest > 0, np.maximum(scale, tiny), np.float16(1))
+
+
+def quantize_q4(w: np.ndarray, *, name: str = "the matrix", rows_per_chunk: int | None = None) -> Q4Matrix:
+    """Quantise a float matrix (n_rows, n_cols) to q4 (see Q4Matrix).
+
+    Works row blocks at a time in float32 (a few MB of temporaries whatever the size).
+    name: what the matrix is called in errors.
+    """
+    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise RwkvxError(f"quantize_q4: expected a non-empty 2-D matrix, got shape {w.shape}")
+    n_rows, n_cols = w.shape
+    n_groups = -(-n_cols // Q4_GROUP)
+    width = n_groups * Q4_GROUP
+    q4 = np.empty((n_rows, n_groups * 32), dtype=np.uint8)
+    d_all = np.empty((n_rows, n_groups), dtype=np.float32)
+    m_all = np.empty((n_rows, n_groups), dtype=np.float32)
+    rows = rows_per_chunk or max(1, (1 << 18) // width)
+    chunks = []
+    for r0 in range(0, n_rows, rows):
+        block = np.array(w[r0:r0 + rows], dtype=np.float32)
+        if not np.isfinite(block).all():
+            i, j = np.argwhere(~np.isfinite(block))[0]
+            raise RwkvxError(f"quantize_q4: {name} has NaN or infinite entries (first at "
+                             f"[{r0 + i}, {j}]: {block[i, j]}); q4 cannot represent them")
+        if np.abs(block).max() > _Q4_LARGEST:
+            i, j = np.unravel_index(np.argmax(np.abs(block)), block.shape)
+            raise RwkvxError(f"quantize_q4: {name}[{r0 + i}, {j}] = {block[i, j]:g} is beyond q4's "
+                             f"range (+-{_Q4_LARGEST:g}: a float16 row scale of 8-bit group minima)")
+        if width != n_cols:
+            # the padding repeats the row's last value: it never widens the last group's range
+            block = np.concatenate([block, np.repeat(block[:, -1:], width - n_cols, axis=1)], axis=1)
+        g = block.reshape(block.shape[0], n_groups, Q4_GROUP)
+        d_all[r0:r0 + rows], m_all[r0:r0 + rows] = _q4_fit(g)
+        chunks.append((r0, g))
+    D = _row_scale(d_all, 255, "scale", name)
+    M = _row_scale(m_all, 127, "minimum", name)
+    Df, Mf = D.astype(np.float32)[:, None], M.astype(np.float32)[:, None]
+    # a live group keeps a scale of at least one step of D
+    sd = np.clip(np.rint(d_all / Df), np.where(d_all > 0, 1, 0), 255).astype(np.uint8)
+    sm = np.clip(np.rint(m_all / Mf), -127, 127).astype(np.int8)
+    d_q = sd.astype(np.float32) * Df
+    m_q = sm.astype(np.float32) * Mf
+    for r0, g in chunks:
+        d, m = d_q[r0:r0 + rows, :, None], m_q[r0:r0 + rows, :, None]
+        safe = np.where(d > 0, d, np.float32(1))
+        q = np.clip(np.rint((g - m) / safe), 0, 15).astype(np.uint8)
+        q = q.reshape(q.shape[0], n_groups, 4, 2, 8)
+        packed = (q[:, :, :, 0, :] | (q[:, :, :, 1, :] << 4)).transpose(0, 1, 3, 2)
+        q4[r0:r0 + rows] = packed.reshape(q.shape[0], -1)
+    if width != n_cols:
+        # zero nibbles past the last column, so that a file's bytes depend only on the weights
+        _zero_padding(q4, n_cols)
+    return Q4Matrix(q4=q4, sd=sd, sm=sm, D=D.astype(np.float16), M=M.astype(np.float16), n_cols=n_cols)
+
+
+def _zero_padding(q4: np.ndarray, n_cols: int) -> None:
+    n_rows = q4.shape[0]
+    cols = np.arange(q4.shape[1] * 2)
+    g, rest = divmod(cols, Q4_GROUP)
+    p, k = divmod(rest, 8)
+    t, high = divmod(p, 2)
+    byte = 32 * g + 4 * k + t
+    for c in range(n_cols, cols.size):
+        q4[:, byte[c]] &= np.uint8(0x0F if high[c] else 0xF0)

@@ -3,20 +3,20 @@
 A transliteration of BlinkDL's RWKV_in_150_lines.py (layer_norm, time_mixing,
 channel_mixing, a loop over blocks) with no optimisation: same state layout, same
 -1e30 start for pp, same max trick in the WKV recurrence. Quantised matrices are
-dequantised first, so this also defines what the uint8 kernels must compute.
+dequantised first, so this also defines what the uint8 and q4 kernels must compute.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from rwkvx.quant import QuantizedMatrix
+from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.weights import ATT_AA, ATT_BB, ATT_PP, ATT_XX, FFN_XX, ModelWeights, new_state, to_float32
 
 LAYER_NORM_EPS = 1e-5
 
 
 def _f64(a) -> np.ndarray:
-    if isinstance(a, QuantizedMatrix):
+    if isinstance(a, (QuantizedMatrix, Q4Matrix)):
         return a.dequantize(np.float64)
     return to_float32(np.asarray(a)).astype(np.float64)
 

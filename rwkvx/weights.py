@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from rwkvx.quant import QuantizedMatrix
+from rwkvx.quant import Q4Matrix, QuantizedMatrix
 
 # (n_embd,) float32 per layer
 VECTOR_NAMES = (
@@ -29,8 +29,8 @@ MATRIX_NAMES = (
 )
 
 # A weight matrix: float32, float16, bfloat16 (stored as uint16 bit patterns: numpy has no
-# bfloat16) or uint8 (QuantizedMatrix).
-Matrix = Union[np.ndarray, QuantizedMatrix]
+# bfloat16), uint8 (QuantizedMatrix) or q4 (Q4Matrix).
+Matrix = Union[np.ndarray, QuantizedMatrix, Q4Matrix]
 
 
 def to_bfloat16(a: np.ndarray) -> np.ndarray:
@@ -69,7 +69,11 @@ def held_arrays(weights) -> list:
     """Every array a model's weights hold (emb, ln0/ln_out vectors, head, each block's
     values), once each; a quantised matrix contributes its parts. Any architecture."""
     def parts(m):
-        return [m.q, m.mx, m.rx, m.my, m.ry] if isinstance(m, QuantizedMatrix) else [m]
+        if isinstance(m, QuantizedMatrix):
+            return [m.q, m.mx, m.rx, m.my, m.ry]
+        if isinstance(m, Q4Matrix):
+            return [m.q4, m.sd, m.sm, m.D, m.M]
+        return [m]
     out = [weights.emb, weights.ln0_weight, weights.ln0_bias, weights.ln_out_weight, weights.ln_out_bias]
     out += parts(weights.head)
     for block in weights.blocks:

@@ -1,0 +1,341 @@
+/* Kernels for q4 weights (see Q4Matrix in rwkvx/quant.py for the format).
+ *
+ * Each weight is dequantised in registers, w = q * d + m, and multiplied in float32. The
+ * product q * d is exact (at most 23 significant bits), so a fused multiply-add and a
+ * multiply then an add give the same w: the float32 value dequantize() returns. The loops
+ * then sum w * x in exactly the order of the float32 loops of _simd.h (one 8-lane
+ * accumulator per row over steps of eight columns, the same reductions, the same scalar
+ * tail), so a q4 product is bit-identical to the float32 product of the dequantised matrix
+ * at the same SIMD level, and its matrix-matrix product (rows widened to float32, then the
+ * float32 product) to its matrix-vector product.
+ *
+ * Packing: a row's group of 64 columns is 32 bytes, read as eight little-endian 32-bit
+ * words; bits 4p .. 4p + 3 of word k hold column 8p + k. One 256-bit load holds the group,
+ * and a shift by 4p puts step p's eight columns in the low bits of the eight lanes: no
+ * byte shuffles, which the lookup below needs for itself.
+ */
+#ifndef RWKVX_Q4_H
+#define RWKVX_Q4_H
+
+#include "_simd.h"
+
+#define RWKVX_Q4_GROUP 64
+
+/* A q4 matrix from row 0: packed nibbles q (n_rows, 32 n_groups), group scales sd and
+ * minima sm (n_rows, n_groups), float16 row scales D and M (n_rows,). */
+typedef struct {
+    const uint8_t *q;
+    const uint8_t *sd;
+    const int8_t *sm;
+    const uint16_t *D, *M;
+    ptrdiff_t n_cols, n_groups;
+} rwkvx_q4;
+
+/* Row i's group g: d = sd D and m = sm M (both exact in float32). */
+static inline float rwkvx_q4_scale(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g)
+{
+    return (float)m->sd[i * m->n_groups + g] * rwkvx_f16_to_f32(m->D[i]);
+}
+
+static inline float rwkvx_q4_min(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g)
+{
+    return (float)m->sm[i * m->n_groups + g] * rwkvx_f16_to_f32(m->M[i]);
+}
+
+/* The nibble of column j in row i. */
+static inline unsigned rwkvx_q4_nibble(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t j)
+{
+    const ptrdiff_t g = j / RWKVX_Q4_GROUP, p = j % RWKVX_Q4_GROUP / 8, k = j % 8;
+    const uint8_t b = m->q[i * 32 * m->n_groups + 32 * g + 4 * k + p / 2];
+    return p % 2 ? b >> 4 : b & 15;
+}
+
+/* The float32 weight (i, j), exactly as every loop computes it. */
+static inline float rwkvx_q4_value(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t j)
+{
+    return (float)rwkvx_q4_nibble(m, i, j) * rwkvx_q4_scale(m, i, j / RWKVX_Q4_GROUP) +
+           rwkvx_q4_min(m, i, j / RWKVX_Q4_GROUP);
+}
+
+/* ---- portable ---------------------------------------------------------------------- */
+
+/* Weights j .. j + 7 of row i (j a multiple of eight), as rwkvx_q4_value gives them. */
+static inline void rwkvx_q4_step8_portable(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t j, float *w)
+{
+    const ptrdiff_t g = j / RWKVX_Q4_GROUP, p = j % RWKVX_Q4_GROUP / 8;
+    const float d = rwkvx_q4_scale(m, i, g), mn = rwkvx_q4_min(m, i, g);
+    const uint8_t *b = m->q + i * 32 * m->n_groups + 32 * g + p / 2;
+    const int shift = p % 2 ? 4 : 0;
+    for (int k = 0; k < 8; k++)
+        w[k] = (float)((b[4 * k] >> shift) & 15) * d + mn;
+}
+
+/* rwkvx_dot_f32_portable of row i's weights and x. */
+static inline float rwkvx_dot_q4_portable(const rwkvx_q4 *m, ptrdiff_t i, const float *x)
+{
+    const ptrdiff_t n = m->n_cols;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, w[8];
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        rwkvx_q4_step8_portable(m, i, j, w);
+        for (int k = 0; k < 8; k++)
+            acc[k] += w[k] * x[j + k];
+    }
+    float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; j < n; j++)
+        total += rwkvx_q4_value(m, i, j) * x[j];
+    return total;
+}
+
+static inline void rwkvx_widen_q4_portable(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n_rows,
+                                           float *out)
+{
+    const ptrdiff_t n = m->n_cols;
+    for (ptrdiff_t r = 0; r < n_rows; r++) {
+        ptrdiff_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            rwkvx_q4_step8_portable(m, i + r, j, out + r * n + j);
+        for (; j < n; j++)
+            out[r * n + j] = rwkvx_q4_value(m, i + r, j);
+    }
+}
+
+/* ---- AVX2 + FMA -------------------------------------------------------------------- */
+
+#if RWKVX_HAVE_X86_DISPATCH
+
+RWKVX_AVX2 static inline __m256i rwkvx_q4_group(const uint8_t *p)
+{
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* Step p's eight weights of a group's words: q * d + m. */
+RWKVX_AVX2 static inline __m256 rwkvx_q4_step_avx2(__m256i words, int p, __m256 d, __m256 mn)
+{
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(words, _mm256_set1_epi32(4 * p)), _mm256_set1_epi32(15));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, mn);
+}
+
+/* The row scales of rows i .. i + 3 (F16C). */
+RWKVX_AVX2 static inline __m128 rwkvx_q4_rows4(const uint16_t *h)
+{
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
+}
+
+/* The whole-group and partial-group loops of a four-row product, shared by the AVX2 and
+ * AVX-512 versions. Per group: PARAMS(g) sets that group's constants, STEP(p, j) adds
+ * columns j .. j + 7 (step p of the group) of the four rows. The next four rows' nibbles
+ * (contiguous) are prefetched at the pace these are read, two lines per group. */
+#define RWKVX_Q4_DOT4_LOOPS(PARAMS, STEP)                                                    \
+    ptrdiff_t g = 0;                                                                         \
+    for (; g < whole_groups; g++) {                                                          \
+        PARAMS(g);                                                                           \
+        if (prefetch) {                                                                      \
+            _mm_prefetch(ahead + 128 * g, _MM_HINT_T0);                                      \
+            _mm_prefetch(ahead + 128 * g + 64, _MM_HINT_T0);                                 \
+        }                                                                                    \
+        const __m256i w0 = rwkvx_q4_group(q + 32 * g), w1 = rwkvx_q4_group(q + stride + 32 * g); \
+        const __m256i w2 = rwkvx_q4_group(q + 2 * stride + 32 * g);                          \
+        const __m256i w3 = rwkvx_q4_group(q + 3 * stride + 32 * g);                          \
+        const ptrdiff_t j = RWKVX_Q4_GROUP * g;                                              \
+        STEP(0, j); STEP(1, j + 8); STEP(2, j + 16); STEP(3, j + 24);                        \
+        STEP(4, j + 32); STEP(5, j + 40); STEP(6, j + 48); STEP(7, j + 56);                  \
+    }                                                                                        \
+    if (RWKVX_Q4_GROUP * g < 8 * n8) {                                                       \
+        PARAMS(g);                                                                           \
+        const __m256i w0 = rwkvx_q4_group(q + 32 * g), w1 = rwkvx_q4_group(q + stride + 32 * g); \
+        const __m256i w2 = rwkvx_q4_group(q + 2 * stride + 32 * g);                          \
+        const __m256i w3 = rwkvx_q4_group(q + 3 * stride + 32 * g);                          \
+        for (int p = 0; RWKVX_Q4_GROUP * g + 8 * p < 8 * n8; p++)                            \
+            STEP(p, RWKVX_Q4_GROUP * g + 8 * p);                                             \
+    }                                                                                        \
+    _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                    \
+    for (ptrdiff_t j = 8 * n8; j < n; j++)                                                   \
+        for (int r = 0; r < 4; r++)                                                          \
+            out4[r] += rwkvx_q4_value(m, i + r, j) * x[j];
+
+#define RWKVX_Q4_DOT4_SETUP                                                                  \
+    const ptrdiff_t n = m->n_cols, n8 = n / 8, ng = m->n_groups, stride = 32 * ng;           \
+    const ptrdiff_t whole_groups = 8 * n8 / RWKVX_Q4_GROUP;                                  \
+    const uint8_t *q = m->q + i * stride;                                                    \
+    const uint8_t *sd = m->sd + i * ng;                                                      \
+    const int8_t *sm = m->sm + i * ng;                                                       \
+    const char *ahead = (const char *)(q + 4 * stride);                                      \
+    float D[4], M[4];                                                                        \
+    _mm_storeu_ps(D, rwkvx_q4_rows4(m->D + i));                                              \
+    _mm_storeu_ps(M, rwkvx_q4_rows4(m->M + i));                                              \
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                               \
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps()
+
+/* Rows i .. i + 3 against x, as rwkvx_dot4_f32_avx2 sums them: one accumulator per row in
+ * column order, the four-way reduction, the scalar tail. */
+RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
+                                         float *out4, int prefetch)
+{
+    RWKVX_Q4_DOT4_SETUP;
+    __m256 d0, d1, d2, d3, m0, m1, m2, m3;
+#define RWKVX_Q4_PARAMS(g)                                       \
+    d0 = _mm256_set1_ps((float)sd[(g)] * D[0]);                  \
+    d1 = _mm256_set1_ps((float)sd[ng + (g)] * D[1]);             \
+    d2 = _mm256_set1_ps((float)sd[2 * ng + (g)] * D[2]);         \
+    d3 = _mm256_set1_ps((float)sd[3 * ng + (g)] * D[3]);         \
+    m0 = _mm256_set1_ps((float)sm[(g)] * M[0]);                  \
+    m1 = _mm256_set1_ps((float)sm[ng + (g)] * M[1]);             \
+    m2 = _mm256_set1_ps((float)sm[2 * ng + (g)] * M[2]);         \
+    m3 = _mm256_set1_ps((float)sm[3 * ng + (g)] * M[3])
+#define RWKVX_Q4_STEP(p, j)                                                        \
+    do {                                                                           \
+        const __m256 xv = _mm256_loadu_ps(x + (j));                                \
+        a0 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w0, p, d0, m0), xv, a0);           \
+        a1 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w1, p, d1, m1), xv, a1);           \
+        a2 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w2, p, d2, m2), xv, a2);           \
+        a3 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w3, p, d3, m3), xv, a3);           \
+    } while (0)
+    RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_PARAMS, RWKVX_Q4_STEP)
+#undef RWKVX_Q4_STEP
+#undef RWKVX_Q4_PARAMS
+}
+
+/* One row, as rwkvx_dot_f32_avx2 sums it. */
+RWKVX_AVX2 static float rwkvx_dot_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const float *x)
+{
+    const ptrdiff_t n = m->n_cols, n8 = n / 8;
+    const uint8_t *q = m->q + i * 32 * m->n_groups;
+    __m256 acc = _mm256_setzero_ps(), d = acc, mn = acc;
+    __m256i words = _mm256_setzero_si256();
+    for (ptrdiff_t j = 0; j < 8 * n8; j += 8) {
+        if (j % RWKVX_Q4_GROUP == 0) {
+            d = _mm256_set1_ps(rwkvx_q4_scale(m, i, j / RWKVX_Q4_GROUP));
+            mn = _mm256_set1_ps(rwkvx_q4_min(m, i, j / RWKVX_Q4_GROUP));
+            words = rwkvx_q4_group(q + j / 2);
+        }
+        acc = _mm256_fmadd_ps(rwkvx_q4_step_avx2(words, j % RWKVX_Q4_GROUP / 8, d, mn),
+                              _mm256_loadu_ps(x + j), acc);
+    }
+    float total = rwkvx_hsum256(acc);
+    for (ptrdiff_t j = 8 * n8; j < n; j++)
+        total += rwkvx_q4_value(m, i, j) * x[j];
+    return total;
+}
+
+/* Rows i .. i + n_rows - 1 as float32 into out (row stride n_cols). */
+RWKVX_AVX2 static void rwkvx_widen_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n_rows,
+                                          float *out)
+{
+    const ptrdiff_t n = m->n_cols, n8 = n / 8;
+    for (ptrdiff_t r = 0; r < n_rows; r++) {
+        const uint8_t *q = m->q + (i + r) * 32 * m->n_groups;
+        float *o = out + r * n;
+        __m256 d = _mm256_setzero_ps(), mn = d;
+        __m256i words = _mm256_setzero_si256();
+        for (ptrdiff_t j = 0; j < 8 * n8; j += 8) {
+            if (j % RWKVX_Q4_GROUP == 0) {
+                d = _mm256_set1_ps(rwkvx_q4_scale(m, i + r, j / RWKVX_Q4_GROUP));
+                mn = _mm256_set1_ps(rwkvx_q4_min(m, i + r, j / RWKVX_Q4_GROUP));
+                words = rwkvx_q4_group(q + j / 2);
+            }
+            _mm256_storeu_ps(o + j, rwkvx_q4_step_avx2(words, j % RWKVX_Q4_GROUP / 8, d, mn));
+        }
+        for (ptrdiff_t j = 8 * n8; j < n; j++)
+            o[j] = rwkvx_q4_value(m, i + r, j);
+    }
+}
+
+/* ---- AVX-512 (F + VL, 256-bit registers) ------------------------------------------
+ * The dequantisation as a table lookup: a group's sixteen possible weights fma(k, d, m),
+ * k = 0..15, sit in two registers, and one two-register permute (vpermt2ps, which reads
+ * only the low four bits of each index, so no mask) turns eight nibbles into eight weights
+ * -- the values the AVX2 loop computes with a mask, a conversion and a multiply-add, so
+ * the results are the same bits, with one multiply-add per eight weights instead of two.
+ * Still 256-bit registers, as the other matrix-vector loops (see _simd.h). */
+#define RWKVX_AVX512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+
+/* Whether the CPU has AVX-512VL (set at import by rwkvx_q4_detect). */
+static int rwkvx_q4_have_vl = 0;
+
+RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
+                                               float *out4, int prefetch)
+{
+    RWKVX_Q4_DOT4_SETUP;
+    const __m256 k_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 k_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    __m256 l0, l1, l2, l3, h0, h1, h2, h3;
+#define RWKVX_Q4_TABLE(r, lo, hi, g)                                                         \
+    do {                                                                                     \
+        const __m256 d_ = _mm256_set1_ps((float)sd[(r) * ng + (g)] * D[r]);                  \
+        const __m256 m_ = _mm256_set1_ps((float)sm[(r) * ng + (g)] * M[r]);                  \
+        lo = _mm256_fmadd_ps(k_lo, d_, m_);                                                  \
+        hi = _mm256_fmadd_ps(k_hi, d_, m_);                                                  \
+    } while (0)
+#define RWKVX_Q4_TABLES(g)                 \
+    RWKVX_Q4_TABLE(0, l0, h0, g);          \
+    RWKVX_Q4_TABLE(1, l1, h1, g);          \
+    RWKVX_Q4_TABLE(2, l2, h2, g);          \
+    RWKVX_Q4_TABLE(3, l3, h3, g)
+#define RWKVX_Q4_LOOKUP(p, j)                                                                \
+    do {                                                                                     \
+        const __m256 xv = _mm256_loadu_ps(x + (j));                                          \
+        a0 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l0, _mm256_srli_epi32(w0, 4 * (p)), h0), xv, a0); \
+        a1 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l1, _mm256_srli_epi32(w1, 4 * (p)), h1), xv, a1); \
+        a2 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l2, _mm256_srli_epi32(w2, 4 * (p)), h2), xv, a2); \
+        a3 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l3, _mm256_srli_epi32(w3, 4 * (p)), h3), xv, a3); \
+    } while (0)
+    RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP)
+#undef RWKVX_Q4_LOOKUP
+#undef RWKVX_Q4_TABLES
+#undef RWKVX_Q4_TABLE
+}
+#endif /* RWKVX_HAVE_X86_DISPATCH */
+
+/* ---- dispatch ----------------------------------------------------------------------- */
+
+/* Whether the CPU has what the AVX-512 q4 loop needs beyond level 2's AVX-512F. */
+static inline void rwkvx_q4_detect(void)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    rwkvx_q4_have_vl = __builtin_cpu_supports("avx512vl");
+#endif
+}
+
+static inline float rwkvx_dot_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *x)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level)
+        return rwkvx_dot_q4_avx2(m, i, x);
+#endif
+    return rwkvx_dot_q4_portable(m, i, x);
+}
+
+/* Rows i .. i + 3; prefetch: whether the four rows after them may be fetched ahead (not
+ * past the matrix's last row). */
+static inline void rwkvx_dot4_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *x, float *out4,
+                                 int prefetch)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl) {
+        rwkvx_dot4_q4_avx512(m, i, x, out4, prefetch);
+        return;
+    }
+    if (rwkvx_simd_level) {
+        rwkvx_dot4_q4_avx2(m, i, x, out4, prefetch);
+        return;
+    }
+#endif
+    (void)prefetch;
+    for (int r = 0; r < 4; r++)
+        out4[r] = rwkvx_dot_q4_portable(m, i + r, x);
+}
+
+static inline void rwkvx_widen_q4(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n_rows, float *out)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level) {
+        rwkvx_widen_q4_avx2(m, i, n_rows, out);
+        return;
+    }
+#endif
+    rwkvx_widen_q4_portable(m, i, n_rows, out);
+}
+
+#endif /* RWKVX_Q4_H */

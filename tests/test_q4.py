@@ -1,0 +1,240 @@
+"""The q4 format (rwkvx.quant.Q4Matrix) and its kernels.
+
+q4 kernels dequantise each weight in registers to exactly the float32 value dequantize()
+gives, then sum in the float32 loops' order; so besides matching the float64 reference
+within the float32 tolerance of STYLE B7 (rtol 1e-4, atol 1e-5 for one product: float32
+rounding of a sum of up to 1023 terms), a q4 product must be bit-identical to the float32
+product of the dequantised matrix at every SIMD level, and the matrix-matrix product (prompts,
+batches) to the matrix-vector one (decoding).
+"""
+import numpy as np
+import pytest
+
+from rwkvx import _matvec
+from rwkvx._parallel import openmp_enabled
+from rwkvx.errors import RwkvxError
+from rwkvx.loader import load_weights
+from rwkvx.model import RWKV
+from rwkvx.quant import Q4_GROUP, Q4Matrix, quantize_q4
+from rwkvx.reference import Reference
+from rwkvx.weights import MATRIX_NAMES
+
+from conftest import save_random_model
+
+SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
+LEVELS = list(range(_matvec.best_simd_level() + 1))
+LEVEL_NAMES = ["portable", "avx2", "avx512"]
+
+
+@pytest.fixture(params=LEVELS, ids=lambda level: LEVEL_NAMES[level])
+def simd(request):
+    before = _matvec.simd_level()
+    _matvec.set_simd_level(request.param)
+    yield request.param
+    _matvec.set_simd_level(before)
+
+
+def _weights(rng, n_rows, n_cols):
+    return (rng.standard_normal((n_rows, n_cols)) / np.sqrt(n_cols)).astype(np.float32)
+
+
+def _linear(qm: Q4Matrix) -> _matvec.Linear:
+    return _matvec.Linear.q4(qm.q4, qm.sd, qm.sm, qm.D, qm.M, qm.n_cols)
+
+
+# ---- the format ----
+
+def test_format_invariants(rng):
+    qm = quantize_q4(_weights(rng, 40, 1024))
+    assert qm.q4.shape == (40, 512) and qm.q4.dtype == np.uint8
+    assert qm.sd.shape == qm.sm.shape == (40, 16) and qm.sd.dtype == np.uint8 and qm.sm.dtype == np.int8
+    assert qm.D.shape == qm.M.shape == (40,) and qm.D.dtype == qm.M.dtype == np.float16
+    assert qm.shape == (40, 1024)
+    # 4 bits + 16 bits of group scales per 64 + 32 bits per row
+    assert qm.bits_per_weight == pytest.approx(4 + 16 / 64 + 32 / 1024)
+
+
+@pytest.mark.parametrize("n_cols", [1, 7, 63, 64, 65, 200])
+def test_partial_groups_are_padded_with_zero_nibbles(rng, n_cols):
+    qm = quantize_q4(_weights(rng, 5, n_cols) + 3)
+    n_groups = -(-n_cols // Q4_GROUP)
+    assert qm.q4.shape == (5, 32 * n_groups) and qm.dequantize().shape == (5, n_cols)
+    # a matrix with its padding columns zeroed dequantises the same
+    full = Q4Matrix(qm.q4, qm.sd, qm.sm, qm.D, qm.M, n_groups * Q4_GROUP).dequantize()
+    assert np.array_equal(full[:, :n_cols], qm.dequantize())
+    assert np.array_equal(full[:, n_cols:], np.broadcast_to(
+        (qm.sm[:, -1:].astype(np.float32) * qm.M[:, None].astype(np.float32)), full[:, n_cols:].shape))
+
+
+def test_dequantize_is_q_times_d_plus_m_rounded_once(rng):
+    # every product is exact in float32, so float64 arithmetic rounded at the end agrees
+    qm = quantize_q4(_weights(rng, 33, 320) * 100)
+    assert np.array_equal(qm.dequantize(np.float64).astype(np.float32), qm.dequantize())
+
+
+def test_round_trip_error(rng):
+    w = _weights(rng, 512, 512)
+    err = quantize_q4(w).dequantize() - w
+    rel_rmse = np.sqrt((err ** 2).mean() / (w ** 2).mean())
+    # measured once: 0.0832 for N(0, 1/n) weights (seed 1234); min-max rounding gives 0.0895
+    assert rel_rmse <= 1.5 * 0.0832
+
+
+def test_search_beats_min_max(rng):
+    # the least-squares refit may only lower a group's error below plain min-max rounding
+    w = _weights(rng, 64, 256)
+    g = w.reshape(64, 4, 64)
+    lo, hi = g.min(axis=2, keepdims=True), g.max(axis=2, keepdims=True)
+    d = (hi - lo) / 15
+    minmax = np.clip(np.rint((g - lo) / d), 0, 15) * d + lo
+    assert ((quantize_q4(w).dequantize() - w) ** 2).sum() < ((minmax.reshape(64, 256) - w) ** 2).sum()
+
+
+def test_constant_and_zero_rows(rng):
+    w = np.zeros((3, 70), np.float32)
+    w[1] = 2.5
+    w[2, :] = -1e-3
+    np.testing.assert_allclose(quantize_q4(w).dequantize(), w, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_raises_on_non_finite(rng, bad):
+    w = _weights(rng, 4, 9)
+    w[2, 5] = bad
+    with pytest.raises(RwkvxError, match=r"blocks.1.att.key.weight has NaN or infinite entries \(first at \[2, 5\]"):
+        quantize_q4(w, name="blocks.1.att.key.weight")
+
+
+def test_quantize_raises_on_weights_too_large_for_the_scales():
+    w = np.array([[0.0, -3e7]], np.float32)
+    with pytest.raises(RwkvxError, match=r"the matrix\[0, 1\] = -3e\+07 is beyond q4's range"):
+        quantize_q4(w)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (4,)])
+def test_quantize_raises_on_empty_or_not_2d(shape):
+    with pytest.raises(RwkvxError, match="non-empty 2-D"):
+        quantize_q4(np.zeros(shape, np.float32))
+
+
+# ---- the kernels ----
+
+@pytest.mark.parametrize("n_cols", SIZES)
+@pytest.mark.parametrize("n_rows", [1, 3, 17, 64])
+def test_matvec_against_dequantized(simd, rng, n_rows, n_cols):
+    w = _weights(rng, n_rows, n_cols)
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    qm = quantize_q4(w)
+    lin = _linear(qm)
+    assert lin.dtype == "q4" and lin.shape == (n_rows, n_cols) and lin.nbytes == qm.nbytes
+    np.testing.assert_allclose(lin(x, n_threads=2), qm.dequantize(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_cols", [1, 8, 15, 16, 24, 33, 64, 65, 100, 200, 1023])
+def test_bit_identical_to_float32_of_the_dequantized_matrix(simd, rng, n_cols):
+    w = _weights(rng, 23, n_cols)
+    X = rng.standard_normal((13, n_cols)).astype(np.float32)
+    qm = quantize_q4(w)
+    q4, f32 = _linear(qm), _matvec.Linear.f32(qm.dequantize())
+    assert np.array_equal(q4(X[0], n_threads=2), f32(X[0], n_threads=2))
+    assert np.array_equal(q4.matmul(X, n_threads=2), f32.matmul(X, n_threads=2))
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 5, 13])
+@pytest.mark.parametrize("n_cols", [7, 64, 127])
+@pytest.mark.parametrize("n_rows", [1, 5, 17])
+def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
+    lin = _linear(quantize_q4(_weights(rng, n_rows, n_cols)))
+    X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+    Y = lin.matmul(X, n_threads=2)
+    for t in range(n_tok):
+        assert np.array_equal(Y[t], lin(X[t]))
+
+
+def test_matmul_in_several_passes_equals_matvec(simd, rng):
+    # wide rows: the product takes the tokens a few at a time (inputs kept to L2's size)
+    lin = _linear(quantize_q4(_weights(rng, 21, 8201)))
+    X = rng.standard_normal((37, 8201)).astype(np.float32)
+    Y = lin.matmul(X, n_threads=2)
+    for t in range(37):
+        assert np.array_equal(Y[t], lin(X[t]))
+
+
+def test_avx2_and_avx512_are_bit_identical(rng):
+    # AVX-512 looks dequantised values up in a table, AVX2 computes them: the same bits
+    if len(LEVELS) < 3:
+        pytest.skip("no AVX-512 on this CPU")
+    lin = _linear(quantize_q4(_weights(rng, 67, 1000)))
+    X = rng.standard_normal((9, 1000)).astype(np.float32)
+    before = _matvec.simd_level()
+    try:
+        out = {}
+        for level in (1, 2):
+            _matvec.set_simd_level(level)
+            out[level] = lin.matmul(X, n_threads=2), lin(X[0], n_threads=2)
+    finally:
+        _matvec.set_simd_level(before)
+    assert np.array_equal(out[1][0], out[2][0]) and np.array_equal(out[1][1], out[2][1])
+
+
+@pytest.mark.skipif(not openmp_enabled(), reason="built without OpenMP")
+def test_thread_counts_are_bit_identical(rng):
+    lin = _linear(quantize_q4(_weights(rng, 1023, 257)))
+    x = rng.standard_normal(257).astype(np.float32)
+    results = [lin(x, n_threads=n) for n in (1, 2, 3, 4)]
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def test_linear_raises_on_inconsistent_parts(rng):
+    qm = quantize_q4(_weights(rng, 5, 100))
+    with pytest.raises(RwkvxError, match="does not hold 300 columns"):
+        _matvec.Linear.q4(qm.q4, qm.sd, qm.sm, qm.D, qm.M, 300)
+    with pytest.raises(RwkvxError, match="sd: expected"):
+        _matvec.Linear.q4(qm.q4, qm.sd[:, :1].copy(), qm.sm, qm.D, qm.M, 100)
+    with pytest.raises(RwkvxError, match="D: expected"):
+        _matvec.Linear.q4(qm.q4, qm.sd, qm.sm, qm.D[:3].copy(), qm.M, 100)
+
+
+def test_read_only_parts_are_accepted(rng):
+    qm = quantize_q4(_weights(rng, 9, 70))
+    for a in (qm.q4, qm.sd, qm.sm, qm.D, qm.M):
+        a.flags.writeable = False
+    x = rng.standard_normal(70).astype(np.float32)
+    np.testing.assert_allclose(_linear(qm)(x), qm.dequantize(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+# ---- a whole RWKV-4 model ----
+
+def _q4_model(path) -> RWKV:
+    weights = load_weights(path, "float32")
+    for block in weights.blocks:
+        for name in MATRIX_NAMES:
+            block[name] = quantize_q4(block[name])
+    weights.head = quantize_q4(weights.head)
+    return RWKV(weights, threads=2)
+
+
+TOKENS = [5, 17, 0, 96, 33, 33, 2, 64, 7, 81, 12, 40, 3, 55, 90, 1, 28, 61]
+
+
+def test_rwkv4_against_reference(tmp_path):
+    # the reference runs the dequantised matrices in float64 (STYLE B7: max abs 1e-3, same argmax)
+    model = _q4_model(save_random_model(tmp_path / "m.safetensors", 2, 40, 97, n_ffn=70, seed=3))
+    logits, state = model.forward(TOKENS, all_logits=True)
+    ref, ref_state = Reference(model.weights).forward(TOKENS, all_logits=True)
+    assert np.abs(logits - ref).max() <= 1e-3
+    assert (logits.argmax(axis=1) == ref.argmax(axis=1)).all()
+
+
+def test_rwkv4_sequence_batch_and_decode_agree(tmp_path):
+    model = _q4_model(save_random_model(tmp_path / "m.safetensors", 2, 136, 97, n_ffn=200, seed=4))
+    one = []
+    state = None
+    for token in TOKENS:
+        out, state = model.forward([token], state)
+        one.append(out)
+    model.chunk_size = 5
+    every, seq_state = model.forward(TOKENS, all_logits=True)
+    assert np.array_equal(every, np.stack(one)) and np.array_equal(seq_state, state)
+    (first, second), _ = model.forward_batch([TOKENS, TOKENS[:7]])
+    assert np.array_equal(first, one[-1]) and np.array_equal(second, one[6])
