@@ -122,32 +122,65 @@ RWKVX_AVX2 static inline __m128 rwkvx_q4_rows4(const uint16_t *h)
     return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
 }
 
-/* The whole-group and partial-group loops of a four-row product, shared by the AVX2 and
- * AVX-512 versions. Per group: PARAMS(g) sets that group's constants, STEP(p, j) adds
- * columns j .. j + 7 (step p of the group) of the four rows. The next four rows' nibbles
+/* Groups per pass of a four-row product: their scales and minima, as floats, are worked
+ * out for the four rows together first (eight groups to a vector), so that the loop over
+ * columns only broadcasts them. */
+#define RWKVX_Q4_PASS 32
+
+/* d = sd D and m = sm M of groups g0 .. g0 + count - 1 of rows i .. i + 3 into gd[r][g - g0],
+ * gm[r][g - g0]: the same products as rwkvx_q4_scale/min. */
+RWKVX_AVX2 static inline void rwkvx_q4_params4(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g0,
+                                               ptrdiff_t count, const float *D, const float *M,
+                                               float gd[4][RWKVX_Q4_PASS],
+                                               float gm[4][RWKVX_Q4_PASS])
+{
+    const ptrdiff_t ng = m->n_groups;
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *sd = m->sd + (i + r) * ng + g0;
+        const int8_t *sm = m->sm + (i + r) * ng + g0;
+        ptrdiff_t g = 0;
+        for (; g + 8 <= count; g += 8) {
+            __m256 d = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sd + g))));
+            __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sm + g))));
+            _mm256_storeu_ps(gd[r] + g, _mm256_mul_ps(d, _mm256_set1_ps(D[r])));
+            _mm256_storeu_ps(gm[r] + g, _mm256_mul_ps(mn, _mm256_set1_ps(M[r])));
+        }
+        for (; g < count; g++) {
+            gd[r][g] = (float)sd[g] * D[r];
+            gm[r][g] = (float)sm[g] * M[r];
+        }
+    }
+}
+
+/* The loops of a four-row product, shared by the AVX2 and AVX-512 versions. Per group:
+ * PARAMS(k) sets that group's constants from gd/gm[.][k], STEP(p, j) adds columns
+ * j .. j + 7 (step p of the group) of the four rows. The next four rows' nibbles
  * (contiguous) are prefetched at the pace these are read, two lines per group. */
 #define RWKVX_Q4_DOT4_LOOPS(PARAMS, STEP)                                                    \
-    ptrdiff_t g = 0;                                                                         \
-    for (; g < whole_groups; g++) {                                                          \
-        PARAMS(g);                                                                           \
-        if (prefetch) {                                                                      \
-            _mm_prefetch(ahead + 128 * g, _MM_HINT_T0);                                      \
-            _mm_prefetch(ahead + 128 * g + 64, _MM_HINT_T0);                                 \
+    const ptrdiff_t used_groups = (8 * n8 + RWKVX_Q4_GROUP - 1) / RWKVX_Q4_GROUP;            \
+    float gd[4][RWKVX_Q4_PASS], gm[4][RWKVX_Q4_PASS];                                        \
+    for (ptrdiff_t g0 = 0; g0 < used_groups; g0 += RWKVX_Q4_PASS) {                          \
+        const ptrdiff_t g1 = g0 + RWKVX_Q4_PASS < used_groups ? g0 + RWKVX_Q4_PASS : used_groups; \
+        rwkvx_q4_params4(m, i, g0, g1 - g0, D, M, gd, gm);                                   \
+        for (ptrdiff_t g = g0; g < g1; g++) {                                                \
+            PARAMS(g - g0);                                                                  \
+            if (prefetch) {                                                                  \
+                _mm_prefetch(ahead + 128 * g, _MM_HINT_T0);                                  \
+                _mm_prefetch(ahead + 128 * g + 64, _MM_HINT_T0);                             \
+            }                                                                                \
+            const __m256i w0 = rwkvx_q4_group(q + 32 * g);                                   \
+            const __m256i w1 = rwkvx_q4_group(q + stride + 32 * g);                          \
+            const __m256i w2 = rwkvx_q4_group(q + 2 * stride + 32 * g);                      \
+            const __m256i w3 = rwkvx_q4_group(q + 3 * stride + 32 * g);                      \
+            const ptrdiff_t j = RWKVX_Q4_GROUP * g;                                          \
+            if (g < whole_groups) {                                                          \
+                STEP(0, j); STEP(1, j + 8); STEP(2, j + 16); STEP(3, j + 24);                \
+                STEP(4, j + 32); STEP(5, j + 40); STEP(6, j + 48); STEP(7, j + 56);          \
+            } else {                                                                         \
+                for (int p = 0; j + 8 * p < 8 * n8; p++)                                     \
+                    STEP(p, j + 8 * p);                                                      \
+            }                                                                                \
         }                                                                                    \
-        const __m256i w0 = rwkvx_q4_group(q + 32 * g), w1 = rwkvx_q4_group(q + stride + 32 * g); \
-        const __m256i w2 = rwkvx_q4_group(q + 2 * stride + 32 * g);                          \
-        const __m256i w3 = rwkvx_q4_group(q + 3 * stride + 32 * g);                          \
-        const ptrdiff_t j = RWKVX_Q4_GROUP * g;                                              \
-        STEP(0, j); STEP(1, j + 8); STEP(2, j + 16); STEP(3, j + 24);                        \
-        STEP(4, j + 32); STEP(5, j + 40); STEP(6, j + 48); STEP(7, j + 56);                  \
-    }                                                                                        \
-    if (RWKVX_Q4_GROUP * g < 8 * n8) {                                                       \
-        PARAMS(g);                                                                           \
-        const __m256i w0 = rwkvx_q4_group(q + 32 * g), w1 = rwkvx_q4_group(q + stride + 32 * g); \
-        const __m256i w2 = rwkvx_q4_group(q + 2 * stride + 32 * g);                          \
-        const __m256i w3 = rwkvx_q4_group(q + 3 * stride + 32 * g);                          \
-        for (int p = 0; RWKVX_Q4_GROUP * g + 8 * p < 8 * n8; p++)                            \
-            STEP(p, RWKVX_Q4_GROUP * g + 8 * p);                                             \
     }                                                                                        \
     _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                    \
     for (ptrdiff_t j = 8 * n8; j < n; j++)                                                   \
@@ -155,11 +188,9 @@ RWKVX_AVX2 static inline __m128 rwkvx_q4_rows4(const uint16_t *h)
             out4[r] += rwkvx_q4_value(m, i + r, j) * x[j];
 
 #define RWKVX_Q4_DOT4_SETUP                                                                  \
-    const ptrdiff_t n = m->n_cols, n8 = n / 8, ng = m->n_groups, stride = 32 * ng;           \
+    const ptrdiff_t n = m->n_cols, n8 = n / 8, stride = 32 * m->n_groups;                    \
     const ptrdiff_t whole_groups = 8 * n8 / RWKVX_Q4_GROUP;                                  \
     const uint8_t *q = m->q + i * stride;                                                    \
-    const uint8_t *sd = m->sd + i * ng;                                                      \
-    const int8_t *sm = m->sm + i * ng;                                                       \
     const char *ahead = (const char *)(q + 4 * stride);                                      \
     float D[4], M[4];                                                                        \
     _mm_storeu_ps(D, rwkvx_q4_rows4(m->D + i));                                              \
@@ -174,15 +205,15 @@ RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const 
 {
     RWKVX_Q4_DOT4_SETUP;
     __m256 d0, d1, d2, d3, m0, m1, m2, m3;
-#define RWKVX_Q4_PARAMS(g)                                       \
-    d0 = _mm256_set1_ps((float)sd[(g)] * D[0]);                  \
-    d1 = _mm256_set1_ps((float)sd[ng + (g)] * D[1]);             \
-    d2 = _mm256_set1_ps((float)sd[2 * ng + (g)] * D[2]);         \
-    d3 = _mm256_set1_ps((float)sd[3 * ng + (g)] * D[3]);         \
-    m0 = _mm256_set1_ps((float)sm[(g)] * M[0]);                  \
-    m1 = _mm256_set1_ps((float)sm[ng + (g)] * M[1]);             \
-    m2 = _mm256_set1_ps((float)sm[2 * ng + (g)] * M[2]);         \
-    m3 = _mm256_set1_ps((float)sm[3 * ng + (g)] * M[3])
+#define RWKVX_Q4_PARAMS(k)                                       \
+    d0 = _mm256_broadcast_ss(gd[0] + (k));                       \
+    d1 = _mm256_broadcast_ss(gd[1] + (k));                       \
+    d2 = _mm256_broadcast_ss(gd[2] + (k));                       \
+    d3 = _mm256_broadcast_ss(gd[3] + (k));                       \
+    m0 = _mm256_broadcast_ss(gm[0] + (k));                       \
+    m1 = _mm256_broadcast_ss(gm[1] + (k));                       \
+    m2 = _mm256_broadcast_ss(gm[2] + (k));                       \
+    m3 = _mm256_broadcast_ss(gm[3] + (k))
 #define RWKVX_Q4_STEP(p, j)                                                        \
     do {                                                                           \
         const __m256 xv = _mm256_loadu_ps(x + (j));                                \
@@ -260,10 +291,10 @@ RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, 
     const __m256 k_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 k_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
     __m256 l0, l1, l2, l3, h0, h1, h2, h3;
-#define RWKVX_Q4_TABLE(r, lo, hi, g)                                                         \
+#define RWKVX_Q4_TABLE(r, lo, hi, k)                                                         \
     do {                                                                                     \
-        const __m256 d_ = _mm256_set1_ps((float)sd[(r) * ng + (g)] * D[r]);                  \
-        const __m256 m_ = _mm256_set1_ps((float)sm[(r) * ng + (g)] * M[r]);                  \
+        const __m256 d_ = _mm256_broadcast_ss(gd[r] + (k));                                  \
+        const __m256 m_ = _mm256_broadcast_ss(gm[r] + (k));                                  \
         lo = _mm256_fmadd_ps(k_lo, d_, m_);                                                  \
         hi = _mm256_fmadd_ps(k_hi, d_, m_);                                                  \
     } while (0)
