@@ -40,6 +40,7 @@ KIND:GROUP[:SCALE][:head=f32|f16]:
                from the group's values (d up, m down), so no weight is clipped
     uint8:rowcol   rwkvx's uint8 format itself (rwkvx.quant), to check the simulation
                against the real uint8 kernels
+    q4         rwkvx's q4 format (rwkvx.quant.quantize_q4), before the loader reads it
     :head=f32, :head=f16   appended to any spec: the head matrix is kept in that precision
                instead (rwkv.cpp never quantises the head)
 """
@@ -106,6 +107,14 @@ def _stored(x: np.ndarray, scale: str, direction: float) -> np.ndarray:
     return h.astype(np.float32)
 
 
+_NATIVE_LABELS = {"uint8": "uint8 row/col min-max", "q4": "q4"}
+
+
+def _native_quantizer(name: str):
+    import rwkvx.quant
+    return {"uint8": quantize_u8, "q4": getattr(rwkvx.quant, "quantize_q4", None)}[name]
+
+
 @dataclass(frozen=True)
 class SimFormat:
     """A candidate format simulated in numpy (see the module docstring for the specs)."""
@@ -114,15 +123,15 @@ class SimFormat:
     bits: int            # code width, 2..8
     group: Optional[int]  # weights per group along a row; None: the whole row
     scale: str = "f16"   # "f16" or "f32"
-    rowcol: bool = False  # rwkvx's uint8 format (rwkvx.quant)
+    native: Optional[str] = None  # "uint8" or "q4": rwkvx's own format, by rwkvx.quant's quantiser
     head: Optional[str] = None  # "f32" or "f16": the head kept in that precision; None: quantised
 
     @property
     def label(self) -> str:
         """Short name for the table, e.g. 'int8 absmax g32 f16 (sim)'."""
         head = f", head {self.head}" if self.head else ""
-        if self.rowcol:
-            return f"uint8 row/col min-max{head} (sim)"
+        if self.native:
+            return f"{_NATIVE_LABELS[self.native]}{head} (sim)"
         rule = "absmax" if self.kind == "int" else "min-max"
         group = "row" if self.group is None else f"g{self.group}"
         return f"{self.kind}{self.bits} {rule} {group} {self.scale}{head} (sim)"
@@ -136,11 +145,17 @@ class SimFormat:
         padded = np.pad(w, ((0, 0), (0, n_groups * g - n_cols)), mode="edge")
         return padded.reshape(n_rows, n_groups, g)
 
+    def apply(self, w: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the float32 matrix a kernel of this format would compute with, the format's bytes)
+        for float32 w."""
+        if self.native:
+            m = _native_quantizer(self.native)(np.ascontiguousarray(w, dtype=np.float32))
+            return m.dequantize(), m.nbytes
+        return self.dequantize(w), self.nbytes(w.shape)
+
     def dequantize(self, w: np.ndarray) -> np.ndarray:
-        """The float32 matrix a kernel of this format would compute with, from float32 w."""
+        """The float32 matrix of a group format (not native) from float32 w."""
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if self.rowcol:
-            return quantize_u8(w).dequantize()
         out = np.empty_like(w)
         # rows in blocks of about 4M weights: the temporaries are a few times the block
         rows = max(1, (1 << 22) // w.shape[1])
@@ -164,28 +179,29 @@ class SimFormat:
         return out.reshape(w.shape[0], -1)[:, :w.shape[1]]
 
     def nbytes(self, shape: tuple[int, int]) -> int:
-        """Bytes a (n_rows, n_cols) matrix takes: bits/8 bytes a weight (rows padded to whole
-        bytes) plus the groups' scales (and minima, for uint)."""
+        """Bytes a (n_rows, n_cols) matrix takes in a group format: bits/8 bytes a weight
+        (rows padded to whole bytes) plus the groups' scales (and minima, for uint)."""
         n_rows, n_cols = shape
-        if self.rowcol:
-            # q, and float32 (mx, rx) per column and (my, ry) per row
-            return n_rows * n_cols + 8 * (n_rows + n_cols)
         g = n_cols if self.group is None else min(self.group, n_cols)
         per_group = (2 if self.scale == "f16" else 4) * (1 if self.kind == "int" else 2)
         return n_rows * -(-n_cols * self.bits // 8) + n_rows * -(-n_cols // g) * per_group
 
 
 def parse_sim_format(spec: str) -> SimFormat:
-    """A --simulate spec (KIND:GROUP[:SCALE][:head=f32|f16], or uint8:rowcol) as a SimFormat;
-    RwkvxError if bad."""
+    """A --simulate spec (KIND:GROUP[:SCALE], uint8:rowcol or q4; then :head=f32|f16 if
+    wanted) as a SimFormat; RwkvxError if bad."""
     usage = (f"--simulate: expected KIND:GROUP[:SCALE][:head=f32|f16] (int8:32, uint8:64:f32, int8:row, "
-             f"uint4:32, uint8:rowcol:head=f16), got {spec!r}")
+             f"uint4:32, uint8:rowcol:head=f16, q4), got {spec!r}")
     parts = spec.strip().split(":")
     head = None
     if parts and parts[-1].startswith("head="):
         head = parts.pop()[len("head="):]
         if head not in ("f32", "f16"):
             raise RwkvxError(f"--simulate: head={head} in {spec!r}: expected head=f32 or head=f16")
+    if parts == ["q4"]:
+        if _native_quantizer("q4") is None:
+            raise RwkvxError("--simulate: this rwkvx has no q4 format (rwkvx.quant.quantize_q4)")
+        return SimFormat("uint", 4, None, "f16", native="q4", head=head)
     kind = re.fullmatch(r"(u?int)([2-8])", parts[0]) if parts else None
     if len(parts) not in (2, 3) or kind is None:
         raise RwkvxError(usage)
@@ -196,7 +212,7 @@ def parse_sim_format(spec: str) -> SimFormat:
     if group_text == "rowcol":
         if parts[0] != "uint8" or len(parts) != 2:
             raise RwkvxError(f"--simulate: 'rowcol' is rwkvx's uint8 format: write uint8:rowcol, got {spec!r}")
-        return SimFormat("uint", 8, None, "f32", rowcol=True, head=head)
+        return SimFormat("uint", 8, None, "f32", native="uint8", head=head)
     if group_text == "row":
         return SimFormat(kind[1], int(kind[2]), None, scale, head=head)
     if not group_text.isdigit() or int(group_text) < 1:
@@ -217,19 +233,27 @@ def simulated_model(reference, fmt: SimFormat):
     matrices are fmt's dequantised ones, and the sizes of fmt's matrices (SimulatedWeights)."""
     w = reference.weights
     names = matrix_names(w)
-    blocks = [{name: (fmt.dequantize(value) if name in names else value) for name, value in block.items()}
+    sizes = []
+
+    def convert(m):
+        value, nbytes = fmt.apply(m)
+        sizes.append(SimulatedWeights(m.size, nbytes))
+        return value
+
+    blocks = [{name: (convert(value) if name in names else value) for name, value in block.items()}
               for block in w.blocks]
     if fmt.head == "f32":
-        head, head_bytes = w.head, 4 * w.head.size
+        head = w.head
+        sizes.append(SimulatedWeights(w.head.size, 4 * w.head.size))
     elif fmt.head == "f16":
-        head, head_bytes = w.head.astype(np.float16).astype(np.float32), 2 * w.head.size
+        head = w.head.astype(np.float16).astype(np.float32)
+        sizes.append(SimulatedWeights(w.head.size, 2 * w.head.size))
     else:
-        head, head_bytes = fmt.dequantize(w.head), fmt.nbytes(w.head.shape)
+        head = convert(w.head)
     weights = dataclasses.replace(w, blocks=blocks, head=head)
     model = type(reference)(weights, threads=reference.n_threads)
     model.chunk_size = reference.chunk_size
-    sizes = [SimulatedWeights(m.size, fmt.nbytes(m.shape)) for m in converted_matrices(w)[:-1]]
-    return model, sizes + [SimulatedWeights(w.head.size, head_bytes)]
+    return model, sizes
 
 
 # ---- the comparison ---------------------------------------------------------------------

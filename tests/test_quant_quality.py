@@ -12,7 +12,7 @@ import pytest
 import rwkvx
 from rwkvx.perplexity import perplexity
 
-from conftest import ENGLISH, TINY_MODEL, shared_file
+from conftest import ENGLISH, TINY_MODEL, save_random_model, shared_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quant_quality.py"
 
@@ -102,6 +102,20 @@ def test_simulated_head_kept_in_float(qq, tiny):
         assert sum(s.nbytes for s in sizes) == body * 8.5 / 8 + w.head.size * itemsize
 
 
+def test_q4_simulated_by_rwkvx_quant(qq, tiny):
+    quant = pytest.importorskip("rwkvx.quant")
+    if not hasattr(quant, "quantize_q4"):
+        pytest.skip("no q4 format in this rwkvx")
+    reference = rwkvx.load(tiny)
+    model, sizes = qq.simulated_model(reference, qq.parse_sim_format("q4"))
+    w = reference.weights
+    np.testing.assert_array_equal(model.weights.head, quant.quantize_q4(w.head).dequantize())
+    assert sum(s.nbytes for s in sizes) == sum(quant.quantize_q4(m).nbytes for m in qq.converted_matrices(w))
+    q4 = qq.compare(reference, model, TOKENS)
+    u8 = qq.compare(reference, rwkvx.load(tiny, dtype="uint8"), TOKENS)
+    assert q4.kl_per_token > u8.kl_per_token > 0
+
+
 def test_cli_prints_one_row_per_format(qq, tiny, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_bytes(TEXT)
@@ -114,6 +128,24 @@ def test_cli_prints_one_row_per_format(qq, tiny, tmp_path, capsys):
     # ggml's Q8_0 layout: a 16-bit scale per 32 weights
     assert q8[1] == "8.500" and float(q8[2]) > 0
     assert float(u8[1]) > 8 and float(u8[2]) > 0 and f"{len(TEXT) - 1} bytes" in out
+
+
+def test_a_large_vocabulary_is_scored_in_blocks_and_per_byte(qq, tmp_path, capsys):
+    # 50277 tokens: the log-softmax runs on blocks of a few rows; the 20B tokenizer's tokens
+    # stand for several bytes each, so KL per byte is below KL per token
+    model = save_random_model(tmp_path / "neox.safetensors", 1, 32, 50277, seed=5)
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    assert qq.main(["-m", str(model), "-f", str(text), "--tokenizer", "20B", "--dtypes", "float32,uint8"]) == 0
+    out = capsys.readouterr().out
+    u8 = [c.strip() for c in out.splitlines()[-1].split("|")[1:-1]]
+    assert u8[0] == "uint8"
+    kl_token, kl_byte = float(u8[2]), float(u8[3])
+    assert 0 < kl_byte < kl_token
+    tokens = int(out.split(" tokens scored")[0].rsplit(" ", 1)[1])
+    n_bytes = int(out.split(" bytes)")[0].rsplit("(", 1)[1])
+    assert kl_byte == pytest.approx(kl_token * tokens / n_bytes, rel=2e-2)
+    assert tokens < n_bytes < len(TEXT)
 
 
 @pytest.mark.parametrize("args, message", [
