@@ -67,6 +67,8 @@ cdef extern from "_q4.h" nogil:
     void rwkvx_dot4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x, float* out4, int prefetch)
     void rwkvx_widen_q4(const rwkvx_q4* m, Py_ssize_t i, Py_ssize_t n_rows, float* out)
     void rwkvx_q4_detect()
+    int rwkvx_gemm4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, const float* P, Py_ssize_t n_tok,
+                       float* Y, Py_ssize_t ldy, int prefetch)
 
 rwkvx_detect_simd()
 rwkvx_q4_detect()
@@ -265,9 +267,12 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         u8.sums = <const rwkvx_u8_sums*>sums
         finish = &u8
     if end <= m.n_rows and m.kind == MATRIX_Q4:
-        # dequantised into this thread's buffer (exactly the values the matrix-vector
-        # product computes with), then the float32 product
+        # a few tokens: widened in the tile, a group at a time; else dequantised into
+        # this thread's buffer (exactly the values the matrix-vector product computes
+        # with), then the float32 product
         q4 = _q4(m)
+        if rwkvx_gemm4_q4(&q4, i, X, xpack, n_tok, out + i, ldo, end + 4 <= m.n_rows):
+            return
         widened = wbuf + (key % 2) * 4 * n
         rwkvx_widen_q4(&q4, i, 4, widened)
         rwkvx_gemm4_f32(widened, n, X, n, xpack, n_tok, n, out + i, ldo, NULL, NULL)

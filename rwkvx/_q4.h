@@ -316,6 +316,96 @@ RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, 
 #undef RWKVX_Q4_TABLES
 #undef RWKVX_Q4_TABLE
 }
+
+/* Row i's group g (64 columns) widened to float32 in out: the lookup of the loop above, in
+ * 16 lanes (sixteen table entries fit one register; each half of an index register takes
+ * one step's shift), two steps per permute. */
+RWKVX_AVX512VL static inline __attribute__((always_inline)) void
+rwkvx_q4_widen_group_avx512(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g, float d, float mn,
+                            float *out)
+{
+    const __m512 table = _mm512_fmadd_ps(
+        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_ps(d), _mm512_set1_ps(mn));
+    const __m512i w = _mm512_broadcast_i64x4(rwkvx_q4_group(m->q + i * 32 * m->n_groups + 32 * g));
+#pragma GCC unroll 4
+    for (int p = 0; p < 8; p += 2) {
+        const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi32(4 * p), _mm256_set1_epi32(4 * p + 4), 1);
+        _mm512_storeu_ps(out + 8 * p, _mm512_permutexvar_ps(_mm512_srlv_epi32(w, shift), table));
+    }
+}
+
+/* As rwkvx_gemm4_stored_pairs_avx512 (_simd.h) for q4 rows i .. i + 3 against NP packed
+ * pairs of tokens: each group of 64 columns of the four rows is widened into 1 KiB on the
+ * stack just before its multiply-adds, then summed by the same tile steps, reduction and
+ * scalar tail, so each token's result equals the matrix-vector product's. prefetch:
+ * whether the next four rows may be fetched ahead. */
+RWKVX_AVX512VL static inline __attribute__((always_inline)) void
+rwkvx_gemm4_q4_pairs_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *P, ptrdiff_t ldp,
+                            const int NP, const float *X, ptrdiff_t n_tok, float *Y,
+                            ptrdiff_t ldy, int prefetch)
+{
+    const ptrdiff_t n = m->n_cols, n8 = n / 8, stride = 32 * m->n_groups;
+    const ptrdiff_t used_groups = (8 * n8 + RWKVX_Q4_GROUP - 1) / RWKVX_Q4_GROUP;
+    const ptrdiff_t whole_groups = 8 * n8 / RWKVX_Q4_GROUP;
+    const char *ahead = (const char *)(m->q + (i + 4) * stride);
+    float D[4], M[4], gd[4][RWKVX_Q4_PASS], gm[4][RWKVX_Q4_PASS];
+    float wb[4][RWKVX_Q4_GROUP] __attribute__((aligned(64)));
+    _mm_storeu_ps(D, rwkvx_q4_rows4(m->D + i));
+    _mm_storeu_ps(M, rwkvx_q4_rows4(m->M + i));
+    __m512 c[6][4];
+#pragma GCC unroll 24
+    for (int k = 0; k < NP * 4; k++)
+        c[k / 4][k % 4] = _mm512_setzero_ps();
+    for (ptrdiff_t g0 = 0; g0 < used_groups; g0 += RWKVX_Q4_PASS) {
+        const ptrdiff_t g1 = g0 + RWKVX_Q4_PASS < used_groups ? g0 + RWKVX_Q4_PASS : used_groups;
+        rwkvx_q4_params4(m, i, g0, g1 - g0, D, M, gd, gm);
+        for (ptrdiff_t g = g0; g < g1; g++) {
+            if (prefetch) {
+                _mm_prefetch(ahead + 128 * g, _MM_HINT_T0);
+                _mm_prefetch(ahead + 128 * g + 64, _MM_HINT_T0);
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                rwkvx_q4_widen_group_avx512(m, i + r, g, gd[r][g - g0], gm[r][g - g0], wb[r]);
+            const ptrdiff_t b0 = 8 * g;
+            if (g < whole_groups) {
+                /* the usual case, with a constant count so that the loop unrolls */
+#pragma GCC unroll 8
+                for (int s = 0; s < 8; s++)
+                    rwkvx_tile_step_avx512(wb[0] + 8 * s, RWKVX_Q4_GROUP, P + 16 * (b0 + s), ldp, NP, c);
+            } else {
+                for (ptrdiff_t s = 0; s < n8 - b0; s++)
+                    rwkvx_tile_step_avx512(wb[0] + 8 * s, RWKVX_Q4_GROUP, P + 16 * (b0 + s), ldp, NP, c);
+            }
+        }
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < NP; a++) {
+        for (int h = 0; h < 2; h++) {
+            ptrdiff_t t = 2 * a + h;
+            if (t >= n_tok)
+                break;
+            const float *x = X + t * n;
+            float *y = Y + t * ldy;
+            _mm_storeu_ps(y, rwkvx_pair_sums4_avx512(c[a], h));
+            for (ptrdiff_t k = 8 * n8; k < n; k++)
+                for (int r = 0; r < 4; r++)
+                    y[r] += rwkvx_q4_value(m, i + r, k) * x[k];
+        }
+    }
+}
+
+RWKVX_AVX512VL static void rwkvx_gemm4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *X,
+                                                const float *P, ptrdiff_t n_tok, float *Y,
+                                                ptrdiff_t ldy, int prefetch)
+{
+    const ptrdiff_t ldp = rwkvx_pack_stride(m->n_cols);
+#define RWKVX_TILE(NP) \
+    rwkvx_gemm4_q4_pairs_avx512(m, i, P, ldp, NP, X, n_tok, Y, ldy, prefetch); return
+    RWKVX_FOR_PAIRS((n_tok + 1) / 2, RWKVX_TILE);
+#undef RWKVX_TILE
+}
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ----------------------------------------------------------------------- */
@@ -367,6 +457,23 @@ static inline void rwkvx_widen_q4(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n_ro
     }
 #endif
     rwkvx_widen_q4_portable(m, i, n_rows, out);
+}
+
+/* Rows i .. i + 3 against the n_tok rows of X (row stride n_cols), packed in P, when the
+ * AVX-512 tile takes the product (level 2 with AVX-512VL, at most RWKVX_STORED_MAX_TOKENS
+ * tokens): returns 1, else 0 and does nothing (the caller widens the rows and calls
+ * rwkvx_gemm4_f32). Bit-identical either way. */
+static inline int rwkvx_gemm4_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *X, const float *P,
+                                 ptrdiff_t n_tok, float *Y, ptrdiff_t ldy, int prefetch)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl && n_tok <= RWKVX_STORED_MAX_TOKENS) {
+        rwkvx_gemm4_q4_avx512(m, i, X, P, n_tok, Y, ldy, prefetch);
+        return 1;
+    }
+#endif
+    (void)m, (void)i, (void)X, (void)P, (void)n_tok, (void)Y, (void)ldy, (void)prefetch;
+    return 0;
 }
 
 #endif /* RWKVX_Q4_H */
