@@ -50,8 +50,10 @@ import argparse
 import dataclasses
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -228,19 +230,27 @@ class SimulatedWeights:
     nbytes: int
 
 
-def simulated_model(reference, fmt: SimFormat):
+def simulated_model(reference, fmt: SimFormat, only: Optional[Sequence[str]] = None):
     """A float32 model like reference (sharing its vectors and embedding) whose converted
-    matrices are fmt's dequantised ones, and the sizes of fmt's matrices (SimulatedWeights)."""
+    matrices are fmt's dequantised ones, and the sizes of fmt's matrices (SimulatedWeights).
+
+    only: the matrix names (matrix_names(), and "head") fmt converts; the others stay
+    float32 (and count 4 bytes a weight). None: all of them.
+    """
     w = reference.weights
     names = matrix_names(w)
+    chosen = set(names) | {"head"} if only is None else set(only)
     sizes = []
 
-    def convert(m):
+    def convert(m, name):
+        if name not in chosen:
+            sizes.append(SimulatedWeights(m.size, 4 * m.size))
+            return m
         value, nbytes = fmt.apply(m)
         sizes.append(SimulatedWeights(m.size, nbytes))
         return value
 
-    blocks = [{name: (convert(value) if name in names else value) for name, value in block.items()}
+    blocks = [{name: (convert(value, name) if name in names else value) for name, value in block.items()}
               for block in w.blocks]
     if fmt.head == "f32":
         head = w.head
@@ -249,7 +259,7 @@ def simulated_model(reference, fmt: SimFormat):
         head = w.head.astype(np.float16).astype(np.float32)
         sizes.append(SimulatedWeights(w.head.size, 2 * w.head.size))
     else:
-        head = convert(w.head)
+        head = convert(w.head, "head")
     weights = dataclasses.replace(w, blocks=blocks, head=head)
     model = type(reference)(weights, threads=reference.n_threads)
     model.chunk_size = reference.chunk_size
@@ -354,9 +364,15 @@ def compare(reference, model, tokens: Sequence[int], *,
 
 
 def default_text() -> str:
-    """The demo model's held-out text (scripts/demo_corpus.py): never trained on."""
-    from demo_corpus import build_corpus
-    return build_corpus().heldout.decode("utf-8")
+    """The demo model's held-out text (scripts/demo_corpus.py beside this file): never trained on."""
+    module = sys.modules.get("demo_corpus")
+    if module is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("demo_corpus", Path(__file__).with_name("demo_corpus.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module.build_corpus().heldout.decode("utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "leaving out any this model cannot be loaded in)")
     p.add_argument("--simulate", default="", metavar="LIST",
                    help="comma-separated simulated formats, KIND:GROUP[:SCALE] (see below)")
+    p.add_argument("--matrices", metavar="LIST",
+                   help="simulated formats convert only these matrices (e.g. att_output,head: which matrices "
+                        "cost the most); the others stay float32 (default: all)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer as in python -m rwkvx.run (default: by the model's vocabulary)")
     p.add_argument("-t", "--threads", type=int_at_least(1), metavar="N", help="kernel threads")
@@ -416,6 +435,14 @@ def _run(args) -> int:
     if len(tokens) < 2:
         raise RwkvxError(f"{name}: {len(tokens)} token{'s' * (len(tokens) != 1)}; the comparison needs at least 2")
     count_bytes = byte_counter(tokenizer)
+    only = None
+    if args.matrices is not None:
+        known = (*matrix_names(reference.weights), "head")
+        only = [m.strip() for m in args.matrices.split(",") if m.strip()]
+        unknown = [m for m in only if m not in known]
+        if unknown or not only:
+            raise RwkvxError(f"--matrices: {', '.join(map(repr, unknown)) or 'none given'}: expected names among "
+                             f"{', '.join(known)}")
     log(f"{args.model}: {reference.architecture}, {reference.n_layer} layers, {reference.n_embd} wide, "
         f"vocabulary {reference.n_vocab}; {name}: {len(text.encode('utf-8'))} bytes, {len(tokens)} tokens")
 
@@ -423,10 +450,10 @@ def _run(args) -> int:
     for fmt in formats:
         start = time.perf_counter()
         if isinstance(fmt, SimFormat):
-            model, sizes = simulated_model(reference, fmt)
+            model, sizes = simulated_model(reference, fmt, only)
             n_weights = sum(s.size for s in sizes)
             bits = 8 * sum(s.nbytes for s in sizes) / n_weights
-            label = fmt.label
+            label = fmt.label if only is None else f"{fmt.label} on {','.join(only)}"
         elif fmt == "float32":
             model, bits, label = reference, bits_per_weight(reference, reference), "float32"
         else:
@@ -444,6 +471,8 @@ def _run(args) -> int:
         log(f"{label}: {time.perf_counter() - start:.1f} s")
         rows.append((label, bits, result))
 
+    if not rows:
+        raise RwkvxError(f"none of the formats asked for loads {args.model}")
     n_weights = sum(m.size for m in converted_matrices(reference.weights))
     n_bytes = rows[0][2].loss.n_bytes
     print(f"{args.model} on {name}: {rows[0][2].count} tokens scored ({n_bytes} bytes), state carried; "

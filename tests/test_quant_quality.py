@@ -102,6 +102,22 @@ def test_simulated_head_kept_in_float(qq, tiny):
         assert sum(s.nbytes for s in sizes) == body * 8.5 / 8 + w.head.size * itemsize
 
 
+def test_only_some_matrices_converted(qq, tiny):
+    reference = rwkvx.load(tiny)
+    w = reference.weights
+    model, sizes = qq.simulated_model(reference, qq.parse_sim_format("int8:32"), only=["att_output", "head"])
+    for block, original in zip(model.weights.blocks, w.blocks):
+        assert block["att_key"] is original["att_key"]
+        assert not np.array_equal(block["att_output"], original["att_output"])
+    assert not np.array_equal(model.weights.head, w.head)
+    converted = sum(b["att_output"].size for b in w.blocks) + w.head.size
+    total = sum(m.size for m in qq.converted_matrices(w))
+    assert sum(s.nbytes for s in sizes) == converted * 8.5 / 8 + (total - converted) * 4
+    # less converted, less KL
+    whole, _ = qq.simulated_model(reference, qq.parse_sim_format("int8:32"))
+    assert 0 < qq.compare(reference, model, TOKENS).kl_sum < qq.compare(reference, whole, TOKENS).kl_sum
+
+
 def test_q4_simulated_by_rwkvx_quant(qq, tiny):
     quant = pytest.importorskip("rwkvx.quant")
     if not hasattr(quant, "quantize_q4"):
@@ -158,6 +174,7 @@ def test_a_large_vocabulary_is_scored_in_blocks_and_per_byte(qq, tmp_path, capsy
     (["--simulate", "int8:rowcol"], "write uint8:rowcol"),
     (["--dtypes", "", "--simulate", ""], "nothing to measure"),
     (["-b", "0"], "expected an integer >= 1"),
+    (["--simulate", "int8:32", "--matrices", "att_key,att_foo"], "--matrices: 'att_foo': expected names among"),
     (["-f", "no-such-file.txt"], "no such text file"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(qq, tiny, args, message, capsys):
