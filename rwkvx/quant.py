@@ -279,3 +279,15 @@ def _zero_padding(q4: np.ndarray, n_cols: int) -> None:
     byte = 32 * g + 4 * k + t
     for c in range(n_cols, cols.size):
         q4[:, byte[c]] &= np.uint8(0x0F if high[c] else 0xF0)
+
+
+def q4_part_nbytes(n_rows: int, n_cols: int) -> tuple[int, ...]:
+    """Bytes of a q4 matrix's parts (q4, sd, sm, D, M) for its shape."""
+    n_groups = -(-n_cols // Q4_GROUP)
+    return (n_rows * 32 * n_groups, n_rows * n_groups, n_rows * n_groups, 2 * n_rows, 2 * n_rows)
+
+
+def q4_bits_per_weight(shapes) -> float:
+    """Bits a q4 model's matrices of these (n_rows, n_cols) shapes hold per weight."""
+    shapes = list(shapes)
+    return 8 * sum(sum(q4_part_nbytes(r, c)) for r, c in shapes) / max(1, sum(r * c for r, c in shapes))

@@ -7,8 +7,10 @@ the raw data. Every offset in the header is checked against the file before use.
 rwkvx's own layout (written by ``python -m rwkvx.convert``) is a safetensors file whose
 metadata has ``format = "rwkvx"``. Its tensors are already what the model runs on: matrices
 in the run dtype, time_* vectors squeezed to (n_embd,) float32, att.time_decay holding
--exp(raw), and a uint8 matrix ``K`` stored as ``K.q`` (uint8), ``K.mx``, ``K.rx``, ``K.my``,
-``K.ry`` (float32; see quant.py). Loading it maps every array: nothing is converted.
+-exp(raw), a uint8 matrix ``K`` stored as ``K.q`` (uint8), ``K.mx``, ``K.rx``, ``K.my``,
+``K.ry`` (float32; see quant.py), and a q4 matrix as ``K.q4`` (uint8 nibbles), ``K.sd`` (uint8),
+``K.sm`` (int8), ``K.D``, ``K.M`` (float16) and ``K.n_cols`` (one int64; see quant.Q4Matrix).
+Loading it maps every array: nothing is converted.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import tempfile
 import numpy as np
 
 from rwkvx.errors import RwkvxError
-from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, QuantizedTensor, Tensor, TensorSource,
-                              describe, fail, n_elements, printable)
+from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Q4Tensor, QuantizedTensor, Tensor,
+                              TensorSource, describe, fail, n_elements, printable)
 
 # what rwkvx's own files say about themselves
 FORMAT_NAME = "rwkvx"
@@ -30,8 +32,12 @@ FORMAT_VERSION = 1
 # what rwkvx's state files (rwkvx.states) say about themselves
 STATE_FORMAT_NAME = "rwkvx-state"
 QUANT_PARTS = ("q", "mx", "rx", "my", "ry")
+# a q4 matrix's stored tensors, n_cols last (not an array of the matrix: its true width)
+Q4_PARTS = ("q4", "sd", "sm", "D", "M", "n_cols")
 
 _READ_DTYPES = ("F32", "F16", "BF16", "U8")
+# and in rwkvx's own files: a q4 matrix's group minima and true width (Q4_PARTS)
+_RWKVX_DTYPES = ("I8", "I64")
 # safetensors' own limit, for recognising the format
 _MAX_HEADER = 100_000_000
 # what rwkvx parses: a header of 730 tensors (RWKV-4 14B) is ~70 KB, while 100 MB of JSON
@@ -75,6 +81,8 @@ def open_safetensors(file: MappedFile, dtypes: tuple[str, ...] = _READ_DTYPES) -
     if source_is_state(metadata) and "I32" not in dtypes:
         raise fail(path, "is a saved model state (an rwkvx state file), not a checkpoint: "
                          "load the model, then the state with model.load_state")
+    if metadata.get("format") == FORMAT_NAME:
+        dtypes = dtypes + _RWKVX_DTYPES
     data_start = 8 + header_len
     data_size = size - data_start
     source = TensorSource(path, "safetensors")
@@ -153,6 +161,36 @@ def _read_rwkvx_layout(source: TensorSource) -> None:
         for p in QUANT_PARTS:
             del source.tensors[f"{base}.{p}"]
         source.tensors[base] = QuantizedTensor(base, parts)
+    for name in [n for n in source.tensors if n.endswith(".q4")]:
+        base = name[:-3]
+        source.tensors[base] = _q4_tensor(path, source, base)
+        for p in Q4_PARTS:
+            del source.tensors[f"{base}.{p}"]
+
+
+def _q4_tensor(path: str, source: TensorSource, base: str) -> Q4Tensor:
+    parts = {p: source.tensors.get(f"{base}.{p}") for p in Q4_PARTS}
+    missing = [p for p, t in parts.items() if t is None]
+    if missing:
+        raise fail(path, f"q4 matrix {printable(base, 120)}: missing "
+                         f"{', '.join(printable(base, 120) + '.' + p for p in missing)}")
+    size = parts["n_cols"]
+    if (size.dtype, size.shape) != ("I64", (1,)):
+        raise fail(path, f"{printable(base, 120)}.n_cols: expected [1] I64, got {list(size.shape)} {size.dtype}")
+    n_cols = int(size.read()[0])
+    q4 = parts["q4"]
+    n_rows = q4.shape[0] if len(q4.shape) == 2 else -1
+    n_groups = (n_cols + 63) // 64
+    if n_cols < 1 or n_rows < 1:
+        raise fail(path, f"{printable(base, 120)}: a q4 matrix of {n_rows} rows and {n_cols} columns")
+    expected = {"q4": ("U8", (n_rows, 32 * n_groups)), "sd": ("U8", (n_rows, n_groups)),
+                "sm": ("I8", (n_rows, n_groups)), "D": ("F16", (n_rows,)), "M": ("F16", (n_rows,))}
+    for p, (dtype, shape) in expected.items():
+        if (parts[p].dtype, parts[p].shape) != (dtype, shape):
+            raise fail(path, f"{printable(base, 120)}.{p}: expected {list(shape)} {dtype}, "
+                             f"got {list(parts[p].shape)} {parts[p].dtype}")
+    del parts["n_cols"]
+    return Q4Tensor(base, parts, n_cols)
 
 
 def refuse_to_replace(path: str) -> None:

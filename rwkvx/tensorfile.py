@@ -26,7 +26,7 @@ import numpy as np
 
 from rwkvx.errors import CheckpointError
 from rwkvx.hugepages import ask_for_huge_pages
-from rwkvx.quant import QuantizedMatrix
+from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.weights import widen
 
 # stored dtype names (safetensors' spelling) -> the numpy dtype holding them; bfloat16 is
@@ -299,6 +299,41 @@ class QuantizedTensor:
         return QuantizedMatrix(**{k: t.read(out=q_out if k == "q" else None) for k, t in self.parts.items()})
 
 
+class Q4Tensor:
+    """A q4 matrix of an rwkvx file: stored tensors q4, sd, sm, D, M, and n_cols (one int64:
+    the packed nibbles are padded to whole groups of 64 columns; see quant.Q4Matrix)."""
+
+    dtype = "RWKVX_Q4"
+    strides = None
+
+    def __init__(self, name: str, parts: dict[str, Tensor], n_cols: int):
+        self.name = name
+        self.parts = parts
+        self.n_cols = n_cols
+        self.shape = (parts["q4"].shape[0], n_cols)
+        self.file = parts["q4"].file
+
+    @property
+    def size(self) -> int:
+        return n_elements(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.parts.values())
+
+    def view(self) -> Q4Matrix:
+        # a part the mapping cannot view (misaligned) is read instead
+        parts = {}
+        for k, t in self.parts.items():
+            v = t.view()
+            parts[k] = v if v is not None else t.read()
+        return Q4Matrix(**parts, n_cols=self.n_cols)
+
+    def read(self) -> Q4Matrix:
+        """A private copy."""
+        return Q4Matrix(**{k: t.read() for k, t in self.parts.items()}, n_cols=self.n_cols)
+
+
 class TensorSource:
     """The named tensors of one checkpoint (a file, or a folder of shards).
 
@@ -311,7 +346,7 @@ class TensorSource:
         self.path = path
         self.format = fmt
         self.decay_is_transformed = decay_is_transformed
-        self.tensors: dict[str, Tensor | QuantizedTensor] = {}
+        self.tensors: dict[str, Tensor | QuantizedTensor | Q4Tensor] = {}
         self.metadata: dict[str, str] = {}
         self.config: dict = {}
         self.files: list[MappedFile] = []
