@@ -6,8 +6,10 @@
     PYTHONPATH=. python scripts/bench.py --model RWKV-4-Pile-430M.safetensors ...
 
 --shape writes random weights of RWKV-4 169M (12 x 768), 430M (24 x 1024) or 1.5B
-(24 x 2048), vocabulary 50277, once to a temporary directory as bf16 safetensors (BlinkDL's
-releases are bf16), deleted at the end; every dtype loads that one file.
+(24 x 2048), vocabulary 50277, or of RWKV-7 7B (32 x 4096, vocabulary 65536), once to a
+temporary directory as bf16 safetensors (BlinkDL's releases are bf16), deleted at the end;
+every dtype loads that one file. The file is written a tensor at a time, so writing needs
+about one float32 tensor of memory (1 GB for 7B's head), not the model.
 
 For each thread count (--threads, or 1..--threads with --thread-sweep) it runs child
 processes, one per rwkvx dtype, so each dtype's peak RSS is its own, and one that measures
@@ -57,9 +59,13 @@ SHAPES = {
     "169M": (12, 768, 50277),
     "430M": (24, 1024, 50277),
     "1.5B": (24, 2048, 50277),
+    "7B": (32, 4096, 65536),
     "tiny": (2, 64, 500),
 }
-PUBLIC_SHAPES = ("169M", "430M", "1.5B")
+PUBLIC_SHAPES = ("169M", "430M", "1.5B", "7B")
+# the architecture a shape's random weights have when --arch is not given: models of 7B
+# are run as RWKV-7 (BlinkDL's "G1" 7B is 32 x 4096); the smaller shapes stay RWKV-4
+DEFAULT_ARCH = {"7B": "v7"}
 DTYPES = ("float32", "bfloat16", "float16", "uint8")
 # weight bytes per parameter held by a child of each dtype, for the memory estimate
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "uint8": 1.2}
@@ -124,24 +130,33 @@ def _serve(rounds) -> None:
             return
 
 
+def random_weights(shape: tuple[int, int, int], seed: int, arch: str = "v4") -> dict:
+    """The random checkpoint of --shape as rwkvx.testing.LazyTensors: shapes now, values when written."""
+    n_layer, n_embd, n_vocab = shape
+    if arch == "v4":
+        from rwkvx.testing import random_tensors
+
+        return random_tensors(n_layer, n_embd, n_vocab, seed=seed, lazy=True)
+    from rwkvx.arch.random_weights import random_checkpoint
+
+    # BlinkDL's shapes: heads of 64, low-rank sizes of the 0.4B release (decay 64, a 64,
+    # v 32, gate 128), feed-forward 4x
+    return random_checkpoint(arch, n_layer=n_layer, n_embd=n_embd, head_size=64, n_vocab=n_vocab,
+                             seed=seed, lora=64, lazy=True)
+
+
 def _child_write(spec: dict) -> None:
     from rwkvx.hugepages import drop_from_page_cache
-    from rwkvx.testing import random_tensors, write_safetensors
+    from rwkvx.testing import write_safetensors
 
-    n_layer, n_embd, n_vocab = spec["shape"]
-    if spec.get("arch", "v4") == "v4":
-        tensors = random_tensors(n_layer, n_embd, n_vocab, seed=spec["seed"])
-    else:
-        from rwkvx.arch.random_weights import random_checkpoint
-
-        # BlinkDL's shapes: heads of 64, low-rank sizes of the 0.4B release (decay 64, a 64,
-        # v 32, gate 128), feed-forward 4x
-        tensors = random_checkpoint(spec["arch"], n_layer=n_layer, n_embd=n_embd, head_size=64,
-                                    n_vocab=n_vocab, seed=spec["seed"], lora=64)
+    # lazy: each tensor is drawn when its turn to be written comes, then dropped, so a 7B
+    # model (28 GB in float32) is written with about one tensor in memory
+    tensors = random_weights(tuple(spec["shape"]), spec["seed"], spec.get("arch", "v4"))
     write_safetensors(spec["path"], tensors, dtype="bfloat16")
     # loaded as a downloaded checkpoint would be after a reboot: read from disk into huge pages
     drop_from_page_cache(spec["path"])
-    _send({"event": "written", "path": spec["path"]})
+    peak, _ = _rss_mb()
+    _send({"event": "written", "path": spec["path"], "peak_rss_mb": peak})
 
 
 def _blas_info(np) -> str:
@@ -429,17 +444,21 @@ def run_group(labelled_specs: list[tuple[str, dict]], runs: int, threads: int) -
     return children
 
 
-def write_checkpoint(path: str, shape: tuple[int, int, int], seed: int, arch: str = "v4") -> None:
+def write_checkpoint(path: str, shape: tuple[int, int, int], seed: int, arch: str = "v4") -> dict:
+    """Write random bf16 weights in a child process; returns its 'written' message (with peak_rss_mb)."""
     _progress(f"writing random bf16 {arch} weights {shape} to {path}")
     start = time.perf_counter()
     child = Child("write", {"role": "write", "path": path, "shape": list(shape), "seed": seed, "arch": arch}, 1)
     try:
-        child.receive()
+        written = child.receive()
         child.proc.stdin.close()
         child.proc.wait()
     finally:
         child.kill()
-    _progress(f"written in {time.perf_counter() - start:.1f} s ({os.path.getsize(path) / 1e6:.1f} MB)")
+    seconds = time.perf_counter() - start
+    _progress(f"written in {seconds:.1f} s ({os.path.getsize(path) / 1e6:.1f} MB, "
+              f"writer's peak RSS {written['peak_rss_mb']:.0f} MB)")
+    return {**written, "seconds": seconds}
 
 
 def count_params(path: str) -> int:
@@ -730,10 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="PATH", help="a checkpoint (safetensors or rwkv.cpp .bin)")
     which.add_argument("--shape", type=_shape, metavar="|".join(PUBLIC_SHAPES),
-                       help="random bf16 weights of this RWKV-4 shape (169M 12x768, 430M 24x1024, 1.5B 24x2048)")
-    parser.add_argument("--arch", choices=("v4", "v5", "v6", "v7"), default="v4",
-                        help="architecture of the --shape weights: RWKV-4 (default), or RWKV-5.2/6/7 with "
-                             "heads of 64 and the World vocabulary (65536); no numpy baseline for those")
+                       help="random bf16 weights of this shape (169M 12x768, 430M 24x1024, 1.5B 24x2048, "
+                            "7B 32x4096)")
+    parser.add_argument("--arch", choices=("v4", "v5", "v6", "v7"), default=None,
+                        help="architecture of the --shape weights: RWKV-4 (default; RWKV-7 for 7B), or "
+                             "RWKV-5.2/6/7 with heads of 64 and the World vocabulary (65536); no numpy "
+                             "baseline for those")
     parser.add_argument("--dtypes", type=_dtypes, default=list(DTYPES),
                         help=f"comma-separated (default {','.join(DTYPES)})")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads (default 2)")
@@ -766,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and not os.path.isfile(args.model):
         parser.error(f"--model: no such file: {args.model}")
     thread_counts = list(range(1, args.threads + 1)) if args.thread_sweep else [args.threads]
+    if args.arch is None:
+        args.arch = DEFAULT_ARCH.get(args.shape, "v4")
     if args.arch != "v4":
         # scripts/numpy_rwkv.py is RWKV-4's math
         args.baseline = False

@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from rwkvx.testing import LazyTensor, draw_normal, materialise
+
 
 def random_checkpoint(version: str, n_layer=3, n_embd=64, head_size=16, n_vocab=97, n_ffn=None,
-                      seed=0, lora=8) -> dict[str, np.ndarray]:
-    """BlinkDL's tensors of a random model; version "v5", "v6" or "v7"."""
+                      seed=0, lora=8, lazy=False) -> dict:
+    """BlinkDL's tensors of a random model; version "v5", "v6" or "v7".
+
+    lazy=True returns rwkvx.testing.LazyTensors (shapes now, values made in order on demand)
+    with the same values, so a model bigger than memory can be written one tensor at a time.
+    """
     rng = np.random.default_rng(seed)
     c, h = n_embd, n_embd // head_size
     f = n_ffn or 4 * n_embd
 
-    def mat(rows, cols, scale=1.0):
-        return (rng.standard_normal((rows, cols)) * scale / np.sqrt(cols)).astype(np.float32)
+    def normal(shape, scale=1.0, divisor=1.0) -> LazyTensor:
+        return LazyTensor(shape, lambda: draw_normal(rng, shape, scale, divisor))
 
-    def vec(lo=0.0, hi=1.0, shape=(1, 1, c)):
-        return rng.uniform(lo, hi, shape).astype(np.float32)
+    def mat(rows, cols, scale=1.0) -> LazyTensor:
+        return normal((rows, cols), scale, np.sqrt(cols))
 
-    t = {"emb.weight": rng.standard_normal((n_vocab, c)).astype(np.float32),
+    def vec(lo=0.0, hi=1.0, shape=(1, 1, c)) -> LazyTensor:
+        return LazyTensor(shape, lambda: rng.uniform(lo, hi, shape).astype(np.float32))
+
+    t = {"emb.weight": normal((n_vocab, c)),
          "blocks.0.ln0.weight": vec(0.8, 1.2, (c,)), "blocks.0.ln0.bias": vec(-0.1, 0.1, (c,))}
     for layer in range(n_layer):
         b, att, ffn = f"blocks.{layer}.", f"blocks.{layer}.att.", f"blocks.{layer}.ffn."
@@ -44,11 +53,11 @@ def random_checkpoint(version: str, n_layer=3, n_embd=64, head_size=16, n_vocab=
         elif version == "v6":
             for m in "xwkvrg":
                 t[att + f"time_maa_{m}"] = vec()
-            t[att + "time_maa_w1"] = (rng.standard_normal((c, 5 * lora)) * 0.5 / np.sqrt(c)).astype(np.float32)
-            t[att + "time_maa_w2"] = (rng.standard_normal((5, lora, c)) * 0.5 / np.sqrt(lora)).astype(np.float32)
+            t[att + "time_maa_w1"] = normal((c, 5 * lora), 0.5, np.sqrt(c))
+            t[att + "time_maa_w2"] = normal((5, lora, c), 0.5, np.sqrt(lora))
             t[att + "time_decay"] = vec(-5, 1)
-            t[att + "time_decay_w1"] = (rng.standard_normal((c, 2 * lora)) * 0.5 / np.sqrt(c)).astype(np.float32)
-            t[att + "time_decay_w2"] = (rng.standard_normal((2 * lora, c)) * 0.5 / np.sqrt(2 * lora)).astype(np.float32)
+            t[att + "time_decay_w1"] = normal((c, 2 * lora), 0.5, np.sqrt(c))
+            t[att + "time_decay_w2"] = normal((2 * lora, c), 0.5, np.sqrt(2 * lora))
             t[att + "time_faaaa"] = vec(-1, 1, (h, head_size))
             for m in ("receptance", "key", "value", "output", "gate"):
                 t[f"{att}{m}.weight"] = mat(c, c)
@@ -65,8 +74,8 @@ def random_checkpoint(version: str, n_layer=3, n_embd=64, head_size=16, n_vocab=
                     continue
                 if name != "g":
                     t[att + f"{name}0"] = vec(-1, 1) if name != "w" else vec(-4, 1)
-                t[att + f"{name}1"] = (rng.standard_normal((c, rank)) / np.sqrt(c)).astype(np.float32)
-                t[att + f"{name}2"] = (rng.standard_normal((rank, c)) * 0.5 / np.sqrt(rank)).astype(np.float32)
+                t[att + f"{name}1"] = normal((c, rank), 1.0, np.sqrt(c))
+                t[att + f"{name}2"] = normal((rank, c), 0.5, np.sqrt(rank))
             t[att + "k_k"] = vec(0.5, 1.0)
             t[att + "k_a"] = vec(0.0, 1.0)
             t[att + "r_k"] = vec(-0.5, 0.5, (h, head_size))
@@ -82,4 +91,4 @@ def random_checkpoint(version: str, n_layer=3, n_embd=64, head_size=16, n_vocab=
     t["ln_out.weight"] = vec(0.8, 1.2, (c,))
     t["ln_out.bias"] = vec(-0.1, 0.1, (c,))
     t["head.weight"] = mat(n_vocab, c)
-    return t
+    return t if lazy else materialise(t)
