@@ -232,7 +232,17 @@ def quantize_q4(w: np.ndarray, *, name: str = "the matrix", rows_per_chunk: int 
     d_all = np.empty((n_rows, n_groups), dtype=np.float32)
     m_all = np.empty((n_rows, n_groups), dtype=np.float32)
     rows = rows_per_chunk or max(1, (1 << 18) // width)
-    chunks = []
+
+    def groups(r0: int) -> np.ndarray:
+        # rows r0 .. r0 + rows - 1 as (rows, n_groups, 64) float32, padded: the padding repeats
+        # the row's last value, so it never widens the last group's range
+        block = np.array(w[r0:r0 + rows], dtype=np.float32)
+        if width != n_cols:
+            block = np.concatenate([block, np.repeat(block[:, -1:], width - n_cols, axis=1)], axis=1)
+        return block.reshape(block.shape[0], n_groups, Q4_GROUP)
+
+    # two passes over row blocks: fit each group, then (once the row scales are known)
+    # round; a block's float32 copy is all the temporary memory there is
     for r0 in range(0, n_rows, rows):
         block = np.array(w[r0:r0 + rows], dtype=np.float32)
         if not np.isfinite(block).all():
@@ -243,12 +253,7 @@ def quantize_q4(w: np.ndarray, *, name: str = "the matrix", rows_per_chunk: int 
             i, j = np.unravel_index(np.argmax(np.abs(block)), block.shape)
             raise RwkvxError(f"quantize_q4: {name}[{r0 + i}, {j}] = {block[i, j]:g} is beyond q4's "
                              f"range (+-{_Q4_LARGEST:g}: a float16 row scale of 8-bit group minima)")
-        if width != n_cols:
-            # the padding repeats the row's last value: it never widens the last group's range
-            block = np.concatenate([block, np.repeat(block[:, -1:], width - n_cols, axis=1)], axis=1)
-        g = block.reshape(block.shape[0], n_groups, Q4_GROUP)
-        d_all[r0:r0 + rows], m_all[r0:r0 + rows] = _q4_fit(g)
-        chunks.append((r0, g))
+        d_all[r0:r0 + rows], m_all[r0:r0 + rows] = _q4_fit(groups(r0))
     D = _row_scale(d_all, 255, "scale", name)
     M = _row_scale(m_all, 127, "minimum", name)
     Df, Mf = D.astype(np.float32)[:, None], M.astype(np.float32)[:, None]
@@ -257,7 +262,8 @@ def quantize_q4(w: np.ndarray, *, name: str = "the matrix", rows_per_chunk: int 
     sm = np.clip(np.rint(m_all / Mf), -127, 127).astype(np.int8)
     d_q = sd.astype(np.float32) * Df
     m_q = sm.astype(np.float32) * Mf
-    for r0, g in chunks:
+    for r0 in range(0, n_rows, rows):
+        g = groups(r0)
         d, m = d_q[r0:r0 + rows, :, None], m_q[r0:r0 + rows, :, None]
         safe = np.where(d > 0, d, np.float32(1))
         q = np.clip(np.rint((g - m) / safe), 0, 15).astype(np.uint8)

@@ -90,6 +90,12 @@ def test_search_beats_min_max(rng):
     assert ((quantize_q4(w).dequantize() - w) ** 2).sum() < ((minmax.reshape(64, 256) - w) ** 2).sum()
 
 
+def test_row_blocks_do_not_change_the_result(rng):
+    w = _weights(rng, 37, 200)
+    a, b = quantize_q4(w), quantize_q4(w, rows_per_chunk=3)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("q4", "sd", "sm", "D", "M"))
+
+
 def test_constant_and_zero_rows(rng):
     w = np.zeros((3, 70), np.float32)
     w[1] = 2.5
