@@ -83,6 +83,9 @@ TARGET_U8_VS_F32 = 0.35
 TARGET_PP_VS_NUMPY = 0.9
 TARGET_PP_TOKENS_S = 120.0
 TARGET_BATCH_VS_TG = 4.0
+# issue 15: RWKV-5/6/7 against RWKV-4 of the same width and depth, same dtype
+TARGET_ARCH_TG = 1.15
+TARGET_ARCH_PP = 0.8
 
 
 # ---- child processes: one JSON message per line on stdout ----
@@ -507,17 +510,22 @@ def plan_schedule(args, n_params: int) -> tuple[str, str]:
     return "sequential", note + ": too much to hold at once"
 
 
-def run_threads(args, path: str, threads: int, schedule: str) -> dict:
-    """All measurements for one thread count: {'bandwidth': Child, 'models': {dtype: Child}}."""
-    common = {"path": path, "threads": threads, "pp": args.pp, "tg": args.tg, "batch": args.batch,
+def run_threads(args, paths: dict, threads: int, schedule: str) -> dict:
+    """All measurements for one thread count: {'bandwidth': Child, 'models': {(arch, dtype): Child}}
+    (paths: arch -> checkpoint; arch None for --model)."""
+    common = {"threads": threads, "pp": args.pp, "tg": args.tg, "batch": args.batch,
               "chunk_size": args.chunk_size, "numpy_chunk_size": args.numpy_chunk_size, "seed": args.seed,
               "mmap": args.mmap}
     specs = []
-    for dtype in args.dtypes:
-        candidates = ["rwkvx"] + (["numpy"] if args.baseline and dtype == "float32" else [])
-        specs.append((dtype, {"role": "model", "dtype": dtype, "candidates": candidates, **common}))
-    if args.baseline and "float32" not in args.dtypes:
-        specs.append(("float32", {"role": "model", "dtype": "float32", "candidates": ["numpy"], **common}))
+    for arch, path in paths.items():
+        prefix = f"{arch} " if len(paths) > 1 else ""
+        for dtype in args.dtypes:
+            candidates = ["rwkvx"] + (["numpy"] if args.baseline and dtype == "float32" else [])
+            specs.append((prefix + dtype, {"role": "model", "dtype": dtype, "arch": arch, "path": path,
+                                           "candidates": candidates, **common}))
+        if args.baseline and "float32" not in args.dtypes:
+            specs.append((prefix + "float32", {"role": "model", "dtype": "float32", "arch": arch, "path": path,
+                                               "candidates": ["numpy"], **common}))
     bw_spec = {"role": "bandwidth", "threads": threads, "mib": args.bandwidth_mib}
 
     labelled = [(f"bandwidth t={threads}", bw_spec)] + [(f"{d} t={threads}", spec) for d, spec in specs]
@@ -525,7 +533,7 @@ def run_threads(args, path: str, threads: int, schedule: str) -> dict:
         children = run_group(labelled, args.runs, threads)
     else:
         children = [child for item in labelled for child in run_group([item], args.runs, threads)]
-    return {"bandwidth": children[0], "models": {c.spec["dtype"]: c for c in children[1:]}}
+    return {"bandwidth": children[0], "models": {(c.spec["arch"], c.spec["dtype"]): c for c in children[1:]}}
 
 
 # ---- statistics and the report ----
@@ -546,7 +554,7 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
     bw["best_gb_s"] = max(bw["sgemv_gb_s_max"], bw["sum_gb_s_max"])
 
     rows = []
-    for dtype, child in results["models"].items():
+    for (arch, dtype), child in results["models"].items():
         for name in child.spec["candidates"]:
             runs = [r[name] for r in child.rounds]
             pp_s = [r["pp_s"] for r in runs]
@@ -556,7 +564,7 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
             bpt = child.ready["bytes_per_token"]
             gb_s = bpt / tg_med / 1e9
             rows.append({
-                "candidate": name, "dtype": dtype, "threads": threads,
+                "candidate": name, "arch": arch, "dtype": dtype, "threads": threads,
                 "n_layer": child.ready["n_layer"], "n_embd": child.ready["n_embd"], "n_vocab": child.ready["n_vocab"],
                 "pp": args.pp, "tg": args.tg, "batch": args.batch, "runs": args.runs,
                 "chunk_size": child.ready["chunk_size"] if name == "rwkvx" else (args.numpy_chunk_size or args.pp),
@@ -580,8 +588,9 @@ def summarise(results: dict, args, threads: int) -> tuple[dict, list[dict]]:
                 "batch_s_per_step_runs": [round(v, 5) for v in batch_s],
                 "sanity": child.ready["sanity"] if name == "numpy" else {},
             })
-    # the baseline first, then rwkvx in --dtypes order
-    rows.sort(key=lambda r: r["candidate"] != "numpy")
+    # per architecture, the baseline first, then rwkvx in --dtypes order
+    order = list(dict.fromkeys(arch for arch, _ in results["models"]))
+    rows.sort(key=lambda r: (order.index(r["arch"]), r["candidate"] != "numpy"))
     return bw, rows
 
 
@@ -590,14 +599,15 @@ def _rng(med: float, lo: float, hi: float, fmt: str) -> str:
 
 
 def table(rows: list[dict], batch: int) -> list[str]:
-    lines = [f"| threads | candidate | dtype | pp t/s | tg t/s | tg ms/token | batch-{batch} t/s | batch-{batch}/tg "
-             f"| weight MB/token | GB/s | % of bandwidth | peak RSS MB |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    archs = len({r["arch"] for r in rows}) > 1
+    lines = [f"| threads | candidate |{' arch |' if archs else ''} dtype | pp t/s | tg t/s | tg ms/token "
+             f"| batch-{batch} t/s | batch-{batch}/tg | weight MB/token | GB/s | % of bandwidth | peak RSS MB |",
+             f"|---:|---|{'---|' if archs else ''}---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         label = "numpy (OpenBLAS)" if r["candidate"] == "numpy" else "rwkvx"
         rss = f"{r['peak_rss_mb']:.0f}" + (" †" if r["rss_shared_with"] else "")
         lines.append(
-            f"| {r['threads']} | {label} | {r['dtype']} "
+            f"| {r['threads']} | {label} |{' ' + r['arch'] + ' |' if archs else ''} {r['dtype']} "
             f"| {_rng(r['pp_tokens_s'], r['pp_tokens_s_min'], r['pp_tokens_s_max'], '.1f')} "
             f"| {r['tg_tokens_s']:.1f} "
             f"| {_rng(r['tg_ms_per_token'], r['tg_ms_per_token_min'], r['tg_ms_per_token_max'], '.2f')} "
@@ -656,16 +666,39 @@ def target_lines(rows: list[dict], bw: dict, args, shape_name: str | None) -> li
     return lines
 
 
+def arch_lines(rows: list[dict]) -> list[str]:
+    """RWKV-5/6/7 against RWKV-4 of the same width and depth, measured in the same run."""
+    base = {r["dtype"]: r for r in rows if r["candidate"] == "rwkvx" and r["arch"] == "v4"}
+    lines = []
+    for r in rows:
+        if r["candidate"] != "rwkvx" or r["arch"] in ("v4", None) or r["dtype"] not in base:
+            continue
+        b = base[r["dtype"]]
+        decode = r["tg_ms_per_token"] / b["tg_ms_per_token"]
+        per_byte = (r["tg_ms_per_token"] / r["bytes_per_token"]) / (b["tg_ms_per_token"] / b["bytes_per_token"])
+        prompt = r["pp_tokens_s"] / b["pp_tokens_s"]
+        lines.append(_target(f"{r['arch']} / v4 {r['dtype']} tg time", f"{decode:.2f}× (per weight byte read "
+                             f"{per_byte:.2f}×)", f"≤ {TARGET_ARCH_TG:.2f}×", decode <= TARGET_ARCH_TG))
+        lines.append(_target(f"{r['arch']} / v4 {r['dtype']} pp tokens/s", f"{prompt:.2f}×",
+                             f"≥ {TARGET_ARCH_PP:.1f}×", prompt >= TARGET_ARCH_PP))
+    return lines
+
+
 def _round_floats(d: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def report(args, source: str, shape_name: str | None, schedule: str, schedule_note: str,
            per_threads: list[tuple[dict, list[dict], dict]]) -> None:
-    first_ready = next(iter(per_threads[0][2]["models"].values())).ready
+    first = next(iter(per_threads[0][2]["models"].values()))
+    first_ready = first.ready
     bw_ready = per_threads[0][2]["bandwidth"].ready
-    print(f"# rwkvx bench: {source}; n_layer={first_ready['n_layer']} n_embd={first_ready['n_embd']} "
-          f"n_vocab={first_ready['n_vocab']} n_ffn={first_ready['n_ffn']}")
+    dims = {}
+    for (arch, _), child in per_threads[0][2]["models"].items():
+        r = child.ready
+        dims.setdefault(arch, f"n_layer={r['n_layer']} n_embd={r['n_embd']} n_vocab={r['n_vocab']} n_ffn={r['n_ffn']}")
+    print(f"# rwkvx bench: {source}; " + "; ".join(d if a is None or len(dims) == 1 else f"{a}: {d}"
+                                                  for a, d in dims.items()))
     print(f"rwkvx {first_ready['rwkvx']} (OpenMP {'on' if first_ready['openmp'] else 'OFF: serial build'}, "
           f"SIMD level {first_ready['simd_level']}); numpy {bw_ready['numpy']} with {bw_ready['blas']}; "
           f"{cpu_name()}, {os.cpu_count()} CPUs, {_l3_text()}")
@@ -698,8 +731,16 @@ def report(args, source: str, shape_name: str | None, schedule: str, schedule_no
         print(f"note: {', '.join(cached)} read less than the reported L3 ({l3 / 2**20:.0f} MiB) per token, so decode "
               f"may run partly from cache and exceed 100% of the measured (DRAM) bandwidth")
     for bw, rows, _ in per_threads:
-        print()
-        print("\n".join(target_lines(rows, bw, args, shape_name)))
+        for arch in dict.fromkeys(r["arch"] for r in rows):
+            print()
+            if arch is not None and len(args.archs) > 1:
+                print(f"{arch}:")
+            print("\n".join(target_lines([r for r in rows if r["arch"] == arch], bw, args, shape_name)))
+        compared = arch_lines(rows)
+        if compared:
+            print()
+            print(f"threads={bw['threads']}, against RWKV-4 of the same width and depth (issue 15):")
+            print("\n".join(compared))
     print()
     for bw, rows, _ in per_threads:
         print(json.dumps({"kind": "bandwidth", **_round_floats(bw)}))
@@ -734,6 +775,13 @@ def _shape(text: str) -> str:
     return text
 
 
+def _archs(text: str) -> list[str]:
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names or any(n not in ("v4", "v5", "v6", "v7") for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of v4,v5,v6,v7, got {text!r}")
+    return names
+
+
 def _dtypes(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in DTYPES]
@@ -751,10 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--shape", type=_shape, metavar="|".join(PUBLIC_SHAPES),
                        help="random bf16 weights of this shape (169M 12x768, 430M 24x1024, 1.5B 24x2048, "
                             "7B 32x4096)")
-    parser.add_argument("--arch", choices=("v4", "v5", "v6", "v7"), default=None,
-                        help="architecture of the --shape weights: RWKV-4 (default; RWKV-7 for 7B), or "
-                             "RWKV-5.2/6/7 with heads of 64 and the World vocabulary (65536); no numpy "
-                             "baseline for those")
+    parser.add_argument("--arch", type=_archs, default=None,
+                        help="architecture(s) of the --shape weights, comma-separated: RWKV-4 (default; "
+                             "RWKV-7 for 7B), RWKV-5.2/6/7 with heads of 64 and the World vocabulary (65536); "
+                             "several (e.g. v4,v7) run interleaved in one run and are compared with RWKV-4; "
+                             "the numpy baseline only for v4 alone")
     parser.add_argument("--dtypes", type=_dtypes, default=list(DTYPES),
                         help=f"comma-separated (default {','.join(DTYPES)})")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads (default 2)")
@@ -787,27 +836,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and not os.path.isfile(args.model):
         parser.error(f"--model: no such file: {args.model}")
     thread_counts = list(range(1, args.threads + 1)) if args.thread_sweep else [args.threads]
-    if args.arch is None:
-        args.arch = DEFAULT_ARCH.get(args.shape, "v4")
-    if args.arch != "v4":
+    args.archs = args.arch or [DEFAULT_ARCH.get(args.shape, "v4")]
+    if args.archs != ["v4"]:
         # scripts/numpy_rwkv.py is RWKV-4's math
         args.baseline = False
 
     try:
         with tempfile.TemporaryDirectory(prefix="rwkvx-bench-") as tmp:
             if args.model is not None:
-                path, source = args.model, f"checkpoint {args.model}"
+                paths, source = {None: args.model}, f"checkpoint {args.model}"
             else:
-                path = os.path.join(tmp, f"random-{args.arch}-{args.shape}.safetensors")
-                shape = SHAPES[args.shape]
-                if args.arch != "v4":
-                    shape = (shape[0], shape[1], 65536)
-                write_checkpoint(path, shape, args.seed, args.arch)
-                source = f"random {args.arch} {args.shape} weights stored bf16 (seed {args.seed})"
-            schedule, note = plan_schedule(args, count_params(path))
+                paths = {}
+                for arch in args.archs:
+                    paths[arch] = os.path.join(tmp, f"random-{arch}-{args.shape}.safetensors")
+                    shape = SHAPES[args.shape]
+                    if arch != "v4":
+                        shape = (shape[0], shape[1], 65536)
+                    write_checkpoint(paths[arch], shape, args.seed, arch)
+                source = f"random {'+'.join(args.archs)} {args.shape} weights stored bf16 (seed {args.seed})"
+            schedule, note = plan_schedule(args, sum(count_params(p) for p in paths.values()))
             per_threads = []
             for threads in thread_counts:
-                results = run_threads(args, path, threads, schedule)
+                results = run_threads(args, paths, threads, schedule)
                 bw, rows = summarise(results, args, threads)
                 per_threads.append((bw, rows, results))
         report(args, source, args.shape, schedule, note, per_threads)
