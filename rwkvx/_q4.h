@@ -327,12 +327,15 @@ rwkvx_q4_widen_group_avx512(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g, float d
     const __m512 table = _mm512_fmadd_ps(
         _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_ps(d), _mm512_set1_ps(mn));
-    const __m512i w = _mm512_broadcast_i64x4(rwkvx_q4_group(m->q + i * 32 * m->n_groups + 32 * g));
-#pragma GCC unroll 4
-    for (int p = 0; p < 8; p += 2) {
-        const __m512i shift = _mm512_inserti64x4(_mm512_set1_epi32(4 * p), _mm256_set1_epi32(4 * p + 4), 1);
-        _mm512_storeu_ps(out + 8 * p, _mm512_permutexvar_ps(_mm512_srlv_epi32(w, shift), table));
-    }
+    /* steps 0 and 1 in the two halves; each later pair is 8 bits further along (one
+     * constant shift vector, not four: the tile's accumulators need the registers) */
+    const __m512i w = _mm512_srlv_epi32(
+        _mm512_broadcast_i64x4(rwkvx_q4_group(m->q + i * 32 * m->n_groups + 32 * g)),
+        _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(4), 1));
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(w, table));
+    _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(w, 8), table));
+    _mm512_storeu_ps(out + 32, _mm512_permutexvar_ps(_mm512_srli_epi32(w, 16), table));
+    _mm512_storeu_ps(out + 48, _mm512_permutexvar_ps(_mm512_srli_epi32(w, 24), table));
 }
 
 /* As rwkvx_gemm4_stored_pairs_avx512 (_simd.h) for q4 rows i .. i + 3 against NP packed
