@@ -70,8 +70,20 @@ cdef extern from "_q4.h" nogil:
     int rwkvx_gemm4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, const float* P, Py_ssize_t n_tok,
                        float* Y, Py_ssize_t ldy, int prefetch)
 
+cdef extern from "_int8.h" nogil:
+    void rwkvx_i8_detect()
+    int rwkvx_i8_level()
+    Py_ssize_t rwkvx_i8_stride(Py_ssize_t n)
+    int rwkvx_i8_quantize(const float* xr, Py_ssize_t n, signed char* a, float* scale)
+    void rwkvx_i8_block(const uint8_t* q, Py_ssize_t n, int n_r, const signed char* A, Py_ssize_t lda,
+                        Py_ssize_t n_tok, const float* ry, const float* my, const rwkvx_u8_sums* sums,
+                        float* Y, Py_ssize_t ldy, const uint8_t* next)
+
 rwkvx_detect_simd()
 rwkvx_q4_detect()
+rwkvx_i8_detect()
+
+ARITHMETICS = ("float32", "int8")
 
 DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MATRIX_F16: "float16",
           MATRIX_Q4: "q4"}
@@ -87,6 +99,13 @@ def simd_level() -> int:
 def best_simd_level() -> int:
     """The highest level this CPU supports."""
     return rwkvx_best_simd()
+
+
+def int8_level() -> int:
+    """The loops of int8 arithmetic (Linear.with_arithmetic) in use: 2 AVX-512 VNNI, 1 C
+    loops built for AVX2, 0 portable C. They follow the SIMD level (set_simd_level) and
+    all give the same bits."""
+    return rwkvx_i8_level()
 
 
 def set_simd_level(int level) -> int:
@@ -156,6 +175,27 @@ cdef void _prepare_u8(const Matrix* m, const float* x, float* xr, U8Sums* sums) 
     cdef double s[3]
     rwkvx_prepare_u8(m.rx, m.mx, x, xr, m.n_cols, s)
     sums.half_xr = <float>(0.5 * s[0])
+    sums.x = <float>s[1]
+    sums.mx = <float>s[2]
+
+
+cdef void _prepare(const Matrix* m, const float* x, float* xr, signed char* a, U8Sums* sums) noexcept nogil:
+    # A uint8 product's input (_prepare_u8); with int8 arithmetic, xr is also rounded to
+    # int8 in a (n_cols bytes) with its scale, so that
+    #   sum_j q[i, j] xr[j] = scale sum_j q[i, j] a[j] + sum_j q[i, j] e[j],  e = xr - scale a,
+    # the first sum exact in integers (_int8.h). Of the rounding error's sum, the part
+    # 127.5 sum_j e[j] (127.5 the middle of the codes 0..255) is known and goes into
+    # half_xr; what is left, sum_j (q[i, j] - 127.5) e[j], is about a third of the whole in
+    # RMS (codes spread around their middle with a standard deviation near 50). Measured on
+    # the demo model: KL against float32 1.7e-3 without this term.
+    cdef double s[3]
+    cdef int total
+    if not m.int8:
+        _prepare_u8(m, x, xr, sums)
+        return
+    rwkvx_prepare_u8(m.rx, m.mx, x, xr, m.n_cols, s)
+    total = rwkvx_i8_quantize(xr, m.n_cols, a, &sums.scale)
+    sums.half_xr = <float>(0.5 * s[0] + 127.5 * (s[0] - <double>sums.scale * total))
     sums.x = <float>s[1]
     sums.mx = <float>s[2]
 
@@ -261,6 +301,12 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
     cdef rwkvx_u8_affine u8
     cdef rwkvx_u8_affine* finish = NULL
     cdef rwkvx_q4 q4
+    if m.int8:
+        # xpack: the tokens' int8 inputs (_prepare, _packed_from)
+        rwkvx_i8_block(m.q + i * n, n, min(end, m.n_rows) - i, <const signed char*>xpack,
+                       rwkvx_i8_stride(n), n_tok, m.ry + i, m.my + i, <const rwkvx_u8_sums*>sums, out + i, ldo,
+                       m.q + end * n if end + 4 <= m.n_rows else NULL)
+        return
     if m.kind == MATRIX_U8:
         u8.ry = m.ry + i
         u8.my = m.my + i
@@ -323,6 +369,17 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
     cdef Py_ssize_t first[5]
     cdef int k, j
     cdef const Matrix* m
+    cdef Matrix plain[4]
+    cdef MatmulJob one_token[4]
+    if n_tok == 1:
+        # one token: the float32 product even with int8 arithmetic, bit-identical to the
+        # matrix-vector product that decodes a token (memory-bound: int8 would gain nothing)
+        for k in range(n_jobs):
+            plain[k] = jobs[k].m[0]
+            plain[k].int8 = False
+            one_token[k] = jobs[k]
+            one_token[k].m = &plain[k]
+        jobs = one_token
     first[0] = 0
     for k in range(n_jobs):
         xin[k] = jobs[k].x
@@ -335,8 +392,9 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
         m = jobs[j].m
         if m.kind == MATRIX_U8:
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
-                _prepare_u8(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols, &jobs[j].sums[t])
-        if rwkvx_simd_level >= 2:
+                _prepare(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols,
+                            <signed char*>jobs[j].xpack + t * rwkvx_i8_stride(m.n_cols), &jobs[j].sums[t])
+        if rwkvx_simd_level >= 2 and not m.int8:
             rwkvx_pack_pair(xin[j], m.n_cols, n_tok, jp % n_pairs, m.n_cols, jobs[j].xpack)
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on
@@ -359,10 +417,18 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             local = block - first[j]
             n = jobs[j].m.n_cols
             _gemm_rows(jobs[j].out + t0 * jobs[j].ldo, jobs[j].ldo, jobs[j].m, xin[j] + t0 * n,
-                       jobs[j].xpack + t0 // 2 * rwkvx_pack_stride(n), n_sub, jobs[j].sums + t0,
+                       _packed_from(&jobs[j], t0), n_sub, jobs[j].sums + t0,
                        wbuf + per_thread * threadid(),
                        <Py_ssize_t*>(wbuf + per_thread * threadid() + 8 * wide), local, block)
         t0 += n_sub
+
+
+cdef inline const float* _packed_from(const MatmulJob* job, Py_ssize_t t0) noexcept nogil:
+    # a job's packed inputs from token t0 (even) on: pairs of tokens for the float products,
+    # or one token's int8 input per rwkvx_i8_stride bytes with int8 arithmetic
+    if job.m.int8:
+        return <const float*>(<const signed char*>job.xpack + t0 * rwkvx_i8_stride(job.m.n_cols))
+    return job.xpack + t0 // 2 * rwkvx_pack_stride(job.m.n_cols)
 
 
 cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil:
@@ -372,8 +438,9 @@ cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil:
 
 
 cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols):
-    """Size of _matmul's packed-input scratch for n_tok rows of n_cols (at least 1)."""
-    return (n_tok + 1) // 2 * rwkvx_pack_stride(n_cols)
+    """Size of _matmul's packed-input scratch for n_tok rows of n_cols (at least 1): pairs of
+    rows for the float products, or int8 rows for int8 arithmetic, whichever is larger."""
+    return max((n_tok + 1) // 2 * rwkvx_pack_stride(n_cols), (n_tok * rwkvx_i8_stride(n_cols) + 3) // 4)
 
 
 def _aligned_floats(Py_ssize_t n):
@@ -471,6 +538,28 @@ cdef class Linear:
         self.m.q4_M = &Mv[0]
         self.m.n_groups = n_groups
         return self
+
+    def with_arithmetic(self, str arithmetic) -> Linear:
+        """This matrix (the same arrays) computing in `arithmetic`: "float32", or "int8" for
+        uint8 matrices: their products of two or more vectors (matmul) then round each
+        vector to int8 with its own scale and sum exactly in integers (AVX-512 VNNI where the
+        CPU has it; the same bits at every SIMD level, thread count and batch composition,
+        see _int8.h and _prepare). One vector (__call__, or matmul of one row) keeps the
+        float32 product: it is memory-bound, and int8 would not make it faster."""
+        if arithmetic not in ARITHMETICS:
+            raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
+        if arithmetic == "int8" and self.m.kind != MATRIX_U8:
+            raise RwkvxError(f"arithmetic int8: needs uint8 weights, got {self.dtype}")
+        cdef Linear other = Linear.__new__(Linear)
+        other.m = self.m
+        other.m.int8 = arithmetic == "int8"
+        other.arrays = self.arrays
+        return other
+
+    @property
+    def arithmetic(self) -> str:
+        """"int8" or "float32" (see with_arithmetic)."""
+        return "int8" if self.m.int8 else "float32"
 
     @property
     def shape(self):

@@ -94,6 +94,7 @@ typedef struct {
 /* A uint8 product's per-token sums over its input (see _prepare_u8 in _matvec.pyx). */
 typedef struct {
     float half_xr, x, mx;
+    float scale;    /* int8 arithmetic (_int8.h): the input rounded to int8 is xr / scale */
 } rwkvx_u8_sums;
 
 /* What turns a uint8 matrix's raw dot products q . xr into its product, for rows from the

@@ -31,9 +31,22 @@ def _token_id(value) -> int:
 DEFAULT_CHUNK_SIZE = 128
 
 
-def _linear(m) -> _matvec.Linear:
+# How products compute (load's `arithmetic`)
+ARITHMETICS = ("float32", "int8")
+
+
+def check_arithmetic(arithmetic: str, dtype: str) -> None:
+    """Raise RwkvxError (one line) unless `arithmetic` can run weights of `dtype`."""
+    if arithmetic not in ARITHMETICS:
+        raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
+    if arithmetic == "int8" and dtype != "uint8":
+        raise RwkvxError(f"arithmetic int8 needs dtype uint8 (its products take the uint8 weights as they are), "
+                         f"got dtype {dtype}")
+
+
+def _linear(m, arithmetic: str = "float32") -> _matvec.Linear:
     if isinstance(m, QuantizedMatrix):
-        return _matvec.Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+        return _matvec.Linear.u8(m.q, m.mx, m.rx, m.my, m.ry).with_arithmetic(arithmetic)
     if isinstance(m, Q4Matrix):
         return _matvec.Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
     if m.dtype == np.uint16:
@@ -50,14 +63,16 @@ class RWKV:
     they share scratch buffers); the kernels release the GIL while they run.
     """
 
-    def __init__(self, weights: ModelWeights, threads: int | None = None):
+    def __init__(self, weights: ModelWeights, threads: int | None = None, arithmetic: str = "float32"):
+        check_arithmetic(arithmetic, weights.dtype)
         self.weights = weights
+        self.arithmetic = arithmetic
         self._n_threads = effective_n_threads(threads)
         self.blocks = [
-            _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: _linear(b[n]) for n in MATRIX_NAMES})
+            _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: _linear(b[n], arithmetic) for n in MATRIX_NAMES})
             for b in weights.blocks
         ]
-        self.head = _linear(weights.head)
+        self.head = _linear(weights.head, arithmetic)
         self._workspace = _layer.Workspace(weights.n_embd, weights.n_ffn)
         self._x = np.empty(weights.n_embd, dtype=np.float32)
         self._x_norm = np.empty(weights.n_embd, dtype=np.float32)
@@ -187,7 +202,8 @@ class RWKV:
         tokens_per_sequence: B lists of tokens (one each when decoding). states: None, or B
         entries that are None (fresh) or states from earlier calls; they are NOT modified.
         Returns logits float32 (B, n_vocab) after each sequence's last token and B new
-        states. Each sequence's results are bit-identical to running it alone.
+        states. Each sequence's results are bit-identical to running it alone (with
+        arithmetic "int8", to running it in any other batch of several sequences: see load).
         """
         if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
             raise RwkvxError("tokens_per_sequence: expected a list of token lists")
@@ -275,11 +291,14 @@ class RWKV:
 
     def __repr__(self) -> str:
         return (f"RWKV(n_layer={self.n_layer}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, "
-                f"dtype={self.dtype!r}, threads={self.n_threads})")
+                f"dtype={self.dtype!r}{self._arithmetic_repr()}, threads={self.n_threads})")
+
+    def _arithmetic_repr(self) -> str:
+        return "" if self.arithmetic == "float32" else f", arithmetic={self.arithmetic!r}"
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None, *,
-         mmap: bool = True, check_tensors: bool | None = None) -> RWKV:
+         mmap: bool = True, check_tensors: bool | None = None, arithmetic: str = "float32") -> RWKV:
     """Load an RWKV-4, 5.2, 6 or 7 checkpoint to run in `dtype`.
 
     path: a checkpoint file or folder in any format rwkvx reads (see the README), or
@@ -296,9 +315,22 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     check_tensors: scan weights for NaN and infinite values, naming the first bad tensor:
     None (default) those the load reads or converts anyway, and every vector; True all,
     those used in place from the mapped file too (reads the whole file once); False none.
+    arithmetic: how the weight matrices' products compute. "float32" (default): in
+    float32, bit-identical for any batching, chunking and thread count. "int8" (dtype
+    "uint8" only): a product of two or more rows (prompt chunks, forward_batch) rounds each
+    row's input to int8 with its own scale (max |rx x| / 127, half to even) and sums
+    q x int8 exactly in integers (AVX-512 VNNI where the CPU has it, else plain loops
+    giving the same bits), then finishes in float32; a product of one row (decoding one
+    sequence) stays float32, which is as fast there. Prompts and batches run faster; the
+    results are not float32's (the README has the measured cost in KL), but they are
+    deterministic: the same bits for any thread count and CPU, and a row's result does
+    not depend on which other rows share its products, only on whether it shares them
+    with any (so forward_batch of several sequences can differ in the last bits from
+    running each alone).
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """
+    check_arithmetic(arithmetic, dtype)
     if threads is not None:
         effective_n_threads(threads)
     # RWKV-5.2, 6 and 7 are recognised by their tensor names and run by rwkvx.arch
@@ -306,9 +338,11 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     version, source = arch.recognise_path(path)
     if version is not None:
         from rwkvx.arch.model import load as load_next
-        model = load_next(source, version, dtype, threads, mmap=mmap, check_tensors=check_tensors)
+        model = load_next(source, version, dtype, threads, mmap=mmap, check_tensors=check_tensors,
+                          arithmetic=arithmetic)
     else:
-        model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors, source=source), threads=threads)
+        model = RWKV(load_weights(path, dtype, mmap=mmap, check_tensors=check_tensors, source=source), threads=threads,
+                     arithmetic=arithmetic)
     # from the file, at load (a few KB; the file may be gone or replaced later), through
     # the index recognise_path opened
     model._fingerprint = checkpoint_fingerprint(source)

@@ -342,10 +342,11 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bo
     return Weights(arch=arch, blocks=blocks, head_size=head_size, dtype=dtype, source=source.path, **top)
 
 
-def linear(m) -> Linear:
-    """A kernel-ready matrix from a float32, bfloat16 (uint16), float16 or uint8 one."""
+def linear(m, arithmetic: str = "float32") -> Linear:
+    """A kernel-ready matrix from a float32, bfloat16 (uint16), float16 or uint8 one;
+    arithmetic "int8" applies to uint8 matrices (the float32 low-rank ones are unchanged)."""
     if isinstance(m, QuantizedMatrix):
-        return Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+        return Linear.u8(m.q, m.mx, m.rx, m.my, m.ry).with_arithmetic(arithmetic)
     if m.dtype == np.uint16:
         return Linear.bf16(m)
     if m.dtype == np.float16:

@@ -19,7 +19,7 @@ import numpy as np
 from rwkvx._parallel import effective_n_threads
 from rwkvx.arch.common import LayerStates, Weights, linear, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
-from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV
+from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic
 from rwkvx.weights import to_float32
 
 
@@ -29,12 +29,14 @@ class RWKVNext(RWKV):
     State: float32 (n_layer, 2 + head_size, n_embd) per sequence (see rwkvx.arch.common).
     """
 
-    def __init__(self, weights: Weights, threads: int | None = None):
+    def __init__(self, weights: Weights, threads: int | None = None, arithmetic: str = "float32"):
+        check_arithmetic(arithmetic, weights.dtype)
         self.weights = weights
         self.arch = weights.arch
+        self.arithmetic = arithmetic
         self._n_threads = effective_n_threads(threads)
-        self.layers = [weights.arch.Layer(b, weights.n_head) for b in weights.blocks]
-        self.head = linear(weights.head)
+        self.layers = [weights.arch.Layer(b, weights.n_head, arithmetic) for b in weights.blocks]
+        self.head = linear(weights.head, arithmetic)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
         self._fingerprint = None
@@ -84,7 +86,8 @@ class RWKVNext(RWKV):
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Advance several independent sequences in one pass over the weights: (logits
         (B, n_vocab) after each sequence's last token, B new states), each bit-identical to
-        running that sequence alone; the states passed in are not modified."""
+        running that sequence alone (with arithmetic "int8", to running it in any other batch
+        of several: see rwkvx.load); the states passed in are not modified."""
         if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
             raise RwkvxError("tokens_per_sequence: expected a list of token lists")
         if not tokens_per_sequence:
@@ -143,20 +146,21 @@ class RWKVNext(RWKV):
 
     def __repr__(self) -> str:
         return (f"RWKVNext({self.architecture}, n_layer={self.n_layer}, n_embd={self.n_embd}, "
-                f"heads={self.n_head}x{self.head_size}, n_vocab={self.n_vocab}, dtype={self.dtype!r}, "
-                f"threads={self.n_threads})")
+                f"heads={self.n_head}x{self.head_size}, n_vocab={self.n_vocab}, dtype={self.dtype!r}"
+                f"{self._arithmetic_repr()}, threads={self.n_threads})")
 
 
 def load(source, arch, dtype: str = "float32", threads: int | None = None, *, mmap: bool = True,
-         check_tensors: bool | None = None) -> RWKVNext:
+         check_tensors: bool | None = None, arithmetic: str = "float32") -> RWKVNext:
     """An opened checkpoint (rwkvx.loader.open_checkpoint) of architecture module `arch`;
-    mmap and check_tensors as rwkvx.load takes them."""
+    mmap, check_tensors and arithmetic as rwkvx.load takes them."""
     from rwkvx.loader import check_dtype, check_mode
     check_dtype(dtype)
     check = check_mode(check_tensors)
     if threads is not None:
         effective_n_threads(threads)
-    return RWKVNext(read_weights(source, arch, dtype, mmap=mmap, check=check), threads=threads)
+    check_arithmetic(arithmetic, dtype)
+    return RWKVNext(read_weights(source, arch, dtype, mmap=mmap, check=check), threads=threads, arithmetic=arithmetic)
 
 
 def load_path(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None) -> RWKVNext:

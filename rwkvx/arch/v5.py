@@ -129,11 +129,11 @@ class Layer:
     the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
-    def __init__(self, p: dict, n_head: int):
+    def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
         from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
-        self.lin = {name: linear(p[name]) for name in LINEAR}
+        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}
         # x·mix + prev·(1 − mix) = x + (prev − x)·(1 − mix): the previous token's shares
         self.mix = np.stack([1 - p[f"att_time_mix_{m}"] for m in "kvrg"])
         self.ffn_mix = np.stack([1 - p["ffn_time_mix_k"], 1 - p["ffn_time_mix_r"]])

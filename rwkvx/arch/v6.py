@@ -113,11 +113,11 @@ class Layer:
     the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
-    def __init__(self, p: dict, n_head: int):
+    def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
         from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
-        self.lin = {name: linear(p[name]) for name in LINEAR + ("att_time_maa_w1", "att_time_decay_w1",
+        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR + ("att_time_maa_w1", "att_time_decay_w1",
                                                                 "att_time_decay_w2")}
         self.maa_w2 = [linear(m) for m in p["att_time_maa_w2"]]
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])

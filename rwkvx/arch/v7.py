@@ -162,13 +162,13 @@ class Layer:
     the rows X (R, C) of one or more sequences (sequence b: rows starts[b]..starts[b+1])
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
-    def __init__(self, p: dict, n_head: int):
+    def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
         from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
         # the low-rank matrices too: their products then give the same bits for one row
         # as for many, like the big ones'
-        self.lin = {name: linear(p[name]) for name in LINEAR + LOW_RANK if name in p}
+        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR + LOW_RANK if name in p}
         self.r_k = p["att_r_k"].reshape(-1)
         self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
         self.ffn_mix = p["ffn_x_k"].reshape(1, -1)

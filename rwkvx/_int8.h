@@ -1,0 +1,398 @@
+/* Integer products of uint8 matrices: the opt-in int8 arithmetic (load(arithmetic="int8")).
+ *
+ * A uint8 product needs the raw dot products q[i] . xr of the rows of q with xr = rx * x
+ * (see _prepare_u8 in _matvec.pyx). With int8 arithmetic each token's xr is first rounded
+ * to int8 with one scale per token,
+ *     s = max_j |xr[j]| / 127,    a[j] = round_half_even(xr[j] * (127 / max_j |xr[j]|)),
+ * so that |a[j]| <= 127 and xr ~ s a, and the dot product is taken exactly in integers:
+ *     q[i] . xr ~ s (q[i] . a).
+ * Each term q[i, j] a[j] is at most 255 * 127 in magnitude, so RWKVX_I8_CHUNK = 65536
+ * columns sum exactly in int32 (255 * 127 * 65536 < 2^31); wider rows add such chunks in
+ * int64. vpdpbusd (u8 x s8, four products into each 32-bit lane) does not saturate; its
+ * sibling vpdpbusds would, and is not used.
+ *
+ * An integer sum is the same in any order. So the result does not depend on the thread
+ * count, on the SIMD level, or on which tokens are computed together: every path below
+ * gives the same bits by construction, not by keeping summation orders in step. The sum
+ * becomes a float once, (float)sum * s (each rounded to nearest even), and is finished as
+ * a float32 uint8 product is: rwkvx_u8_finish's operations in its order (rwkvx_i8_finish1;
+ * rwkvx_i8_block4_vnni repeats them on four rows at once in SSE registers).
+ *
+ * Levels: AVX-512 VNNI (with AVX-512BW's masked byte loads for the last columns) at SIMD
+ * level 2 where the CPU has it; otherwise plain C loops, compiled for AVX2 at level 1 and
+ * for the baseline at level 0 (GCC vectorises an integer sum, which it may reorder).
+ */
+#ifndef RWKVX_INT8_H
+#define RWKVX_INT8_H
+
+#include <float.h>
+#include <math.h>
+
+#include "_simd.h"
+
+/* Columns summed in int32 before a row's partial sums are added in int64. */
+#define RWKVX_I8_CHUNK 65536
+
+/* Tokens per pass of the VNNI tile: 4 rows x 4 tokens = 16 accumulators. Measured with
+ * 2 threads on a Zen 4 (4096 x 1024 uint8, 128 tokens, matrix in cache): 4 tokens 1.4 ms,
+ * 5 tokens 2.0, 6 tokens 2.8 (24 accumulators, the rows and an input need 29 of the 32
+ * registers, and GCC's code for them is slower). */
+#define RWKVX_I8_TILE 4
+
+/* Bytes from one token's int8 inputs to the next in a matrix-matrix product: whole
+ * cache lines. */
+static inline ptrdiff_t rwkvx_i8_stride(ptrdiff_t n) { return (n + 63) / 64 * 64; }
+
+/* 1 if the CPU has AVX-512 VNNI and BW (set by rwkvx_i8_detect). */
+static int rwkvx_i8_has_vnni = 0;
+
+static inline void rwkvx_i8_detect(void)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    rwkvx_i8_has_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vnni");
+#endif
+}
+
+/* ---- rounding the input ------------------------------------------------------------ */
+
+/* 127 / max|xr| for a token whose largest |xr| has the float bits amax_bits (sign
+ * cleared), and its scale s in *scale: 0 and 0 when every value rounds to zero (all zero,
+ * or so small that 127 / max is not finite); 0 and NaN when xr holds a NaN or an infinity,
+ * so that the product is NaN, as the float32 product would be NaN or infinite. */
+static inline float rwkvx_i8_inverse(uint32_t amax_bits, float *scale)
+{
+    if (amax_bits >= 0x7f800000u) {
+        *scale = NAN;
+        return 0.0f;
+    }
+    float amax;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    const float inv = 127.0f / amax;
+    if (!(inv <= FLT_MAX)) {
+        *scale = 0.0f;
+        return 0.0f;
+    }
+    *scale = amax / 127.0f;
+    return inv;
+}
+
+static inline uint32_t rwkvx_abs_bits(float v)
+{
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b & 0x7fffffffu;
+}
+
+/* The largest |xr[j]| as float bits: an integer maximum of the magnitudes' bits, which
+ * is exact in any order and puts NaN above infinity above every finite value. */
+#define RWKVX_I8_AMAX_BODY                                                                   \
+    uint32_t m = 0;                                                                          \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                      \
+        uint32_t b = rwkvx_abs_bits(xr[j]);                                                  \
+        m = b > m ? b : m;                                                                   \
+    }                                                                                        \
+    return m;
+
+/* a[j] = round(xr[j] * inv) (nearest, ties to even: lrintf in the default rounding mode)
+ * in [-127, 127]; returns the sum of the a[j]. a may be xr's own bytes: each a[j] is
+ * written after xr[j] is read, and never over an xr[k] with k > j. */
+#define RWKVX_I8_ROUND_BODY                                                                  \
+    int32_t total = 0;                                                                       \
+    for (ptrdiff_t j = 0; j < n; j++) {                                                      \
+        int32_t v = (int32_t)lrintf(xr[j] * inv);                                            \
+        v = v > 127 ? 127 : v < -127 ? -127 : v;                                             \
+        a[j] = (int8_t)v;                                                                    \
+        total += v;                                                                          \
+    }                                                                                        \
+    return total;
+
+static uint32_t rwkvx_i8_amax_portable(const float *xr, ptrdiff_t n) { RWKVX_I8_AMAX_BODY }
+
+static int32_t rwkvx_i8_round_portable(const float *xr, ptrdiff_t n, float inv, int8_t *a)
+{
+    RWKVX_I8_ROUND_BODY
+}
+
+/* ---- exact dot products, plain C ------------------------------------------------------ */
+
+/* sum_j q[j] a[j] over n <= RWKVX_I8_CHUNK columns, exact in int32. */
+#define RWKVX_I8_DOT_BODY                                                                    \
+    int32_t acc = 0;                                                                         \
+    for (ptrdiff_t j = 0; j < n; j++)                                                        \
+        acc += (int32_t)q[j] * (int32_t)a[j];                                                \
+    return acc;
+
+static int32_t rwkvx_i8_dot_portable(const uint8_t *q, const int8_t *a, ptrdiff_t n)
+{
+    RWKVX_I8_DOT_BODY
+}
+
+#if RWKVX_HAVE_X86_DISPATCH
+/* The same loops compiled for AVX2: the same integers, computed eight lanes at a time. */
+#define RWKVX_I8_AVX2 __attribute__((target("avx2")))
+
+RWKVX_I8_AVX2 static uint32_t rwkvx_i8_amax_avx2(const float *xr, ptrdiff_t n) { RWKVX_I8_AMAX_BODY }
+
+RWKVX_I8_AVX2 static int32_t rwkvx_i8_round_avx2(const float *xr, ptrdiff_t n, float inv, int8_t *a)
+{
+    RWKVX_I8_ROUND_BODY
+}
+
+RWKVX_I8_AVX2 static int32_t rwkvx_i8_dot_avx2(const uint8_t *q, const int8_t *a, ptrdiff_t n)
+{
+    RWKVX_I8_DOT_BODY
+}
+
+/* ---- AVX-512 VNNI ------------------------------------------------------------------- */
+
+#define RWKVX_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2")))
+
+/* Bytes j .. n - 1 (fewer than 64) of a row, zeros after: the last step's columns. */
+RWKVX_VNNI static inline __m512i rwkvx_i8_tail64(const void *p, ptrdiff_t count)
+{
+    return _mm512_maskz_loadu_epi8((__mmask64)((1ULL << count) - 1), p);
+}
+
+RWKVX_VNNI static uint32_t rwkvx_i8_amax_vnni(const float *xr, ptrdiff_t n)
+{
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    __m512i m = _mm512_setzero_si512();
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(xr + j), magnitude));
+    if (j < n)
+        m = _mm512_max_epu32(m, _mm512_and_si512(
+                                    _mm512_maskz_loadu_epi32((__mmask16)((1u << (n - j)) - 1), xr + j),
+                                    magnitude));
+    return _mm512_reduce_max_epu32(m);
+}
+
+/* As rwkvx_i8_round_portable: vcvtps2dq rounds to nearest even, like lrintf. */
+RWKVX_VNNI static int32_t rwkvx_i8_round_vnni(const float *xr, ptrdiff_t n, float inv, int8_t *a)
+{
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+    __m512i total = _mm512_setzero_si512();
+    ptrdiff_t j = 0;
+    for (; j < n; j += 16) {
+        const __mmask16 mask = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + j), vinv),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        total = _mm512_add_epi32(total, v);
+        _mm512_mask_cvtepi32_storeu_epi8(a + j, mask, v);
+    }
+    return _mm512_reduce_add_epi32(total);
+}
+
+RWKVX_VNNI static int32_t rwkvx_i8_dot_vnni(const uint8_t *q, const int8_t *a, ptrdiff_t n)
+{
+    __m512i acc = _mm512_setzero_si512();
+    ptrdiff_t j = 0;
+    for (; j + 64 <= n; j += 64)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(q + j), _mm512_loadu_si512(a + j));
+    if (j < n)
+        acc = _mm512_dpbusd_epi32(acc, rwkvx_i8_tail64(q + j, n - j), rwkvx_i8_tail64(a + j, n - j));
+    return _mm512_reduce_add_epi32(acc);
+}
+
+/* The four sums of a, b, c, d's sixteen lanes in one register (exact: integers). */
+RWKVX_VNNI static inline __m128i rwkvx_i8_hsum4(__m512i a, __m512i b, __m512i c, __m512i d)
+{
+#define RWKVX_HALVES(v) _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
+    __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(RWKVX_HALVES(a), RWKVX_HALVES(b)),
+                                     _mm256_hadd_epi32(RWKVX_HALVES(c), RWKVX_HALVES(d)));
+#undef RWKVX_HALVES
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+/* Rows q .. q + 3n against T (a constant) tokens A + t lda: sums[t] holds the four rows'
+ * exact sums for token t. n <= RWKVX_I8_CHUNK. next: the next block of four rows (4n
+ * contiguous bytes), fetched into cache at the pace this block is read, or NULL. */
+RWKVX_VNNI static inline __attribute__((always_inline)) void
+rwkvx_i8_tile4_vnni(const uint8_t *q, ptrdiff_t n, const int8_t *A, ptrdiff_t lda, const int T,
+                    const uint8_t *next, __m128i *sums)
+{
+    const uint8_t *q0 = q, *q1 = q + n, *q2 = q + 2 * n, *q3 = q + 3 * n;
+    __m512i c[RWKVX_I8_TILE][4];
+#pragma GCC unroll 16
+    for (int k = 0; k < 4 * T; k++)
+        c[k / 4][k % 4] = _mm512_setzero_si512();
+    ptrdiff_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        if (next) {
+            _mm_prefetch((const char *)next + 4 * j, _MM_HINT_T0);
+            _mm_prefetch((const char *)next + 4 * j + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)next + 4 * j + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)next + 4 * j + 192, _MM_HINT_T0);
+        }
+        const __m512i w0 = _mm512_loadu_si512(q0 + j), w1 = _mm512_loadu_si512(q1 + j);
+        const __m512i w2 = _mm512_loadu_si512(q2 + j), w3 = _mm512_loadu_si512(q3 + j);
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const __m512i x = _mm512_loadu_si512(A + t * lda + j);
+            c[t][0] = _mm512_dpbusd_epi32(c[t][0], w0, x);
+            c[t][1] = _mm512_dpbusd_epi32(c[t][1], w1, x);
+            c[t][2] = _mm512_dpbusd_epi32(c[t][2], w2, x);
+            c[t][3] = _mm512_dpbusd_epi32(c[t][3], w3, x);
+        }
+    }
+    if (j < n) {
+        const ptrdiff_t count = n - j;
+        const __m512i w0 = rwkvx_i8_tail64(q0 + j, count), w1 = rwkvx_i8_tail64(q1 + j, count);
+        const __m512i w2 = rwkvx_i8_tail64(q2 + j, count), w3 = rwkvx_i8_tail64(q3 + j, count);
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const __m512i x = rwkvx_i8_tail64(A + t * lda + j, count);
+            c[t][0] = _mm512_dpbusd_epi32(c[t][0], w0, x);
+            c[t][1] = _mm512_dpbusd_epi32(c[t][1], w1, x);
+            c[t][2] = _mm512_dpbusd_epi32(c[t][2], w2, x);
+            c[t][3] = _mm512_dpbusd_epi32(c[t][3], w3, x);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        sums[t] = rwkvx_i8_hsum4(c[t][0], c[t][1], c[t][2], c[t][3]);
+}
+
+/* Four rows against every token, finished: Y[t ldy + r] for r < 4 (see rwkvx_i8_block).
+ * Tokens go in passes of at most RWKVX_I8_TILE, of even sizes (7 tokens: 4 + 3), the
+ * first pass prefetching the next block; later passes find the rows in cache. */
+RWKVX_VNNI static void rwkvx_i8_block4_vnni(const uint8_t *q, ptrdiff_t n, const int8_t *A,
+                                           ptrdiff_t lda, ptrdiff_t n_tok, const float *ry,
+                                           const float *my, const rwkvx_u8_sums *sums, float *Y,
+                                           ptrdiff_t ldy, const uint8_t *next)
+{
+    const __m128 vry = _mm_loadu_ps(ry), vmy = _mm_loadu_ps(my);
+    __m128i s[RWKVX_I8_TILE];
+    ptrdiff_t t = 0;
+    while (t < n_tok) {
+        const ptrdiff_t passes = (n_tok - t + RWKVX_I8_TILE - 1) / RWKVX_I8_TILE;
+        const int T = (int)((n_tok - t + passes - 1) / passes);
+        const int8_t *X = A + t * lda;
+        switch (T) {
+        case 1: rwkvx_i8_tile4_vnni(q, n, X, lda, 1, next, s); break;
+        case 2: rwkvx_i8_tile4_vnni(q, n, X, lda, 2, next, s); break;
+        case 3: rwkvx_i8_tile4_vnni(q, n, X, lda, 3, next, s); break;
+        case 4: rwkvx_i8_tile4_vnni(q, n, X, lda, 4, next, s); break;
+        default: rwkvx_i8_tile4_vnni(q, n, X, lda, 4, next, s); break;
+        }
+        for (int k = 0; k < T; k++) {
+            /* rwkvx_i8_finish1 on four rows: ry (s sum + half_xr) + my x + mx */
+            const rwkvx_u8_sums *u = sums + t + k;
+            __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(s[k]), _mm_set1_ps(u->scale));
+            y = _mm_mul_ps(vry, _mm_add_ps(y, _mm_set1_ps(u->half_xr)));
+            y = _mm_add_ps(y, _mm_mul_ps(vmy, _mm_set1_ps(u->x)));
+            y = _mm_add_ps(y, _mm_set1_ps(u->mx));
+            _mm_storeu_ps(Y + (t + k) * ldy, y);
+        }
+        next = NULL;
+        t += T;
+    }
+}
+#endif /* RWKVX_HAVE_X86_DISPATCH */
+
+/* ---- dispatch ------------------------------------------------------------------------ */
+
+/* 2: AVX-512 VNNI; 1: the C loops for AVX2; 0: the C loops for the baseline. */
+static inline int rwkvx_i8_level(void)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level >= 2 && rwkvx_i8_has_vnni)
+        return 2;
+    return rwkvx_simd_level >= 1 ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+static inline uint32_t rwkvx_i8_amax(const float *xr, ptrdiff_t n)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    const int level = rwkvx_i8_level();
+    if (level == 2)
+        return rwkvx_i8_amax_vnni(xr, n);
+    if (level == 1)
+        return rwkvx_i8_amax_avx2(xr, n);
+#endif
+    return rwkvx_i8_amax_portable(xr, n);
+}
+
+static inline int32_t rwkvx_i8_round(const float *xr, ptrdiff_t n, float inv, int8_t *a)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    const int level = rwkvx_i8_level();
+    if (level == 2)
+        return rwkvx_i8_round_vnni(xr, n, inv, a);
+    if (level == 1)
+        return rwkvx_i8_round_avx2(xr, n, inv, a);
+#endif
+    return rwkvx_i8_round_portable(xr, n, inv, a);
+}
+
+/* One token's xr (n floats) rounded to int8 in a (may be xr's own bytes, see
+ * RWKVX_I8_ROUND_BODY); its scale in *scale; returns the sum of the a[j]. */
+static inline int32_t rwkvx_i8_quantize(const float *xr, ptrdiff_t n, int8_t *a, float *scale)
+{
+    const float inv = rwkvx_i8_inverse(rwkvx_i8_amax(xr, n), scale);
+    if (inv == 0.0f) {
+        memset(a, 0, (size_t)n);
+        return 0;
+    }
+    return rwkvx_i8_round(xr, n, inv, a);
+}
+
+/* sum_j q[j] a[j], exact, for any n. */
+static inline int64_t rwkvx_i8_dot(const uint8_t *q, const int8_t *a, ptrdiff_t n)
+{
+    int64_t total = 0;
+#if RWKVX_HAVE_X86_DISPATCH
+    const int level = rwkvx_i8_level();
+#endif
+    for (ptrdiff_t j = 0; j < n; j += RWKVX_I8_CHUNK) {
+        const ptrdiff_t count = n - j < RWKVX_I8_CHUNK ? n - j : RWKVX_I8_CHUNK;
+#if RWKVX_HAVE_X86_DISPATCH
+        if (level == 2)
+            total += rwkvx_i8_dot_vnni(q + j, a + j, count);
+        else if (level == 1)
+            total += rwkvx_i8_dot_avx2(q + j, a + j, count);
+        else
+#endif
+            total += rwkvx_i8_dot_portable(q + j, a + j, count);
+    }
+    return total;
+}
+
+/* A row's product from its exact sum: rwkvx_u8_finish's operations with raw dot product
+ * (float)sum * scale. */
+static inline float rwkvx_i8_finish1(int64_t sum, float ry, float my, const rwkvx_u8_sums *s)
+{
+    const float raw = (float)sum * s->scale;
+    return ry * (raw + s->half_xr) + my * s->x + s->mx;
+}
+
+/* Rows q .. q + (n_r - 1) n (n_r from 1 to 4, row stride n) against n_tok tokens of int8
+ * inputs A + t lda, finished as uint8 products: Y[t ldy + r] for r < n_r, with the rows'
+ * ry, my and the tokens' sums (scale, half_xr, x, mx). next: the next block of four rows,
+ * to prefetch, or NULL. */
+static inline void rwkvx_i8_block(const uint8_t *q, ptrdiff_t n, int n_r, const int8_t *A,
+                                  ptrdiff_t lda, ptrdiff_t n_tok, const float *ry, const float *my,
+                                  const rwkvx_u8_sums *sums, float *Y, ptrdiff_t ldy,
+                                  const uint8_t *next)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (n_r == 4 && n <= RWKVX_I8_CHUNK && rwkvx_i8_level() == 2) {
+        rwkvx_i8_block4_vnni(q, n, A, lda, n_tok, ry, my, sums, Y, ldy, next);
+        return;
+    }
+#endif
+    (void)next;
+    for (ptrdiff_t t = 0; t < n_tok; t++)
+        for (int r = 0; r < n_r; r++)
+            Y[t * ldy + r] = rwkvx_i8_finish1(rwkvx_i8_dot(q + r * n, A + t * lda, n), ry[r], my[r],
+                                              sums + t);
+}
+
+#endif /* RWKVX_INT8_H */

@@ -1,0 +1,225 @@
+"""int8 arithmetic (Linear.with_arithmetic("int8"), load(arithmetic="int8")): against an exact
+numpy model of its integer arithmetic, the same bits for every thread count, SIMD level and
+batch composition, and close to the float32 products."""
+import numpy as np
+import pytest
+
+import rwkvx
+from rwkvx import _matvec
+from rwkvx.errors import RwkvxError
+from rwkvx.quant import quantize_u8
+
+LEVELS = list(range(_matvec.best_simd_level() + 1))
+
+
+@pytest.fixture(params=LEVELS, ids=lambda level: ["portable", "avx2", "avx512"][level])
+def simd(request):
+    before = _matvec.simd_level()
+    _matvec.set_simd_level(request.param)
+    yield request.param
+    _matvec.set_simd_level(before)
+
+
+def _u8(rng, n_rows, n_cols):
+    w = (rng.standard_normal((n_rows, n_cols)) / np.sqrt(n_cols)).astype(np.float32)
+    qm = quantize_u8(w)
+    return qm, _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)
+
+
+def _sum8(v: np.ndarray) -> float:
+    """A float64 sum in rwkvx_prepare_u8's order: eight lanes over whole steps of eight, the
+    lanes' fixed tree, then the rest in order."""
+    n8 = len(v) // 8 * 8
+    lanes = [float(np.cumsum(v[k:n8:8])[-1]) if n8 else 0.0 for k in range(8)]
+    total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    for value in v[n8:]:
+        total += float(value)
+    return total
+
+
+def int8_model(qm, X: np.ndarray) -> np.ndarray:
+    """The int8 product X @ W.T as _int8.h and _matvec._prepare define it, in numpy: every
+    float operation in float32 or float64 as the C code does it, the dot products in int64."""
+    out = np.empty((X.shape[0], qm.q.shape[0]), np.float32)
+    q = qm.q.astype(np.int64)
+    for t, x in enumerate(X):
+        xr = qm.rx * x
+        amax = np.abs(xr).max()
+        if amax == 0:
+            scale, a = np.float32(0), np.zeros(len(x), np.int64)
+        else:
+            scale = amax / np.float32(127)
+            a = np.clip(np.rint(xr * (np.float32(127) / amax)), -127, 127).astype(np.int64)
+        s_xr = _sum8(xr.astype(np.float64))
+        half_xr = np.float32(0.5 * s_xr + 127.5 * (s_xr - float(scale) * int(a.sum())))
+        s_x = np.float32(_sum8(x.astype(np.float64)))
+        s_mx = np.float32(_sum8(qm.mx.astype(np.float64) * x.astype(np.float64)))
+        raw = (q @ a).astype(np.float32) * scale
+        out[t] = qm.ry * (raw + half_xr) + qm.my * s_x + s_mx
+    return out
+
+
+@pytest.mark.parametrize("n_cols", [1, 2, 3, 7, 17, 31, 33, 64, 65, 127, 1023])
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 5, 17])
+def test_int8_matmul_is_the_exact_integer_model(simd, rng, n_rows, n_cols):
+    qm, lin = _u8(rng, n_rows, n_cols)
+    X = rng.standard_normal((7, n_cols)).astype(np.float32)
+    X[2] *= 50       # a token with a larger scale than the others
+    X[4, : n_cols // 2] = 0
+    got = lin.with_arithmetic("int8").matmul(X, n_threads=2)
+    np.testing.assert_array_equal(got, int8_model(qm, X))
+
+
+def test_int8_wider_than_one_int32_chunk(rng):
+    # 70,000 columns of 255 x -127 overflow int32 (255 * 127 * 70000 > 2^31): the sum goes
+    # through int64 in chunks of 65,536 columns
+    n = 70000
+    qm, lin = _u8(rng, 3, n)
+    q = qm.q.copy()
+    q[0] = 255
+    qm = type(qm)(q, qm.mx, qm.rx, qm.my, qm.ry)
+    lin = _matvec.Linear.u8(q, qm.mx, qm.rx, qm.my, qm.ry).with_arithmetic("int8")
+    X = np.stack([-1 / qm.rx, rng.standard_normal(n).astype(np.float32)]).astype(np.float32)
+    np.testing.assert_array_equal(lin.matmul(X, n_threads=2), int8_model(qm, X))
+
+
+def test_int8_same_bits_for_threads_levels_and_batches(rng):
+    qm, lin = _u8(rng, 130, 200)
+    lin = lin.with_arithmetic("int8")
+    X = rng.standard_normal((13, 200)).astype(np.float32)
+    before = _matvec.simd_level()
+    try:
+        results = []
+        for level in LEVELS:
+            _matvec.set_simd_level(level)
+            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
+    finally:
+        _matvec.set_simd_level(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    full = results[0]
+    # a token's result does not depend on the tokens computed with it
+    for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):
+        np.testing.assert_array_equal(lin.matmul(X[rows]), full[rows])
+
+
+def test_int8_one_token_is_the_float32_product(rng):
+    _, lin = _u8(rng, 33, 100)
+    x = rng.standard_normal((1, 100)).astype(np.float32)
+    np.testing.assert_array_equal(lin.with_arithmetic("int8").matmul(x), lin.matmul(x))
+    np.testing.assert_array_equal(lin.with_arithmetic("int8")(x[0]), lin(x[0]))
+
+
+def test_int8_close_to_float32(rng):
+    # relative RMS error of the products: 0.0080 measured once (256 x 1024, seed 0 of conftest)
+    qm, lin = _u8(rng, 256, 1024)
+    X = rng.standard_normal((16, 1024)).astype(np.float32)
+    exact = lin.matmul(X)
+    err = lin.with_arithmetic("int8").matmul(X) - exact
+    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0080
+
+
+def test_int8_zero_and_nan_inputs(rng):
+    _, lin = _u8(rng, 9, 40)
+    X = np.zeros((2, 40), np.float32)
+    # zero vectors: no rounding error, the float32 product's bits
+    np.testing.assert_array_equal(lin.with_arithmetic("int8").matmul(X), lin.matmul(X))
+    X[1, 3] = np.nan
+    y = lin.with_arithmetic("int8").matmul(X)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+
+
+def test_with_arithmetic_checks(rng):
+    _, lin = _u8(rng, 4, 8)
+    assert lin.arithmetic == "float32" and lin.with_arithmetic("int8").arithmetic == "int8"
+    assert lin.with_arithmetic("int8").with_arithmetic("float32").arithmetic == "float32"
+    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, got 'int4'"):
+        lin.with_arithmetic("int4")
+    with pytest.raises(RwkvxError, match="needs uint8 weights, got float32"):
+        _matvec.Linear.f32(np.ones((2, 3), np.float32)).with_arithmetic("int8")
+
+
+# ---- the model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    return rwkvx.load("demo", "uint8", 2, arithmetic="int8"), rwkvx.load("demo", "uint8", 2)
+
+
+def test_model_int8_prompt_and_batches_deterministic(demo_models):
+    model, _ = demo_models
+    tokens = list(b"The int8 path rounds inputs per token.")
+    logits, state = model.forward(tokens)
+    model.chunk_size = 7
+    try:
+        again, state2 = model.forward(tokens)
+    finally:
+        model.chunk_size = 128
+    np.testing.assert_array_equal(again, logits)
+    np.testing.assert_array_equal(state2, state)
+    prompts = [list(b"alpha beta"), list(b"gamma"), list(b"de")]
+    batch, states = model.forward_batch(prompts)
+    for order in ([0, 1, 2], [2, 0], [1, 2]):
+        part, part_states = model.forward_batch([prompts[i] for i in order])
+        for k, i in enumerate(order):
+            np.testing.assert_array_equal(part[k], batch[i])
+            np.testing.assert_array_equal(part_states[k], states[i])
+    # a step of several sequences: each sequence's result whatever the others are; alone,
+    # its one row is a float32 product
+    step, _ = model.forward_batch([[65], [66]], [states[0], states[1]])
+    step2, _ = model.forward_batch([[67], [65]], [states[2], states[0]])
+    np.testing.assert_array_equal(step[0], step2[1])
+    alone, _ = model.forward_batch([[65]], [states[0]])
+    np.testing.assert_array_equal(alone[0], model.forward([65], states[0])[0])
+
+
+def test_model_int8_close_to_float32_and_decode_is_float32(demo_models):
+    model, reference = demo_models
+    tokens = list(b"def forward(self, tokens, state=None):\n    return")
+    logits, state = model.forward(tokens)
+    ref_logits, ref_state = reference.forward(tokens)
+    p = np.exp(ref_logits - ref_logits.max())
+    p /= p.sum()
+    q = np.exp(logits - logits.max())
+    q /= q.sum()
+    # KL 4.7e-4 nats per token over the demo's held-out text; one position varies more
+    assert float(np.sum(p * np.log(p / q))) < 0.01
+    assert logits.argmax() == ref_logits.argmax()
+    # one token at a time: float32 products, the same bits as arithmetic float32
+    one, _ = model.forward([65], state)
+    np.testing.assert_array_equal(one, reference.forward([65], state)[0])
+    assert "arithmetic='int8'" in repr(model)
+
+
+def test_load_refuses_int8_without_uint8():
+    with pytest.raises(RwkvxError, match="arithmetic int8 needs dtype uint8.*got dtype float32"):
+        rwkvx.load("demo", "float32", arithmetic="int8")
+    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, got 'fp8'"):
+        rwkvx.load("demo", "uint8", arithmetic="fp8")
+
+
+def test_int8_later_architectures(tmp_path):
+    from arch_random import random_checkpoint, write_safetensors
+    for arch in ("v5", "v6", "v7"):
+        path = write_safetensors(tmp_path / f"{arch}.safetensors", random_checkpoint(arch))
+        model = rwkvx.load(path, "uint8", 2, arithmetic="int8")
+        reference = rwkvx.load(path, "uint8", 2)
+        tokens = [1, 5, 9, 2, 7, 3]
+        logits, state = model.forward(tokens)
+        assert np.abs(logits - reference.forward(tokens)[0]).max() < 0.05 * np.abs(logits).max() + 1e-3
+        # the head's product has two rows in both calls (one row would be float32)
+        batch, _ = model.forward_batch([tokens, [4, 4]])
+        batch2, _ = model.forward_batch([[9], tokens])
+        np.testing.assert_array_equal(batch[0], batch2[1])
+
+
+def test_cli_arithmetic(capsys):
+    from rwkvx.run import main
+    assert main(["-m", "demo", "--arithmetic", "int8", "-p", "x", "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rwkvx: error: arithmetic int8 needs dtype uint8 (its products take the uint8 weights as they "
+                   "are), got dtype float32"]
+    assert main(["-m", "demo", "--dtype", "uint8", "--arithmetic", "int8", "-p", "def f(x):", "-n", "4",
+                 "--seed", "1"]) == 0
+    assert "dtype uint8, int8 arithmetic" in capsys.readouterr().err
