@@ -278,7 +278,10 @@ RWKVX_AVX2 static void rwkvx_widen_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdi
  * only the low four bits of each index, so no mask) turns eight nibbles into eight weights
  * -- the values the AVX2 loop computes with a mask, a conversion and a multiply-add, so
  * the results are the same bits, with one multiply-add per eight weights instead of two.
- * Still 256-bit registers, as the other matrix-vector loops (see _simd.h). */
+ * Still 256-bit registers, as the other matrix-vector loops (see _simd.h). Measured on a
+ * 256 x 1024 matrix in cache, one thread of a Zen 4 at 2.6 GHz: AVX2 loop 12.6 Gweights/s,
+ * this one 19.7 (uint8's loop 21.6); the permute and the shift share two pipes there, so
+ * about eight weights a cycle is this loop's ceiling. */
 #define RWKVX_AVX512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 
 /* Whether the CPU has AVX-512VL (set at import by rwkvx_q4_detect). */
