@@ -304,12 +304,13 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def score_rows(ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray,
+def score_rows(ref_logits: Optional[np.ndarray], logits: np.ndarray, targets: np.ndarray,
                result: Comparison) -> None:
-    """Add rows of logits (float32 (n, n_vocab), the next tokens `targets` (n,)) to result."""
+    """Add rows of logits (float32 (n, n_vocab), the next tokens `targets` (n,)) to result,
+    compared with the reference's rows ref_logits (None: the same model)."""
     n, n_vocab = logits.shape
     rows = max(1, _BLOCK_BYTES // (8 * n_vocab))
-    same = ref_logits is logits
+    same = ref_logits is None
     for a in range(0, n, rows):
         lq = _log_softmax(logits[a:a + rows])
         nll = -lq[np.arange(len(lq)), targets[a:a + rows]]
@@ -348,10 +349,10 @@ def compare(reference, model, tokens: Sequence[int], *,
         targets = ids[a + 1:a + 1 + len(piece)]
         ref_logits, ref_state = reference.forward(piece, ref_state, all_logits=True)
         if model is reference:
-            logits = ref_logits
+            score_rows(None, ref_logits[:len(targets)], targets, result)
         else:
             logits, state = model.forward(piece, state, all_logits=True)
-        score_rows(ref_logits[:len(targets)], logits[:len(targets)], targets, result)
+            score_rows(ref_logits[:len(targets)], logits[:len(targets)], targets, result)
     result.loss.n_tokens = len(ids)
     result.loss.n_chunks = 1
     if count_bytes is not None:
