@@ -22,7 +22,9 @@ bits/weight: the bytes of the matrices the format converts (every layer's big ma
 and the head; not the embedding, which stays as stored, nor the float32 vectors and
 low-rank matrices), times 8, over their number of weights.
 
-Formats: every dtype rwkvx.load accepts (rwkvx.loader.DTYPES, the default list), and with
+Formats: every dtype rwkvx.load accepts (rwkvx.loader.DTYPES), and DTYPE:ARITHMETIC for the
+other arithmetics load offers (rwkvx.model.ARITHMETICS: uint8:int8 rounds the inputs of
+products of 2+ rows, which is what this runs, to int8); all of them are the default list. With
 --simulate candidate formats that have no kernel: their weights are quantised and
 dequantised in numpy, and the float32 model runs with the dequantised matrices (the error
 is the format's; the arithmetic is float32's). Simulated specs are
@@ -62,6 +64,7 @@ import rwkvx
 from rwkvx._cli import EXIT_OK, Parser, int_at_least, log, read_text, run_main
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import DTYPES
+from rwkvx.model import ARITHMETICS, check_arithmetic
 from rwkvx.perplexity import PerplexityResult, byte_counter
 from rwkvx.quant import quantize_u8
 from rwkvx.tokenizer import default_tokenizer, load_tokenizer
@@ -385,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", metavar="PATH",
                    help="the text, UTF-8 ('-' for stdin) (default: the demo model's held-out text)")
     p.add_argument("--dtypes", metavar="LIST",
-                   help=f"comma-separated dtypes rwkvx.load accepts, measured as loaded (default: {','.join(DTYPES)}, "
-                        "leaving out any this model cannot be loaded in)")
+                   help="comma-separated dtypes rwkvx.load accepts, DTYPE or DTYPE:ARITHMETIC, measured as "
+                        f"loaded (default: {','.join(_all_dtypes())}, leaving out any this model cannot be "
+                        "loaded in)")
     p.add_argument("--simulate", default="", metavar="LIST",
                    help="comma-separated simulated formats, KIND:GROUP[:SCALE] (see below)")
     p.add_argument("--matrices", metavar="LIST",
@@ -400,11 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _all_dtypes() -> list[str]:
+    """Every dtype, then every dtype:arithmetic load accepts besides float32 arithmetic."""
+    out = list(DTYPES)
+    for arithmetic in ARITHMETICS[1:]:
+        for dtype in DTYPES:
+            try:
+                check_arithmetic(arithmetic, dtype)
+            except RwkvxError:
+                continue
+            out.append(f"{dtype}:{arithmetic}")
+    return out
+
+
 def _formats(args) -> list:
-    dtypes = list(DTYPES) if args.dtypes is None else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = _all_dtypes() if args.dtypes is None else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
-        if d not in DTYPES:
+        dtype, _, arithmetic = d.partition(":")
+        if dtype not in DTYPES:
             raise RwkvxError(f"--dtypes: {d!r} is not a dtype rwkvx.load accepts ({', '.join(DTYPES)})")
+        if arithmetic:
+            try:
+                check_arithmetic(arithmetic, dtype)
+            except RwkvxError as e:
+                raise RwkvxError(f"--dtypes: {d!r}: {e}") from None
     sims = [parse_sim_format(s) for s in args.simulate.split(",") if s.strip()]
     if not dtypes and not sims:
         raise RwkvxError("nothing to measure: --dtypes and --simulate are both empty")
@@ -458,15 +481,17 @@ def _run(args) -> int:
         elif fmt == "float32":
             model, bits, label = reference, bits_per_weight(reference, reference), "float32"
         else:
+            dtype, _, arithmetic = fmt.partition(":")
             try:
-                model = rwkvx.load(args.model, fmt, args.threads)
+                model = rwkvx.load(args.model, dtype, args.threads, arithmetic=arithmetic or "float32")
             except RwkvxError as e:
                 if args.dtypes is not None:
                     raise
                 log(f"{fmt}: left out: {e}")
                 continue
             model.chunk_size = args.batch_size
-            bits, label = bits_per_weight(model, reference), fmt
+            bits = bits_per_weight(model, reference)
+            label = f"{dtype}, {arithmetic} arithmetic" if arithmetic else dtype
         result = compare(reference, model, tokens, count_bytes=count_bytes)
         del model
         log(f"{label}: {time.perf_counter() - start:.1f} s")

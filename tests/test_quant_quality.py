@@ -146,6 +146,22 @@ def test_cli_prints_one_row_per_format(qq, tiny, tmp_path, capsys):
     assert float(u8[1]) > 8 and float(u8[2]) > 0 and f"{len(TEXT) - 1} bytes" in out
 
 
+def test_int8_arithmetic_is_a_format_of_its_own(qq, tiny, tmp_path, capsys):
+    from rwkvx.model import ARITHMETICS
+    if "int8" not in ARITHMETICS:
+        pytest.skip("no int8 arithmetic in this rwkvx")
+    text = tmp_path / "text.txt"
+    text.write_bytes(TEXT)
+    assert qq.main(["-m", str(tiny), "-f", str(text), "--dtypes", "uint8,uint8:int8"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| uint8")]
+    assert [r[0] for r in rows] == ["uint8", "uint8, int8 arithmetic"]
+    # the same weights; the int8-rounded inputs add their own error
+    assert rows[0][1] == rows[1][1] and float(rows[1][2]) > float(rows[0][2]) > 0
+    assert qq.main(["-m", str(tiny), "--dtypes", "float32:int8"]) == 2
+    assert "arithmetic int8 needs dtype uint8" in capsys.readouterr().err
+
+
 def test_a_large_vocabulary_is_scored_in_blocks_and_per_byte(qq, tmp_path, capsys):
     # 50277 tokens: the log-softmax runs on blocks of a few rows; the 20B tokenizer's tokens
     # stand for several bytes each, so KL per byte is below KL per token
