@@ -16,7 +16,9 @@
  * gives the same bits by construction, not by keeping summation orders in step. The sum
  * becomes a float once, (float)sum * s (each rounded to nearest even), and is finished as
  * a float32 uint8 product is: rwkvx_u8_finish's operations in its order (rwkvx_i8_finish1;
- * rwkvx_i8_block4_vnni repeats them on four rows at once in SSE registers).
+ * rwkvx_i8_finish4 repeats them on four rows at once in SSE registers). The sums per token
+ * (scale, and half_xr with a correction for the rounding) come from _prepare in
+ * _matvec.pyx, which also keeps one-token products on the float32 path.
  *
  * Levels: AVX-512 VNNI (with AVX-512BW's masked byte loads for the last columns) at SIMD
  * level 2 where the CPU has it; else AVX2's vpmaddwd on bytes widened to 16 bits at level
