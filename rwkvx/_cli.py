@@ -257,10 +257,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or one of the two packaged with rwkvx: '20B' (20B_tokenizer.json, RWKV-4 Pile/Raven) "
                         "and 'world' (rwkv_vocab_v20230424.txt, World models). Default: tokenizer.json beside "
                         "the model, else by the model's vocabulary: 256 bytes, 50277 20B, 65536 world")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "uint8"),
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "uint8", "q4"),
                    help="format the weights are kept in (arithmetic is float32): float32; bfloat16 (half "
                         "the memory, lossless for BlinkDL's bf16 releases); float16; uint8 (a quarter, "
-                        "quantised at load) (default: %(default)s)")
+                        "quantised at load); q4 (4.3 bits a weight, quantised at load: faster decoding, "
+                        "lower quality) (default: %(default)s)")
     p.add_argument("--arithmetic", default="float32", choices=("float32", "int8"),
                    help="int8 (with --dtype uint8): products round their inputs to int8 per token and sum "
                         "exactly in integers (AVX-512 VNNI where the CPU has it): faster prompts and batches, "

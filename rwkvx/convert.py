@@ -31,12 +31,15 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from rwkvx._cli import EXIT_OK, Parser, run_main
 from rwkvx.errors import RwkvxError
 from rwkvx.hugepages import drop_from_page_cache
-from rwkvx.loader import DTYPES, check_dtype, check_mode, iter_weights, open_checkpoint, plan
-from rwkvx.quant import QuantizedMatrix
-from rwkvx.safetensors_io import FORMAT_NAME, FORMAT_VERSION, QUANT_PARTS, SafetensorsWriter, refuse_to_replace
+from rwkvx.loader import DTYPES, check_dtype, check_mode, iter_weights, matrix_format, open_checkpoint, plan
+from rwkvx.quant import Q4_GROUP, Q4Matrix, QuantizedMatrix
+from rwkvx.safetensors_io import (FORMAT_NAME, FORMAT_VERSION, Q4_PARTS, QUANT_PARTS, SafetensorsWriter,
+                                  refuse_to_replace)
 from rwkvx.states import checkpoint_fingerprint
 from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, Progress, n_elements, printable
 
@@ -89,6 +92,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
                 if isinstance(value, QuantizedMatrix):
                     for part in QUANT_PARTS:
                         writer.write(f"{key}.{part}", getattr(value, part))
+                elif isinstance(value, Q4Matrix):
+                    for part in Q4_PARTS[:-1]:
+                        writer.write(f"{key}.{part}", getattr(value, part))
+                    writer.write(f"{key}.n_cols", np.array([value.n_cols], dtype=np.int64))
                 else:
                     writer.write(key, value)
                 del value
@@ -108,6 +115,14 @@ def _quantized_specs(key: str, shape: tuple[int, int]) -> list[tuple[str, str, t
             (f"{key}.my", "F32", (n_rows,)), (f"{key}.ry", "F32", (n_rows,))]
 
 
+def _q4_specs(key: str, shape: tuple[int, int]) -> list[tuple[str, str, tuple[int, ...]]]:
+    n_rows, n_cols = shape
+    n_groups = -(-n_cols // Q4_GROUP)
+    return [(f"{key}.q4", "U8", (n_rows, 32 * n_groups)), (f"{key}.sd", "U8", (n_rows, n_groups)),
+            (f"{key}.sm", "I8", (n_rows, n_groups)), (f"{key}.D", "F16", (n_rows,)), (f"{key}.M", "F16", (n_rows,)),
+            (f"{key}.n_cols", "I64", (1,))]
+
+
 def _layout_v4(source, dtype: str, check: str):
     """RWKV-4: (specs, metadata, (key, value, source bytes) in order, total bytes)."""
     the_plan = plan(source)
@@ -120,8 +135,10 @@ def _layout_v4(source, dtype: str, check: str):
             specs.append((key, tensor.dtype if tensor.dtype in ("F32", "F16", "BF16") else "F32", shape))
         elif kind == "vector":
             specs.append((key, "F32", (the_plan.n_embd,)))
-        elif dtype == "uint8":
+        elif matrix_format(dtype, key) == "uint8":
             specs += _quantized_specs(key, shape)
+        elif dtype == "q4":
+            specs += _q4_specs(key, shape)
         else:
             specs.append((key, RUN_STORED[dtype], shape))
     metadata = {"architecture": "RWKV-4", "n_layer": str(the_plan.n_layer), "n_embd": str(the_plan.n_embd),
@@ -141,6 +158,8 @@ def _layout_next(source, arch, dtype: str, check: str):
     for key, value in converted_tensors(source, arch, dtype, shapes_only=True):
         if isinstance(value, Planned) and value.dtype == "uint8":
             specs += _quantized_specs(key, value.shape)
+        elif isinstance(value, Planned) and value.dtype == "q4":
+            specs += _q4_specs(key, value.shape)
         elif isinstance(value, Planned):
             specs.append((key, value.dtype, value.shape))
         else:
@@ -158,8 +177,6 @@ def _layout_next(source, arch, dtype: str, check: str):
 
 
 def _nbytes(value) -> int:
-    if isinstance(value, QuantizedMatrix):
-        return sum(getattr(value, part).nbytes for part in QUANT_PARTS)
     return value.nbytes
 
 

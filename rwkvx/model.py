@@ -305,7 +305,8 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     "demo" for the small model packaged with rwkvx.
     dtype: the format weight matrices are kept and read in, all computed in float32:
     "float32"; "bfloat16" (half the bytes, exact for BlinkDL's bf16 releases); "float16";
-    or "uint8" (a quarter, quantised at load). The embedding stays as stored.
+    "uint8" (a quarter, quantised at load); or "q4" (4.25 bits a weight in groups of 64,
+    the head uint8; quantised at load; see rwkvx.quant). The embedding stays as stored.
     threads: kernel threads; None follows OMP_NUM_THREADS (else one per core).
     mmap: weights the file stores in `dtype` are used in place from the mapped file
     (shared with the page cache, paged in as first read). False reads them into private

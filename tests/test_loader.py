@@ -206,7 +206,7 @@ def test_later_rwkv_generations_are_named(tmp_path, key, name):
 
 
 def test_unknown_dtype_argument(tiny_path):
-    with pytest.raises(RwkvxError, match="dtype: expected one of float32, bfloat16, float16, uint8, got 'int4'"):
+    with pytest.raises(RwkvxError, match="dtype: expected one of float32, bfloat16, float16, uint8, q4, got 'int4'"):
         rwkvx.load(tiny_path, dtype="int4")
 
 

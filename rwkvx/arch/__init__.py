@@ -33,16 +33,13 @@ def recognise_path(path: str | os.PathLike):
     return recognise(source), source
 
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
-
-
 def describe(path: str | os.PathLike) -> str | None:
     """What `python -m rwkvx.run --info` prints for an RWKV-5.2/6/7 checkpoint (headers only),
     or None for any other file."""
     from rwkvx.arch.common import big_keys
-    from rwkvx.loader import DTYPES, FORMAT_NAMES, dtype_summary, size_text, stored_as_run
+    from rwkvx.loader import DTYPES, FORMAT_NAMES, dtype_summary, held_nbytes, matrix_format, size_text, stored_as_run
     from rwkvx.safetensors_io import FORMAT_NAME
-    from rwkvx.tensorfile import QuantizedTensor
+    from rwkvx.tensorfile import Q4Tensor, QuantizedTensor
     arch, source = recognise_path(path)
     if arch is None:
         return None
@@ -79,17 +76,23 @@ def describe(path: str | os.PathLike) -> str | None:
         f"({small_elements / 1e6:.2f}M values), in every dtype; state {n_layer} x {2 + head_size} x {n_embd} float32",
         "memory by --dtype (weights held):",
     ]
-    quantized = bool(big) and all(isinstance(t, QuantizedTensor) for t in big)
+    big_keyed = [(k, t) for k, t in source.tensors.items() if k in big_names]
     for dtype in DTYPES:
-        if quantized and dtype != "uint8":
-            lines.append(f"  {dtype:<9}  -          not loadable: the file holds uint8 weights")
+        formats = {k: matrix_format(dtype, k) for k, _ in big_keyed}
+        # a file of quantised matrices loads only in the formats it holds
+        held = [t for k, t in big_keyed if isinstance(t, (QuantizedTensor, Q4Tensor))
+                and ("q4" if isinstance(t, Q4Tensor) else "uint8") != formats[k]]
+        if held:
+            kind = "q4" if isinstance(held[0], Q4Tensor) else "uint8"
+            lines.append(f"  {dtype:<9}  -          not loadable: the file holds {kind} weights")
             continue
-        rows_cols = sum(sum(t.shape) for t in big)
-        nbytes = small_elements * 4 + emb_bytes + big_elements * _ITEMSIZE[dtype] + \
-            (8 * rows_cols if dtype == "uint8" else 0)
-        if big and all(stored_as_run(t, dtype) for t in big):
+        big_bytes = sum(held_nbytes(tuple(t.shape), formats[k]) for k, t in big_keyed)
+        nbytes = small_elements * 4 + emb_bytes + big_bytes
+        if big and all(stored_as_run(t, formats[k]) for k, t in big_keyed):
             how = "mapped from the file, no copy"
         else:
-            how = "quantised at load" if dtype == "uint8" else "converted at load"
+            how = "quantised at load" if dtype in ("uint8", "q4") else "converted at load"
+        if dtype == "q4":
+            how += f" ({8 * big_bytes / max(1, big_elements):.2f} bits/weight, head uint8)"
         lines.append(f"  {dtype:<9}  {size_text(nbytes):>9}  {how}")
     return "\n".join(lines)

@@ -22,8 +22,8 @@ import numpy as np
 from rwkvx import reference
 from rwkvx._matvec import Linear
 from rwkvx.hugepages import Arena
-from rwkvx.loader import check_finite, read_embedding, read_matrix, stored_as_run
-from rwkvx.quant import QuantizedMatrix
+from rwkvx.loader import check_finite, matrix_format, read_embedding, read_matrix, run_nbytes, stored_as_run
+from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.safetensors_io import FORMAT_NAME
 from rwkvx.tensorfile import RUN_STORED, Tensor, TensorSource, fail
 from rwkvx.weights import ModelWeights, to_float32
@@ -35,7 +35,7 @@ LAYER_NORM_EPS = 1e-5
 # eps = 64e-5 on the undivided x (ChatRWKV's and rwkv.cpp's v6/v7 value)
 GROUP_NORM_EPS = 64e-5
 
-RUN_DTYPES = ("float32", "bfloat16", "float16", "uint8")
+RUN_DTYPES = ("float32", "bfloat16", "float16", "uint8", "q4")
 
 
 # ---- the math both the reference and the runtime use (any float dtype, last axis) ----
@@ -201,7 +201,8 @@ class Reader:
         if tensor is None:
             return np.zeros(shape, np.float32)
         if self.shapes_only:
-            return Planned(shape, "uint8" if self.dtype == "uint8" else RUN_STORED[self.dtype])
+            fmt = matrix_format(self.dtype, key)
+            return Planned(shape, fmt if fmt in ("uint8", "q4") else RUN_STORED[fmt])
         return read_matrix(self.source, key, tensor, self.dtype, self.arena, self.copy_mapped, self.check_mode)
 
     def embedding(self, key: str, shape: tuple[int, int]) -> np.ndarray:
@@ -263,12 +264,12 @@ def arena_nbytes(source: TensorSource, arch, dtype: str, n_layer: int, copy_mapp
     to a cache line (a file's tensor may become several arrays: v7's packed mixes, so a few
     lines spare per tensor)."""
     big = big_keys(arch, n_layer)
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}[dtype]
     total = 0
     for key, tensor in source.tensors.items():
         if key in big:
-            if copy_mapped or not stored_as_run(tensor, dtype):
-                total += Arena.arena_nbytes(tensor.size * itemsize)
+            fmt = matrix_format(dtype, key)
+            if copy_mapped or not stored_as_run(tensor, fmt):
+                total += run_nbytes(tuple(tensor.shape), fmt, padded=True)
         elif key != "emb.weight":
             total += Arena.arena_nbytes(tensor.size * 4) + 8 * 64
     return total
@@ -347,6 +348,8 @@ def linear(m, arithmetic: str = "float32") -> Linear:
     arithmetic "int8" applies to uint8 matrices (the float32 low-rank ones are unchanged)."""
     if isinstance(m, QuantizedMatrix):
         return Linear.u8(m.q, m.mx, m.rx, m.my, m.ry).with_arithmetic(arithmetic)
+    if isinstance(m, Q4Matrix):
+        return Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
     if m.dtype == np.uint16:
         return Linear.bf16(m)
     if m.dtype == np.float16:
