@@ -1,6 +1,6 @@
 """llama-bench for rwkvx: prompt, decode and batched-decode speed per dtype, against the roofline.
 
-    PYTHONPATH=. python scripts/bench.py --shape 430M [--arch v7] [--dtypes float32,bfloat16,float16,uint8]
+    PYTHONPATH=. python scripts/bench.py --shape 430M [--arch v7] [--dtypes float32,bfloat16,float16,uint8,q4]
         [--threads 2 | --threads 4 --thread-sweep] [--pp 256] [--tg 32] [--batch 8] [--runs 5]
         [--chunk-size N] [--numpy-chunk-size N] [--no-baseline] [--no-mmap] [--schedule auto]
     PYTHONPATH=. python scripts/bench.py --model RWKV-4-Pile-430M.safetensors ...
@@ -66,9 +66,9 @@ PUBLIC_SHAPES = ("169M", "430M", "1.5B", "7B")
 # the architecture a shape's random weights have when --arch is not given: models of 7B
 # are run as RWKV-7 (BlinkDL's "G1" 7B is 32 x 4096); the smaller shapes stay RWKV-4
 DEFAULT_ARCH = {"7B": "v7"}
-DTYPES = ("float32", "bfloat16", "float16", "uint8")
+DTYPES = ("float32", "bfloat16", "float16", "uint8", "q4")
 # weight bytes per parameter held by a child of each dtype, for the memory estimate
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "uint8": 1.2}
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "uint8": 1.2, "q4": 0.7}
 CHILD_OVERHEAD = 300e6
 WARMUP_TOKENS = 4
 # OpenBLAS workers spin ~0.1 s and OpenMP workers a few ms after a call before sleeping;
@@ -80,6 +80,7 @@ BANDWIDTH_PASSES = 3
 # the issue's targets (430M, 2 threads)
 TARGET_BW_FRACTION = 0.90
 TARGET_U8_VS_F32 = 0.35
+TARGET_Q4_VS_U8 = 0.55
 TARGET_PP_VS_NUMPY = 0.9
 TARGET_PP_TOKENS_S = 120.0
 TARGET_BATCH_VS_TG = 4.0
@@ -643,6 +644,13 @@ def target_lines(rows: list[dict], bw: dict, args, shape_name: str | None) -> li
         ratio = rwkvx["uint8"]["tg_ms_per_token"] / rwkvx["float32"]["tg_ms_per_token"]
         lines.append(_target("uint8 tg time / float32 tg time", f"{ratio:.3f}", f"≤ {TARGET_U8_VS_F32}",
                              ratio <= TARGET_U8_VS_F32))
+    if "q4" in rwkvx and "uint8" in rwkvx:
+        ratio = rwkvx["q4"]["tg_ms_per_token"] / rwkvx["uint8"]["tg_ms_per_token"]
+        lines.append(_target("q4 tg time / uint8 tg time", f"{ratio:.3f}", f"≤ {TARGET_Q4_VS_U8}",
+                             ratio <= TARGET_Q4_VS_U8))
+        for kind in ("pp_tokens_s", "batch_tokens_s"):
+            ratio = rwkvx["q4"][kind] / rwkvx["uint8"][kind]
+            lines.append(_target(f"q4 {kind.split('_')[0]} tokens/s / uint8's", f"{ratio:.3f}", "≥ 1", ratio >= 1))
     if numpy_row is not None and "float32" in rwkvx:
         ratio = rwkvx["float32"]["pp_tokens_s"] / numpy_row["pp_tokens_s"]
         lines.append(_target(f"float32 pp / numpy GEMM pp ({args.pp} tokens)", f"{ratio:.3f}",
