@@ -83,7 +83,8 @@ def describe(path: str | os.PathLike) -> str | None:
         held = [t for k, t in big_keyed if isinstance(t, (QuantizedTensor, Q4Tensor))
                 and ("q4" if isinstance(t, Q4Tensor) else "uint8") != formats[k]]
         if held:
-            kind = "q4" if isinstance(held[0], Q4Tensor) else "uint8"
+            # name the file's main format (a q4 file keeps its head in uint8)
+            kind = "q4" if any(isinstance(t, Q4Tensor) for _, t in big_keyed) else "uint8"
             lines.append(f"  {dtype:<9}  -          not loadable: the file holds {kind} weights")
             continue
         big_bytes = sum(held_nbytes(tuple(t.shape), formats[k]) for k, t in big_keyed)
