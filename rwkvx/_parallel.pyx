@@ -384,16 +384,17 @@ cdef int team_size(int n_threads) noexcept nogil:
     cdef double now = rwkvx_monotonic()
     # the counter costs a system call: read it only when a window closes
     cdef long preempted = _governor.preempted_start, runnable = -1, others = -1, own
+    cdef bint hot
     if _governor.window_start < 0 or now - _governor.window_start >= GOVERNOR_WINDOW_S:
         preempted = rwkvx_preemptions()
-        if _governor.limit < n_threads:
+        hot = _governor.window_start >= 0 and preempted >= 0 and \
+            _hot(&_governor, now - _governor.window_start, preempted - _governor.preempted_start)
+        if hot or _governor.limit < n_threads:
             runnable = rwkvx_runnable()
-        if _governor.window_start >= 0 and preempted >= 0 and \
-                _hot(&_governor, now - _governor.window_start, preempted - _governor.preempted_start):
+        if hot and runnable >= 0:
             # a hot window (rare on an idle machine): is anyone else runnable right now?
-            runnable = rwkvx_runnable()
             own = rwkvx_own_runnable()
-            if runnable >= 0 and own >= 0:
+            if own >= 0:
                 others = max(0, runnable - own)
     return _governor_step(&_governor, n_threads, now, preempted, runnable, others)
 
