@@ -145,35 +145,39 @@ def _read_rwkvx_layout(source: TensorSource) -> None:
     source.decay_is_transformed = True
     for name in [n for n in source.tensors if n.endswith(".q")]:
         base = name[:-2]
-        parts = {p: source.tensors.get(f"{base}.{p}") for p in QUANT_PARTS}
-        missing = [p for p, t in parts.items() if t is None]
-        if missing:
-            raise fail(path, f"uint8 matrix {printable(base, 120)}: missing "
-                             f"{', '.join(printable(base, 120) + '.' + p for p in missing)}")
+        parts = _matrix_parts(path, source, base, "uint8", QUANT_PARTS)
         q = parts["q"]
         n_rows, n_cols = q.shape if len(q.shape) == 2 else (-1, -1)
-        expected = {"q": ("U8", (n_rows, n_cols)), "mx": ("F32", (n_cols,)), "rx": ("F32", (n_cols,)),
-                    "my": ("F32", (n_rows,)), "ry": ("F32", (n_rows,))}
-        for p, (dtype, shape) in expected.items():
-            if (parts[p].dtype, parts[p].shape) != (dtype, shape):
-                raise fail(path, f"{printable(base, 120)}.{p}: expected {list(shape)} {dtype}, "
-                                 f"got {list(parts[p].shape)} {parts[p].dtype}")
-        for p in QUANT_PARTS:
-            del source.tensors[f"{base}.{p}"]
+        _check_parts(path, base, parts, {"q": ("U8", (n_rows, n_cols)), "mx": ("F32", (n_cols,)),
+                                         "rx": ("F32", (n_cols,)), "my": ("F32", (n_rows,)),
+                                         "ry": ("F32", (n_rows,))})
         source.tensors[base] = QuantizedTensor(base, parts)
     for name in [n for n in source.tensors if n.endswith(".q4")]:
         base = name[:-3]
-        source.tensors[base] = _q4_tensor(path, source, base)
-        for p in Q4_PARTS:
-            del source.tensors[f"{base}.{p}"]
+        source.tensors[base] = _q4_tensor(path, _matrix_parts(path, source, base, "q4", Q4_PARTS), base)
 
 
-def _q4_tensor(path: str, source: TensorSource, base: str) -> Q4Tensor:
-    parts = {p: source.tensors.get(f"{base}.{p}") for p in Q4_PARTS}
+def _matrix_parts(path: str, source: TensorSource, base: str, kind: str, names) -> dict:
+    """A quantised matrix's stored parts BASE.NAME, taken out of source.tensors (all or none)."""
+    parts = {p: source.tensors.get(f"{base}.{p}") for p in names}
     missing = [p for p, t in parts.items() if t is None]
     if missing:
-        raise fail(path, f"q4 matrix {printable(base, 120)}: missing "
+        raise fail(path, f"{kind} matrix {printable(base, 120)}: missing "
                          f"{', '.join(printable(base, 120) + '.' + p for p in missing)}")
+    for p in names:
+        del source.tensors[f"{base}.{p}"]
+    return parts
+
+
+def _check_parts(path: str, base: str, parts: dict, expected: dict) -> None:
+    """Each part's stored dtype and shape against expected {part: (dtype, shape)}."""
+    for p, (dtype, shape) in expected.items():
+        if (parts[p].dtype, parts[p].shape) != (dtype, shape):
+            raise fail(path, f"{printable(base, 120)}.{p}: expected {list(shape)} {dtype}, "
+                             f"got {list(parts[p].shape)} {parts[p].dtype}")
+
+
+def _q4_tensor(path: str, parts: dict, base: str) -> Q4Tensor:
     size = parts["n_cols"]
     if (size.dtype, size.shape) != ("I64", (1,)):
         raise fail(path, f"{printable(base, 120)}.n_cols: expected [1] I64, got {list(size.shape)} {size.dtype}")
@@ -183,12 +187,9 @@ def _q4_tensor(path: str, source: TensorSource, base: str) -> Q4Tensor:
     n_groups = (n_cols + 63) // 64
     if n_cols < 1 or n_rows < 1:
         raise fail(path, f"{printable(base, 120)}: a q4 matrix of {n_rows} rows and {n_cols} columns")
-    expected = {"q4": ("U8", (n_rows, 32 * n_groups)), "sd": ("U8", (n_rows, n_groups)),
-                "sm": ("I8", (n_rows, n_groups)), "D": ("F16", (n_rows,)), "M": ("F16", (n_rows,))}
-    for p, (dtype, shape) in expected.items():
-        if (parts[p].dtype, parts[p].shape) != (dtype, shape):
-            raise fail(path, f"{printable(base, 120)}.{p}: expected {list(shape)} {dtype}, "
-                             f"got {list(parts[p].shape)} {parts[p].dtype}")
+    _check_parts(path, base, parts, {"q4": ("U8", (n_rows, 32 * n_groups)), "sd": ("U8", (n_rows, n_groups)),
+                                     "sm": ("I8", (n_rows, n_groups)), "D": ("F16", (n_rows,)),
+                                     "M": ("F16", (n_rows,))})
     del parts["n_cols"]
     return Q4Tensor(base, parts, n_cols)
 

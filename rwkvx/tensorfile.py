@@ -266,17 +266,16 @@ class Tensor:
         return out
 
 
-class QuantizedTensor:
-    """A uint8 matrix of an rwkvx file: five stored tensors q, mx, rx, my, ry (see quant.py)."""
+class _StoredParts:
+    """A quantised matrix kept in a file as several stored tensors (parts)."""
 
-    dtype = "RWKVX_U8"
     strides = None
 
-    def __init__(self, name: str, parts: dict[str, Tensor]):
+    def __init__(self, name: str, parts: dict[str, Tensor], shape: tuple[int, ...]):
         self.name = name
         self.parts = parts
-        self.shape = parts["q"].shape
-        self.file = parts["q"].file
+        self.shape = shape
+        self.file = next(iter(parts.values())).file
 
     @property
     def size(self) -> int:
@@ -286,48 +285,43 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.parts.values())
 
-    def view(self) -> QuantizedMatrix:
+    def _viewed_parts(self) -> dict:
         # a part the mapping cannot view (misaligned) is read instead
         parts = {}
         for k, t in self.parts.items():
             v = t.view()
             parts[k] = v if v is not None else t.read()
-        return QuantizedMatrix(**parts)
+        return parts
+
+
+class QuantizedTensor(_StoredParts):
+    """A uint8 matrix of an rwkvx file: five stored tensors q, mx, rx, my, ry (see quant.py)."""
+
+    dtype = "RWKVX_U8"
+
+    def __init__(self, name: str, parts: dict[str, Tensor]):
+        super().__init__(name, parts, parts["q"].shape)
+
+    def view(self) -> QuantizedMatrix:
+        return QuantizedMatrix(**self._viewed_parts())
 
     def read(self, q_out: Optional[np.ndarray] = None) -> QuantizedMatrix:
         """A private copy (q into `q_out`, if given)."""
         return QuantizedMatrix(**{k: t.read(out=q_out if k == "q" else None) for k, t in self.parts.items()})
 
 
-class Q4Tensor:
+class Q4Tensor(_StoredParts):
     """A q4 matrix of an rwkvx file: stored tensors q4, sd, sm, D, M, and n_cols (one int64:
     the packed nibbles are padded to whole groups of 64 columns; see quant.Q4Matrix)."""
 
     dtype = "RWKVX_Q4"
-    strides = None
 
     def __init__(self, name: str, parts: dict[str, Tensor], n_cols: int):
-        self.name = name
-        self.parts = parts
+        super().__init__(name, parts, (parts["q4"].shape[0], n_cols))
         self.n_cols = n_cols
-        self.shape = (parts["q4"].shape[0], n_cols)
-        self.file = parts["q4"].file
-
-    @property
-    def size(self) -> int:
-        return n_elements(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.parts.values())
 
     def view(self) -> Q4Matrix:
-        # a part the mapping cannot view (misaligned) is read instead
-        parts = {}
-        for k, t in self.parts.items():
-            v = t.view()
-            parts[k] = v if v is not None else t.read()
-        return Q4Matrix(**parts, n_cols=self.n_cols)
+        return Q4Matrix(**self._viewed_parts(), n_cols=self.n_cols)
 
     def read(self) -> Q4Matrix:
         """A private copy."""
