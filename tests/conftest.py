@@ -6,7 +6,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rwkvx import _matvec
 from rwkvx.testing import random_tensors, write_safetensors
+
+# every instruction set this CPU has: each must be right on its own
+SIMD_LEVELS = list(range(_matvec.best_simd_level() + 1))
+SIMD_LEVEL_NAMES = ["portable", "avx2", "avx512"]
+
+
+@pytest.fixture(params=SIMD_LEVELS, ids=lambda level: SIMD_LEVEL_NAMES[level])
+def simd(request):
+    """Run the test at each SIMD level (set_simd_level), restoring the level after."""
+    before = _matvec.simd_level()
+    _matvec.set_simd_level(request.param)
+    yield request.param
+    _matvec.set_simd_level(before)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_MODEL = SHARED / "models" / "tiny-rwkv-660K-FP32.bin"

@@ -9,15 +9,9 @@ from rwkvx import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 
-LEVELS = list(range(_matvec.best_simd_level() + 1))
+from conftest import SIMD_LEVELS
 
-
-@pytest.fixture(params=LEVELS, ids=lambda level: ["portable", "avx2", "avx512"][level])
-def simd(request):
-    before = _matvec.simd_level()
-    _matvec.set_simd_level(request.param)
-    yield request.param
-    _matvec.set_simd_level(before)
+LEVELS = SIMD_LEVELS
 
 
 def _u8(rng, n_rows, n_cols):

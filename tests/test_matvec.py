@@ -10,19 +10,11 @@ from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 from rwkvx.weights import to_bfloat16, to_float32
 
+from conftest import SIMD_LEVELS
+
 SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
-# every instruction set this CPU has: each must be right on its own
-LEVELS = list(range(_matvec.best_simd_level() + 1))
+LEVELS = SIMD_LEVELS
 DEFAULT_LEVEL = _matvec.simd_level()
-LEVEL_NAMES = ["portable", "avx2", "avx512"]
-
-
-@pytest.fixture(params=LEVELS, ids=lambda level: LEVEL_NAMES[level])
-def simd(request):
-    before = _matvec.simd_level()
-    _matvec.set_simd_level(request.param)
-    yield request.param
-    _matvec.set_simd_level(before)
 
 
 def test_default_level_is_the_best_the_cpu_has():

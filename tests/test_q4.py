@@ -22,19 +22,10 @@ from rwkvx.quant import Q4_GROUP, Q4Matrix, QuantizedMatrix, quantize_q4
 from rwkvx.reference import Reference
 from rwkvx.weights import MATRIX_NAMES
 
-from conftest import save_random_model
+from conftest import SIMD_LEVELS, save_random_model
 
 SIZES = [1, 2, 3, 7, 17, 31, 33, 64, 127, 1023]
-LEVELS = list(range(_matvec.best_simd_level() + 1))
-LEVEL_NAMES = ["portable", "avx2", "avx512"]
-
-
-@pytest.fixture(params=LEVELS, ids=lambda level: LEVEL_NAMES[level])
-def simd(request):
-    before = _matvec.simd_level()
-    _matvec.set_simd_level(request.param)
-    yield request.param
-    _matvec.set_simd_level(before)
+LEVELS = SIMD_LEVELS
 
 
 def _weights(rng, n_rows, n_cols):
