@@ -485,15 +485,20 @@ def count_params(path: str) -> int:
     return os.path.getsize(path) // 2
 
 
-def mem_available() -> float | None:
+def meminfo(field: str = "MemAvailable") -> float | None:
+    """Bytes of a /proc/meminfo field (MemAvailable, MemTotal, ...), or None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def mem_available() -> float | None:
+    return meminfo("MemAvailable")
 
 
 def plan_schedule(args, n_params: int) -> tuple[str, str]:

@@ -50,7 +50,8 @@ from rwkvx.hugepages import drop_from_page_cache
 
 # scripts/ is first on sys.path when a script runs
 from _args import cpu_name, positive_int
-from bench import DEFAULT_ARCH, PUBLIC_SHAPES, SHAPES, _shape, mem_available, random_weights, write_checkpoint
+from bench import (DEFAULT_ARCH, PUBLIC_SHAPES, SHAPES, _shape, mem_available, meminfo, random_weights,
+                   write_checkpoint)
 
 PROTOCOL = "@@bench_big "
 GB = 1e9
@@ -400,20 +401,9 @@ def run(args) -> int:
     return 0
 
 
-def _mem_total() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def report(args, label: str, n_params: int, writer: dict | None, rows: list[dict]) -> None:
     ran = next((r for r in rows if "tg_ms_per_token" in r), None)
-    total = _mem_total()
+    total = meminfo("MemTotal")
     print(f"# rwkvx bench_big: {label}, {n_params / 1e9:.2f} B parameters")
     if ran is not None:
         print(f"rwkvx {ran['rwkvx']} (OpenMP {'on' if ran['openmp'] else 'OFF: serial build'}, SIMD level "
