@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MOD_NAMES = ["rwkvx._parallel", "rwkvx._matvec", "rwkvx._layer", "rwkvx._wkv", "rwkvx._group"]
+MOD_NAMES = ["rwkvx._parallel", "rwkvx._matvec", "rwkvx._layer", "rwkvx._wkv", "rwkvx._group", "rwkvx._step"]
 
 COMPILER_DIRECTIVES = {
     "language_level": 3,

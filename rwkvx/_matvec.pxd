@@ -36,6 +36,10 @@ cdef struct U8Sums:
     float mx
     float scale     # int8 arithmetic only (see _prepare_i8)
 
+# the most products _matvec_jobs fuses
+cdef enum:
+    MAX_JOBS = 8
+
 # One matrix-vector product of a fused group: out (n_rows,) = m @ x (n_cols,)
 cdef struct MatvecJob:
     float* out
@@ -46,7 +50,7 @@ cdef struct MatvecJob:
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil
 
-# Up to 4 independent products in one parallel loop (one barrier instead of several);
+# Up to MAX_JOBS independent products in one parallel loop (one barrier instead of several);
 # scratch: the jobs' n_cols summed. Each result is bit-identical to _matvec's.
 cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil
 

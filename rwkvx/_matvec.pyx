@@ -228,15 +228,42 @@ cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
         _rows(out, m, xin, &sums, block)
 
 
+cdef inline double _bytes_per_weight(const Matrix* m) noexcept nogil:
+    if m.kind == MATRIX_F32:
+        return 4.0
+    if m.kind == MATRIX_U8:
+        return 1.0
+    if m.kind == MATRIX_Q4:
+        return 0.55    # 4.25 bits and the row scales
+    return 2.0
+
+
+cdef inline Py_ssize_t _block_at(double target, const double* cost, const Py_ssize_t* first,
+                                 int n_jobs) noexcept nogil:
+    # the first block whose weights start at or after `target` bytes into the group
+    cdef int k = 0
+    cdef Py_ssize_t block
+    while k < n_jobs - 1 and target >= cost[k + 1]:
+        k += 1
+    if cost[k + 1] <= cost[k]:
+        return first[k + 1]
+    block = first[k] + <Py_ssize_t>((target - cost[k]) / (cost[k + 1] - cost[k]) * (first[k + 1] - first[k]) + 0.5)
+    return min(max(block, first[k]), first[k + 1])
+
+
 cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil:
     # the blocks of all jobs form one index space, so no thread waits at a barrier between
-    # the products of a fused group
-    cdef U8Sums sums[4]
-    cdef const float* xin[4]
-    cdef Py_ssize_t first[5]
-    cdef Py_ssize_t block, local
-    cdef int k, job
+    # the products of a fused group; each thread takes a contiguous run of blocks holding an
+    # equal share of the group's weight bytes (a group may mix a uint8 projection with float32
+    # low-rank matrices: equal numbers of blocks would give one thread far more to read)
+    cdef U8Sums sums[MAX_JOBS]
+    cdef const float* xin[MAX_JOBS]
+    cdef Py_ssize_t first[MAX_JOBS + 1]
+    cdef double cost[MAX_JOBS + 1]
+    cdef Py_ssize_t block, local, lo, hi
+    cdef int k, job, tid
     first[0] = 0
+    cost[0] = 0.0
     for k in range(n_jobs):
         xin[k] = jobs[k].x
         if jobs[k].m.kind == MATRIX_U8:
@@ -244,12 +271,19 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
             xin[k] = scratch
             scratch += jobs[k].m.n_cols
         first[k + 1] = first[k] + (jobs[k].m.n_rows + 3) // 4
-    for block in prange(first[n_jobs], schedule="static", num_threads=n_threads):
+        cost[k + 1] = cost[k] + <double>jobs[k].m.n_rows * jobs[k].m.n_cols * _bytes_per_weight(jobs[k].m)
+    if n_threads > first[n_jobs]:
+        n_threads = <int>first[n_jobs]
+    for tid in prange(n_threads, schedule="static", num_threads=n_threads):
+        lo = _block_at(cost[n_jobs] * tid / n_threads, cost, first, n_jobs)
+        hi = first[n_jobs] if tid == n_threads - 1 else \
+            _block_at(cost[n_jobs] * (tid + 1) / n_threads, cost, first, n_jobs)
         job = 0
-        while block >= first[job + 1]:
-            job = job + 1
-        local = block - first[job]
-        _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
+        for block in range(lo, hi):
+            while block >= first[job + 1]:
+                job = job + 1
+            local = block - first[job]
+            _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
 
 
 cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple arrays):

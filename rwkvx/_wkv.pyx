@@ -12,7 +12,7 @@ state S is the (H, N, N) block of its layer state (rows WKV.. of rwkvx.arch.comm
 in place.
 """
 from cython.parallel import prange
-from libc.math cimport expf, sqrt
+from libc.math cimport expf, sqrt, tanhf
 from libc.stdlib cimport free, malloc
 from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 
@@ -263,6 +263,24 @@ def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1
 
 cdef inline float _sigmoid(float x) noexcept nogil:
     return 1.0 / (1.0 + expf(-x))
+
+
+cdef void _lora_act(Py_ssize_t n_tanh, float* t, Py_ssize_t n_sigmoid, float* s) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n_tanh):
+        t[i] = tanhf(t[i])
+    for i in range(n_sigmoid):
+        s[i] = _sigmoid(s[i])
+
+
+def lora_act(float[:, ::1] t, float[:, ::1] s):
+    """RWKV-7's low-rank activations in place: t = tanh(t) (the decay's), s = sigmoid(s) (the
+    gate's); in C so that one token (rwkvx._step) and many get the same bits."""
+    with nogil:
+        if t.shape[0] and t.shape[1]:
+            _lora_act(t.shape[0] * t.shape[1], &t[0, 0], 0, NULL)
+        if s.shape[0] and s.shape[1]:
+            _lora_act(0, NULL, s.shape[0] * s.shape[1], &s[0, 0])
 
 
 cdef void _v7_prepare_row(Py_ssize_t t, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v,

@@ -172,12 +172,20 @@ class Layer:
         self.r_k = p["att_r_k"].reshape(-1)
         self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
         self.ffn_mix = p["ffn_x_k"].reshape(1, -1)
+        from rwkvx._step import V7Step
+        self.step = V7Step(p, self.lin, self.mixes, n_head, DECAY_SCALE, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, v_first, n):
-        from rwkvx._wkv import mix_rows, v7_prepare, wkv7
+        from rwkvx._wkv import lora_act, mix_rows, v7_prepare, wkv7
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
+        if T == 1:
+            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            if v_first is None:
+                v_first = np.empty((1, C), np.float32)
+            self.step(X[0], states[0], states.sources[0], v_first[0], n)
+            return v_first
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         mixed = np.empty((6, T, C), np.float32)
         mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed, n)
@@ -187,7 +195,8 @@ class Layer:
         r, k, v, w, a, g, *mv = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
                                           (L["att_w1"], xw), (L["att_a1"], xa), (L["att_g1"], xg)]
                                          + ([] if layer0 else [(L["att_v1"], xv)]), n)
-        w, a, g, *mv = products([(L["att_w2"], np.tanh(w)), (L["att_a2"], a), (L["att_g2"], sigmoid(g))]
+        lora_act(w, g)  # tanh, sigmoid
+        w, a, g, *mv = products([(L["att_w2"], w), (L["att_a2"], a), (L["att_g2"], g)]
                                 + ([] if layer0 else [(L["att_v2"], mv[0])]), n)
         # decay, in-context rate, removal key, key and value residual (in place)
         kk, b = np.empty((T, C), np.float32), np.empty((T, C), np.float32)
