@@ -165,6 +165,29 @@ RWKVX_EW_INLINE void rwkvx_relu_square_loop(float *RWKVX_RESTRICT x, ptrdiff_t n
     }
 }
 
+/* RWKV-7's per-channel inputs to its recurrence (rwkvx/_wkv.pyx's v7_prepare), kk already
+ * normalised per head: a = sigmoid(a0 + a_lora); w = exp(-decay_scale * sigmoid(w0 + w));
+ * b = kk a; k = k (1 + (a - 1) k_a); v = v + (v_first - v) sigmoid(v0 + v_lora) unless
+ * v_lora is NULL (layer 0). With libm's expf (three calls a channel) this took 12 us of a
+ * token's layer on the 0.4B shape, 7% of a prompt. */
+RWKVX_EW_INLINE void
+rwkvx_v7_gates_loop(ptrdiff_t n, float *RWKVX_RESTRICT w, float *RWKVX_RESTRICT k, float *RWKVX_RESTRICT v,
+                    const float *RWKVX_RESTRICT a_lora, const float *RWKVX_RESTRICT v_lora,
+                    const float *RWKVX_RESTRICT v_first, const float *RWKVX_RESTRICT w0,
+                    const float *RWKVX_RESTRICT a0, const float *RWKVX_RESTRICT v0, const float *RWKVX_RESTRICT k_a,
+                    float decay_scale, const float *RWKVX_RESTRICT kk, float *RWKVX_RESTRICT b)
+{
+    for (ptrdiff_t j = 0; j < n; j++) {
+        float a = rwkvx_sigmoid(a0[j] + a_lora[j]);
+        w[j] = rwkvx_expf(-decay_scale * rwkvx_sigmoid(w0[j] + w[j]));
+        b[j] = kk[j] * a;
+        k[j] = k[j] * (1.0f + (a - 1.0f) * k_a[j]);
+    }
+    if (v_lora)
+        for (ptrdiff_t j = 0; j < n; j++)
+            v[j] = v[j] + (v_first[j] - v[j]) * rwkvx_sigmoid(v0[j] + v_lora[j]);
+}
+
 /* Asks for the cache lines of x[0 .. n-1] ahead of their use: scattered spans of a few lines
  * (a sequence's state rows, one channel block wide) that the hardware prefetcher does not
  * predict. */
@@ -216,5 +239,10 @@ RWKVX_DISPATCHED(rwkvx_token_shift,
                  (n, xx, sx, mix, out))
 RWKVX_DISPATCHED(rwkvx_add_gated, (ptrdiff_t n, float *x, const float *r, const float *y), (n, x, r, y))
 RWKVX_DISPATCHED(rwkvx_relu_square, (float *x, ptrdiff_t n), (x, n))
+RWKVX_DISPATCHED(rwkvx_v7_gates,
+                 (ptrdiff_t n, float *w, float *k, float *v, const float *a_lora, const float *v_lora,
+                  const float *v_first, const float *w0, const float *a0, const float *v0, const float *k_a,
+                  float decay_scale, const float *kk, float *b),
+                 (n, w, k, v, a_lora, v_lora, v_first, w0, a0, v0, k_a, decay_scale, kk, b))
 
 #endif /* RWKVX_ELEMENTWISE_H */

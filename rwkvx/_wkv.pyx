@@ -19,6 +19,11 @@ from rwkvx._parallel cimport kernel_threads  # fewer threads while other program
 from rwkvx._matvec import simd_level
 from rwkvx.errors import RwkvxError
 
+cdef extern from "_elementwise.h" nogil:
+    void rwkvx_v7_gates(Py_ssize_t n, float* w, float* k, float* v, const float* a_lora, const float* v_lora,
+                        const float* v_first, const float* w0, const float* a0, const float* v0, const float* k_a,
+                        float decay_scale, const float* kk, float* b)
+
 cdef extern from "_wkv.h":
     void rwkvx_wkv5_token(int level, Py_ssize_t N, const float* src, float* s, const float* r, const float* k,
                           const float* v, const float* w, const float* u, float* y) noexcept nogil
@@ -302,14 +307,8 @@ cdef void _v7_prepare_row(Py_ssize_t t, Py_ssize_t H, Py_ssize_t N, float* w, fl
             norm = 1e-12
         for j in range(N):
             kk[t * C + h * N + j] = kk[t * C + h * N + j] / norm
-    for j in range(C):
-        i = t * C + j
-        a = _sigmoid(a0[j] + a_lora[i])
-        w[i] = expf(-decay_scale * _sigmoid(w0[j] + w[i]))
-        b[i] = kk[i] * a
-        k[i] = k[i] * (1 + (a - 1) * k_a[j])
-        if v_lora != NULL:
-            v[i] = v[i] + (v_first[i] - v[i]) * _sigmoid(v0[j] + v_lora[i])
+    rwkvx_v7_gates(C, w + t * C, k + t * C, v + t * C, a_lora + t * C, NULL if v_lora == NULL else v_lora + t * C,
+                   NULL if v_lora == NULL else v_first + t * C, w0, a0, v0, k_a, decay_scale, kk + t * C, b + t * C)
 
 
 cdef void _v7_prepare(Py_ssize_t T, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v, const float* a_lora,
