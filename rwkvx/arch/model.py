@@ -71,7 +71,10 @@ class RWKVNext(RWKV):
     def _new_states(self, states: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(new states to fill, checked states to read): a new state is written by the layers
         from the old one (no copy first: a v5+ state is 6.5 MB at 24 x 1024); None is fresh."""
-        block = np.empty((len(states),) + self.state_shape, dtype=np.float32)
+        # one array each: a caller that keeps one state of a batch keeps only that one, and
+        # arrays of this size come back from the allocator's free lists (a block of eight,
+        # 52 MB at 24 x 1024, was new pages zeroed by the kernel on every batched step)
+        block = [np.empty(self.state_shape, dtype=np.float32) for _ in states]
         fresh = None
         sources = []
         for st in states:
@@ -80,7 +83,7 @@ class RWKVNext(RWKV):
                 sources.append(fresh)
             else:
                 sources.append(np.ascontiguousarray(self._check_state(st, copy=False)))
-        return list(block), sources
+        return block, sources
 
     def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
