@@ -226,3 +226,28 @@ def test_simd_levels_1_and_2_give_the_same_bits(checkpoint):
     finally:
         _matvec.set_simd_level(before)
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+def test_states_still_held_are_never_reused(checkpoint):
+    # new states come from a pool of arrays the model handed out before; an array is
+    # reused only once nothing refers to it (a view of it counts)
+    model = rwkvx.load(checkpoint)
+    _, kept = model.forward(TOKENS[:3])
+    _, other = model.forward(TOKENS[3:6])
+    view = other[1]
+    del other
+    copies = kept.copy(), view.copy()
+    s = None
+    for t in TOKENS:
+        _, s = model.forward([t], s)
+        model.forward_batch([[t], [TOKENS[0]]], [s, None])
+    assert np.array_equal(kept, copies[0]) and np.array_equal(view, copies[1])
+
+
+def test_a_state_let_go_is_reused(checkpoint):
+    model = rwkvx.load(checkpoint)
+    _, state = model.forward(TOKENS[:3])
+    address = state.ctypes.data
+    del state
+    _, again = model.forward(TOKENS[:3])
+    assert again.ctypes.data == address

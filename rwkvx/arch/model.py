@@ -11,6 +11,7 @@ batching give the same bits as feeding the tokens one at a time.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Iterable, Sequence
 
@@ -39,6 +40,10 @@ class RWKVNext(RWKV):
         self.head = linear(weights.head, arithmetic)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
+        # arrays for new states, reused once their holders let go (see _take_states): enough
+        # for a server's batch, its previous step and what it keeps, bounded in memory
+        self._state_pool: list[np.ndarray] = []
+        self._state_pool_size = max(4, min(64, (256 << 20) // (4 * int(np.prod(self.state_shape)))))
         self._fingerprint = None
 
     @property
@@ -63,27 +68,43 @@ class RWKVNext(RWKV):
         all_logits. Several tokens run chunk_size at a time as matrix-matrix products; the
         results are bit-identical to feeding them one by one."""
         tokens = self._check_tokens(tokens)
-        new, sources = self._new_states([state])
         with self._lock:
+            new, sources = self._new_states([state])
             logits = self._run([tokens], new, sources, all_logits)
         return (logits if all_logits else logits[0]), new[0]
 
     def _new_states(self, states: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(new states to fill, checked states to read): a new state is written by the layers
-        from the old one (no copy first: a v5+ state is 6.5 MB at 24 x 1024); None is fresh."""
-        # one array each: a caller that keeps one state of a batch keeps only that one, and
-        # arrays of this size come back from the allocator's free lists (a block of eight,
-        # 52 MB at 24 x 1024, was new pages zeroed by the kernel on every batched step)
-        block = [np.empty(self.state_shape, dtype=np.float32) for _ in states]
-        fresh = None
+        from the old one (no copy first: a v5+ state is 6.5 MB at 24 x 1024); None is fresh.
+        Called under the lock (the state pool is shared)."""
         sources = []
+        fresh = None
         for st in states:
             if st is None:
                 fresh = self.new_state() if fresh is None else fresh
                 sources.append(fresh)
             else:
                 sources.append(np.ascontiguousarray(self._check_state(st, copy=False)))
-        return block, sources
+        return self._take_states(len(states)), sources
+
+    def _take_states(self, n: int) -> list[np.ndarray]:
+        """n arrays for new states: ones this model handed out before and nobody holds any
+        more (their only reference is the pool's), else new ones. Without the pool every
+        batched step wrote its states (52 MB for 8 at 24 x 1024) to pages the allocator had
+        just returned to the kernel and got back zeroed: measured 4-8% of a bfloat16 step."""
+        pool, taken = self._state_pool, []
+        for i in range(len(pool)):
+            if len(taken) == n:
+                break
+            # 2: the pool's reference and getrefcount's argument; a view of the array counts too
+            if sys.getrefcount(pool[i]) == 2:
+                taken.append(pool[i])
+        while len(taken) < n:
+            a = np.empty(self.state_shape, dtype=np.float32)
+            if len(pool) < self._state_pool_size:
+                pool.append(a)
+            taken.append(a)
+        return taken
 
     def forward_batch(self, tokens_per_sequence: Sequence[Iterable[int]],
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -100,8 +121,8 @@ class RWKVNext(RWKV):
             states = [None] * len(token_lists)
         if isinstance(states, np.ndarray) or len(states) != len(token_lists):
             raise RwkvxError(f"states: expected a list of {len(token_lists)} states (or None entries)")
-        new, sources = self._new_states(list(states))
         with self._lock:
+            new, sources = self._new_states(list(states))
             logits = self._run(token_lists, new, sources, all_logits=False)
         return logits, new
 
