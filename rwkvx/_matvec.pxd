@@ -87,3 +87,18 @@ cdef class Linear:
     cdef Matrix m
     # the numpy arrays behind m's pointers, kept alive as long as this object
     cdef readonly tuple arrays
+
+# One product with a small float32 matrix stored transposed (_lowrank.h): out[t, i] (row
+# stride ldo) = sum_j x[t, j] (row stride ldx) wt[j, i], wt (n_in, n_out) row-major
+cdef struct LowrankJob:
+    float* out
+    Py_ssize_t ldo
+    const float* wt
+    Py_ssize_t n_in
+    Py_ssize_t n_out
+    const float* x
+    Py_ssize_t ldx
+
+# Up to MAX_JOBS such products over the same n_tok tokens in one parallel loop; any number of
+# tokens, threads and any SIMD level give the same bits for a token
+cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil

@@ -70,6 +70,12 @@ cdef extern from "_q4.h" nogil:
     int rwkvx_gemm4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, const float* P, Py_ssize_t n_tok,
                        float* Y, Py_ssize_t ldy, int prefetch)
 
+cdef extern from "_lowrank.h" nogil:
+    enum:
+        RWKVX_LOWRANK_BLOCK
+    void rwkvx_lowrank_block(int level, Py_ssize_t n_in, Py_ssize_t width, const float* x0, const float* x1,
+                             const float* wt, Py_ssize_t ldw, float* out0, float* out1)
+
 cdef extern from "_int8.h" nogil:
     void rwkvx_i8_detect()
     int rwkvx_i8_level()
@@ -284,6 +290,75 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
                 job = job + 1
             local = block - first[job]
             _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
+
+
+cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil:
+    # items (job, block of RWKVX_LOWRANK_BLOCK outputs, pair of tokens), in that order, so a
+    # thread's run of items reuses one block of the matrix for many tokens; threads split
+    # them by work
+    cdef Py_ssize_t first[MAX_JOBS + 1]
+    cdef double cost[MAX_JOBS + 1]
+    cdef Py_ssize_t item, local, lo, hi, block, t, i0, width
+    cdef Py_ssize_t n_pairs = (n_tok + 1) // 2
+    cdef int k, job, tid
+    cdef int level = rwkvx_simd_level
+    first[0] = 0
+    cost[0] = 0.0
+    for k in range(n_jobs):
+        first[k + 1] = first[k] + (jobs[k].n_out + RWKVX_LOWRANK_BLOCK - 1) // RWKVX_LOWRANK_BLOCK * n_pairs
+        cost[k + 1] = cost[k] + <double>jobs[k].n_in * jobs[k].n_out * n_tok
+    if first[n_jobs] == 0:
+        return
+    if n_threads > first[n_jobs]:
+        n_threads = <int>first[n_jobs]
+    for tid in prange(n_threads, schedule="static", num_threads=n_threads):
+        lo = _block_at(cost[n_jobs] * tid / n_threads, cost, first, n_jobs)
+        hi = first[n_jobs] if tid == n_threads - 1 else \
+            _block_at(cost[n_jobs] * (tid + 1) / n_threads, cost, first, n_jobs)
+        job = 0
+        for item in range(lo, hi):
+            while item >= first[job + 1]:
+                job = job + 1
+            local = item - first[job]
+            block = local // n_pairs
+            t = 2 * (local - block * n_pairs)
+            i0 = block * RWKVX_LOWRANK_BLOCK
+            width = min(<Py_ssize_t>RWKVX_LOWRANK_BLOCK, jobs[job].n_out - i0)
+            rwkvx_lowrank_block(level, jobs[job].n_in, width, jobs[job].x + t * jobs[job].ldx,
+                                jobs[job].x + (t + 1) * jobs[job].ldx if t + 1 < n_tok else NULL,
+                                jobs[job].wt + i0, jobs[job].n_out, jobs[job].out + t * jobs[job].ldo + i0,
+                                jobs[job].out + (t + 1) * jobs[job].ldo + i0 if t + 1 < n_tok else NULL)
+
+
+def lowrank_group(list wts, list Xs, list outs, int n_threads=1):
+    """outs[i] = Xs[i] @ wts[i] for up to 8 products in one parallel loop: small float32
+    matrices stored transposed, wts[i] (n_in, n_out) C-contiguous (see _lowrank.h); Xs[i]
+    (n_tok, n_in), outs[i] (n_tok, n_out), the same n_tok for all. A row's result does not
+    depend on the other rows, the number of threads or the SIMD level."""
+    cdef int n = len(wts), i
+    if not 1 <= n <= MAX_JOBS or len(Xs) != n or len(outs) != n:
+        raise RwkvxError(f"lowrank_group: expected 1 to {MAX_JOBS} products with as many inputs and outputs, "
+                         f"got {n}, {len(Xs)}, {len(outs)}")
+    n_threads = kernel_threads(n_threads)
+    cdef LowrankJob jobs[MAX_JOBS]
+    cdef const float[:, ::1] wv, xv
+    cdef float[:, ::1] ov
+    cdef Py_ssize_t n_tok = -1
+    keep = []
+    for i in range(n):
+        wv, xv, ov = wts[i], Xs[i], outs[i]
+        if n_tok < 0:
+            n_tok = xv.shape[0]
+        if xv.shape[0] != n_tok or xv.shape[1] != wv.shape[0] or ov.shape[0] != n_tok or ov.shape[1] != wv.shape[1] \
+                or wv.shape[0] == 0 or wv.shape[1] == 0:
+            raise RwkvxError(f"lowrank_group: product {i}: W^T ({wv.shape[0]}, {wv.shape[1]}), X ({xv.shape[0]}, "
+                             f"{xv.shape[1]}), out ({ov.shape[0]}, {ov.shape[1]}); all products take {n_tok} rows")
+        if n_tok == 0:
+            return
+        jobs[i] = LowrankJob(&ov[0, 0], ov.shape[1], &wv[0, 0], wv.shape[0], wv.shape[1], &xv[0, 0], xv.shape[1])
+        keep.append((wv, xv, ov))
+    with nogil:
+        _lowrank_jobs(jobs, n, n_tok, n_threads)
 
 
 cdef Linear _new_linear(int kind, Py_ssize_t n_rows, Py_ssize_t n_cols, tuple arrays):

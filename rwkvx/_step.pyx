@@ -7,16 +7,16 @@ token against 15.5 ms of products). V7Step does the same work with the same row 
 (layer norm, token-shift mixes, the fused product groups, the decay preparation, the WKV
 with its group norm), so a token gives the same bits through either path.
 
-Six parallel loops a layer: the seven products of the mixed inputs (r, k, v and the first
-low-rank halves), the second low-rank halves, the heads' WKV, the output projection and the
-feed-forward pair; everything between them is a few microseconds of serial work.
+Seven parallel loops a layer: the first low-rank halves, r, k and v, the second low-rank
+halves, the heads' WKV, the output projection and the feed-forward pair; everything between
+them is a few microseconds of serial work.
 """
 from libc.string cimport memcpy
 
 import numpy as np
 
 from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx._matvec cimport Linear, Matrix, MatvecJob, _matvec, _matvec_jobs
+from rwkvx._matvec cimport Linear, LowrankJob, Matrix, MatvecJob, _lowrank_jobs, _matvec, _matvec_jobs
 from rwkvx._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv7
 from rwkvx._matvec import _aligned_floats, simd_level
 from rwkvx.errors import RwkvxError
@@ -50,10 +50,13 @@ cdef const float* _vector(dict keep, name, value, Py_ssize_t n) except NULL:
 
 cdef class V7Step:
     """A layer's weights as the fused token step reads them: p is rwkvx.arch.v7's parameter
-    dict, lin its Linear objects (the big and the low-rank matrices), mixes (6, C) the
+    dict, lin its Linear objects (the big matrices), low the low-rank matrices transposed, mixes (6, C) the
     token-shift mixes of r, w, k, v, a, g. Not thread-safe (one scratch per layer; the model
     runs one call at a time)."""
-    cdef Linear r, k, v, o, fk, fv, w1, w2, a1, a2, g1, g2, v1, v2
+    cdef Linear r, k, v, o, fk, fv
+    # the low-rank pairs, transposed (in, out): w1 a1 g1 v1 (C, D), w2 a2 g2 v2 (D, C)
+    cdef const float* low[8]
+    cdef Py_ssize_t rank[4]
     cdef const float* ln1_w
     cdef const float* ln1_b
     cdef const float* ln2_w
@@ -76,26 +79,29 @@ cdef class V7Step:
     cdef object scratch_array
     cdef float* scratch
 
-    def __init__(self, dict p, dict lin, mixes, Py_ssize_t n_head, float decay_scale, double eps):
+    def __init__(self, dict p, dict lin, dict low, mixes, Py_ssize_t n_head, float decay_scale, double eps):
         self.keep = {}
         self.r, self.k, self.v, self.o = lin["att_receptance"], lin["att_key"], lin["att_value"], lin["att_output"]
         self.fk, self.fv = lin["ffn_key"], lin["ffn_value"]
-        self.w1, self.w2, self.a1, self.a2 = lin["att_w1"], lin["att_w2"], lin["att_a1"], lin["att_a2"]
-        self.g1, self.g2 = lin["att_g1"], lin["att_g2"]
-        self.layer0 = "att_v1" not in lin
-        if not self.layer0:
-            self.v1, self.v2 = lin["att_v1"], lin["att_v2"]
-        cdef Py_ssize_t C = self.r.m.n_cols
+        self.layer0 = "att_v1" not in low
+        cdef Py_ssize_t C = self.r.m.n_cols, i
         if n_head < 1 or C % n_head:
             raise RwkvxError(f"V7Step: {n_head} heads do not divide {C} channels")
         self.C, self.H, self.N, self.n_ffn = C, n_head, C // n_head, self.fk.m.n_rows
         for name, rows, cols in (("att_receptance", C, C), ("att_key", C, C), ("att_value", C, C),
                                  ("att_output", C, C), ("ffn_key", self.n_ffn, C), ("ffn_value", C, self.n_ffn)):
             _check_shape(name, lin[name], rows, cols)
-        for name in ("w", "a", "g") if self.layer0 else ("w", "a", "g", "v"):
-            first, second = lin[f"att_{name}1"], lin[f"att_{name}2"]
-            _check_shape(f"att_{name}1", first, first.shape[0], C)
-            _check_shape(f"att_{name}2", second, C, first.shape[0])
+        cdef const float[:, ::1] first, second
+        for i, name in enumerate("wagv"):
+            self.rank[i] = 0
+            if name == "v" and self.layer0:
+                continue
+            first, second = low[f"att_{name}1"], low[f"att_{name}2"]
+            if first.shape[0] != C or second.shape[1] != C or second.shape[0] != first.shape[1] or first.shape[1] == 0:
+                raise RwkvxError(f"V7Step: the {name} low-rank pair, transposed: expected ({C}, D) and (D, {C}), got "
+                                 f"({first.shape[0]}, {first.shape[1]}) and ({second.shape[0]}, {second.shape[1]})")
+            self.keep[f"low_{name}"] = (first, second)
+            self.low[i], self.low[4 + i], self.rank[i] = &first[0, 0], &second[0, 0], first.shape[1]
         self.ln1_w = _vector(self.keep, "ln1_weight", p["ln1_weight"], C)
         self.ln1_b = _vector(self.keep, "ln1_bias", p["ln1_bias"], C)
         self.ln2_w = _vector(self.keep, "ln2_weight", p["ln2_weight"], C)
@@ -113,9 +119,9 @@ cdef class V7Step:
         self.decay_scale = decay_scale
         self.eps = eps
         # 6 mixed inputs, r k v w a g v-lora kk b y out (C each), the low-rank hidden rows,
-        # the feed-forward hidden row, and the uint8 products' scratch (7 inputs at most)
-        rank = self.w1.m.n_rows + self.a1.m.n_rows + self.g1.m.n_rows + (0 if self.layer0 else self.v1.m.n_rows)
-        self.scratch_array = _aligned_floats(17 * C + rank + self.n_ffn + 7 * max(C, self.n_ffn) + 64)
+        # the feed-forward hidden row, and the uint8 products' scratch (3 inputs at most)
+        rank = self.rank[0] + self.rank[1] + self.rank[2] + self.rank[3]
+        self.scratch_array = _aligned_floats(17 * C + rank + self.n_ffn + 3 * max(C, self.n_ffn) + 64)
         cdef float[::1] sv = self.scratch_array
         self.scratch = &sv[0]
 
@@ -153,13 +159,15 @@ cdef class V7Step:
         cdef float* y = p + 16 * C
         cdef float* hidden = p + 17 * C
         cdef float* w_h = hidden
-        cdef float* a_h = w_h + self.w1.m.n_rows
-        cdef float* g_h = a_h + self.a1.m.n_rows
-        cdef float* v_h = g_h + self.g1.m.n_rows
-        cdef float* f_h = v_h + (0 if self.layer0 else self.v1.m.n_rows)
+        cdef float* a_h = w_h + self.rank[0]
+        cdef float* g_h = a_h + self.rank[1]
+        cdef float* v_h = g_h + self.rank[2]
+        cdef float* f_h = v_h + self.rank[3]
         cdef float* u8 = f_h + self.n_ffn
         cdef float* out = mixed             # free once the first products have run
-        cdef MatvecJob jobs[7]
+        cdef LowrankJob low[4]
+        cdef int n_low = 3 if self.layer0 else 4
+        cdef MatvecJob jobs[3]
         cdef int n_jobs
         cdef Py_ssize_t starts[2]
         cdef const float* s_in
@@ -170,26 +178,22 @@ cdef class V7Step:
         rwkvx_layer_norm(C, x, self.ln1_w, self.ln1_b, LAYER_NORM_EPS, xn)
         _mix_rows(1, C, 6, xn, source + ATT_XX * C, self.mixes, mixed, 1)
         memcpy(state + ATT_XX * C, xn, C * sizeof(float))
+        # the low-rank first halves of xw, xa, xg, xv, then r, k, v
+        low[0] = LowrankJob(w_h, self.rank[0], self.low[0], C, self.rank[0], mixed + C, C)
+        low[1] = LowrankJob(a_h, self.rank[1], self.low[1], C, self.rank[1], mixed + 4 * C, C)
+        low[2] = LowrankJob(g_h, self.rank[2], self.low[2], C, self.rank[2], mixed + 5 * C, C)
+        low[3] = LowrankJob(v_h, self.rank[3], self.low[3], C, self.rank[3], mixed + 3 * C, C)
+        _lowrank_jobs(low, n_low, 1, n_threads)
         jobs[0] = MatvecJob(r, &self.r.m, mixed)
         jobs[1] = MatvecJob(k, &self.k.m, mixed + 2 * C)
         jobs[2] = MatvecJob(v, &self.v.m, mixed + 3 * C)
-        jobs[3] = MatvecJob(w_h, &self.w1.m, mixed + C)
-        jobs[4] = MatvecJob(a_h, &self.a1.m, mixed + 4 * C)
-        jobs[5] = MatvecJob(g_h, &self.g1.m, mixed + 5 * C)
-        n_jobs = 6
-        if not self.layer0:
-            jobs[6] = MatvecJob(v_h, &self.v1.m, mixed + 3 * C)
-            n_jobs = 7
-        _matvec_jobs(jobs, n_jobs, u8, n_threads)
-        _lora_act(self.w1.m.n_rows, w_h, self.g1.m.n_rows, g_h)
-        jobs[0] = MatvecJob(w, &self.w2.m, w_h)
-        jobs[1] = MatvecJob(a, &self.a2.m, a_h)
-        jobs[2] = MatvecJob(g, &self.g2.m, g_h)
-        n_jobs = 3
-        if not self.layer0:
-            jobs[3] = MatvecJob(v_lora, &self.v2.m, v_h)
-            n_jobs = 4
-        _matvec_jobs(jobs, n_jobs, u8, n_threads)
+        _matvec_jobs(jobs, 3, u8, n_threads)
+        _lora_act(self.rank[0], w_h, self.rank[2], g_h)
+        low[0] = LowrankJob(w, C, self.low[4], self.rank[0], C, w_h, self.rank[0])
+        low[1] = LowrankJob(a, C, self.low[5], self.rank[1], C, a_h, self.rank[1])
+        low[2] = LowrankJob(g, C, self.low[6], self.rank[2], C, g_h, self.rank[2])
+        low[3] = LowrankJob(v_lora, C, self.low[7], self.rank[3], C, v_h, self.rank[3])
+        _lowrank_jobs(low, n_low, 1, n_threads)
         _v7_prepare(1, self.H, self.N, w, k, v, a, NULL if self.layer0 else v_lora, v_first, self.w0, self.a0,
                     self.v0, self.k_k, self.k_a, self.decay_scale, kk, b, 1)
         if self.layer0:

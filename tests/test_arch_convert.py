@@ -251,3 +251,26 @@ def test_info_of_a_converted_file(sources, tmp_path, capsys):
     assert "kept float32  norms, token-shift mixes, per-head decays and bonuses, low-rank (LoRA) matrices" in out
     assert "mapped from the file, no copy" in out.split("uint8  ")[-1]
     assert "not loadable: the file holds uint8 weights" in out.split("float32  ")[-1].splitlines()[0]
+
+
+def test_rwkv_7_files_converted_before_the_low_rank_change_still_load(sources, tmp_path):
+    # rwkvx.convert wrote RWKV-7's low-rank matrices (out, in) before it wrote them (in, out)
+    # and said so (metadata low_rank = "in,out"); a file without that flag is read as before
+    new = tmp_path / "new.safetensors"
+    convert(sources["v7"], new, "float32")
+    head = header(new)
+    assert head["__metadata__"].pop("low_rank") == "in,out"
+    data = bytearray(new.read_bytes()[8 + struct.unpack("<Q", new.read_bytes()[:8])[0]:])
+    low = [k for k in head if k.split(".")[-1] in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")]
+    assert low
+    for key in low:
+        (start, end), shape = head[key]["data_offsets"], head[key]["shape"]
+        assert head[key]["dtype"] == "F32"
+        data[start:end] = np.frombuffer(data[start:end], np.float32).reshape(shape).T.tobytes()
+        head[key]["shape"] = shape[::-1]
+    text = json.dumps(head).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data))
+    np.testing.assert_array_equal(logits(rwkvx.load(old)), logits(rwkvx.load(new)))
+    np.testing.assert_array_equal(logits(rwkvx.load(new)), logits(rwkvx.load(sources["v7"])))

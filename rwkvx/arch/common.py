@@ -124,6 +124,9 @@ class Reader:
         # rwkv.cpp's converter and rwkvx.convert store the tensors as the runtime holds
         # them: low-rank matrices (out, in), RWKV-5.2's decay as exp(-exp(raw))
         self.transformed = source.format in ("rwkv.cpp", FORMAT_NAME)
+        # RWKV-7's low-rank matrices stored (in, out), as BlinkDL stores them and rwkvx.convert
+        # now writes them (saying so in the metadata); rwkv.cpp and older rwkvx files hold (out, in)
+        self.low_rank_in_out = not self.transformed or source.metadata.get("low_rank") == "in,out"
         self.dtype = dtype
         self.arena = arena if arena is not None else Arena(0)
         self.copy_mapped = copy_mapped
@@ -310,6 +313,8 @@ def converted_tensors(source: TensorSource, arch, dtype: str, *, check: str = "a
     reader = Reader(source, dtype, check=check, shapes_only=shapes_only)
     for layer, part in read_parts(reader, arch, n_layer, n_embd, n_head, head_size):
         for name, value in part.items():
+            if name in getattr(arch, "STORED_IN_OUT", ()):
+                value = np.ascontiguousarray(value.T)  # a view of the source where it holds (in, out)
             yield (_TOP_KEYS[name] if layer < 0 else f"blocks.{layer}.{stored_key(name, arch)}"), value
 
 
@@ -334,7 +339,9 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bo
         for name, value in part.items():
             # small tensors read privately join the 2 MB pages (views of the file stay views)
             if name not in arch.LINEAR and name not in ("emb", "head") and value.flags.writeable:
-                part[name] = arena.keep(value)
+                # a matrix the layer reads transposed is kept in that orientation
+                in_out = name in getattr(arch, "STORED_IN_OUT", ())
+                part[name] = arena.keep(value.T).T if in_out else arena.keep(value)
         (blocks.append(part) if layer >= 0 else top.update(part))
     if not mmap:
         from rwkvx.hugepages import drop_from_page_cache
@@ -471,6 +478,20 @@ def products(jobs: list, n_threads: int) -> list[np.ndarray]:
             matvec_group([lin for lin, _ in part], [X[0] for _, X in part], [o[0] for o in outs[i:i + 4]], threads)
         else:
             matmul_group([lin for lin, _ in part], [X for _, X in part], outs[i:i + 4], threads)
+    return outs
+
+
+def lowrank(matrices: dict, jobs: list, n_threads: int) -> list[np.ndarray]:
+    """[X @ matrices[name] for name, X in jobs] in one parallel loop: the small float32
+    matrices of the low-rank paths, stored transposed (in, out) (rwkvx._matvec.lowrank_group);
+    every X has the same number of rows, and a row's result does not depend on the others."""
+    from rwkvx._matvec import lowrank_group
+    n_tok = jobs[0][1].shape[0]
+    wts = [matrices[name] for name, _ in jobs]
+    outs = [np.empty((n_tok, wt.shape[1]), np.float32) for wt in wts]
+    size = n_tok * sum(wt.size for wt in wts)
+    lowrank_group(wts, [np.ascontiguousarray(X) for _, X in jobs], outs,
+                  1 if size < SERIAL_BELOW else team_size_now(n_threads))
     return outs
 
 

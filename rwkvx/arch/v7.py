@@ -23,6 +23,8 @@ LINEAR = ("att_receptance", "att_key", "att_value", "att_output", "ffn_key", "ff
 MIXES = "rwkvag"
 LORAS = ("w", "a", "v", "g")
 LOW_RANK = tuple(f"att_{lora}{i}" for lora in LORAS for i in "12")
+# rwkvx.convert writes these (in, out), the orientation their kernel reads (_lowrank.h)
+STORED_IN_OUT = LOW_RANK
 # e^-0.5: the decay per token is exp(-e^-0.5 · sigmoid(.)), in (e^-0.607, 1)
 DECAY_SCALE = float(np.exp(-0.5))
 
@@ -57,8 +59,9 @@ def heads(source) -> tuple[int, int]:
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
     """One layer's tensors: BlinkDL's names and layouts (.pth, safetensors), or rwkv.cpp's,
     whose converter packs the six token-shift mixes into att.x_rwkvag (6, 1, C) and stores
-    the low-rank matrices transposed (already (out, in)), or rwkvx.convert's (those transposed,
-    the mixes apart)."""
+    the low-rank matrices transposed (already (out, in)), or rwkvx.convert's (the mixes apart,
+    the low-rank matrices (in, out) as BlinkDL's, or (out, in) in files converted before
+    that, whose metadata lacks low_rank = "in,out")."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
     old = not reader.has(att + "k_k") and reader.has(att + "time_misc_kkk")
 
@@ -83,8 +86,10 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
         if lora != "g":
             p[f"att_{lora}0"] = reader.vector(name(f"{lora}0"), c)
         rank = _rank(reader, name(f"{lora}1"), c)
-        p[f"att_{lora}1"] = reader.matrix(name(f"{lora}1"), (rank, c), transposed=not reader.transformed)
-        p[f"att_{lora}2"] = reader.matrix(name(f"{lora}2"), (c, rank), transposed=not reader.transformed)
+        for i, shape in (("1", (rank, c)), ("2", (c, rank))):
+            # (out, in) for the specification; a view of the file's (in, out) where it has those
+            m = reader.matrix(name(f"{lora}{i}"), shape[::-1] if reader.low_rank_in_out else shape)
+            p[f"att_{lora}{i}"] = m.T if reader.low_rank_in_out else m
     p["att_k_k"] = reader.vector(name("k_k"), c)
     p["att_k_a"] = reader.vector(name("k_a"), c)
     p["att_r_k"] = reader.heads(name("r_k"), n_head, head_size)
@@ -104,8 +109,8 @@ def _rank(reader, key: str, n_embd: int) -> int:
     t = reader.source.tensors.get(key)
     if t is None or len(t.shape) != 2:
         return 1
-    # (in, out) = (C, D) in BlinkDL's files, (D, C) in rwkv.cpp's and rwkvx's
-    return t.shape[0] if reader.transformed else t.shape[1]
+    # (in, out) = (C, D) in BlinkDL's files and rwkvx's, (D, C) in rwkv.cpp's
+    return t.shape[1] if reader.low_rank_in_out else t.shape[0]
 
 
 # ---- the specification (float64, one token) ----
@@ -166,18 +171,23 @@ class Layer:
         from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
-        # the low-rank matrices too: their products then give the same bits for one row
-        # as for many, like the big ones'
-        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR + LOW_RANK if name in p}
+        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}
+        # the low-rank matrices stored transposed, (in, out), for their own kernel (_lowrank.h);
+        # p keeps views of them, so there is one copy
+        self.low = {}
+        for name in LOW_RANK:
+            if name in p:
+                self.low[name] = np.ascontiguousarray(p[name].T, dtype=np.float32)
+                p[name] = self.low[name].T
         self.r_k = p["att_r_k"].reshape(-1)
         self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
         self.ffn_mix = p["ffn_x_k"].reshape(1, -1)
         from rwkvx._step import V7Step
-        self.step = V7Step(p, self.lin, self.mixes, n_head, DECAY_SCALE, GROUP_NORM_EPS)
+        self.step = V7Step(p, self.lin, self.low, self.mixes, n_head, DECAY_SCALE, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, v_first, n):
         from rwkvx._wkv import lora_act, mix_rows, v7_prepare, wkv7
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if T == 1:
@@ -190,14 +200,14 @@ class Layer:
         mixed = np.empty((6, T, C), np.float32)
         mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed, n)
         xr, xw, xk, xv, xa, xg = mixed
-        # the projections in three groups of independent products
+        # the projections, and the low-rank paths' two halves
         layer0 = v_first is None
-        r, k, v, w, a, g, *mv = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
-                                          (L["att_w1"], xw), (L["att_a1"], xa), (L["att_g1"], xg)]
-                                         + ([] if layer0 else [(L["att_v1"], xv)]), n)
+        low = [("att_w1", xw), ("att_a1", xa), ("att_g1", xg)] + ([] if layer0 else [("att_v1", xv)])
+        w, a, g, *mv = lowrank(self.low, low, n)
+        r, k, v = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv)], n)
         lora_act(w, g)  # tanh, sigmoid
-        w, a, g, *mv = products([(L["att_w2"], w), (L["att_a2"], a), (L["att_g2"], g)]
-                                + ([] if layer0 else [(L["att_v2"], mv[0])]), n)
+        w, a, g, *mv = lowrank(self.low, [("att_w2", w), ("att_a2", a), ("att_g2", g)]
+                               + ([] if layer0 else [("att_v2", mv[0])]), n)
         # decay, in-context rate, removal key, key and value residual (in place)
         kk, b = np.empty((T, C), np.float32), np.empty((T, C), np.float32)
         v7_prepare(w, k, v, a, None if layer0 else mv[0], v_first, p["att_w0"], p["att_a0"], p.get("att_v0"),
