@@ -188,6 +188,21 @@ rwkvx_v7_gates_loop(ptrdiff_t n, float *RWKVX_RESTRICT w, float *RWKVX_RESTRICT 
             v[j] = v[j] + (v_first[j] - v[j]) * rwkvx_sigmoid(v0[j] + v_lora[j]);
 }
 
+/* x = x sigmoid(x): RWKV-5/6's gate (SiLU), in place. */
+RWKVX_EW_INLINE void rwkvx_silu_loop(float *RWKVX_RESTRICT x, ptrdiff_t n)
+{
+    for (ptrdiff_t j = 0; j < n; j++)
+        x[j] = x[j] * rwkvx_sigmoid(x[j]);
+}
+
+/* RWKV-6's data-dependent decay factors, in place: w = exp(-exp(time_decay + w)). */
+RWKVX_EW_INLINE void rwkvx_v6_decay_loop(float *RWKVX_RESTRICT w, const float *RWKVX_RESTRICT time_decay,
+                                         ptrdiff_t n)
+{
+    for (ptrdiff_t j = 0; j < n; j++)
+        w[j] = rwkvx_expf(-rwkvx_expf(time_decay[j] + w[j]));
+}
+
 /* Asks for the cache lines of x[0 .. n-1] ahead of their use: scattered spans of a few lines
  * (a sequence's state rows, one channel block wide) that the hardware prefetcher does not
  * predict. */
@@ -239,6 +254,8 @@ RWKVX_DISPATCHED(rwkvx_token_shift,
                  (n, xx, sx, mix, out))
 RWKVX_DISPATCHED(rwkvx_add_gated, (ptrdiff_t n, float *x, const float *r, const float *y), (n, x, r, y))
 RWKVX_DISPATCHED(rwkvx_relu_square, (float *x, ptrdiff_t n), (x, n))
+RWKVX_DISPATCHED(rwkvx_silu, (float *x, ptrdiff_t n), (x, n))
+RWKVX_DISPATCHED(rwkvx_v6_decay, (float *w, const float *time_decay, ptrdiff_t n), (w, time_decay, n))
 RWKVX_DISPATCHED(rwkvx_v7_gates,
                  (ptrdiff_t n, float *w, float *k, float *v, const float *a_lora, const float *v_lora,
                   const float *v_first, const float *w0, const float *a0, const float *v0, const float *k_a,

@@ -1,15 +1,14 @@
-"""One decoded token through one RWKV-7 layer, in C from end to end.
+"""One decoded token through one RWKV-5.2, 6 or 7 layer, in C from end to end.
 
-rwkvx.arch.v7.Layer runs any number of rows with numpy glue between the kernels; for one
-token that glue (about fifteen calls from Python a layer) cost more than the layer's
-arithmetic outside the big products (measured on the 0.4B shape, uint8, 2 threads: 25 ms a
-token against 15.5 ms of products). V7Step does the same work with the same row kernels
-(layer norm, token-shift mixes, the fused product groups, the decay preparation, the WKV
-with its group norm), so a token gives the same bits through either path.
+rwkvx.arch's Layer classes run any number of rows with numpy glue between the kernels; for
+one token that glue (about fifteen calls from Python a layer) cost more than the layer's
+arithmetic outside the big products (measured on RWKV-7's 0.4B shape, uint8, 2 threads: 25
+ms a token against 15.5 ms of products). The steps here do the same work with the same row
+kernels (layer norm, token-shift mixes, the fused product groups, the decay and gates, the
+WKV with its group norm), so a token gives the same bits through either path.
 
-Seven parallel loops a layer: the first low-rank halves, r, k and v, the second low-rank
-halves, the heads' WKV, the output projection and the feed-forward pair; everything between
-them is a few microseconds of serial work.
+A layer is a handful of parallel loops (the product groups, the heads' WKV); everything
+between them is a few microseconds of serial work.
 """
 from libc.string cimport memcpy
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx._matvec cimport Linear, LowrankJob, Matrix, MatvecJob, _lowrank_jobs, _matvec, _matvec_jobs
-from rwkvx._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv7
+from rwkvx._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv5, _wkv7
 from rwkvx._matvec import _aligned_floats, simd_level
 from rwkvx.errors import RwkvxError
 
@@ -25,6 +24,9 @@ cdef extern from "_elementwise.h" nogil:
     void rwkvx_layer_norm(Py_ssize_t n, const float* x, const float* w, const float* b, double eps,
                           float* out)
     void rwkvx_relu_square(float* x, Py_ssize_t n)
+    void rwkvx_silu(float* x, Py_ssize_t n)
+    void rwkvx_v6_decay(float* w, const float* time_decay, Py_ssize_t n)
+    void rwkvx_add_gated(Py_ssize_t n, float* x, const float* r, const float* y)
 
 cdef enum:
     FFN_XX = 0
@@ -37,32 +39,130 @@ cdef double LAYER_NORM_EPS = 1e-5
 
 def _check_shape(name, lin, Py_ssize_t rows, Py_ssize_t cols):
     if tuple(lin.shape) != (rows, cols):
-        raise RwkvxError(f"V7Step: {name}: expected ({rows}, {cols}), got {tuple(lin.shape)}")
+        raise RwkvxError(f"{name}: expected ({rows}, {cols}), got {tuple(lin.shape)}")
 
 
 cdef const float* _vector(dict keep, name, value, Py_ssize_t n) except NULL:
     cdef const float[::1] v = np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
     if v.shape[0] != n:
-        raise RwkvxError(f"V7Step: {name}: expected {n} values, got {v.shape[0]}")
+        raise RwkvxError(f"{name}: expected {n} values, got {v.shape[0]}")
     keep[name] = v
     return &v[0]
 
 
-cdef class V7Step:
-    """A layer's weights as the fused token step reads them: p is rwkvx.arch.v7's parameter
-    dict, lin its Linear objects (the big matrices), low the low-rank matrices transposed, mixes (6, C) the
-    token-shift mixes of r, w, k, v, a, g. Not thread-safe (one scratch per layer; the model
-    runs one call at a time)."""
-    cdef Linear r, k, v, o, fk, fv
-    # the low-rank pairs, transposed (in, out): w1 a1 g1 v1 (C, D), w2 a2 g2 v2 (D, C)
-    cdef const float* low[8]
-    cdef Py_ssize_t rank[4]
+cdef const Matrix* _matrix_of(Linear lin):
+    return &lin.m
+
+
+cdef class _Step:
+    """What every step holds: the layer norms, the output projection, the feed-forward
+    matrices (with RWKV-5/6's receptance gate), the sizes and one scratch buffer."""
+    cdef Linear o, fk, fv, fr
     cdef const float* ln1_w
     cdef const float* ln1_b
     cdef const float* ln2_w
     cdef const float* ln2_b
+    cdef const float* ffn_mix      # (2, C) for k and r (RWKV-5/6), (C,) for k (RWKV-7)
+    cdef readonly Py_ssize_t C, H, N, n_ffn
+    cdef double eps
+    cdef dict keep
+    cdef object scratch_array
+    cdef float* scratch            # the architecture's own rows
+    cdef float* hidden             # (n_ffn,) the feed-forward hidden row
+    cdef float* u8                 # the uint8 products' scratch
+
+    cdef _setup(self, dict p, dict lin, Py_ssize_t C, Py_ssize_t n_head, double eps, ffn_mix, Py_ssize_t n_scratch):
+        self.keep = {}
+        if n_head < 1 or C % n_head:
+            raise RwkvxError(f"{n_head} heads do not divide {C} channels")
+        self.o, self.fk, self.fv = lin["att_output"], lin["ffn_key"], lin["ffn_value"]
+        self.C, self.H, self.N, self.n_ffn, self.eps = C, n_head, C // n_head, self.fk.m.n_rows, eps
+        for name, rows, cols in (("att_output", C, C), ("ffn_key", self.n_ffn, C), ("ffn_value", C, self.n_ffn)):
+            _check_shape(name, lin[name], rows, cols)
+        if "ffn_receptance" in lin:
+            self.fr = lin["ffn_receptance"]
+            _check_shape("ffn_receptance", self.fr, C, C)
+        self.ln1_w = _vector(self.keep, "ln1_weight", p["ln1_weight"], C)
+        self.ln1_b = _vector(self.keep, "ln1_bias", p["ln1_bias"], C)
+        self.ln2_w = _vector(self.keep, "ln2_weight", p["ln2_weight"], C)
+        self.ln2_b = _vector(self.keep, "ln2_bias", p["ln2_bias"], C)
+        self.ffn_mix = _vector(self.keep, "ffn_mix", ffn_mix, (1 if self.fr is None else 2) * C)
+        # the architecture's own rows, then the feed-forward hidden row and the uint8
+        # products' scratch (4 inputs at most)
+        self.scratch_array = _aligned_floats(n_scratch + self.n_ffn + 4 * max(C, self.n_ffn) + 64)
+        cdef float[::1] sv = self.scratch_array
+        self.scratch = &sv[0]
+        self.hidden = self.scratch + n_scratch
+        self.u8 = self.hidden + self.n_ffn
+
+    def __call__(self, float[::1] x, float[:, ::1] state, const float[:, ::1] source, float[::1] v_first=None,
+                 int n_threads=1):
+        """Move one token x (C,) through the layer in place: state (2 + N, C) is written from
+        source (the layer's state before the token; may be the same array). RWKV-7: v_first
+        (C,) is layer 0's value, written by layer 0 and read by the others."""
+        cdef Py_ssize_t C = self.C
+        name = type(self).__name__
+        if x.shape[0] != C or (v_first is not None and v_first.shape[0] != C):
+            raise RwkvxError(f"{name}: x and v_first: expected ({C},)")
+        if v_first is None and isinstance(self, V7Step):
+            raise RwkvxError(f"{name}: x and v_first: RWKV-7 needs v_first")
+        for what, s in (("state", state), ("source", source)):
+            if s.shape[0] != WKV + self.N or s.shape[1] != C:
+                raise RwkvxError(f"{name}: {what}: expected ({WKV + self.N}, {C}), got ({s.shape[0]}, {s.shape[1]})")
+        n_threads = kernel_threads(n_threads)
+        cdef int level = simd_level()
+        cdef float* vf = NULL if v_first is None else &v_first[0]
+        with nogil:
+            self._step(&x[0], &state[0, 0], &source[0, 0], vf, n_threads, level)
+
+    cdef void _step(self, float* x, float* state, const float* source, float* v_first, int n_threads,
+                    int level) noexcept nogil:
+        pass
+
+    cdef void _time_mix_end(self, float* x, float* state, const float* source, const float* r, const float* k,
+                            const float* v, const float* w, Py_ssize_t w_step, const float* u, const float* lnx_w,
+                            const float* lnx_b, const float* g, float* y, float* out, int n_threads,
+                            int level) noexcept nogil:
+        # RWKV-5/6: WKV, group norm and gate, output projection, residual
+        cdef Py_ssize_t starts[2]
+        cdef Py_ssize_t j
+        cdef const float* s_in = source + WKV * self.C
+        cdef float* s_out = state + WKV * self.C
+        starts[0], starts[1] = 0, 1
+        _wkv5(level, starts, 1, self.H, self.N, r, k, v, w, w_step, u, lnx_w, lnx_b, g, self.eps, &s_in, &s_out,
+              y, out, n_threads)
+        _matvec(y, &self.o.m, out, self.u8, n_threads)
+        for j in range(self.C):
+            x[j] = x[j] + y[j]
+
+    cdef void _gated_ffn(self, float* x, float* state, const float* source, float* xn, float* mixed, float* r,
+                         float* y, int n_threads) noexcept nogil:
+        # RWKV-5/6's channel mixing (RWKV-4's): x += sigmoid(receptance @ xr) * (value @ relu(key @ xk)^2)
+        cdef Py_ssize_t C = self.C
+        cdef float* hidden = self.hidden
+        cdef float* u8 = self.u8
+        cdef MatvecJob jobs[2]
+        rwkvx_layer_norm(C, x, self.ln2_w, self.ln2_b, LAYER_NORM_EPS, xn)
+        _mix_rows(1, C, 2, xn, source + FFN_XX * C, self.ffn_mix, mixed, 1)
+        memcpy(state + FFN_XX * C, xn, C * sizeof(float))
+        jobs[0] = MatvecJob(hidden, &self.fk.m, mixed)
+        jobs[1] = MatvecJob(r, &self.fr.m, mixed + C)
+        _matvec_jobs(jobs, 2, u8, n_threads)
+        rwkvx_relu_square(hidden, self.n_ffn)
+        _matvec(y, &self.fv.m, hidden, u8, n_threads)
+        rwkvx_add_gated(C, x, r, y)
+
+
+cdef class V7Step(_Step):
+    """An RWKV-7 layer: p is rwkvx.arch.v7's parameter dict, lin its Linear objects (the big
+    matrices), low the low-rank matrices transposed (in, out), mixes (6, C) the token-shift
+    mixes of r, w, k, v, a, g. Not thread-safe (one scratch per layer; the model runs one
+    call at a time)."""
+    cdef Linear r, k, v
+    # the low-rank pairs, transposed (in, out): w1 a1 g1 v1 (C, D), w2 a2 g2 v2 (D, C)
+    cdef const float* low[8]
+    cdef Py_ssize_t rank[4]
     cdef const float* mixes
-    cdef const float* ffn_mix
     cdef const float* w0
     cdef const float* a0
     cdef const float* v0
@@ -71,29 +171,22 @@ cdef class V7Step:
     cdef const float* r_k
     cdef const float* lnx_w
     cdef const float* lnx_b
-    cdef readonly Py_ssize_t C, H, N, n_ffn
     cdef readonly bint layer0
     cdef float decay_scale
-    cdef double eps
-    cdef dict keep
-    cdef object scratch_array
-    cdef float* scratch
 
     def __init__(self, dict p, dict lin, dict low, mixes, Py_ssize_t n_head, float decay_scale, double eps):
-        self.keep = {}
-        self.r, self.k, self.v, self.o = lin["att_receptance"], lin["att_key"], lin["att_value"], lin["att_output"]
-        self.fk, self.fv = lin["ffn_key"], lin["ffn_value"]
-        self.layer0 = "att_v1" not in low
+        self.r, self.k, self.v = lin["att_receptance"], lin["att_key"], lin["att_value"]
         cdef Py_ssize_t C = self.r.m.n_cols, i
-        if n_head < 1 or C % n_head:
-            raise RwkvxError(f"V7Step: {n_head} heads do not divide {C} channels")
-        self.C, self.H, self.N, self.n_ffn = C, n_head, C // n_head, self.fk.m.n_rows
-        for name, rows, cols in (("att_receptance", C, C), ("att_key", C, C), ("att_value", C, C),
-                                 ("att_output", C, C), ("ffn_key", self.n_ffn, C), ("ffn_value", C, self.n_ffn)):
-            _check_shape(name, lin[name], rows, cols)
+        self.layer0 = "att_v1" not in low
+        for i in range(4):
+            self.rank[i] = 0
+        ranks = [low[f"att_{name}1"].shape[1] for name in ("wag" if self.layer0 else "wagv")]
+        # 6 mixed inputs, r k v w a g v-lora kk b y (C each), the low-rank hidden rows
+        self._setup(p, lin, C, n_head, eps, p["ffn_x_k"], 17 * C + sum(ranks))
+        for name in ("att_receptance", "att_key", "att_value"):
+            _check_shape(name, lin[name], C, C)
         cdef const float[:, ::1] first, second
         for i, name in enumerate("wagv"):
-            self.rank[i] = 0
             if name == "v" and self.layer0:
                 continue
             first, second = low[f"att_{name}1"], low[f"att_{name}2"]
@@ -102,44 +195,16 @@ cdef class V7Step:
                                  f"({first.shape[0]}, {first.shape[1]}) and ({second.shape[0]}, {second.shape[1]})")
             self.keep[f"low_{name}"] = (first, second)
             self.low[i], self.low[4 + i], self.rank[i] = &first[0, 0], &second[0, 0], first.shape[1]
-        self.ln1_w = _vector(self.keep, "ln1_weight", p["ln1_weight"], C)
-        self.ln1_b = _vector(self.keep, "ln1_bias", p["ln1_bias"], C)
-        self.ln2_w = _vector(self.keep, "ln2_weight", p["ln2_weight"], C)
-        self.ln2_b = _vector(self.keep, "ln2_bias", p["ln2_bias"], C)
         self.w0 = _vector(self.keep, "att_w0", p["att_w0"], C)
         self.a0 = _vector(self.keep, "att_a0", p["att_a0"], C)
         self.k_k = _vector(self.keep, "att_k_k", p["att_k_k"], C)
         self.k_a = _vector(self.keep, "att_k_a", p["att_k_a"], C)
         self.lnx_w = _vector(self.keep, "att_ln_x_weight", p["att_ln_x_weight"], C)
         self.lnx_b = _vector(self.keep, "att_ln_x_bias", p["att_ln_x_bias"], C)
-        self.ffn_mix = _vector(self.keep, "ffn_x_k", p["ffn_x_k"], C)
         self.r_k = _vector(self.keep, "att_r_k", p["att_r_k"], C)
         self.mixes = _vector(self.keep, "mixes", mixes, 6 * C)
         self.v0 = NULL if self.layer0 else _vector(self.keep, "att_v0", p["att_v0"], C)
         self.decay_scale = decay_scale
-        self.eps = eps
-        # 6 mixed inputs, r k v w a g v-lora kk b y out (C each), the low-rank hidden rows,
-        # the feed-forward hidden row, and the uint8 products' scratch (3 inputs at most)
-        rank = self.rank[0] + self.rank[1] + self.rank[2] + self.rank[3]
-        self.scratch_array = _aligned_floats(17 * C + rank + self.n_ffn + 3 * max(C, self.n_ffn) + 64)
-        cdef float[::1] sv = self.scratch_array
-        self.scratch = &sv[0]
-
-    def __call__(self, float[::1] x, float[:, ::1] state, const float[:, ::1] source, float[::1] v_first,
-                 int n_threads=1):
-        """Move one token x (C,) through the layer in place: state (2 + N, C) is written from
-        source (the layer's state before the token; may be the same array); v_first (C,) is
-        layer 0's value, written by layer 0 and read by the others."""
-        cdef Py_ssize_t C = self.C
-        if x.shape[0] != C or v_first.shape[0] != C:
-            raise RwkvxError(f"V7Step: x and v_first: expected ({C},), got ({x.shape[0]},), ({v_first.shape[0]},)")
-        for name, s in (("state", state), ("source", source)):
-            if s.shape[0] != WKV + self.N or s.shape[1] != C:
-                raise RwkvxError(f"V7Step: {name}: expected ({WKV + self.N}, {C}), got ({s.shape[0]}, {s.shape[1]})")
-        n_threads = kernel_threads(n_threads)
-        cdef int level = simd_level()
-        with nogil:
-            self._step(&x[0], &state[0, 0], &source[0, 0], &v_first[0], n_threads, level)
 
     cdef void _step(self, float* x, float* state, const float* source, float* v_first, int n_threads,
                     int level) noexcept nogil:
@@ -162,13 +227,12 @@ cdef class V7Step:
         cdef float* a_h = w_h + self.rank[0]
         cdef float* g_h = a_h + self.rank[1]
         cdef float* v_h = g_h + self.rank[2]
-        cdef float* f_h = v_h + self.rank[3]
-        cdef float* u8 = f_h + self.n_ffn
+        cdef float* f_h = self.hidden
+        cdef float* u8 = self.u8
         cdef float* out = mixed             # free once the first products have run
         cdef LowrankJob low[4]
         cdef int n_low = 3 if self.layer0 else 4
         cdef MatvecJob jobs[3]
-        cdef int n_jobs
         cdef Py_ssize_t starts[2]
         cdef const float* s_in
         cdef float* s_out
@@ -216,3 +280,142 @@ cdef class V7Step:
         for j in range(C):
             x[j] = x[j] + y[j]
 
+
+
+cdef class V5Step(_Step):
+    """An RWKV-5.2 layer: p and lin as rwkvx.arch.v5's Layer holds them; mix (4, C) the
+    previous token's shares for k, v, r, g, ffn_mix (2, C) for k and r; decay (C,) the
+    decay factors, bonus (C,) u."""
+    cdef Linear r, k, v, g
+    cdef const float* mix
+    cdef const float* decay
+    cdef const float* bonus
+    cdef const float* lnx_w
+    cdef const float* lnx_b
+
+    def __init__(self, dict p, dict lin, mix, ffn_mix, decay, bonus, Py_ssize_t n_head, double eps):
+        self.r, self.k, self.v, self.g = lin["att_receptance"], lin["att_key"], lin["att_value"], lin["att_gate"]
+        cdef Py_ssize_t C = self.r.m.n_cols
+        # xn, 4 mixed inputs, r k v g y out (C each)
+        self._setup(p, lin, C, n_head, eps, ffn_mix, 11 * C)
+        for name in ("att_receptance", "att_key", "att_value", "att_gate"):
+            _check_shape(name, lin[name], C, C)
+        self.mix = _vector(self.keep, "mix", mix, 4 * C)
+        self.decay = _vector(self.keep, "decay", decay, C)
+        self.bonus = _vector(self.keep, "bonus", bonus, C)
+        self.lnx_w = _vector(self.keep, "att_ln_x_weight", p["att_ln_x_weight"], C)
+        self.lnx_b = _vector(self.keep, "att_ln_x_bias", p["att_ln_x_bias"], C)
+
+    cdef void _step(self, float* x, float* state, const float* source, float* v_first, int n_threads,
+                    int level) noexcept nogil:
+        cdef Py_ssize_t C = self.C
+        cdef float* xn = self.scratch
+        cdef float* mixed = xn + C          # xk xv xr xg
+        cdef float* r = xn + 5 * C
+        cdef float* k = xn + 6 * C
+        cdef float* v = xn + 7 * C
+        cdef float* g = xn + 8 * C
+        cdef float* y = xn + 9 * C
+        cdef float* out = xn + 10 * C
+        cdef MatvecJob jobs[4]
+        rwkvx_layer_norm(C, x, self.ln1_w, self.ln1_b, LAYER_NORM_EPS, xn)
+        _mix_rows(1, C, 4, xn, source + ATT_XX * C, self.mix, mixed, 1)
+        memcpy(state + ATT_XX * C, xn, C * sizeof(float))
+        jobs[0] = MatvecJob(r, &self.r.m, mixed + 2 * C)
+        jobs[1] = MatvecJob(k, &self.k.m, mixed)
+        jobs[2] = MatvecJob(v, &self.v.m, mixed + C)
+        jobs[3] = MatvecJob(g, &self.g.m, mixed + 3 * C)
+        _matvec_jobs(jobs, 4, self.u8, n_threads)
+        rwkvx_silu(g, C)
+        self._time_mix_end(x, state, source, r, k, v, self.decay, 0, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
+                           n_threads, level)
+        self._gated_ffn(x, state, source, xn, mixed, r, y, n_threads)
+
+
+cdef class V6Step(_Step):
+    """An RWKV-6 layer: p and lin as rwkvx.arch.v6's Layer holds them (lin with the
+    low-rank time_maa_w1, time_decay_w1 and time_decay_w2), maa_w2 the five (C, D) Linear
+    halves of the mixes' correction, ffn_mix (2, C), bonus (C,) u."""
+    cdef Linear r, k, v, g, maa_w1, decay_w1, decay_w2
+    cdef const Matrix* maa_w2[5]      # the Linear objects are kept in self.keep
+    cdef const float* maa[6]        # time_maa_x, then w k v r g
+    cdef const float* time_decay
+    cdef const float* bonus
+    cdef const float* lnx_w
+    cdef const float* lnx_b
+    cdef Py_ssize_t d_mix, d_decay
+
+    def __init__(self, dict p, dict lin, list maa_w2, ffn_mix, bonus, Py_ssize_t n_head, double eps):
+        self.r, self.k, self.v, self.g = lin["att_receptance"], lin["att_key"], lin["att_value"], lin["att_gate"]
+        self.maa_w1, self.decay_w1, self.decay_w2 = lin["att_time_maa_w1"], lin["att_time_decay_w1"], lin["att_time_decay_w2"]
+        cdef Py_ssize_t C = self.r.m.n_cols, i
+        self.d_mix = self.maa_w1.m.n_rows // 5
+        self.d_decay = self.decay_w1.m.n_rows
+        # xn, sx, xx, 5 mixed inputs, 5 mix corrections, r k v g w y out (C each), the
+        # mixes' low-rank row (5 D) and the decay's (Dw)
+        self._setup(p, lin, C, n_head, eps, ffn_mix, 20 * C + 5 * self.d_mix + self.d_decay)
+        for name in ("att_receptance", "att_key", "att_value", "att_gate"):
+            _check_shape(name, lin[name], C, C)
+        _check_shape("att_time_maa_w1", self.maa_w1, 5 * self.d_mix, C)
+        _check_shape("att_time_decay_w1", self.decay_w1, self.d_decay, C)
+        _check_shape("att_time_decay_w2", self.decay_w2, C, self.d_decay)
+        if len(maa_w2) != 5:
+            raise RwkvxError(f"att_time_maa_w2: expected 5 matrices, got {len(maa_w2)}")
+        for i in range(5):
+            _check_shape(f"att_time_maa_w2[{i}]", maa_w2[i], C, self.d_mix)
+            self.maa_w2[i] = _matrix_of(maa_w2[i])
+        self.keep["maa_w2"] = list(maa_w2)
+        for i, m in enumerate("xwkvrg"):
+            self.maa[i] = _vector(self.keep, f"att_time_maa_{m}", p[f"att_time_maa_{m}"], C)
+        self.time_decay = _vector(self.keep, "att_time_decay", p["att_time_decay"], C)
+        self.bonus = _vector(self.keep, "bonus", bonus, C)
+        self.lnx_w = _vector(self.keep, "att_ln_x_weight", p["att_ln_x_weight"], C)
+        self.lnx_b = _vector(self.keep, "att_ln_x_bias", p["att_ln_x_bias"], C)
+
+    cdef void _step(self, float* x, float* state, const float* source, float* v_first, int n_threads,
+                    int level) noexcept nogil:
+        cdef Py_ssize_t C = self.C, D = self.d_mix, i, j
+        cdef float* xn = self.scratch
+        cdef float* sx = xn + C
+        cdef float* xx = xn + 2 * C
+        cdef float* mixed = xn + 3 * C      # xw xk xv xr xg
+        cdef float* corr = xn + 8 * C       # the five mix corrections
+        cdef float* r = xn + 13 * C
+        cdef float* k = xn + 14 * C
+        cdef float* v = xn + 15 * C
+        cdef float* g = xn + 16 * C
+        cdef float* w = xn + 17 * C
+        cdef float* y = xn + 18 * C
+        cdef float* out = xn + 19 * C
+        cdef float* lora = xn + 20 * C
+        cdef float* w_h = lora + 5 * D
+        cdef const float* prev = source + ATT_XX * C
+        cdef MatvecJob jobs[5]
+        rwkvx_layer_norm(C, x, self.ln1_w, self.ln1_b, LAYER_NORM_EPS, xn)
+        for j in range(C):
+            sx[j] = prev[j] - xn[j]
+        _mix_rows(1, C, 1, xn, prev, self.maa[0], xx, 1)
+        memcpy(state + ATT_XX * C, xn, C * sizeof(float))
+        # the data-dependent token shift: five mixes corrected by one low-rank map of xx
+        _matvec(lora, &self.maa_w1.m, xx, self.u8, n_threads)
+        _lora_act(5 * D, lora, 0, NULL)
+        for i in range(5):
+            jobs[i] = MatvecJob(corr + i * C, self.maa_w2[i], lora + i * D)
+        _matvec_jobs(jobs, 5, self.u8, n_threads)
+        for i in range(5):
+            for j in range(C):
+                mixed[i * C + j] = xn[j] + sx[j] * (self.maa[1 + i][j] + corr[i * C + j])
+        jobs[0] = MatvecJob(w_h, &self.decay_w1.m, mixed)
+        jobs[1] = MatvecJob(r, &self.r.m, mixed + 3 * C)
+        jobs[2] = MatvecJob(k, &self.k.m, mixed + C)
+        jobs[3] = MatvecJob(v, &self.v.m, mixed + 2 * C)
+        jobs[4] = MatvecJob(g, &self.g.m, mixed + 4 * C)
+        _matvec_jobs(jobs, 5, self.u8, n_threads)
+        rwkvx_silu(g, C)
+        # the data-dependent decay
+        _lora_act(self.d_decay, w_h, 0, NULL)
+        _matvec(w, &self.decay_w2.m, w_h, self.u8, n_threads)
+        rwkvx_v6_decay(w, self.time_decay, C)
+        self._time_mix_end(x, state, source, r, k, v, w, C, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
+                           n_threads, level)
+        self._gated_ffn(x, state, source, xn, mixed, r, y, n_threads)

@@ -20,6 +20,9 @@ from rwkvx._matvec import simd_level
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_elementwise.h" nogil:
+    void rwkvx_silu(float* x, Py_ssize_t n)
+    void rwkvx_v6_decay(float* w, const float* time_decay, Py_ssize_t n)
+    void rwkvx_add_gated(Py_ssize_t n, float* x, const float* r, const float* y)
     void rwkvx_v7_gates(Py_ssize_t n, float* w, float* k, float* v, const float* a_lora, const float* v_lora,
                         const float* v_first, const float* w0, const float* a0, const float* v0, const float* k_a,
                         float decay_scale, const float* kk, float* b)
@@ -286,6 +289,35 @@ def lora_act(float[:, ::1] t, float[:, ::1] s):
             _lora_act(t.shape[0] * t.shape[1], &t[0, 0], 0, NULL)
         if s.shape[0] and s.shape[1]:
             _lora_act(0, NULL, s.shape[0] * s.shape[1], &s[0, 0])
+
+
+def silu_rows(float[:, ::1] x):
+    """x = x * sigmoid(x) in place, row by row (RWKV-5/6's gate)."""
+    cdef Py_ssize_t t
+    with nogil:
+        for t in range(x.shape[0]):
+            rwkvx_silu(&x[t, 0], x.shape[1])
+
+
+def add_gated_rows(float[:, ::1] x, const float[:, ::1] r, const float[:, ::1] y):
+    """x += sigmoid(r) * y in place, row by row (the channel mixing's gated residual)."""
+    cdef Py_ssize_t t
+    if r.shape[0] != x.shape[0] or y.shape[0] != x.shape[0] or r.shape[1] != x.shape[1] or y.shape[1] != x.shape[1]:
+        raise RwkvxError(f"add_gated_rows: x, r, y: expected the same shape, got ({x.shape[0]}, {x.shape[1]}), "
+                         f"({r.shape[0]}, {r.shape[1]}), ({y.shape[0]}, {y.shape[1]})")
+    with nogil:
+        for t in range(x.shape[0]):
+            rwkvx_add_gated(x.shape[1], &x[t, 0], &r[t, 0], &y[t, 0])
+
+
+def v6_decay_rows(float[:, ::1] w, const float[::1] time_decay):
+    """RWKV-6's decay factors in place, row by row: w = exp(-exp(time_decay + w))."""
+    cdef Py_ssize_t t
+    if time_decay.shape[0] != w.shape[1]:
+        raise RwkvxError(f"v6_decay_rows: time_decay: expected ({w.shape[1]},), got ({time_decay.shape[0]},)")
+    with nogil:
+        for t in range(w.shape[0]):
+            rwkvx_v6_decay(&w[t, 0], &time_decay[0], w.shape[1])
 
 
 cdef void _v7_prepare_row(Py_ssize_t t, Py_ssize_t H, Py_ssize_t N, float* w, float* k, float* v,

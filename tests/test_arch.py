@@ -251,3 +251,49 @@ def test_a_state_let_go_is_reused(checkpoint):
     del state
     _, again = model.forward(TOKENS[:3])
     assert again.ctypes.data == address
+
+
+# ---- the fused token steps (rwkvx._step): one decoded token, one call a layer ----
+
+STEP_TOKENS = [5, 17, 0, 96, 33, 2, 64, 7]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "uint8", "q4"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_token_by_token_is_bit_identical_to_a_prompt(tmp_path, version, dtype, threads):
+    # wide enough that every product group runs on both threads; the token step and the rows
+    # path share their kernels, so one token gives the same bits through either
+    path = write_safetensors(tmp_path / "m.safetensors",
+                             random_checkpoint(version, n_layer=3, n_embd=128, head_size=32))
+    model = rwkvx.load(path, dtype=dtype, threads=threads)
+    logits, state = model.forward(STEP_TOKENS, all_logits=True)
+    s, rows = None, []
+    for t in STEP_TOKENS:
+        one, s = model.forward([t], s)
+        rows.append(one)
+    assert np.array_equal(np.stack(rows), logits) and np.array_equal(s, state)
+
+
+def test_the_token_step_may_update_its_state_in_place(tmp_path, version):
+    path = write_safetensors(tmp_path / "m.safetensors", random_checkpoint(version, n_layer=2))
+    model = rwkvx.load(path)
+    layer = model.layers[1]
+    _, state = model.forward(STEP_TOKENS[:3])
+    x = np.random.default_rng(0).standard_normal(model.n_embd).astype(np.float32)
+    v_first = np.random.default_rng(1).standard_normal(model.n_embd).astype(np.float32)
+    apart, x_apart = np.empty_like(state[1]), x.copy()
+    layer.step(x_apart, apart, state[1], v_first, 1)
+    inplace, x_inplace = state[1].copy(), x.copy()
+    layer.step(x_inplace, inplace, inplace, v_first, 1)
+    assert np.array_equal(apart, inplace) and np.array_equal(x_apart, x_inplace)
+
+
+def test_the_token_step_refuses_wrong_shapes(tmp_path, version):
+    path = write_safetensors(tmp_path / "m.safetensors", random_checkpoint(version, n_layer=1))
+    model = rwkvx.load(path)
+    C = model.n_embd
+    state = model.new_state()[0]
+    with pytest.raises(rwkvx.RwkvxError, match="x and v_first"):
+        model.layers[0].step(np.zeros(C + 1, np.float32), state, state, np.zeros(C, np.float32))
+    with pytest.raises(rwkvx.RwkvxError, match="state: expected"):
+        model.layers[0].step(np.zeros(C, np.float32), state[1:], state, np.zeros(C, np.float32))

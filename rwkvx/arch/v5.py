@@ -115,13 +115,13 @@ def channel_mixing_rows(X, states, starts, p, L, n, mixes):
     """RWKV-4's channel mixing on rows, residual added to X; mixes (2, C): the previous
     token's share for k and r (x + (prev - x) * share: 1 - time_mix, or v6's time_maa)."""
     from rwkvx.arch.common import matmul, norm_rows, products, shift
-    from rwkvx._wkv import mix_rows
+    from rwkvx._wkv import add_gated_rows, mix_rows
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
     xkr = np.empty((2, len(x), x.shape[1]), np.float32)
     mix_rows(x, shift(x, states, FFN_XX, starts), mixes, xkr, n)
     k, r = products([(L["ffn_key"], xkr[0]), (L["ffn_receptance"], xkr[1])], n)
     np.square(np.maximum(k, 0, out=k), out=k)  # in place: (T, 4C) is the layer's largest array
-    X += sigmoid(r) * matmul(L["ffn_value"], k, n)
+    add_gated_rows(X, r, matmul(L["ffn_value"], k, n))  # X += sigmoid(r) * (value @ k)
 
 
 class Layer:
@@ -139,18 +139,24 @@ class Layer:
         self.ffn_mix = np.stack([1 - p["ffn_time_mix_k"], 1 - p["ffn_time_mix_r"]])
         self.decay = p["att_time_decay"].reshape(1, -1)
         self.bonus = p["att_time_faaaa"].reshape(-1)
+        from rwkvx._step import V5Step
+        self.step = V5Step(p, self.lin, self.mix, self.ffn_mix, self.decay, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import mix_rows, wkv5
+        from rwkvx._wkv import mix_rows, silu_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
+        if T == 1:
+            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            self.step(X[0], states[0], states.sources[0], None, n)
+            return None
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         xk, xv, xr, xg = mixed = np.empty((4, T, C), np.float32)
         mix_rows(x, shift(x, states, ATT_XX, starts), self.mix, mixed, n)
         r, k, v, g = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
                                (L["att_gate"], xg)], n)
-        g = silu(g)
+        silu_rows(g)
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, self.decay, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H),
              starts, y, eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n), sources=heads_of(states.sources, H))

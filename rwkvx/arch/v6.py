@@ -123,19 +123,26 @@ class Layer:
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)
         self.maa_x = p["att_time_maa_x"].reshape(1, -1)
+        from rwkvx._step import V6Step
+        self.step = V6Step(p, self.lin, self.maa_w2, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import mix_rows, wkv5
+        from rwkvx._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
+        if T == 1:
+            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            self.step(X[0], states[0], states.sources[0], None, n)
+            return None
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         prev = shift(x, states, ATT_XX, starts)
         sx = prev - x
         xx = np.empty((1, T, C), np.float32)
         mix_rows(x, prev, self.maa_x, xx, n)
-        lora = np.tanh(matmul(L["att_time_maa_w1"], xx[0], n))
+        lora = matmul(L["att_time_maa_w1"], xx[0], n)
+        lora_act(lora, lora[:0])  # tanh
         lora = lora.reshape(T, 5, -1)
         # the five mix corrections (w, k, v, r, g), the decay's first stage as soon as xw is known
         mix = products([(self.maa_w2[i], np.ascontiguousarray(lora[:, i])) for i in range(4)], n)
@@ -148,9 +155,10 @@ class Layer:
         mix.append(mg)
         r, k, v, g = products([(L["att_receptance"], mixed(3, "r")), (L["att_key"], mixed(1, "k")),
                                (L["att_value"], mixed(2, "v")), (L["att_gate"], mixed(4, "g"))], n)
-        g = silu(g)
-        w = p["att_time_decay"] + matmul(L["att_time_decay_w2"], np.tanh(w), n)
-        w = np.exp(-np.exp(w))
+        silu_rows(g)
+        lora_act(w, w[:0])  # tanh
+        w = matmul(L["att_time_decay_w2"], w, n)
+        v6_decay_rows(w, p["att_time_decay"])  # exp(-exp(time_decay + w))
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y,
              eps=GROUP_NORM_EPS, n_threads=wkv_threads(T, H, C // H, n), sources=heads_of(states.sources, H))
