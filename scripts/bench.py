@@ -156,7 +156,9 @@ def _child_write(spec: dict) -> None:
     # lazy: each tensor is drawn when its turn to be written comes, then dropped, so a 7B
     # model (28 GB in float32) is written with about one tensor in memory
     tensors = random_weights(tuple(spec["shape"]), spec["seed"], spec.get("arch", "v4"))
-    write_safetensors(spec["path"], tensors, dtype="bfloat16")
+    # tensors on cache lines, as in BlinkDL's .pth files (torch aligns them to 64 bytes) and
+    # rwkvx.convert's output; the reference safetensors writer aligns to 8 only
+    write_safetensors(spec["path"], tensors, dtype="bfloat16", align=64)
     # loaded as a downloaded checkpoint would be after a reboot: read from disk into huge pages
     drop_from_page_cache(spec["path"])
     peak, _ = _rss_mb()

@@ -55,3 +55,13 @@ def test_lazy_tensor_of_the_wrong_shape_is_refused(tmp_path):
     bad = LazyTensor((2, 3), lambda: np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match=r"w: expected shape \(2, 3\), got \(3, 2\)"):
         write_safetensors(tmp_path / "m.st", {"w": bad})
+
+
+@pytest.mark.parametrize("align", [8, 64])
+def test_write_safetensors_aligns_the_data(tmp_path, align):
+    path = tmp_path / "a.safetensors"
+    write_safetensors(path, {"a": np.ones(3, np.float32), "b": np.zeros((2, 16), np.float32)}, align=align)
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    assert start % align == 0 and len(raw) == start + 4 * (3 + 32)
+    assert np.array_equal(np.frombuffer(raw[start:start + 12], np.float32), np.ones(3, np.float32))
