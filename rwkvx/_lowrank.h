@@ -18,38 +18,22 @@
 /* outputs per block: four AVX-512 registers (eight AVX2) of independent sums */
 #define RWKVX_LOWRANK_BLOCK 64
 
-/* out[i] = sum_j x[j] wt[j, i0 + i] for i < width (<= RWKVX_LOWRANK_BLOCK); ldw: wt's row length */
-#define RWKVX_LOWRANK_BODY                                                                    \
-    {                                                                                          \
-        float acc[RWKVX_LOWRANK_BLOCK];                                                        \
-        if (width == RWKVX_LOWRANK_BLOCK) {                                                    \
-            for (ptrdiff_t i = 0; i < RWKVX_LOWRANK_BLOCK; i++)                                \
-                acc[i] = 0.0f;                                                                 \
-            for (ptrdiff_t j = 0; j < n_in; j++) {                                             \
-                const float xj = x[j];                                                         \
-                const float *w = wt + j * ldw;                                                 \
-                for (ptrdiff_t i = 0; i < RWKVX_LOWRANK_BLOCK; i++)                            \
-                    acc[i] = acc[i] + xj * w[i];                                               \
-            }                                                                                  \
-            for (ptrdiff_t i = 0; i < RWKVX_LOWRANK_BLOCK; i++)                                \
-                out[i] = acc[i];                                                               \
-        } else {                                                                               \
-            for (ptrdiff_t i = 0; i < width; i++)                                              \
-                acc[i] = 0.0f;                                                                 \
-            for (ptrdiff_t j = 0; j < n_in; j++) {                                             \
-                const float xj = x[j];                                                         \
-                const float *w = wt + j * ldw;                                                 \
-                for (ptrdiff_t i = 0; i < width; i++)                                          \
-                    acc[i] = acc[i] + xj * w[i];                                               \
-            }                                                                                  \
-            for (ptrdiff_t i = 0; i < width; i++)                                              \
-                out[i] = acc[i];                                                               \
-        }                                                                                      \
-    }
-
+/* out[i] = sum_j x[j] wt[j, i] for i < width (<= RWKVX_LOWRANK_BLOCK); ldw: wt's row length */
 static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const float *x, const float *wt,
                                          ptrdiff_t ldw, float *out)
-RWKVX_LOWRANK_BODY
+{
+    float acc[RWKVX_LOWRANK_BLOCK];
+    for (ptrdiff_t i = 0; i < width; i++)
+        acc[i] = 0.0f;
+    for (ptrdiff_t j = 0; j < n_in; j++) {
+        const float xj = x[j];
+        const float *w = wt + j * ldw;
+        for (ptrdiff_t i = 0; i < width; i++)
+            acc[i] = acc[i] + xj * w[i];
+    }
+    for (ptrdiff_t i = 0; i < width; i++)
+        out[i] = acc[i];
+}
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>

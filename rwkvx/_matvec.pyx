@@ -257,6 +257,15 @@ cdef inline Py_ssize_t _block_at(double target, const double* cost, const Py_ssi
     return min(max(block, first[k]), first[k + 1])
 
 
+cdef inline Py_ssize_t _share_start(int tid, int n_threads, const double* cost, const Py_ssize_t* first,
+                                   int n_jobs) noexcept nogil:
+    # where thread tid's contiguous run of blocks begins (tid == n_threads: the end); the
+    # runs hold equal shares of the work cost[n_jobs]
+    if tid >= n_threads:
+        return first[n_jobs]
+    return _block_at(cost[n_jobs] * tid / n_threads, cost, first, n_jobs)
+
+
 cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil:
     # the blocks of all jobs form one index space, so no thread waits at a barrier between
     # the products of a fused group; each thread takes a contiguous run of blocks holding an
@@ -281,9 +290,8 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
     if n_threads > first[n_jobs]:
         n_threads = <int>first[n_jobs]
     for tid in prange(n_threads, schedule="static", num_threads=n_threads):
-        lo = _block_at(cost[n_jobs] * tid / n_threads, cost, first, n_jobs)
-        hi = first[n_jobs] if tid == n_threads - 1 else \
-            _block_at(cost[n_jobs] * (tid + 1) / n_threads, cost, first, n_jobs)
+        lo = _share_start(tid, n_threads, cost, first, n_jobs)
+        hi = _share_start(tid + 1, n_threads, cost, first, n_jobs)
         job = 0
         for block in range(lo, hi):
             while block >= first[job + 1]:
@@ -312,9 +320,8 @@ cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_th
     if n_threads > first[n_jobs]:
         n_threads = <int>first[n_jobs]
     for tid in prange(n_threads, schedule="static", num_threads=n_threads):
-        lo = _block_at(cost[n_jobs] * tid / n_threads, cost, first, n_jobs)
-        hi = first[n_jobs] if tid == n_threads - 1 else \
-            _block_at(cost[n_jobs] * (tid + 1) / n_threads, cost, first, n_jobs)
+        lo = _share_start(tid, n_threads, cost, first, n_jobs)
+        hi = _share_start(tid + 1, n_threads, cost, first, n_jobs)
         job = 0
         for item in range(lo, hi):
             while item >= first[job + 1]:

@@ -79,14 +79,20 @@ def test_rwkv_cpp_layout_reads_as_blinkdl(tmp_path, version, head_size):
     np.testing.assert_allclose(lb, la, rtol=0, atol=1e-5 * np.abs(la).max())
 
 
+def _token_by_token(model, tokens):
+    """(logits after each token, final state), feeding one token per call."""
+    s, rows = None, []
+    for t in tokens:
+        one, s = model.forward([t], s)
+        rows.append(one)
+    return np.stack(rows), s
+
+
 def test_sequence_mode_is_bit_identical_to_token_by_token(checkpoint):
     model = rwkvx.load(checkpoint)
     logits, state = model.forward(TOKENS, all_logits=True)
-    s, rows = None, []
-    for t in TOKENS:
-        one, s = model.forward([t], s)
-        rows.append(one)
-    assert np.array_equal(np.stack(rows), logits) and np.array_equal(s, state)
+    rows, s = _token_by_token(model, TOKENS)
+    assert np.array_equal(rows, logits) and np.array_equal(s, state)
     for chunk in (1, 3, 7):
         model.chunk_size = chunk
         again, again_state = model.forward(TOKENS, all_logits=True)
@@ -267,11 +273,8 @@ def test_decoding_token_by_token_is_bit_identical_to_a_prompt(tmp_path, version,
                              random_checkpoint(version, n_layer=3, n_embd=128, head_size=32))
     model = rwkvx.load(path, dtype=dtype, threads=threads)
     logits, state = model.forward(STEP_TOKENS, all_logits=True)
-    s, rows = None, []
-    for t in STEP_TOKENS:
-        one, s = model.forward([t], s)
-        rows.append(one)
-    assert np.array_equal(np.stack(rows), logits) and np.array_equal(s, state)
+    rows, s = _token_by_token(model, STEP_TOKENS)
+    assert np.array_equal(rows, logits) and np.array_equal(s, state)
 
 
 def test_the_token_step_may_update_its_state_in_place(tmp_path, version):

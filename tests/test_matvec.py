@@ -220,3 +220,55 @@ def test_n_threads_must_be_positive(rng):
     w, x = _data(rng, 5, 9)
     with pytest.raises(RwkvxError, match="n_threads"):
         _matvec.Linear.f32(w)(x, n_threads=0)
+
+
+# ---- products with small matrices stored transposed (RWKV-7's low-rank paths, _lowrank.h) ----
+
+LOWRANK_SHAPES = [(1024, 64), (64, 1024), (256, 32), (100, 70), (3, 5)]  # (n_in, n_out): full and partial blocks
+
+
+def _lowrank(wts, Xs, threads=1):
+    outs = [np.empty((X.shape[0], wt.shape[1]), np.float32) for wt, X in zip(wts, Xs)]
+    _matvec.lowrank_group(wts, Xs, outs, threads)
+    return outs
+
+
+@pytest.mark.parametrize("n_in,n_out", LOWRANK_SHAPES)
+def test_lowrank_matches_float64(simd, n_in, n_out):
+    # float32 sums of n_in products in order: within n_in float32 roundings of the float64 sum
+    rng = np.random.default_rng(n_in * 7 + n_out)
+    wt = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    X = rng.standard_normal((5, n_in)).astype(np.float32)
+    (out,) = _lowrank([wt], [X])
+    exact = X.astype(np.float64) @ wt.astype(np.float64)
+    bound = n_in * np.finfo(np.float32).eps * (np.abs(X).astype(np.float64) @ np.abs(wt).astype(np.float64))
+    assert np.all(np.abs(out - exact) <= bound)
+
+
+@pytest.mark.parametrize("n_in,n_out", LOWRANK_SHAPES)
+def test_lowrank_gives_the_same_bits_for_any_tokens_threads_and_level(n_in, n_out):
+    rng = np.random.default_rng(n_out)
+    wts = [rng.standard_normal((n_in, n_out)).astype(np.float32), rng.standard_normal((n_in, 17)).astype(np.float32)]
+    Xs = [rng.standard_normal((9, n_in)).astype(np.float32) for _ in wts]
+    before = _matvec.simd_level()
+    try:
+        _matvec.set_simd_level(0)
+        first = _lowrank(wts, Xs)
+        for level in SIMD_LEVELS:
+            _matvec.set_simd_level(level)
+            for threads in (1, 2, 3):
+                assert all(np.array_equal(a, b) for a, b in zip(_lowrank(wts, Xs, threads), first))
+            # one token alone, and an odd token out of a pair
+            for t in (0, 4, 8):
+                alone = _lowrank(wts, [X[t:t + 1].copy() for X in Xs])
+                assert all(np.array_equal(a[0], b[t]) for a, b in zip(alone, first))
+    finally:
+        _matvec.set_simd_level(before)
+
+
+def test_lowrank_refuses_mismatched_shapes():
+    wt = np.zeros((8, 4), np.float32)
+    with pytest.raises(RwkvxError, match="lowrank_group: product 0"):
+        _matvec.lowrank_group([wt], [np.zeros((2, 9), np.float32)], [np.zeros((2, 4), np.float32)])
+    with pytest.raises(RwkvxError, match="1 to 8 products"):
+        _matvec.lowrank_group([wt] * 9, [np.zeros((2, 8), np.float32)] * 9, [np.zeros((2, 4), np.float32)] * 9)
