@@ -24,6 +24,16 @@ from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic
 from rwkvx.weights import to_float32
 
 
+def _references(pool: list, i: int) -> int:
+    return sys.getrefcount(pool[i])
+
+
+# what _references counts for an array the pool alone holds: 2 (the list and getrefcount's
+# argument) up to Python 3.13; measured rather than assumed, since newer interpreters may
+# borrow the argument's reference and count one less
+_POOL_ONLY = _references([object()], 0)
+
+
 class RWKVNext(RWKV):
     """An RWKV-5.2, 6 or 7 model ready to run; the same API as RWKV (RWKV-4).
 
@@ -96,8 +106,8 @@ class RWKVNext(RWKV):
         for i in range(len(pool)):
             if len(taken) == n:
                 break
-            # 2: the pool's reference and getrefcount's argument; a view of the array counts too
-            if sys.getrefcount(pool[i]) == 2:
+            # a view of the array counts as a holder too
+            if _references(pool, i) == _POOL_ONLY:
                 taken.append(pool[i])
         while len(taken) < n:
             a = np.empty(self.state_shape, dtype=np.float32)
