@@ -72,7 +72,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overw
                                        else _layout_v4(source, dtype, check))
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        # only what changed since version 1 says 2 (see FORMAT_VERSION), so that an older rwkvx
+        # refuses those files by name and reads the rest
+        "format_version": str(FORMAT_VERSION if "low_rank" in metadata else 1),
         **metadata,
         "dtype": dtype,
         "source": os.path.basename(os.path.normpath(source.path)),

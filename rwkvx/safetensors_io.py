@@ -28,7 +28,9 @@ from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Q4Tensor, Q
 
 # what rwkvx's own files say about themselves
 FORMAT_NAME = "rwkvx"
-FORMAT_VERSION = 1
+# 2: RWKV-7's low-rank matrices stored (in, out) (metadata low_rank = "in,out"); files of
+# other versions are unchanged and still say 1, so older rwkvx releases read them
+FORMAT_VERSION = 2
 # what rwkvx's state files (rwkvx.states) say about themselves
 STATE_FORMAT_NAME = "rwkvx-state"
 QUANT_PARTS = ("q", "mx", "rx", "my", "ry")

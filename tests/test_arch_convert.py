@@ -260,6 +260,9 @@ def test_rwkv_7_files_converted_before_the_low_rank_change_still_load(sources, t
     convert(sources["v7"], new, "float32")
     head = header(new)
     assert head["__metadata__"].pop("low_rank") == "in,out"
+    # version 2 marks the change, so that an older rwkvx refuses the file by name
+    assert head["__metadata__"]["format_version"] == "2"
+    head["__metadata__"]["format_version"] = "1"
     data = bytearray(new.read_bytes()[8 + struct.unpack("<Q", new.read_bytes()[:8])[0]:])
     low = [k for k in head if k.split(".")[-1] in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")]
     assert low
@@ -274,3 +277,10 @@ def test_rwkv_7_files_converted_before_the_low_rank_change_still_load(sources, t
     old.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data))
     np.testing.assert_array_equal(logits(rwkvx.load(old)), logits(rwkvx.load(new)))
     np.testing.assert_array_equal(logits(rwkvx.load(new)), logits(rwkvx.load(sources["v7"])))
+
+
+def test_files_whose_layout_did_not_change_keep_format_version_1(sources, tmp_path):
+    for version in ("v5", "v6"):
+        convert(sources[version], tmp_path / f"{version}.safetensors", "float32")
+        meta = header(tmp_path / f"{version}.safetensors")["__metadata__"]
+        assert meta["format_version"] == "1" and "low_rank" not in meta
