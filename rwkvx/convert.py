@@ -8,7 +8,8 @@ stored as its five parts. RWKV-4: att.time_decay holds -exp(raw), time_* vectors
 (n_embd,) float32. RWKV-5.2/6/7: every tensor is what rwkvx.arch's loader keeps, under
 BlinkDL's name (rwkvx.arch.common.converted_tensors): the big matrices (receptance, key,
 value, gate, output, feed-forward, head) in the run dtype; norms, mixes, decays (5.2's as
-exp(-exp(raw))), bonuses and the low-rank matrices ((out, in)) float32. The embedding stays
+exp(-exp(raw))), bonuses and the low-rank matrices float32 ((out, in); RWKV-7's (in, out), as
+BlinkDL stores them and their kernel reads them: format version 2). The embedding stays
 as stored (float32, float16 or bfloat16; dequantised ggml embeddings become float32).
 Loading it with the same dtype maps every array: no float copy and no quantisation work.
 The header's metadata records format, format_version, architecture (and for 5.2/6/7 the
