@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu,
+from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, silu,
                                wkv_matrices)
 # RWKV-5.2's channel mixing is RWKV-4's (the state's FFN_XX row is row 0 in both layouts)
 from rwkvx.reference import channel_mixing
