@@ -287,7 +287,6 @@ def quantize_q4(w: np.ndarray, *, name: str = "the matrix", rows_per_chunk: int 
 
 
 def _zero_padding(q4: np.ndarray, n_cols: int) -> None:
-    n_rows = q4.shape[0]
     cols = np.arange(q4.shape[1] * 2)
     g, rest = divmod(cols, Q4_GROUP)
     p, k = divmod(rest, 8)
