@@ -487,16 +487,22 @@ def count_params(path: str) -> int:
     return os.path.getsize(path) // 2
 
 
-def meminfo(field: str = "MemAvailable") -> float | None:
-    """Bytes of a /proc/meminfo field (MemAvailable, MemTotal, ...), or None."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """Bytes of a "field: N kB" line of a /proc file (/proc/meminfo, /proc/self/status), or
+    None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def meminfo(field: str = "MemAvailable") -> float | None:
+    """Bytes of a /proc/meminfo field (MemAvailable, MemTotal, ...), or None."""
+    return proc_bytes("/proc/meminfo", field)
 
 
 def mem_available() -> float | None:

@@ -50,7 +50,7 @@ from rwkvx.hugepages import drop_from_page_cache
 
 # scripts/ is first on sys.path when a script runs
 from _args import cpu_name, positive_int
-from bench import (DEFAULT_ARCH, PUBLIC_SHAPES, SHAPES, _shape, mem_available, meminfo, random_weights,
+from bench import (DEFAULT_ARCH, PUBLIC_SHAPES, SHAPES, _shape, mem_available, meminfo, proc_bytes, random_weights,
                    write_checkpoint)
 
 PROTOCOL = "@@bench_big "
@@ -74,14 +74,7 @@ class UsageError(RuntimeError):
 
 def _status_bytes(field: str) -> int | None:
     """A VmRSS/VmHWM line of /proc/self/status in bytes (None where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", field)
 
 
 def _peak_rss() -> int:
