@@ -64,6 +64,7 @@ cdef class _Step:
     cdef const float* ln2_b
     cdef const float* ffn_mix      # (2, C) for k and r (RWKV-5/6), (C,) for k (RWKV-7)
     cdef readonly Py_ssize_t C, H, N, n_ffn
+    cdef bint needs_v_first        # RWKV-7's value residual
     cdef double eps
     cdef dict keep
     cdef object scratch_array
@@ -104,7 +105,7 @@ cdef class _Step:
         name = type(self).__name__
         if x.shape[0] != C or (v_first is not None and v_first.shape[0] != C):
             raise RwkvxError(f"{name}: x and v_first: expected ({C},)")
-        if v_first is None and isinstance(self, V7Step):
+        if v_first is None and self.needs_v_first:
             raise RwkvxError(f"{name}: x and v_first: RWKV-7 needs v_first")
         for what, s in (("state", state), ("source", source)):
             if s.shape[0] != WKV + self.N or s.shape[1] != C:
@@ -178,6 +179,7 @@ cdef class V7Step(_Step):
         self.r, self.k, self.v = lin["att_receptance"], lin["att_key"], lin["att_value"]
         cdef Py_ssize_t C = self.r.m.n_cols, i
         self.layer0 = "att_v1" not in low
+        self.needs_v_first = True
         for i in range(4):
             self.rank[i] = 0
         ranks = [low[f"att_{name}1"].shape[1] for name in ("wag" if self.layer0 else "wagv")]
@@ -222,8 +224,7 @@ cdef class V7Step(_Step):
         cdef float* kk = p + 14 * C
         cdef float* b = p + 15 * C
         cdef float* y = p + 16 * C
-        cdef float* hidden = p + 17 * C
-        cdef float* w_h = hidden
+        cdef float* w_h = p + 17 * C         # the low-rank hidden rows: w a g v
         cdef float* a_h = w_h + self.rank[0]
         cdef float* g_h = a_h + self.rank[1]
         cdef float* v_h = g_h + self.rank[2]

@@ -300,3 +300,11 @@ def test_the_token_step_refuses_wrong_shapes(tmp_path, version):
         model.layers[0].step(np.zeros(C + 1, np.float32), state, state, np.zeros(C, np.float32))
     with pytest.raises(rwkvx.RwkvxError, match="state: expected"):
         model.layers[0].step(np.zeros(C, np.float32), state[1:], state, np.zeros(C, np.float32))
+
+
+def test_the_rwkv_7_token_step_needs_v_first(tmp_path):
+    path = write_safetensors(tmp_path / "m.safetensors", random_checkpoint("v7", n_layer=1))
+    model = rwkvx.load(path)
+    state = model.new_state()[0]
+    with pytest.raises(rwkvx.RwkvxError, match="RWKV-7 needs v_first"):
+        model.layers[0].step(np.zeros(model.n_embd, np.float32), state, state)
