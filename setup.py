@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MOD_NAMES = ["rwkvx._parallel", "rwkvx._matvec", "rwkvx._layer", "rwkvx._wkv", "rwkvx._group", "rwkvx._step"]
+MOD_NAMES = ["rwkvx.kernels._parallel", "rwkvx.kernels._matvec", "rwkvx.kernels._layer", "rwkvx.kernels._wkv", "rwkvx.kernels._group", "rwkvx.kernels._step"]
 
 COMPILER_DIRECTIVES = {
     "language_level": 3,
@@ -111,7 +111,7 @@ class BuildExt(build_ext):
 
 
 extensions = [
-    Extension(name, [name.replace(".", "/") + ".pyx"], include_dirs=["rwkvx"])
+    Extension(name, [name.replace(".", "/") + ".pyx"], include_dirs=["rwkvx/kernels"])
     for name in MOD_NAMES
 ]
 

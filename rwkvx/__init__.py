@@ -35,7 +35,7 @@ else:
     _tuned = True
     _os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
 try:
-    from rwkvx import _layer, _matvec, _parallel  # noqa: F401
+    from rwkvx.kernels import _layer, _matvec, _parallel  # noqa: F401
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(
         "rwkvx's compiled extensions are missing or broken "

@@ -302,7 +302,7 @@ def load_model(args):
 
 def model_summary(args, model, load_seconds: float) -> str:
     """The load line: shapes, dtype, threads and why that many, memory, load time."""
-    from rwkvx._parallel import thread_policy
+    from rwkvx.kernels._parallel import thread_policy
     why = "--threads" if args.threads is not None else thread_policy()[1].split(" ", 1)[-1].strip("()")
     arithmetic = ", int8 arithmetic" if getattr(model, "arithmetic", "float32") == "int8" else ""
     return (f"{args.model}: {model.n_layer} layers, {model.n_embd} wide, vocabulary {model.n_vocab}, "

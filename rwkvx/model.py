@@ -8,8 +8,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rwkvx import _layer, _matvec
-from rwkvx._parallel import effective_n_threads
+from rwkvx.kernels import _layer, _matvec
+from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.quant import Q4Matrix, QuantizedMatrix

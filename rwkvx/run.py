@@ -66,7 +66,7 @@ def _run(args) -> int:
     if args.info:
         from rwkvx import arch
         from rwkvx.loader import describe
-        from rwkvx._parallel import threads_info
+        from rwkvx.kernels._parallel import threads_info
         text = arch.describe(args.model)  # RWKV-5.2/6/7; None for RWKV-4 files
         print(text if text is not None else describe(args.model))
         print(f"{'threads':<14}{threads_info().removeprefix('threads ')}")

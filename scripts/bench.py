@@ -315,8 +315,8 @@ def _child_model(spec: dict) -> None:
     import numpy as np
 
     import rwkvx
-    from rwkvx._matvec import simd_level
-    from rwkvx._parallel import openmp_enabled
+    from rwkvx.kernels._matvec import simd_level
+    from rwkvx.kernels._parallel import openmp_enabled
 
     start = time.perf_counter()
     model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"], mmap=spec["mmap"])

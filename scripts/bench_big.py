@@ -96,8 +96,8 @@ def child_main(spec: dict) -> None:
     import numpy as np
 
     import rwkvx
-    from rwkvx._matvec import simd_level
-    from rwkvx._parallel import openmp_enabled
+    from rwkvx.kernels._matvec import simd_level
+    from rwkvx.kernels._parallel import openmp_enabled
 
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()

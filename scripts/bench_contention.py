@@ -10,7 +10,7 @@ scripts/bench.py's writer) as bf16 safetensors to a temporary directory, deleted
 
 Settings (one child process each, per dtype; the environment is set before rwkvx loads):
 
-    default   threads=None and no OpenMP variables: what a user gets (rwkvx._parallel's
+    default   threads=None and no OpenMP variables: what a user gets (rwkvx.kernels._parallel's
               thread_policy(), rwkvx's spin-then-sleep wait, fewer threads under contention)
     1, 2, N   threads=N, otherwise as default
     old       rwkvx before it handled shared cores: threads=None, GOMP_SPINCOUNT=300000
@@ -77,7 +77,7 @@ def _child(spec: dict) -> None:
     import numpy as np
 
     import rwkvx
-    from rwkvx._parallel import adaptive_threads, thread_policy, wait_policy
+    from rwkvx.kernels._parallel import adaptive_threads, thread_policy, wait_policy
 
     start = time.perf_counter()
     model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"])

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, checkpoint: str, shape_note: str) -> int:
     import numpy as np
 
     import rwkvx
-    from rwkvx._parallel import openmp_enabled
+    from rwkvx.kernels._parallel import openmp_enabled
     from numpy_rwkv import NumpyRWKV
 
     blas_note = _threadpool_limit(args.threads)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkvx import _matvec
+from rwkvx.kernels import _matvec
 from rwkvx.testing import random_tensors, write_safetensors
 
 # every instruction set this CPU has: each must be right on its own

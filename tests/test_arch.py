@@ -219,7 +219,7 @@ def test_info_of_an_rwkv_4_file_is_left_to_the_rwkv_4_loader(tmp_path):
 
 def test_simd_levels_1_and_2_give_the_same_bits(checkpoint):
     # the shared matrix kernels promise it for AVX2 vs AVX-512; the v5+ kernels have one path
-    from rwkvx import _matvec
+    from rwkvx.kernels import _matvec
     if _matvec.best_simd_level() < 2:
         pytest.skip("needs a CPU with AVX-512")
     model = rwkvx.load(checkpoint, dtype="bfloat16")
@@ -259,7 +259,7 @@ def test_a_state_let_go_is_reused(checkpoint):
     assert again.ctypes.data == address
 
 
-# ---- the fused token steps (rwkvx._step): one decoded token, one call a layer ----
+# ---- the fused token steps (rwkvx.kernels._step): one decoded token, one call a layer ----
 
 STEP_TOKENS = [5, 17, 0, 96, 33, 2, 64, 7]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rwkvx
-from rwkvx import _matvec
+from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from rwkvx import _layer, _matvec, reference
+from rwkvx import reference
+from rwkvx.kernels import _layer, _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, new_state

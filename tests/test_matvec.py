@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from rwkvx import _matvec
-from rwkvx._parallel import openmp_enabled
+from rwkvx.kernels import _matvec
+from rwkvx.kernels._parallel import openmp_enabled
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 from rwkvx.weights import to_bfloat16, to_float32

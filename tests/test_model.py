@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import rwkvx
-from rwkvx import _parallel
+from rwkvx.kernels import _parallel
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.reference import Reference

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rwkvx
-from rwkvx import _parallel
+from rwkvx.kernels import _parallel
 from rwkvx.errors import RwkvxError
 
 needs_openmp = pytest.mark.skipif(not _parallel.openmp_enabled(), reason="built without OpenMP")
@@ -245,7 +245,7 @@ def test_governor_off_hands_out_the_request(monkeypatch):
 
 
 def test_governor_switch_from_the_environment(tmp_path):
-    code = "import rwkvx; from rwkvx._parallel import adaptive_threads; print(adaptive_threads())"
+    code = "import rwkvx; from rwkvx.kernels._parallel import adaptive_threads; print(adaptive_threads())"
     assert _run(code, tmp_path, {"RWKVX_ADAPTIVE_THREADS": "0"}).stdout.strip() == "False"
     assert _run(code, tmp_path).stdout.strip() == "True"
 
@@ -271,7 +271,7 @@ def _run(code: str, tmp_path, env: dict | None = None, preexec_fn=None) -> subpr
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity control")
 def test_default_follows_real_affinity(tiny_path, tmp_path):
     first = min(os.sched_getaffinity(0))
-    code = ("import sys, rwkvx; from rwkvx._parallel import thread_policy; "
+    code = ("import sys, rwkvx; from rwkvx.kernels._parallel import thread_policy; "
             "print(rwkvx.load(sys.argv[1]).n_threads); print(thread_policy()[1])")
     out = _run(code.replace("sys.argv[1]", repr(str(tiny_path))), tmp_path,
                preexec_fn=lambda: os.sched_setaffinity(0, {first})).stdout.splitlines()
@@ -289,7 +289,7 @@ def _display_env(stderr: str) -> dict[str, str]:
     return out
 
 
-WAIT_CODE = ("import os, rwkvx; from rwkvx._parallel import wait_policy; "
+WAIT_CODE = ("import os, rwkvx; from rwkvx.kernels._parallel import wait_policy; "
              "print(wait_policy()); print(os.environ.get('GOMP_SPINCOUNT'))")
 
 
@@ -362,7 +362,7 @@ def test_real_cgroup_quota_of_one_cpu(tiny_path, tmp_path):
             with open(os.path.join(path, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
 
-        code = (f"import rwkvx; from rwkvx._parallel import thread_policy; "
+        code = (f"import rwkvx; from rwkvx.kernels._parallel import thread_policy; "
                 f"print(rwkvx.load({str(tiny_path)!r}).n_threads); print(thread_policy()[1])")
         out = _run(code, tmp_path, preexec_fn=enter).stdout.splitlines()
     finally:

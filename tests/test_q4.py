@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import rwkvx
-from rwkvx import _matvec
-from rwkvx._parallel import openmp_enabled
+from rwkvx.kernels import _matvec
+from rwkvx.kernels._parallel import openmp_enabled
 from rwkvx.errors import CheckpointError, RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.model import RWKV

@@ -1,14 +1,14 @@
-"""The compiled WKV kernels (rwkvx._wkv) against the float64 specification of rwkvx.arch,
-and the grouped matrix-vector products (rwkvx._group) against one product at a time.
+"""The compiled WKV kernels (rwkvx.kernels._wkv) against the float64 specification of rwkvx.arch,
+and the grouped matrix-vector products (rwkvx.kernels._group) against one product at a time.
 
 Tolerances: rtol 1e-5 / atol 1e-6 relative to the outputs' scale (house style for the
 elementwise kernels); heads of awkward sizes; thread counts give the same bits."""
 import numpy as np
 import pytest
 
-from rwkvx import _matvec
-from rwkvx._group import matmul_group, matvec_group
-from rwkvx._wkv import wkv5, wkv7
+from rwkvx.kernels import _matvec
+from rwkvx.kernels._group import matmul_group, matvec_group
+from rwkvx.kernels._wkv import wkv5, wkv7
 from rwkvx.arch import v5
 from rwkvx.arch.common import group_norm, sigmoid
 from rwkvx.errors import RwkvxError
@@ -204,7 +204,7 @@ def test_matmul_group_equals_one_product_at_a_time(n_threads):
 
 
 def test_mix_rows_and_v7_prepare_match_numpy():
-    from rwkvx._wkv import mix_rows, v7_prepare
+    from rwkvx.kernels._wkv import mix_rows, v7_prepare
     rng = np.random.default_rng(5)
     T, H, N = 3, 4, 8
     C, f = _inputs(rng, T, H, N)

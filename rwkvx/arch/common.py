@@ -9,7 +9,7 @@ directly). A whole state is ``(n_layer, 2 + head_size, n_embd)``.
 
 The layer math itself lives in one module per architecture (v5, v6, v7); each defines
 ``read_block`` (checkpoint names -> weights), ``block`` (float64 numpy, the specification),
-and ``Layer`` (the float32 runtime: the shared matrix kernels, rwkvx._wkv for the
+and ``Layer`` (the float32 runtime: the shared matrix kernels, rwkvx.kernels._wkv for the
 recurrence and the elementwise work around it, numpy for the rest).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from rwkvx import reference
-from rwkvx._matvec import Linear
+from rwkvx.kernels._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.loader import check_finite, matrix_format, read_embedding, read_matrix, run_nbytes, stored_as_run
 from rwkvx.quant import Q4Matrix, QuantizedMatrix
@@ -420,7 +420,7 @@ def matmul(lin: Linear, X: np.ndarray, n_threads: int) -> np.ndarray:
 
 
 def norm_rows(X: np.ndarray, w: np.ndarray, b: np.ndarray, n_threads: int) -> np.ndarray:
-    from rwkvx._layer import layer_norm_rows
+    from rwkvx.kernels._layer import layer_norm_rows
     out = np.empty_like(X)
     layer_norm_rows(X, w, b, out, min(n_threads, X.shape[0]))
     return out
@@ -457,8 +457,8 @@ def heads_of(states: list, n_head: int) -> list:
 
 try:
     # the contention governor: fewer threads while the process keeps being preempted, as the
-    # kernels' own entry points ask it (rwkvx._parallel); absent in older builds
-    from rwkvx._parallel import team_size_now
+    # kernels' own entry points ask it (rwkvx.kernels._parallel); absent in older builds
+    from rwkvx.kernels._parallel import team_size_now
 except ImportError:  # pragma: no cover
     def team_size_now(n_threads: int) -> int:
         return n_threads
@@ -467,7 +467,7 @@ except ImportError:  # pragma: no cover
 def products(jobs: list, n_threads: int) -> list[np.ndarray]:
     """[matmul(lin, X) for lin, X in jobs] (the same bits), up to four products sharing one
     set of parallel loops; every X has the same number of rows."""
-    from rwkvx._group import matmul_group, matvec_group
+    from rwkvx.kernels._group import matmul_group, matvec_group
     n_tok = jobs[0][1].shape[0]
     outs = [np.empty((n_tok, lin.shape[0]), np.float32) for lin, _ in jobs]
     for i in range(0, len(jobs), 4):
@@ -483,9 +483,9 @@ def products(jobs: list, n_threads: int) -> list[np.ndarray]:
 
 def lowrank(matrices: dict, jobs: list, n_threads: int) -> list[np.ndarray]:
     """[X @ matrices[name] for name, X in jobs] in one parallel loop: the small float32
-    matrices of the low-rank paths, stored transposed (in, out) (rwkvx._matvec.lowrank_group);
+    matrices of the low-rank paths, stored transposed (in, out) (rwkvx.kernels._matvec.lowrank_group);
     every X has the same number of rows, and a row's result does not depend on the others."""
-    from rwkvx._matvec import lowrank_group
+    from rwkvx.kernels._matvec import lowrank_group
     n_tok = jobs[0][1].shape[0]
     wts = [matrices[name] for name, _ in jobs]
     outs = [np.empty((n_tok, wt.shape[1]), np.float32) for wt in wts]

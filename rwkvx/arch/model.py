@@ -1,8 +1,8 @@
 """The runtime model for RWKV-5.2, 6 and 7: rwkvx.RWKV's API over an architecture's layers.
 
-The matrices go through the shared kernels (rwkvx._matvec.Linear: the big ones in the run
+The matrices go through the shared kernels (rwkvx.kernels._matvec.Linear: the big ones in the run
 dtype, the low-rank ones float32), the per-head recurrence with its group norm through
-rwkvx._wkv, and the elementwise glue is float32 numpy in each architecture's Layer. Tokens
+rwkvx.kernels._wkv, and the elementwise glue is float32 numpy in each architecture's Layer. Tokens
 run chunk_size rows at a time, the rows of all sequences of a forward_batch together: every
 projection is one pass over its matrix for the whole chunk, and only the recurrence steps
 token by token. Every op works row by row, so chunking, the number of tokens per call and
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rwkvx._parallel import effective_n_threads
+from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.arch.common import LayerStates, Weights, linear, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
 from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic

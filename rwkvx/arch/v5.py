@@ -115,7 +115,7 @@ def channel_mixing_rows(X, states, starts, p, L, n, mixes):
     """RWKV-4's channel mixing on rows, residual added to X; mixes (2, C): the previous
     token's share for k and r (x + (prev - x) * share: 1 - time_mix, or v6's time_maa)."""
     from rwkvx.arch.common import matmul, norm_rows, products, shift
-    from rwkvx._wkv import add_gated_rows, mix_rows
+    from rwkvx.kernels._wkv import add_gated_rows, mix_rows
     x = norm_rows(X, p["ln2_weight"], p["ln2_bias"], n)
     xkr = np.empty((2, len(x), x.shape[1]), np.float32)
     mix_rows(x, shift(x, states, FFN_XX, starts), mixes, xkr, n)
@@ -139,16 +139,16 @@ class Layer:
         self.ffn_mix = np.stack([1 - p["ffn_time_mix_k"], 1 - p["ffn_time_mix_r"]])
         self.decay = p["att_time_decay"].reshape(1, -1)
         self.bonus = p["att_time_faaaa"].reshape(-1)
-        from rwkvx._step import V5Step
+        from rwkvx.kernels._step import V5Step
         self.step = V5Step(p, self.lin, self.mix, self.ffn_mix, self.decay, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import mix_rows, silu_rows, wkv5
+        from rwkvx.kernels._wkv import mix_rows, silu_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if T == 1:
-            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            # one decoded token: the same kernels in one call from Python (rwkvx.kernels._step)
             self.step(X[0], states[0], states.sources[0], None, n)
             return None
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)

@@ -123,17 +123,17 @@ class Layer:
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)
         self.maa_x = p["att_time_maa_x"].reshape(1, -1)
-        from rwkvx._step import V6Step
+        from rwkvx.kernels._step import V6Step
         self.step = V6Step(p, self.lin, self.maa_w2, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
+        from rwkvx.kernels._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
         from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if T == 1:
-            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            # one decoded token: the same kernels in one call from Python (rwkvx.kernels._step)
             self.step(X[0], states[0], states.sources[0], None, n)
             return None
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)

@@ -182,16 +182,16 @@ class Layer:
         self.r_k = p["att_r_k"].reshape(-1)
         self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
         self.ffn_mix = p["ffn_x_k"].reshape(1, -1)
-        from rwkvx._step import V7Step
+        from rwkvx.kernels._step import V7Step
         self.step = V7Step(p, self.lin, self.low, self.mixes, n_head, DECAY_SCALE, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, v_first, n):
-        from rwkvx._wkv import lora_act, mix_rows, v7_prepare, wkv7
+        from rwkvx.kernels._wkv import lora_act, mix_rows, v7_prepare, wkv7
         from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if T == 1:
-            # one decoded token: the same kernels in one call from Python (rwkvx._step)
+            # one decoded token: the same kernels in one call from Python (rwkvx.kernels._step)
             if v_first is None:
                 v_first = np.empty((1, C), np.float32)
             self.step(X[0], states[0], states.sources[0], v_first[0], n)

@@ -133,7 +133,7 @@ def make_app(args, name: str, tokenizer=None, on_load_failure=None):
             # kernels' threads all the time, so the contention governor kept dropping to one
             # thread: 430M uint8, 2 cores, one streaming client 23 against 18 ms a token, eight
             # 60 against 48 ms. The short spin alone keeps other programs from collapsing it.
-            from rwkvx._parallel import set_adaptive_threads
+            from rwkvx.kernels._parallel import set_adaptive_threads
             set_adaptive_threads(False)
         model, loaded_tokenizer, seconds = load_model(args)
         log(model_summary(args, model, seconds))

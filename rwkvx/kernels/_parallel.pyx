@@ -2,7 +2,7 @@
 import math
 import os
 
-cimport rwkvx._omp as _omp
+cimport rwkvx.kernels._omp as _omp
 
 from rwkvx.errors import RwkvxError
 

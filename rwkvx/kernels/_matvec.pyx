@@ -9,7 +9,7 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
+from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_simd.h" nogil:

@@ -14,10 +14,10 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx._matvec cimport Linear, LowrankJob, Matrix, MatvecJob, _lowrank_jobs, _matvec, _matvec_jobs
-from rwkvx._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv5, _wkv7
-from rwkvx._matvec import _aligned_floats, simd_level
+from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
+from rwkvx.kernels._matvec cimport Linear, LowrankJob, Matrix, MatvecJob, _lowrank_jobs, _matvec, _matvec_jobs
+from rwkvx.kernels._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv5, _wkv7
+from rwkvx.kernels._matvec import _aligned_floats, simd_level
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_elementwise.h" nogil:

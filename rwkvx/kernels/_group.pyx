@@ -5,17 +5,17 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from rwkvx._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
+from rwkvx.kernels._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
                             xpack_floats)
-from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx._matvec import _aligned_floats
+from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
+from rwkvx.kernels._matvec import _aligned_floats
 from rwkvx.errors import RwkvxError
 
 
 def matvec_group(list linears, list xs, list outs, int n_threads=1):
     """outs[i] = linears[i] @ xs[i] for 1 to 4 products, each bit-identical to linears[i](xs[i]).
 
-    linears: rwkvx._matvec.Linear; xs[i]: (n_cols,) float32 C-contiguous; outs[i]: (n_rows,).
+    linears: rwkvx.kernels._matvec.Linear; xs[i]: (n_cols,) float32 C-contiguous; outs[i]: (n_rows,).
     """
     cdef int n = len(linears), i
     if not 1 <= n <= 4 or len(xs) != n or len(outs) != n:

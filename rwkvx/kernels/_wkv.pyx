@@ -14,9 +14,9 @@ in place.
 from cython.parallel import prange
 from libc.math cimport expf, sqrt, tanhf
 from libc.stdlib cimport free, malloc
-from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
+from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 
-from rwkvx._matvec import simd_level
+from rwkvx.kernels._matvec import simd_level
 from rwkvx.errors import RwkvxError
 
 cdef extern from "_elementwise.h" nogil:
@@ -283,7 +283,7 @@ cdef void _lora_act(Py_ssize_t n_tanh, float* t, Py_ssize_t n_sigmoid, float* s)
 
 def lora_act(float[:, ::1] t, float[:, ::1] s):
     """RWKV-7's low-rank activations in place: t = tanh(t) (the decay's), s = sigmoid(s) (the
-    gate's); in C so that one token (rwkvx._step) and many get the same bits."""
+    gate's); in C so that one token (rwkvx.kernels._step) and many get the same bits."""
     with nogil:
         if t.shape[0] and t.shape[1]:
             _lora_act(t.shape[0] * t.shape[1], &t[0, 0], 0, NULL)

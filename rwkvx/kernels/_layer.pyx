@@ -14,8 +14,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from rwkvx._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx._matvec cimport (Linear, Matrix, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec,
+from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
+from rwkvx.kernels._matvec cimport (Linear, Matrix, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec,
                             _matvec_jobs, wbuf_floats, xpack_floats)
 from rwkvx.errors import RwkvxError
 
