@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MOD_NAMES = ["rwkvx.kernels._parallel", "rwkvx.kernels._matvec", "rwkvx.kernels._layer", "rwkvx.kernels._wkv", "rwkvx.kernels._group", "rwkvx.kernels._step"]
+MOD_NAMES = ["rwkvx.kernels." + name for name in ("_parallel", "_matvec", "_layer", "_wkv", "_group", "_step")]
 
 COMPILER_DIRECTIVES = {
     "language_level": 3,
