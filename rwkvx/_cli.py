@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 from rwkvx.errors import RwkvxError
-from rwkvx.tensorfile import printable
+from rwkvx.formats.tensorfile import printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

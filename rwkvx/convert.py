@@ -39,10 +39,10 @@ from rwkvx.errors import RwkvxError
 from rwkvx.hugepages import drop_from_page_cache
 from rwkvx.loader import DTYPES, check_dtype, check_mode, iter_weights, matrix_format, open_checkpoint, plan
 from rwkvx.quant import Q4_GROUP, Q4Matrix, QuantizedMatrix
-from rwkvx.safetensors_io import (FORMAT_NAME, FORMAT_VERSION, Q4_PARTS, QUANT_PARTS, SafetensorsWriter,
+from rwkvx.formats.safetensors_io import (FORMAT_NAME, FORMAT_VERSION, Q4_PARTS, QUANT_PARTS, SafetensorsWriter,
                                   refuse_to_replace)
 from rwkvx.states import checkpoint_fingerprint
-from rwkvx.tensorfile import NUMPY_DTYPES, RUN_STORED, Progress, n_elements, printable
+from rwkvx.formats.tensorfile import NUMPY_DTYPES, RUN_STORED, Progress, n_elements, printable
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str, *, overwrite: bool = False,

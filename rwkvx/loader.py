@@ -31,12 +31,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from rwkvx import demo, ggml, hf, pth
+from rwkvx import demo
+from rwkvx.formats import ggml, hf, pth
 from rwkvx.errors import RwkvxError
 from rwkvx.hugepages import Arena, drop_from_page_cache
 from rwkvx.quant import Q4Matrix, QuantizedMatrix, q4_part_nbytes, quantize_q4, quantize_u8
-from rwkvx.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
-from rwkvx.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, NUMPY_DTYPES, RUN_STORED, MappedFile, Progress,
+from rwkvx.formats.safetensors_io import FORMAT_NAME, looks_like_safetensors, open_safetensors
+from rwkvx.formats.tensorfile import (DTYPE_NAMES, FLOAT_DTYPES, NUMPY_DTYPES, RUN_STORED, MappedFile, Progress,
                               Q4Tensor, QuantizedTensor, TensorSource, fail, n_elements, printable)
 from rwkvx.weights import MATRIX_NAMES, ModelWeights, to_bfloat16
 

@@ -25,9 +25,9 @@ import warnings
 import numpy as np
 
 from rwkvx.errors import RwkvxError, RwkvxWarning
-from rwkvx.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
-from rwkvx.safetensors_io import looks_like_safetensors, open_safetensors, refuse_to_replace
-from rwkvx.tensorfile import NUMPY_DTYPES, MappedFile, fail
+from rwkvx.formats.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
+from rwkvx.formats.safetensors_io import looks_like_safetensors, open_safetensors, refuse_to_replace
+from rwkvx.formats.tensorfile import NUMPY_DTYPES, MappedFile, fail
 
 FORMAT_VERSION = 1
 
@@ -153,7 +153,7 @@ def checkpoint_fingerprint(source) -> str:
     converted file and its source agree. It is a fingerprint, not a checksum: a change to a
     few weights away from the windows goes unnoticed.
     """
-    from rwkvx.tensorfile import QuantizedTensor
+    from rwkvx.formats.tensorfile import QuantizedTensor
 
     recorded = source.metadata.get("model_fingerprint")
     if recorded:

@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from rwkvx.errors import RwkvxError, TokenizerError
-from rwkvx.tensorfile import open_regular, printable
+from rwkvx.formats.tensorfile import open_regular, printable
 
 __all__ = [
     "Tokenizer",

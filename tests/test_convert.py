@@ -17,8 +17,8 @@ from rwkvx.loader import DTYPES, describe, load_weights
 from rwkvx.quant import QuantizedMatrix
 from rwkvx.reference import Reference
 from rwkvx.run import main as run_main
-from rwkvx.safetensors_io import SafetensorsWriter
-from rwkvx.tensorfile import Progress
+from rwkvx.formats.safetensors_io import SafetensorsWriter
+from rwkvx.formats.tensorfile import Progress
 from rwkvx.testing import random_tensors, write_safetensors
 
 from conftest import TINY_MODEL, shared_file

@@ -279,7 +279,7 @@ def test_build_on_the_readers_own_stand_ins_is_refused_and_changes_nothing(tmp_p
 
 
 def test_the_stand_ins_are_immutable():
-    from rwkvx import pth
+    from rwkvx.formats import pth
     for value in pth._GLOBALS.values():
         if isinstance(value, pth._Frozen):
             with pytest.raises(Exception):
@@ -515,7 +515,7 @@ def test_convert_force_refuses_what_is_not_a_regular_file(tmp_path, fifo):
 @pytest.mark.parametrize("failure", [OSError(27, "File too large"), KeyboardInterrupt()])
 def test_convert_removes_its_temporary_file_on_failure(tmp_path, monkeypatch, failure):
     src = save_random_model(tmp_path / "m.safetensors")
-    from rwkvx import safetensors_io
+    from rwkvx.formats import safetensors_io
     real_write = safetensors_io.SafetensorsWriter.write
     calls = []
 
@@ -533,7 +533,7 @@ def test_convert_removes_its_temporary_file_on_failure(tmp_path, monkeypatch, fa
 
 def test_convert_sigterm_removes_its_temporary_file(tmp_path, monkeypatch, capsys):
     src = save_random_model(tmp_path / "m.safetensors")
-    from rwkvx import safetensors_io
+    from rwkvx.formats import safetensors_io
     real_write = safetensors_io.SafetensorsWriter.write
     calls = []
 

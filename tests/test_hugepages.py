@@ -9,7 +9,7 @@ from rwkvx.convert import convert
 from rwkvx.hugepages import HUGE_PAGE, Arena, drop_from_page_cache
 from rwkvx.loader import load_weights
 from rwkvx.quant import QuantizedMatrix
-from rwkvx.tensorfile import MappedFile
+from rwkvx.formats.tensorfile import MappedFile
 from rwkvx.testing import random_tensors, write_safetensors
 
 

@@ -95,8 +95,8 @@ def test_cli_text_is_identical_with_and_without_the_cache(byte_model_path, tmp_p
 
 
 def model_tokens(path) -> int:
-    from rwkvx.safetensors_io import open_safetensors
-    from rwkvx.tensorfile import MappedFile
+    from rwkvx.formats.safetensors_io import open_safetensors
+    from rwkvx.formats.tensorfile import MappedFile
     return int(open_safetensors(MappedFile(path), dtypes=("F32", "I32")).metadata["n_tokens"])
 
 

@@ -38,8 +38,8 @@ def describe(path: str | os.PathLike) -> str | None:
     or None for any other file."""
     from rwkvx.arch.common import big_keys
     from rwkvx.loader import DTYPES, FORMAT_NAMES, dtype_summary, held_nbytes, matrix_format, size_text, stored_as_run
-    from rwkvx.safetensors_io import FORMAT_NAME
-    from rwkvx.tensorfile import Q4Tensor, QuantizedTensor
+    from rwkvx.formats.safetensors_io import FORMAT_NAME
+    from rwkvx.formats.tensorfile import Q4Tensor, QuantizedTensor
     arch, source = recognise_path(path)
     if arch is None:
         return None

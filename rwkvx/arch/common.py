@@ -24,8 +24,8 @@ from rwkvx.kernels._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.loader import check_finite, matrix_format, read_embedding, read_matrix, run_nbytes, stored_as_run
 from rwkvx.quant import Q4Matrix, QuantizedMatrix
-from rwkvx.safetensors_io import FORMAT_NAME
-from rwkvx.tensorfile import RUN_STORED, Tensor, TensorSource, fail
+from rwkvx.formats.safetensors_io import FORMAT_NAME
+from rwkvx.formats.tensorfile import RUN_STORED, Tensor, TensorSource, fail
 from rwkvx.weights import ModelWeights, to_float32
 
 FFN_XX, ATT_XX, WKV = 0, 1, 2

@@ -33,7 +33,7 @@ def recognise(names: set[str]) -> bool:
 def heads(source) -> tuple[int, int]:
     """(n_head, head_size). 5.2 keeps one decay per channel: (H, N) in BlinkDL's files, (H, N, 1)
     in rwkv.cpp's, (N, 1) there for a single head; 5.0/5.1 keep one per head."""
-    from rwkvx.tensorfile import fail
+    from rwkvx.formats.tensorfile import fail
     decay = source.tensors.get("blocks.0.att.time_decay")
     emb = source.tensors.get("emb.weight")
     n_embd = emb.shape[-1] if emb is not None else (decay.size if decay is not None else 0)

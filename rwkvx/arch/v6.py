@@ -26,7 +26,7 @@ def recognise(names: set[str]) -> bool:
 
 
 def heads(source) -> tuple[int, int]:
-    from rwkvx.tensorfile import fail
+    from rwkvx.formats.tensorfile import fail
     t = source.tensors.get("blocks.0.att.time_faaaa")
     shape = [d for d in t.shape if d != 1] if t is not None else []
     if len(shape) not in (1, 2):

@@ -46,7 +46,7 @@ def recognise(names: set[str]) -> bool:
 
 def heads(source) -> tuple[int, int]:
     """(n_head, head_size) from the bonus r_k (H, N); a single head may be stored (N,) or (1, N)."""
-    from rwkvx.tensorfile import fail
+    from rwkvx.formats.tensorfile import fail
     for key in ("blocks.0.att.r_k", "blocks.0.att.time_faaaa"):
         t = source.tensors.get(key)
         if t is not None:

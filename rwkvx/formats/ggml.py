@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from rwkvx.tensorfile import MAX_TENSORS, MappedFile, Tensor, TensorSource, fail, n_elements, printable
+from rwkvx.formats.tensorfile import MAX_TENSORS, MappedFile, Tensor, TensorSource, fail, n_elements, printable
 
 MAGIC = 0x67676D66
 VERSIONS = (100, 101)

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Callable
 
-from rwkvx.tensorfile import MAX_TENSORS, TensorSource, describe, fail, printable, read_regular
+from rwkvx.formats.tensorfile import MAX_TENSORS, TensorSource, describe, fail, printable, read_regular
 
 # config.json and a shard index are a few KB; a 10 GB "config.json" is not read into memory
 _MAX_JSON = 16 << 20
@@ -61,7 +61,7 @@ def normalise_names(source: TensorSource) -> None:
 
 
 def _read_json(folder: str, name: str) -> dict:
-    from rwkvx.safetensors_io import load_json
+    from rwkvx.formats.safetensors_io import load_json
     path = os.path.join(folder, name)
     value = load_json(path, read_regular(path, _MAX_JSON, "JSON file"), "cannot read JSON")
     if not isinstance(value, dict):

@@ -23,7 +23,7 @@ import zipfile
 from typing import Callable
 
 from rwkvx.errors import CheckpointError
-from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Tensor, TensorSource, describe, fail,
+from rwkvx.formats.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Tensor, TensorSource, describe, fail,
                               n_elements, printable)
 
 ZIP_MAGIC = b"PK\x03\x04"

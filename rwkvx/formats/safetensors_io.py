@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 from rwkvx.errors import RwkvxError
-from rwkvx.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Q4Tensor, QuantizedTensor, Tensor,
+from rwkvx.formats.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Q4Tensor, QuantizedTensor, Tensor,
                               TensorSource, describe, fail, n_elements, printable)
 
 # what rwkvx's own files say about themselves
