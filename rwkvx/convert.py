@@ -8,7 +8,7 @@ stored as its five parts. RWKV-4: att.time_decay holds -exp(raw), time_* vectors
 (n_embd,) float32. RWKV-5.2/6/7: every tensor is what rwkvx.arch's loader keeps, under
 BlinkDL's name (rwkvx.arch.common.converted_tensors): the big matrices (receptance, key,
 value, gate, output, feed-forward, head) in the run dtype; norms, mixes, decays (5.2's as
-exp(-exp(raw))), bonuses and the low-rank matrices float32 ((out, in); RWKV-7's (in, out), as
+exp(-exp(raw))), bonuses and the low-rank matrices float32 (RWKV-6 and 7's (in, out), as
 BlinkDL stores them and their kernel reads them: format version 2). The embedding stays
 as stored (float32, float16 or bfloat16; dequantised ggml embeddings become float32).
 Loading it with the same dtype maps every array: no float copy and no quantisation work.
@@ -172,7 +172,7 @@ def _layout_next(source, arch, dtype: str, check: str):
     n_ffn = source.tensors["blocks.0.ffn.key.weight"].shape[0]
     metadata = {"architecture": arch.NAME, "architecture_id": arch.ID, "head_size": str(head_size),
                 "n_layer": str(n_layer), "n_embd": str(n_embd), "n_vocab": str(n_vocab), "n_ffn": str(n_ffn),
-                "layout": "as rwkvx runs it: transforms applied, low-rank matrices (out, in) (RWKV-7's "
+                "layout": "as rwkvx runs it: transforms applied, low-rank matrices (out, in) (RWKV-6 and 7's "
                           "(in, out)), only the big matrices in dtype"}
     if getattr(arch, "STORED_IN_OUT", ()):
         metadata["low_rank"] = "in,out"

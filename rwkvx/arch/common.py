@@ -124,7 +124,7 @@ class Reader:
         # rwkv.cpp's converter and rwkvx.convert store the tensors as the runtime holds
         # them: low-rank matrices (out, in), RWKV-5.2's decay as exp(-exp(raw))
         self.transformed = source.format in ("rwkv.cpp", FORMAT_NAME)
-        # RWKV-7's low-rank matrices stored (in, out), as BlinkDL stores them and rwkvx.convert
+        # RWKV-6/7's low-rank matrices stored (in, out), as BlinkDL stores them and rwkvx.convert
         # now writes them (saying so in the metadata); rwkv.cpp and older rwkvx files hold (out, in)
         self.low_rank_in_out = not self.transformed or source.metadata.get("low_rank") == "in,out"
         self.dtype = dtype
@@ -314,7 +314,8 @@ def converted_tensors(source: TensorSource, arch, dtype: str, *, check: str = "a
     for layer, part in read_parts(reader, arch, n_layer, n_embd, n_head, head_size):
         for name, value in part.items():
             if name in getattr(arch, "STORED_IN_OUT", ()):
-                value = np.ascontiguousarray(value.T)  # a view of the source where it holds (in, out)
+                # (in, out) for each matrix of a stack; a view of the source where it holds that
+                value = np.ascontiguousarray(np.swapaxes(value, -1, -2))
             yield (_TOP_KEYS[name] if layer < 0 else f"blocks.{layer}.{stored_key(name, arch)}"), value
 
 
@@ -340,8 +341,10 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bo
             # small tensors read privately join the 2 MB pages (views of the file stay views)
             if name not in arch.LINEAR and name not in ("emb", "head") and value.flags.writeable:
                 # a matrix the layer reads transposed is kept in that orientation
-                in_out = name in getattr(arch, "STORED_IN_OUT", ())
-                part[name] = arena.keep(value.T).T if in_out else arena.keep(value)
+                if name in getattr(arch, "STORED_IN_OUT", ()):
+                    part[name] = np.swapaxes(arena.keep(np.swapaxes(value, -1, -2)), -1, -2)
+                else:
+                    part[name] = arena.keep(value)
         (blocks.append(part) if layer >= 0 else top.update(part))
     if not mmap:
         from rwkvx.hugepages import drop_from_page_cache

@@ -18,6 +18,8 @@ LINEAR = ("att_receptance", "att_key", "att_value", "att_gate", "att_output",
           "ffn_key", "ffn_receptance", "ffn_value")
 # the order of the five mixes in time_maa_w1/w2
 MIXES = "wkvrg"
+# rwkvx.convert writes these (in, out), the orientation their kernel reads (_lowrank.h)
+STORED_IN_OUT = ("att_time_maa_w1", "att_time_maa_w2", "att_time_decay_w1", "att_time_decay_w2")
 
 
 def recognise(names: set[str]) -> bool:
@@ -37,25 +39,32 @@ def heads(source) -> tuple[int, int]:
 
 def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> dict:
     """One layer's tensors. BlinkDL stores time_maa_w1 (C, 5D), time_maa_w2 (5, D, C),
-    time_decay_w1 (C, Dw), time_decay_w2 (Dw, C); rwkv.cpp's converter and rwkvx.convert
-    transpose all four (to (out, in)); rwkv.cpp's stores time_decay/time_faaaa as (H, N, 1)."""
+    time_decay_w1 (C, Dw), time_decay_w2 (Dw, C), i.e. (in, out), as rwkvx.convert now
+    writes them (metadata low_rank = "in,out"); rwkv.cpp's converter and files converted
+    before hold all four transposed, (out, in). p holds them (out, in) for the
+    specification: views of the file where it has (in, out). rwkv.cpp's stores
+    time_decay/time_faaaa as (H, N, 1)."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
+    in_out = reader.low_rank_in_out
     p = {f"att_time_maa_{m}": reader.vector(f"{att}time_maa_{m}", c) for m in "x" + MIXES}
-    w1 = reader.source.tensors.get(att + "time_maa_w1")
-    d_mix = ((w1.shape[0] if reader.transformed else w1.shape[1]) // 5) if w1 is not None and len(w1.shape) == 2 else 1
-    p["att_time_maa_w1"] = reader.matrix(att + "time_maa_w1", (5 * d_mix, c), transposed=not reader.transformed)
+
+    def low_rank(key, shape):
+        # the (out, in) matrix of that shape, a transposed view where the file holds (in, out)
+        return reader.matrix(att + key, shape[::-1]).T if in_out else reader.matrix(att + key, shape)
+
+    def rank(key, n):
+        # the small side of a low-rank matrix as stored (1 where it is missing: reported by check)
+        t = reader.source.tensors.get(att + key)
+        return (t.shape[1 if in_out else 0] // n) if t is not None and len(t.shape) == 2 else 1
+
+    d_mix, d_decay = rank("time_maa_w1", 5), rank("time_decay_w1", 1)
+    p["att_time_maa_w1"] = low_rank("time_maa_w1", (5 * d_mix, c))
     w2 = reader.values(att + "time_maa_w2", 5 * d_mix * c)
     if w2 is None:
         w2 = np.zeros((5, c, d_mix), np.float32)
-    elif reader.transformed:
-        w2 = w2.reshape(5, c, d_mix)
-    else:
-        w2 = w2.reshape(5, d_mix, c).transpose(0, 2, 1)
-    p["att_time_maa_w2"] = np.ascontiguousarray(w2)
-    d1 = reader.source.tensors.get(att + "time_decay_w1")
-    d_decay = (d1.shape[0] if reader.transformed else d1.shape[1]) if d1 is not None and len(d1.shape) == 2 else 1
-    p["att_time_decay_w1"] = reader.matrix(att + "time_decay_w1", (d_decay, c), transposed=not reader.transformed)
-    p["att_time_decay_w2"] = reader.matrix(att + "time_decay_w2", (c, d_decay), transposed=not reader.transformed)
+    p["att_time_maa_w2"] = w2.reshape(5, d_mix, c).transpose(0, 2, 1) if in_out else w2.reshape(5, c, d_mix)
+    p["att_time_decay_w1"] = low_rank("time_decay_w1", (d_decay, c))
+    p["att_time_decay_w2"] = low_rank("time_decay_w2", (c, d_decay))
     p["att_time_decay"] = reader.vector(att + "time_decay", c)
     p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
     for m in ("receptance", "key", "value", "gate", "output"):
@@ -117,18 +126,24 @@ class Layer:
         from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
-        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR + ("att_time_maa_w1", "att_time_decay_w1",
-                                                                "att_time_decay_w2")}
-        self.maa_w2 = [linear(m) for m in p["att_time_maa_w2"]]
+        self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}
+        # the low-rank matrices stored transposed, (in, out), for their own kernel (_lowrank.h);
+        # p keeps views of them, so there is one copy (none where the file holds (in, out))
+        self.low = {}
+        for name in STORED_IN_OUT:
+            low = np.ascontiguousarray(np.swapaxes(p[name], -1, -2), dtype=np.float32)
+            p[name] = np.swapaxes(low, -1, -2)
+            self.low[name] = low
+        self.low.update({f"maa_w2_{i}": m for i, m in enumerate(self.low.pop("att_time_maa_w2"))})
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)
         self.maa_x = p["att_time_maa_x"].reshape(1, -1)
         from rwkvx.kernels._step import V6Step
-        self.step = V6Step(p, self.lin, self.maa_w2, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
+        self.step = V6Step(p, self.lin, self.low, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
         from rwkvx.kernels._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
@@ -141,23 +156,21 @@ class Layer:
         sx = prev - x
         xx = np.empty((1, T, C), np.float32)
         mix_rows(x, prev, self.maa_x, xx, n)
-        lora = matmul(L["att_time_maa_w1"], xx[0], n)
+        lora, = lowrank(self.low, [("att_time_maa_w1", xx[0])], n)
         lora_act(lora, lora[:0])  # tanh
-        lora = lora.reshape(T, 5, -1)
-        # the five mix corrections (w, k, v, r, g), the decay's first stage as soon as xw is known
-        mix = products([(self.maa_w2[i], np.ascontiguousarray(lora[:, i])) for i in range(4)], n)
+        D = lora.shape[1] // 5
+        # the five mix corrections (w, k, v, r, g), then the decay's first stage of xw
+        mix = lowrank(self.low, [(f"maa_w2_{i}", lora[:, i * D:(i + 1) * D]) for i in range(5)], n)
 
         def mixed(i, m):
             return np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"] + mix[i]))
 
-        xw = mixed(0, "w")
-        mg, w = products([(self.maa_w2[4], np.ascontiguousarray(lora[:, 4])), (L["att_time_decay_w1"], xw)], n)
-        mix.append(mg)
+        w, = lowrank(self.low, [("att_time_decay_w1", mixed(0, "w"))], n)
         r, k, v, g = products([(L["att_receptance"], mixed(3, "r")), (L["att_key"], mixed(1, "k")),
                                (L["att_value"], mixed(2, "v")), (L["att_gate"], mixed(4, "g"))], n)
         silu_rows(g)
         lora_act(w, w[:0])  # tanh
-        w = matmul(L["att_time_decay_w2"], w, n)
+        w, = lowrank(self.low, [("att_time_decay_w2", w)], n)
         v6_decay_rows(w, p["att_time_decay"])  # exp(-exp(time_decay + w))
         y = np.empty((T, C), np.float32)
         wkv5(r, k, v, w, self.bonus, p["att_ln_x_weight"], p["att_ln_x_bias"], g, heads_of(states, H), starts, y,

@@ -28,7 +28,7 @@ from rwkvx.formats.tensorfile import (MAX_TENSORS, NUMPY_DTYPES, MappedFile, Q4T
 
 # what rwkvx's own files say about themselves
 FORMAT_NAME = "rwkvx"
-# 2: RWKV-7's low-rank matrices stored (in, out) (metadata low_rank = "in,out"); files of
+# 2: RWKV-6 and 7's low-rank matrices stored (in, out) (metadata low_rank = "in,out"); files of
 # other versions are unchanged and still say 1, so older rwkvx releases read them
 FORMAT_VERSION = 2
 # what rwkvx's state files (rwkvx.states) say about themselves

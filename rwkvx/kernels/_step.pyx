@@ -50,10 +50,6 @@ cdef const float* _vector(dict keep, name, value, Py_ssize_t n) except NULL:
     return &v[0]
 
 
-cdef const Matrix* _matrix_of(Linear lin):
-    return &lin.m
-
-
 cdef class _Step:
     """What every step holds: the layer norms, the output projection, the feed-forward
     matrices (with RWKV-5/6's receptance gate), the sizes and one scratch buffer."""
@@ -334,11 +330,15 @@ cdef class V5Step(_Step):
 
 
 cdef class V6Step(_Step):
-    """An RWKV-6 layer: p and lin as rwkvx.arch.v6's Layer holds them (lin with the
-    low-rank time_maa_w1, time_decay_w1 and time_decay_w2), maa_w2 the five (C, D) Linear
-    halves of the mixes' correction, ffn_mix (2, C), bonus (C,) u."""
-    cdef Linear r, k, v, g, maa_w1, decay_w1, decay_w2
-    cdef const Matrix* maa_w2[5]      # the Linear objects are kept in self.keep
+    """An RWKV-6 layer: p and lin as rwkvx.arch.v6's Layer holds them, low its low-rank
+    matrices transposed, (in, out) (see _lowrank.h): att_time_maa_w1 (C, 5 D), maa_w2_0 ..
+    maa_w2_4 (D, C) the five halves of the mixes' correction, att_time_decay_w1 (C, Dw) and
+    att_time_decay_w2 (Dw, C); ffn_mix (2, C), bonus (C,) u."""
+    cdef Linear r, k, v, g
+    cdef const float* maa_w1
+    cdef const float* maa_w2[5]
+    cdef const float* decay_w1
+    cdef const float* decay_w2
     cdef const float* maa[6]        # time_maa_x, then w k v r g
     cdef const float* time_decay
     cdef const float* bonus
@@ -346,32 +346,41 @@ cdef class V6Step(_Step):
     cdef const float* lnx_b
     cdef Py_ssize_t d_mix, d_decay
 
-    def __init__(self, dict p, dict lin, list maa_w2, ffn_mix, bonus, Py_ssize_t n_head, double eps):
+    def __init__(self, dict p, dict lin, dict low, ffn_mix, bonus, Py_ssize_t n_head, double eps):
         self.r, self.k, self.v, self.g = lin["att_receptance"], lin["att_key"], lin["att_value"], lin["att_gate"]
-        self.maa_w1, self.decay_w1, self.decay_w2 = lin["att_time_maa_w1"], lin["att_time_decay_w1"], lin["att_time_decay_w2"]
         cdef Py_ssize_t C = self.r.m.n_cols, i
-        self.d_mix = self.maa_w1.m.n_rows // 5
-        self.d_decay = self.decay_w1.m.n_rows
+        cdef const float[:, ::1] m
+        for name in ("att_receptance", "att_key", "att_value", "att_gate"):
+            _check_shape(name, lin[name], C, C)
+        m = self._low(low, "att_time_maa_w1", C, -1)
+        self.maa_w1, self.d_mix = &m[0, 0], m.shape[1] // 5
+        if m.shape[1] % 5:
+            raise RwkvxError(f"V6Step: att_time_maa_w1, transposed: expected ({C}, 5 D), got ({m.shape[0]}, {m.shape[1]})")
+        for i in range(5):
+            m = self._low(low, f"maa_w2_{i}", self.d_mix, C)
+            self.maa_w2[i] = &m[0, 0]
+        m = self._low(low, "att_time_decay_w1", C, -1)
+        self.decay_w1, self.d_decay = &m[0, 0], m.shape[1]
+        m = self._low(low, "att_time_decay_w2", self.d_decay, C)
+        self.decay_w2 = &m[0, 0]
         # xn, sx, xx, 5 mixed inputs, 5 mix corrections, r k v g w y out (C each), the
         # mixes' low-rank row (5 D) and the decay's (Dw)
         self._setup(p, lin, C, n_head, eps, ffn_mix, 20 * C + 5 * self.d_mix + self.d_decay)
-        for name in ("att_receptance", "att_key", "att_value", "att_gate"):
-            _check_shape(name, lin[name], C, C)
-        _check_shape("att_time_maa_w1", self.maa_w1, 5 * self.d_mix, C)
-        _check_shape("att_time_decay_w1", self.decay_w1, self.d_decay, C)
-        _check_shape("att_time_decay_w2", self.decay_w2, C, self.d_decay)
-        if len(maa_w2) != 5:
-            raise RwkvxError(f"att_time_maa_w2: expected 5 matrices, got {len(maa_w2)}")
-        for i in range(5):
-            _check_shape(f"att_time_maa_w2[{i}]", maa_w2[i], C, self.d_mix)
-            self.maa_w2[i] = _matrix_of(maa_w2[i])
-        self.keep["maa_w2"] = list(maa_w2)
-        for i, m in enumerate("xwkvrg"):
-            self.maa[i] = _vector(self.keep, f"att_time_maa_{m}", p[f"att_time_maa_{m}"], C)
+        self.keep["low"] = dict(low)  # the arrays behind the pointers above
+        for i, c in enumerate("xwkvrg"):
+            self.maa[i] = _vector(self.keep, f"att_time_maa_{c}", p[f"att_time_maa_{c}"], C)
         self.time_decay = _vector(self.keep, "att_time_decay", p["att_time_decay"], C)
         self.bonus = _vector(self.keep, "bonus", bonus, C)
         self.lnx_w = _vector(self.keep, "att_ln_x_weight", p["att_ln_x_weight"], C)
         self.lnx_b = _vector(self.keep, "att_ln_x_bias", p["att_ln_x_bias"], C)
+
+    def _low(self, dict low, str name, Py_ssize_t n_in, Py_ssize_t n_out):
+        # a low-rank matrix (n_in, n_out), checked; n_out -1: any width >= 1
+        cdef const float[:, ::1] m = low[name]
+        if m.shape[0] != n_in or m.shape[1] == 0 or (n_out >= 0 and m.shape[1] != n_out):
+            raise RwkvxError(f"V6Step: {name}, transposed: expected ({n_in}, {n_out if n_out >= 0 else 'D'}), "
+                             f"got ({m.shape[0]}, {m.shape[1]})")
+        return m
 
     cdef void _step(self, float* x, float* state, const float* source, float* v_first, int n_threads,
                     int level) noexcept nogil:
@@ -391,31 +400,35 @@ cdef class V6Step(_Step):
         cdef float* lora = xn + 20 * C
         cdef float* w_h = lora + 5 * D
         cdef const float* prev = source + ATT_XX * C
-        cdef MatvecJob jobs[5]
+        cdef MatvecJob jobs[4]
+        cdef LowrankJob low[5]
         rwkvx_layer_norm(C, x, self.ln1_w, self.ln1_b, LAYER_NORM_EPS, xn)
         for j in range(C):
             sx[j] = prev[j] - xn[j]
         _mix_rows(1, C, 1, xn, prev, self.maa[0], xx, 1)
         memcpy(state + ATT_XX * C, xn, C * sizeof(float))
         # the data-dependent token shift: five mixes corrected by one low-rank map of xx
-        _matvec(lora, &self.maa_w1.m, xx, self.u8, n_threads)
+        low[0] = LowrankJob(lora, 5 * D, self.maa_w1, C, 5 * D, xx, C)
+        _lowrank_jobs(low, 1, 1, n_threads)
         _lora_act(5 * D, lora, 0, NULL)
         for i in range(5):
-            jobs[i] = MatvecJob(corr + i * C, self.maa_w2[i], lora + i * D)
-        _matvec_jobs(jobs, 5, self.u8, n_threads)
+            low[i] = LowrankJob(corr + i * C, C, self.maa_w2[i], D, C, lora + i * D, 5 * D)
+        _lowrank_jobs(low, 5, 1, n_threads)
         for i in range(5):
             for j in range(C):
                 mixed[i * C + j] = xn[j] + sx[j] * (self.maa[1 + i][j] + corr[i * C + j])
-        jobs[0] = MatvecJob(w_h, &self.decay_w1.m, mixed)
-        jobs[1] = MatvecJob(r, &self.r.m, mixed + 3 * C)
-        jobs[2] = MatvecJob(k, &self.k.m, mixed + C)
-        jobs[3] = MatvecJob(v, &self.v.m, mixed + 2 * C)
-        jobs[4] = MatvecJob(g, &self.g.m, mixed + 4 * C)
-        _matvec_jobs(jobs, 5, self.u8, n_threads)
+        low[0] = LowrankJob(w_h, self.d_decay, self.decay_w1, C, self.d_decay, mixed, C)
+        _lowrank_jobs(low, 1, 1, n_threads)
+        jobs[0] = MatvecJob(r, &self.r.m, mixed + 3 * C)
+        jobs[1] = MatvecJob(k, &self.k.m, mixed + C)
+        jobs[2] = MatvecJob(v, &self.v.m, mixed + 2 * C)
+        jobs[3] = MatvecJob(g, &self.g.m, mixed + 4 * C)
+        _matvec_jobs(jobs, 4, self.u8, n_threads)
         rwkvx_silu(g, C)
         # the data-dependent decay
         _lora_act(self.d_decay, w_h, 0, NULL)
-        _matvec(w, &self.decay_w2.m, w_h, self.u8, n_threads)
+        low[0] = LowrankJob(w, C, self.decay_w2, self.d_decay, C, w_h, self.d_decay)
+        _lowrank_jobs(low, 1, 1, n_threads)
         rwkvx_v6_decay(w, self.time_decay, C)
         self._time_mix_end(x, state, source, r, k, v, w, C, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
                            n_threads, level)
