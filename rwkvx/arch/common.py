@@ -484,14 +484,16 @@ def products(jobs: list, n_threads: int) -> list[np.ndarray]:
     return outs
 
 
-def lowrank(matrices: dict, jobs: list, n_threads: int) -> list[np.ndarray]:
+def lowrank(matrices: dict, jobs: list, n_threads: int, outs: Optional[list] = None) -> list[np.ndarray]:
     """[X @ matrices[name] for name, X in jobs] in one parallel loop: the small float32
     matrices of the low-rank paths, stored transposed (in, out) (rwkvx.kernels._matvec.lowrank_group);
-    every X has the same number of rows, and a row's result does not depend on the others."""
+    every X has the same number of rows, and a row's result does not depend on the others.
+    outs: C-contiguous float32 arrays to write the results into (default: new ones)."""
     from rwkvx.kernels._matvec import lowrank_group
     n_tok = jobs[0][1].shape[0]
     wts = [matrices[name] for name, _ in jobs]
-    outs = [np.empty((n_tok, wt.shape[1]), np.float32) for wt in wts]
+    if outs is None:
+        outs = [np.empty((n_tok, wt.shape[1]), np.float32) for wt in wts]
     size = n_tok * sum(wt.size for wt in wts)
     lowrank_group(wts, [np.ascontiguousarray(X) for _, X in jobs], outs,
                   1 if size < SERIAL_BELOW else team_size_now(n_threads))

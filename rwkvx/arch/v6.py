@@ -138,6 +138,7 @@ class Layer:
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)
         self.maa_x = p["att_time_maa_x"].reshape(1, -1)
+        self.maa = np.stack([p[f"att_time_maa_{m}"] for m in MIXES])
         from rwkvx.kernels._step import V6Step
         self.step = V6Step(p, self.lin, self.low, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
 
@@ -159,15 +160,17 @@ class Layer:
         lora, = lowrank(self.low, [("att_time_maa_w1", xx[0])], n)
         lora_act(lora, lora[:0])  # tanh
         D = lora.shape[1] // 5
-        # the five mix corrections (w, k, v, r, g), then the decay's first stage of xw
-        mix = lowrank(self.low, [(f"maa_w2_{i}", lora[:, i * D:(i + 1) * D]) for i in range(5)], n)
-
-        def mixed(i, m):
-            return np.ascontiguousarray(x + sx * (p[f"att_time_maa_{m}"] + mix[i]))
-
-        w, = lowrank(self.low, [("att_time_decay_w1", mixed(0, "w"))], n)
-        r, k, v, g = products([(L["att_receptance"], mixed(3, "r")), (L["att_key"], mixed(1, "k")),
-                               (L["att_value"], mixed(2, "v")), (L["att_gate"], mixed(4, "g"))], n)
+        # the five mixed inputs x + sx·(time_maa + correction), built in one array in place:
+        # fresh temporaries of this size cost page faults on every layer
+        mixed = np.empty((5, T, C), np.float32)
+        lowrank(self.low, [(f"maa_w2_{i}", lora[:, i * D:(i + 1) * D]) for i in range(5)], n, outs=list(mixed))
+        mixed += self.maa[:, None, :]
+        mixed *= sx
+        mixed += x
+        xw, xk, xv, xr, xg = mixed
+        w, = lowrank(self.low, [("att_time_decay_w1", xw)], n)
+        r, k, v, g = products([(L["att_receptance"], xr), (L["att_key"], xk), (L["att_value"], xv),
+                               (L["att_gate"], xg)], n)
         silu_rows(g)
         lora_act(w, w[:0])  # tanh
         w, = lowrank(self.low, [("att_time_decay_w2", w)], n)
