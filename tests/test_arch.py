@@ -146,6 +146,25 @@ def test_threads_give_the_same_bits(tmp_path, version):
     assert np.array_equal(one, two) and np.array_equal(s1, s2)
 
 
+def test_models_run_from_several_python_threads_at_once_give_the_same_bits(tmp_path):
+    # the products keep their scratch per Python thread between calls (_matvec._scratch):
+    # models of different widths prompted at the same time from four threads (the kernels
+    # release the GIL) must give what each gives alone, in every dtype's product loop
+    from concurrent.futures import ThreadPoolExecutor
+    cases = []
+    for i, version in enumerate(VERSIONS + ["v6"]):
+        path = write_safetensors(tmp_path / f"{i}.safetensors",
+                                 random_checkpoint(version, n_layer=2, n_embd=64 * (i + 1), head_size=16, seed=i))
+        dtype = ["float32", "bfloat16", "uint8", "q4"][i]
+        cases.append((rwkvx.load(path, dtype=dtype, threads=2), TOKENS * (i + 1)))
+    alone = [model.forward(tokens, all_logits=True) for model, tokens in cases]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda case: case[0].forward(case[1], all_logits=True), cases))
+            for (a, sa), (b, sb) in zip(alone, together):
+                assert np.array_equal(a, b) and np.array_equal(sa, sb)
+
+
 def test_state_file_round_trip(tmp_path, checkpoint):
     model = rwkvx.load(checkpoint)
     _, state = model.forward(TOKENS[:8])

@@ -8,7 +8,7 @@ import numpy as np
 from rwkvx.kernels._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
                             xpack_floats)
 from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx.kernels._matvec import _aligned_floats
+from rwkvx.kernels._matvec import WBUF_SLOT, _scratch
 from rwkvx.errors import RwkvxError
 
 
@@ -81,14 +81,14 @@ def matmul_group(list linears, list Xs, list outs, int n_threads=1):
                              f"all products take {n_tok} rows")
         if n_tok == 0:
             return
-        xr = _aligned_floats(n_tok * lin.m.n_cols).reshape(n_tok, lin.m.n_cols)
-        xpack = _aligned_floats(xpack_floats(n_tok, lin.m.n_cols)).reshape(1, -1)
-        sums = np.empty(n_tok * sizeof(U8Sums), dtype=np.uint8)
+        xr = _scratch(3 * i, n_tok * lin.m.n_cols).reshape(n_tok, lin.m.n_cols)
+        xpack = _scratch(3 * i + 1, xpack_floats(n_tok, lin.m.n_cols)).reshape(1, -1)
+        sums = _scratch(3 * i + 2, (n_tok * sizeof(U8Sums) + 3) // 4).view(np.uint8)
         xrv, xpv, sv = xr, xpack, sums
         jobs[i] = MatmulJob(&ov[0, 0], lin.m.n_rows, &lin.m, &xv[0, 0], &xrv[0, 0], <U8Sums*>&sv[0], &xpv[0, 0])
         wide = max(wide, lin.m.n_cols)
         keep.append((lin, xv, ov, xr, xpack, sums))
-    wbuf = _aligned_floats(n_threads * wbuf_floats(wide))
+    wbuf = _scratch(WBUF_SLOT, n_threads * wbuf_floats(wide))
     cdef float[::1] wv = wbuf
     with nogil:
         _matmul_jobs(jobs, n, n_tok, &wv[0], n_threads)
