@@ -116,6 +116,20 @@ def test_matmul_in_several_passes_equals_matvec(simd, rng):
             assert np.array_equal(Y[t], lin(X[t])), lin.dtype
 
 
+def test_products_past_the_kept_scratch_and_after_a_smaller_one_equal_matvec(rng):
+    # the products keep their scratch per thread up to SCRATCH_KEPT floats a buffer: a
+    # larger call gets a buffer of its own, and a smaller call after it reuses the kept ones
+    n_cols = 20000
+    n_tok = _matvec.SCRATCH_KEPT // n_cols + 3
+    w, _ = _data(rng, 6, n_cols)
+    X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+    for lin in _all_kinds(w):
+        for rows in (X[:5], X, X[:9]):
+            Y = lin.matmul(rows, n_threads=2)
+            for t in (0, len(rows) - 1):
+                assert np.array_equal(Y[t], lin(rows[t])), lin.dtype
+
+
 @pytest.mark.parametrize("n_cols", [1030, 2100, 2112])
 def test_matmul_of_long_rows_equals_matvec(simd, rng, n_cols):
     # rows of 2 KiB and more, which the few-token product walks with a row-by-row prefetch

@@ -572,13 +572,19 @@ def _aligned_floats(Py_ssize_t n):
 _local = threading.local()
 # the slots of _scratch: three per product of a group (rows, packed rows, sums), then wbuf
 WBUF_SLOT = 12
+# the largest buffer a thread keeps (floats): a 128-token chunk of a 16384-wide product; a
+# thread keeps at most 13 such (104 MB), typically a few MB
+SCRATCH_KEPT = 128 * 16384
 
 
 def _scratch(int slot, Py_ssize_t n):
     """n aligned floats of this thread's scratch buffer `slot` for one product call, kept
-    between calls (grown, never shrunk; calls in one thread never nest). Allocating and
-    freeing megabytes per product makes glibc give the heap's top back to the OS and fault
-    its pages in again: a fifth of an RWKV-5/6 prompt's time (0.4B shape, 2 threads)."""
+    between calls (grown up to SCRATCH_KEPT, never shrunk; calls in one thread never nest).
+    Allocating and freeing megabytes per product makes glibc give the heap's top back to
+    the OS and fault its pages in again: a fifth of an RWKV-5/6 prompt's time (0.4B shape,
+    2 threads)."""
+    if n > SCRATCH_KEPT:
+        return _aligned_floats(n)
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
