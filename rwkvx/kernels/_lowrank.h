@@ -6,13 +6,16 @@
  * badly: a dot of 64 floats ends in a horizontal sum as long as itself, and a product of a
  * chunk's tokens with a 1024 x 64 matrix took 2.4x the time per weight of the big ones
  * (0.4B shape, 128 tokens). Here each output is one lane of a register summing its n_in
- * terms in order of j, as mul then add (the build forbids contraction into FMAs): no
- * horizontal sums, and every lane computes the same operations whatever the vector width,
- * so the scalar loop, AVX2 and AVX-512 give the same bits, one token or many.
+ * terms in order of j, each with one fused multiply-add: no horizontal sums, and every
+ * lane computes the same operations whatever the vector width. A fused multiply-add is
+ * rounded once, exactly as fmaf() is, so the scalar loop (fmaf), AVX2 and AVX-512 give the
+ * same bits, one token or many. (Mul then add, as the first version did, took 1.2-1.3x the
+ * time of a 128-token product: the low-rank products are compute-bound in prompts.)
  */
 #ifndef RWKVX_LOWRANK_H
 #define RWKVX_LOWRANK_H
 
+#include <math.h>
 #include <stddef.h>
 
 /* outputs per block: four AVX-512 registers (eight AVX2) of independent sums */
@@ -29,7 +32,7 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
         const float xj = x[j];
         const float *w = wt + j * ldw;
         for (ptrdiff_t i = 0; i < width; i++)
-            acc[i] = acc[i] + xj * w[i];
+            acc[i] = fmaf(xj, w[i], acc[i]);
     }
     for (ptrdiff_t i = 0; i < width; i++)
         out[i] = acc[i];
@@ -54,7 +57,7 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
         _mm_prefetch(ahead_ + 128, _MM_HINT_T0);                                                     \
         _mm_prefetch(ahead_ + 192, _MM_HINT_T0);                                                     \
     } while (0)
-#define RWKVX_LOWRANK_SIMD(NAME, ATTR, VEC, LANES, ZERO, SET1, ADD, MUL, LOAD, STORE, MASK_T, MASK_OF)    \
+#define RWKVX_LOWRANK_SIMD(NAME, ATTR, VEC, LANES, ZERO, SET1, FMA, LOAD, STORE, MASK_T, MASK_OF)    \
     ATTR static void NAME(ptrdiff_t n_in, ptrdiff_t width, const float *x0, const float *x1,               \
                           const float *wt, ptrdiff_t ldw, float *out0, float *out1)                        \
     {                                                                                                      \
@@ -68,10 +71,10 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
                 const VEC b = SET1(x0[j]), u = SET1(x1[j]);                                                \
                 const VEC w0 = LOAD(m0, w), w1 = LOAD(m1, w + LANES);                                      \
                 const VEC w2 = LOAD(m2, w + 2 * LANES), w3 = LOAD(m3, w + 3 * LANES);                      \
-                a0 = ADD(a0, MUL(b, w0)); a1 = ADD(a1, MUL(b, w1));                                        \
-                a2 = ADD(a2, MUL(b, w2)); a3 = ADD(a3, MUL(b, w3));                                        \
-                c0 = ADD(c0, MUL(u, w0)); c1 = ADD(c1, MUL(u, w1));                                        \
-                c2 = ADD(c2, MUL(u, w2)); c3 = ADD(c3, MUL(u, w3));                                        \
+                a0 = FMA(b, w0, a0); a1 = FMA(b, w1, a1);                                        \
+                a2 = FMA(b, w2, a2); a3 = FMA(b, w3, a3);                                        \
+                c0 = FMA(u, w0, c0); c1 = FMA(u, w1, c1);                                        \
+                c2 = FMA(u, w2, c2); c3 = FMA(u, w3, c3);                                        \
             }                                                                                              \
             STORE(m0, out1, c0); STORE(m1, out1 + LANES, c1);                                              \
             STORE(m2, out1 + 2 * LANES, c2); STORE(m3, out1 + 3 * LANES, c3);                              \
@@ -80,8 +83,8 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
                 const float *w = wt + j * ldw;                                                             \
                 RWKVX_LR_AHEAD(w, ldw);                                                                    \
                 const VEC b = SET1(x0[j]);                                                                 \
-                a0 = ADD(a0, MUL(b, LOAD(m0, w))); a1 = ADD(a1, MUL(b, LOAD(m1, w + LANES)));              \
-                a2 = ADD(a2, MUL(b, LOAD(m2, w + 2 * LANES))); a3 = ADD(a3, MUL(b, LOAD(m3, w + 3 * LANES))); \
+                a0 = FMA(b, LOAD(m0, w), a0); a1 = FMA(b, LOAD(m1, w + LANES), a1);              \
+                a2 = FMA(b, LOAD(m2, w + 2 * LANES), a2); a3 = FMA(b, LOAD(m3, w + 3 * LANES), a3); \
             }                                                                                              \
         }                                                                                                  \
         STORE(m0, out0, a0); STORE(m1, out0 + LANES, a1);                                                  \
@@ -93,23 +96,23 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
 #define RWKVX_LR512_LOAD(m, p) _mm512_maskz_loadu_ps((m), (p))
 #define RWKVX_LR512_STORE(m, p, v) _mm512_mask_storeu_ps((p), (m), (v))
 RWKVX_LOWRANK_SIMD(rwkvx_lowrank_avx512, __attribute__((target("avx512f,avx2"))), __m512, 16, _mm512_setzero_ps,
-                   _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, RWKVX_LR512_LOAD, RWKVX_LR512_STORE, __mmask16,
+                   _mm512_set1_ps, _mm512_fmadd_ps, RWKVX_LR512_LOAD, RWKVX_LR512_STORE, __mmask16,
                    RWKVX_LR512_MASK)
 
 /* AVX2 masks are vectors: lane i on if i < n */
-__attribute__((target("avx2"))) static inline __m256i rwkvx_lr256_mask(ptrdiff_t n)
+__attribute__((target("avx2,fma"))) static inline __m256i rwkvx_lr256_mask(ptrdiff_t n)
 {
     const int k = n < 0 ? 0 : n > 8 ? 8 : (int)n;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 #define RWKVX_LR256_LOAD(m, p) _mm256_maskload_ps((p), (m))
 #define RWKVX_LR256_STORE(m, p, v) _mm256_maskstore_ps((p), (m), (v))
-RWKVX_LOWRANK_SIMD(rwkvx_lowrank_avx2_32, __attribute__((target("avx2"))), __m256, 8, _mm256_setzero_ps,
-                   _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, RWKVX_LR256_LOAD, RWKVX_LR256_STORE, __m256i,
+RWKVX_LOWRANK_SIMD(rwkvx_lowrank_avx2_32, __attribute__((target("avx2,fma"))), __m256, 8, _mm256_setzero_ps,
+                   _mm256_set1_ps, _mm256_fmadd_ps, RWKVX_LR256_LOAD, RWKVX_LR256_STORE, __m256i,
                    rwkvx_lr256_mask)
 
 /* AVX2 has 16 vector registers: a block of 64 outputs goes as two of 32 */
-__attribute__((target("avx2"))) static void rwkvx_lowrank_avx2(ptrdiff_t n_in, ptrdiff_t width, const float *x0,
+__attribute__((target("avx2,fma"))) static void rwkvx_lowrank_avx2(ptrdiff_t n_in, ptrdiff_t width, const float *x0,
                                                                const float *x1, const float *wt, ptrdiff_t ldw,
                                                                float *out0, float *out1)
 {
