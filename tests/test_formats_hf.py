@@ -22,7 +22,7 @@ _HF_BLOCK = {
 
 
 def hf_name(key: str) -> str:
-    """BlinkDL's tensor name -> transformers' (written independently of rwkvx/hf.py)."""
+    """BlinkDL's tensor name -> transformers' (written independently of rwkvx/formats/hf.py)."""
     if key == "emb.weight":
         return "rwkv.embeddings.weight"
     if key == "head.weight":

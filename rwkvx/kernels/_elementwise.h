@@ -165,7 +165,7 @@ RWKVX_EW_INLINE void rwkvx_relu_square_loop(float *RWKVX_RESTRICT x, ptrdiff_t n
     }
 }
 
-/* RWKV-7's per-channel inputs to its recurrence (rwkvx/_wkv.pyx's v7_prepare), kk already
+/* RWKV-7's per-channel inputs to its recurrence (_wkv.pyx's v7_prepare), kk already
  * normalised per head: a = sigmoid(a0 + a_lora); w = exp(-decay_scale * sigmoid(w0 + w));
  * b = kk a; k = k (1 + (a - 1) k_a); v = v + (v_first - v) sigmoid(v0 + v_lora) unless
  * v_lora is NULL (layer 0). With libm's expf (three calls a channel) this took 12 us of a
