@@ -172,9 +172,10 @@ class Reader:
         v = self.values(key, n_head * head_size)
         return np.zeros((n_head, head_size), np.float32) if v is None else v.reshape(n_head, head_size)
 
-    def matrix(self, key: str, shape: tuple[int, int], transposed: bool = False) -> np.ndarray:
-        """A matrix in rwkvx's (out, in) orientation; `transposed`: the file holds (in, out)."""
-        stored = shape[::-1] if transposed else shape
+    def low_rank(self, key: str, shape: tuple[int, int]) -> np.ndarray:
+        """A low-rank matrix in rwkvx's (out, in) orientation `shape`: a transposed view of the
+        file's (in, out) where it holds that (low_rank_in_out)."""
+        stored = shape[::-1] if self.low_rank_in_out else shape
         tensor = self.source.tensors.get(key)
         if tensor is not None and tuple(tensor.shape) != tuple(stored):
             self.problems.append(f"{key}: expected {list(stored)}, got {list(tensor.shape)}")
@@ -183,7 +184,16 @@ class Reader:
         m = self.values(key, shape[0] * shape[1])
         if m is None:
             return np.zeros(shape, np.float32)
-        return np.ascontiguousarray(m.T) if transposed else m
+        return m.T if self.low_rank_in_out else m
+
+    def low_rank_out(self, key: str) -> int:
+        """The output side of a stored low-rank matrix's first half (in -> out): (C, D) in
+        BlinkDL's files and rwkvx's, (D, C) in rwkv.cpp's; 1 where it is missing or not 2-D
+        (check() reports that)."""
+        t = self.source.tensors.get(key)
+        if t is None or len(t.shape) != 2:
+            return 1
+        return t.shape[1] if self.low_rank_in_out else t.shape[0]
 
     def _present(self, key: str, shape: tuple[int, int]):
         """The stored tensor if it has `shape` (recorded as used), else None (the problem recorded)."""
@@ -482,6 +492,18 @@ def products(jobs: list, n_threads: int) -> list[np.ndarray]:
         else:
             matmul_group([lin for lin, _ in part], [X for _, X in part], outs[i:i + 4], threads)
     return outs
+
+
+def low_rank_in_out(p: dict, names) -> dict:
+    """The low-rank matrices `names` of a layer's p (those it has), each matrix of a stack
+    transposed to (in, out), C-contiguous float32, for their kernel (_lowrank.h); p keeps
+    transposed views of them, so there is one copy (none where the file holds (in, out))."""
+    low = {}
+    for name in names:
+        if name in p:
+            low[name] = np.ascontiguousarray(np.swapaxes(p[name], -1, -2), dtype=np.float32)
+            p[name] = np.swapaxes(low[name], -1, -2)
+    return low
 
 
 def lowrank(matrices: dict, jobs: list, n_threads: int, outs: Optional[list] = None) -> list[np.ndarray]:

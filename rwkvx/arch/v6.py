@@ -45,26 +45,17 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
     specification: views of the file where it has (in, out). rwkv.cpp's stores
     time_decay/time_faaaa as (H, N, 1)."""
     att, ffn, c = f"blocks.{layer}.att.", f"blocks.{layer}.ffn.", n_embd
-    in_out = reader.low_rank_in_out
     p = {f"att_time_maa_{m}": reader.vector(f"{att}time_maa_{m}", c) for m in "x" + MIXES}
-
-    def low_rank(key, shape):
-        # the (out, in) matrix of that shape, a transposed view where the file holds (in, out)
-        return reader.matrix(att + key, shape[::-1]).T if in_out else reader.matrix(att + key, shape)
-
-    def rank(key, n):
-        # the small side of a low-rank matrix as stored (1 where it is missing: reported by check)
-        t = reader.source.tensors.get(att + key)
-        return (t.shape[1 if in_out else 0] // n) if t is not None and len(t.shape) == 2 else 1
-
-    d_mix, d_decay = rank("time_maa_w1", 5), rank("time_decay_w1", 1)
-    p["att_time_maa_w1"] = low_rank("time_maa_w1", (5 * d_mix, c))
+    # time_maa_w1 holds the five mixes' first halves side by side
+    d_mix, d_decay = max(1, reader.low_rank_out(att + "time_maa_w1") // 5), reader.low_rank_out(att + "time_decay_w1")
+    p["att_time_maa_w1"] = reader.low_rank(att + "time_maa_w1", (5 * d_mix, c))
     w2 = reader.values(att + "time_maa_w2", 5 * d_mix * c)
     if w2 is None:
         w2 = np.zeros((5, c, d_mix), np.float32)
+    in_out = reader.low_rank_in_out
     p["att_time_maa_w2"] = w2.reshape(5, d_mix, c).transpose(0, 2, 1) if in_out else w2.reshape(5, c, d_mix)
-    p["att_time_decay_w1"] = low_rank("time_decay_w1", (d_decay, c))
-    p["att_time_decay_w2"] = low_rank("time_decay_w2", (c, d_decay))
+    p["att_time_decay_w1"] = reader.low_rank(att + "time_decay_w1", (d_decay, c))
+    p["att_time_decay_w2"] = reader.low_rank(att + "time_decay_w2", (c, d_decay))
     p["att_time_decay"] = reader.vector(att + "time_decay", c)
     p["att_time_faaaa"] = reader.heads(att + "time_faaaa", n_head, head_size)
     for m in ("receptance", "key", "value", "gate", "output"):
@@ -123,17 +114,12 @@ class Layer:
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
-        from rwkvx.arch.common import linear
+        from rwkvx.arch.common import linear, low_rank_in_out
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}
-        # the low-rank matrices stored transposed, (in, out), for their own kernel (_lowrank.h);
-        # p keeps views of them, so there is one copy (none where the file holds (in, out))
-        self.low = {}
-        for name in STORED_IN_OUT:
-            low = np.ascontiguousarray(np.swapaxes(p[name], -1, -2), dtype=np.float32)
-            p[name] = np.swapaxes(low, -1, -2)
-            self.low[name] = low
+        self.low = low_rank_in_out(p, STORED_IN_OUT)
+        # the five halves of the mixes' correction apart, as V6Step and lowrank() take them
         self.low.update({f"maa_w2_{i}": m for i, m in enumerate(self.low.pop("att_time_maa_w2"))})
         self.ffn_mix = np.stack([p["ffn_time_maa_k"], p["ffn_time_maa_r"]])
         self.bonus = p["att_time_faaaa"].reshape(-1)

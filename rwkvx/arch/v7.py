@@ -85,11 +85,10 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
             continue
         if lora != "g":
             p[f"att_{lora}0"] = reader.vector(name(f"{lora}0"), c)
-        rank = _rank(reader, name(f"{lora}1"), c)
+        rank = reader.low_rank_out(name(f"{lora}1"))
         for i, shape in (("1", (rank, c)), ("2", (c, rank))):
             # (out, in) for the specification; a view of the file's (in, out) where it has those
-            m = reader.matrix(name(f"{lora}{i}"), shape[::-1] if reader.low_rank_in_out else shape)
-            p[f"att_{lora}{i}"] = m.T if reader.low_rank_in_out else m
+            p[f"att_{lora}{i}"] = reader.low_rank(name(f"{lora}{i}"), shape)
     p["att_k_k"] = reader.vector(name("k_k"), c)
     p["att_k_a"] = reader.vector(name("k_a"), c)
     p["att_r_k"] = reader.heads(name("r_k"), n_head, head_size)
@@ -103,14 +102,6 @@ def read_block(reader, layer: int, n_embd: int, n_head: int, head_size: int) -> 
     p["ffn_key"] = reader.big(ffn + "key.weight", (n_ffn, c))
     p["ffn_value"] = reader.big(ffn + "value.weight", (c, n_ffn))
     return p
-
-
-def _rank(reader, key: str, n_embd: int) -> int:
-    t = reader.source.tensors.get(key)
-    if t is None or len(t.shape) != 2:
-        return 1
-    # (in, out) = (C, D) in BlinkDL's files and rwkvx's, (D, C) in rwkv.cpp's
-    return t.shape[1] if reader.low_rank_in_out else t.shape[0]
 
 
 # ---- the specification (float64, one token) ----
@@ -168,17 +159,11 @@ class Layer:
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
-        from rwkvx.arch.common import linear
+        from rwkvx.arch.common import linear, low_rank_in_out
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}
-        # the low-rank matrices stored transposed, (in, out), for their own kernel (_lowrank.h);
-        # p keeps views of them, so there is one copy
-        self.low = {}
-        for name in LOW_RANK:
-            if name in p:
-                self.low[name] = np.ascontiguousarray(p[name].T, dtype=np.float32)
-                p[name] = self.low[name].T
+        self.low = low_rank_in_out(p, LOW_RANK)  # layer 0 has no v1, v2
         self.r_k = p["att_r_k"].reshape(-1)
         self.mixes = np.stack([p[f"att_x_{m}"] for m in MIXES])
         self.ffn_mix = p["ffn_x_k"].reshape(1, -1)
