@@ -3,12 +3,9 @@ one set of barriers for up to four products instead of one each, which matters m
 the cores are shared and every barrier waits for a descheduled thread."""
 from libc.stdlib cimport malloc, free
 
-import numpy as np
-
-from rwkvx.kernels._matvec cimport (Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats,
-                            xpack_floats)
+from rwkvx.kernels._matvec cimport Linear, MatmulJob, MatvecJob, U8Sums, _matmul_jobs, _matvec_jobs, wbuf_floats
 from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
-from rwkvx.kernels._matvec import WBUF_SLOT, _scratch
+from rwkvx.kernels._matvec import WBUF_SLOT, _product_scratch, _scratch
 from rwkvx.errors import RwkvxError
 
 
@@ -65,7 +62,8 @@ def matmul_group(list linears, list Xs, list outs, int n_threads=1):
     cdef MatmulJob jobs[4]
     cdef Linear lin
     cdef const float[:, ::1] xv
-    cdef float[:, ::1] ov, xrv, xpv
+    cdef float[:, ::1] ov, xrv
+    cdef float[::1] xpv
     cdef unsigned char[::1] sv
     cdef Py_ssize_t n_tok = -1, wide = 0
     keep = []
@@ -81,11 +79,9 @@ def matmul_group(list linears, list Xs, list outs, int n_threads=1):
                              f"all products take {n_tok} rows")
         if n_tok == 0:
             return
-        xr = _scratch(3 * i, n_tok * lin.m.n_cols).reshape(n_tok, lin.m.n_cols)
-        xpack = _scratch(3 * i + 1, xpack_floats(n_tok, lin.m.n_cols)).reshape(1, -1)
-        sums = _scratch(3 * i + 2, (n_tok * sizeof(U8Sums) + 3) // 4).view(np.uint8)
+        xr, xpack, sums = _product_scratch(i, n_tok, lin.m.n_cols)
         xrv, xpv, sv = xr, xpack, sums
-        jobs[i] = MatmulJob(&ov[0, 0], lin.m.n_rows, &lin.m, &xv[0, 0], &xrv[0, 0], <U8Sums*>&sv[0], &xpv[0, 0])
+        jobs[i] = MatmulJob(&ov[0, 0], lin.m.n_rows, &lin.m, &xv[0, 0], &xrv[0, 0], <U8Sums*>&sv[0], &xpv[0])
         wide = max(wide, lin.m.n_cols)
         keep.append((lin, xv, ov, xr, xpack, sums))
     wbuf = _scratch(WBUF_SLOT, n_threads * wbuf_floats(wide))

@@ -594,6 +594,13 @@ def _scratch(int slot, Py_ssize_t n):
     return buf[:n]
 
 
+def _product_scratch(int i, Py_ssize_t n_tok, Py_ssize_t n_cols):
+    """Product i's scratch for one call (_scratch slots 3 i .. 3 i + 2): its rows as the
+    kernel reads them (n_tok, n_cols), its packed inputs, its uint8 sums (as bytes)."""
+    return (_scratch(3 * i, n_tok * n_cols).reshape(n_tok, n_cols), _scratch(3 * i + 1, xpack_floats(n_tok, n_cols)),
+            _scratch(3 * i + 2, (n_tok * sizeof(U8Sums) + 3) // 4).view(np.uint8))
+
+
 def _check_vector(name, const float[::1] v, Py_ssize_t n):
     if v.shape[0] != n:
         raise RwkvxError(f"{name}: expected ({n},) float32, got ({v.shape[0]},)")
@@ -752,9 +759,7 @@ cdef class Linear:
         n_threads = kernel_threads(n_threads)
         if n_tok == 0:
             return out
-        xr = _scratch(0, n_tok * n_cols).reshape(n_tok, n_cols)
-        xpack = _scratch(1, xpack_floats(n_tok, n_cols))
-        sums = _scratch(2, (n_tok * sizeof(U8Sums) + 3) // 4).view(np.uint8)
+        xr, xpack, sums = _product_scratch(0, n_tok, n_cols)
         wbuf = _scratch(WBUF_SLOT, n_threads * wbuf_floats(n_cols))
         cdef float[:, ::1] xrv = xr
         cdef unsigned char[::1] sumsv = sums
