@@ -61,6 +61,7 @@ cdef class _Step:
     cdef const float* ffn_mix      # (2, C) for k and r (RWKV-5/6), (C,) for k (RWKV-7)
     cdef readonly Py_ssize_t C, H, N, n_ffn
     cdef bint needs_v_first        # RWKV-7's value residual
+    cdef bint gated                # RWKV-5/6's feed-forward receptance gate
     cdef double eps
     cdef dict keep
     cdef object scratch_array
@@ -76,14 +77,15 @@ cdef class _Step:
         self.C, self.H, self.N, self.n_ffn, self.eps = C, n_head, C // n_head, self.fk.m.n_rows, eps
         for name, rows, cols in (("att_output", C, C), ("ffn_key", self.n_ffn, C), ("ffn_value", C, self.n_ffn)):
             _check_shape(name, lin[name], rows, cols)
-        if "ffn_receptance" in lin:
+        self.gated = "ffn_receptance" in lin
+        if self.gated:
             self.fr = lin["ffn_receptance"]
             _check_shape("ffn_receptance", self.fr, C, C)
         self.ln1_w = _vector(self.keep, "ln1_weight", p["ln1_weight"], C)
         self.ln1_b = _vector(self.keep, "ln1_bias", p["ln1_bias"], C)
         self.ln2_w = _vector(self.keep, "ln2_weight", p["ln2_weight"], C)
         self.ln2_b = _vector(self.keep, "ln2_bias", p["ln2_bias"], C)
-        self.ffn_mix = _vector(self.keep, "ffn_mix", ffn_mix, (1 if self.fr is None else 2) * C)
+        self.ffn_mix = _vector(self.keep, "ffn_mix", ffn_mix, (2 if self.gated else 1) * C)
         # the architecture's own rows, then the feed-forward hidden row and the uint8
         # products' scratch (4 inputs at most)
         self.scratch_array = _aligned_floats(n_scratch + self.n_ffn + 4 * max(C, self.n_ffn) + 64)
@@ -132,22 +134,30 @@ cdef class _Step:
         for j in range(self.C):
             x[j] = x[j] + y[j]
 
-    cdef void _gated_ffn(self, float* x, float* state, const float* source, float* xn, float* mixed, float* r,
-                         float* y, int n_threads) noexcept nogil:
-        # RWKV-5/6's channel mixing (RWKV-4's): x += sigmoid(receptance @ xr) * (value @ relu(key @ xk)^2)
-        cdef Py_ssize_t C = self.C
+    cdef void _ffn(self, float* x, float* state, const float* source, float* xn, float* mixed, float* r,
+                   float* y, int n_threads) noexcept nogil:
+        # channel mixing: x += value @ relu(key @ xk)^2, times sigmoid(receptance @ xr) in
+        # RWKV-5/6 (RWKV-4's); RWKV-7 has no receptance (r unused). mixed: 2 C floats
+        cdef Py_ssize_t C = self.C, j
         cdef float* hidden = self.hidden
         cdef float* u8 = self.u8
         cdef MatvecJob jobs[2]
         rwkvx_layer_norm(C, x, self.ln2_w, self.ln2_b, LAYER_NORM_EPS, xn)
-        _mix_rows(1, C, 2, xn, source + FFN_XX * C, self.ffn_mix, mixed, 1)
+        _mix_rows(1, C, 2 if self.gated else 1, xn, source + FFN_XX * C, self.ffn_mix, mixed, 1)
         memcpy(state + FFN_XX * C, xn, C * sizeof(float))
-        jobs[0] = MatvecJob(hidden, &self.fk.m, mixed)
-        jobs[1] = MatvecJob(r, &self.fr.m, mixed + C)
-        _matvec_jobs(jobs, 2, u8, n_threads)
+        if self.gated:
+            jobs[0] = MatvecJob(hidden, &self.fk.m, mixed)
+            jobs[1] = MatvecJob(r, &self.fr.m, mixed + C)
+            _matvec_jobs(jobs, 2, u8, n_threads)
+        else:
+            _matvec(hidden, &self.fk.m, mixed, u8, n_threads)
         rwkvx_relu_square(hidden, self.n_ffn)
         _matvec(y, &self.fv.m, hidden, u8, n_threads)
-        rwkvx_add_gated(C, x, r, y)
+        if self.gated:
+            rwkvx_add_gated(C, x, r, y)
+        else:
+            for j in range(C):
+                x[j] = x[j] + y[j]
 
 
 cdef class V7Step(_Step):
@@ -224,7 +234,6 @@ cdef class V7Step(_Step):
         cdef float* a_h = w_h + self.rank[0]
         cdef float* g_h = a_h + self.rank[1]
         cdef float* v_h = g_h + self.rank[2]
-        cdef float* f_h = self.hidden
         cdef float* u8 = self.u8
         cdef float* out = mixed             # free once the first products have run
         cdef LowrankJob low[4]
@@ -267,15 +276,7 @@ cdef class V7Step(_Step):
         for j in range(C):
             x[j] = x[j] + y[j]
 
-        # channel mixing
-        rwkvx_layer_norm(C, x, self.ln2_w, self.ln2_b, LAYER_NORM_EPS, xn)
-        _mix_rows(1, C, 1, xn, source + FFN_XX * C, self.ffn_mix, mixed, 1)
-        memcpy(state + FFN_XX * C, xn, C * sizeof(float))
-        _matvec(f_h, &self.fk.m, mixed, u8, n_threads)
-        rwkvx_relu_square(f_h, self.n_ffn)
-        _matvec(y, &self.fv.m, f_h, u8, n_threads)
-        for j in range(C):
-            x[j] = x[j] + y[j]
+        self._ffn(x, state, source, xn, mixed, NULL, y, n_threads)
 
 
 
@@ -326,7 +327,7 @@ cdef class V5Step(_Step):
         rwkvx_silu(g, C)
         self._time_mix_end(x, state, source, r, k, v, self.decay, 0, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
                            n_threads, level)
-        self._gated_ffn(x, state, source, xn, mixed, r, y, n_threads)
+        self._ffn(x, state, source, xn, mixed, r, y, n_threads)
 
 
 cdef class V6Step(_Step):
@@ -432,4 +433,4 @@ cdef class V6Step(_Step):
         rwkvx_v6_decay(w, self.time_decay, C)
         self._time_mix_end(x, state, source, r, k, v, w, C, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
                            n_threads, level)
-        self._gated_ffn(x, state, source, xn, mixed, r, y, n_threads)
+        self._ffn(x, state, source, xn, mixed, r, y, n_threads)
