@@ -172,8 +172,8 @@ def _layout_next(source, arch, dtype: str, check: str):
     n_ffn = source.tensors["blocks.0.ffn.key.weight"].shape[0]
     metadata = {"architecture": arch.NAME, "architecture_id": arch.ID, "head_size": str(head_size),
                 "n_layer": str(n_layer), "n_embd": str(n_embd), "n_vocab": str(n_vocab), "n_ffn": str(n_ffn),
-                "layout": "as rwkvx runs it: transforms applied, low-rank matrices (out, in) (RWKV-6 and 7's "
-                          "(in, out)), only the big matrices in dtype"}
+                "layout": "as rwkvx runs it: transforms applied, low-rank matrices (in, out), only the big "
+                          "matrices in dtype"}
     if getattr(arch, "STORED_IN_OUT", ()):
         metadata["low_rank"] = "in,out"
     tensors = ((key, value, _nbytes(value)) for key, value in converted_tensors(source, arch, dtype, check=check))
