@@ -262,9 +262,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the memory, lossless for BlinkDL's bf16 releases); float16; uint8 (a quarter, "
                         "quantised at load); q4 (4.3 bits a weight, quantised at load: faster decoding, "
                         "lower quality) (default: %(default)s)")
-    p.add_argument("--arithmetic", default="float32", choices=("float32", "int8"),
+    p.add_argument("--arithmetic", default="float32", choices=("float32", "int8", "bfloat16"),
                    help="int8 (with --dtype uint8): products round their inputs to int8 per token and sum "
-                        "exactly in integers (AVX-512 VNNI where the CPU has it): faster prompts and batches, "
+                        "exactly in integers (AVX-512 VNNI where the CPU has it); bfloat16 (with --dtype "
+                        "bfloat16): products round their inputs to bfloat16 and use AVX512-BF16 where the "
+                        "CPU has it (elsewhere slower than float32). Either: faster prompts and batches, "
                         "deterministic, slightly less exact than float32 (default: %(default)s)")
     p.add_argument("-t", "--threads", type=int_at_least(1), metavar="N",
                    help="threads for the kernels (default: OMP_NUM_THREADS, else the CPUs this process may use)")
@@ -300,11 +302,19 @@ def load_model(args):
     return model, tokenizer, seconds
 
 
+def _arithmetic_caveat(arithmetic: str) -> str:
+    from rwkvx.kernels._matvec import bf16_level
+    if arithmetic == "bfloat16" and not bf16_level():
+        return " (no AVX512-BF16 here: plain C, slower than float32)"
+    return ""
+
+
 def model_summary(args, model, load_seconds: float) -> str:
     """The load line: shapes, dtype, threads and why that many, memory, load time."""
     from rwkvx.kernels._parallel import thread_policy
     why = "--threads" if args.threads is not None else thread_policy()[1].split(" ", 1)[-1].strip("()")
-    arithmetic = ", int8 arithmetic" if getattr(model, "arithmetic", "float32") == "int8" else ""
+    arithmetic = getattr(model, "arithmetic", "float32")
+    arithmetic = "" if arithmetic == "float32" else f", {arithmetic} arithmetic{_arithmetic_caveat(arithmetic)}"
     return (f"{args.model}: {model.n_layer} layers, {model.n_embd} wide, vocabulary {model.n_vocab}, "
             f"dtype {model.dtype}{arithmetic}, {model.n_threads} thread{'s' * (model.n_threads != 1)} ({why}), weights {model.nbytes / 1e6:.1f} MB, "
             f"peak RSS {peak_rss_mb():.0f} MB, loaded in {load_seconds:.2f} s")

@@ -8,13 +8,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from rwkvx.kernels import _layer, _matvec
+from rwkvx.kernels import _layer
 from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
-from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
-from rwkvx.weights import MATRIX_NAMES, VECTOR_NAMES, ModelWeights, new_state, to_float32
+from rwkvx.weights import ARITHMETIC_DTYPES, MATRIX_NAMES, VECTOR_NAMES, ModelWeights, linear, new_state, to_float32
 
 
 def _token_id(value) -> int:
@@ -32,28 +31,17 @@ DEFAULT_CHUNK_SIZE = 128
 
 
 # How products compute (load's `arithmetic`)
-ARITHMETICS = ("float32", "int8")
+ARITHMETICS = ("float32",) + tuple(ARITHMETIC_DTYPES)
 
 
 def check_arithmetic(arithmetic: str, dtype: str) -> None:
     """Raise RwkvxError (one line) unless `arithmetic` can run weights of `dtype`."""
     if arithmetic not in ARITHMETICS:
         raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
-    if arithmetic == "int8" and dtype != "uint8":
-        raise RwkvxError(f"arithmetic int8 needs dtype uint8 (its products take the uint8 weights as they are), "
-                         f"got dtype {dtype}")
-
-
-def _linear(m, arithmetic: str = "float32") -> _matvec.Linear:
-    if isinstance(m, QuantizedMatrix):
-        return _matvec.Linear.u8(m.q, m.mx, m.rx, m.my, m.ry).with_arithmetic(arithmetic)
-    if isinstance(m, Q4Matrix):
-        return _matvec.Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
-    if m.dtype == np.uint16:
-        return _matvec.Linear.bf16(m)
-    if m.dtype == np.float16:
-        return _matvec.Linear.f16(m)
-    return _matvec.Linear.f32(m)
+    needs = ARITHMETIC_DTYPES.get(arithmetic)
+    if needs is not None and dtype != needs:
+        raise RwkvxError(f"arithmetic {arithmetic} needs dtype {needs} (its products take the {needs} weights "
+                         f"as they are), got dtype {dtype}")
 
 
 class RWKV:
@@ -69,10 +57,10 @@ class RWKV:
         self.arithmetic = arithmetic
         self._n_threads = effective_n_threads(threads)
         self.blocks = [
-            _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: _linear(b[n], arithmetic) for n in MATRIX_NAMES})
+            _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: linear(b[n], arithmetic) for n in MATRIX_NAMES})
             for b in weights.blocks
         ]
-        self.head = _linear(weights.head, arithmetic)
+        self.head = linear(weights.head, arithmetic)
         self._workspace = _layer.Workspace(weights.n_embd, weights.n_ffn)
         self._x = np.empty(weights.n_embd, dtype=np.float32)
         self._x_norm = np.empty(weights.n_embd, dtype=np.float32)
@@ -203,7 +191,8 @@ class RWKV:
         entries that are None (fresh) or states from earlier calls; they are NOT modified.
         Returns logits float32 (B, n_vocab) after each sequence's last token and B new
         states. Each sequence's results are bit-identical to running it alone (with
-        arithmetic "int8", to running it in any other batch of several sequences: see load).
+        arithmetic "int8" or "bfloat16", to running it in any other batch of several
+        sequences: see load).
         """
         if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
             raise RwkvxError("tokens_per_sequence: expected a list of token lists")
@@ -327,7 +316,12 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     deterministic: the same bits for any thread count and CPU, and a row's result does
     not depend on which other rows share its products, only on whether it shares them
     with any (so forward_batch of several sequences can differ in the last bits from
-    running each alone).
+    running each alone). "bfloat16" (dtype "bfloat16" only): a product of two or more rows
+    rounds each row's input to bfloat16 (to nearest even) and multiplies it with the stored
+    bfloat16 weights by the rules of AVX512-BF16's vdpbf16ps (32 multiply-adds an
+    instruction, where float32's FMA does 16), using the instruction where the CPU has it
+    (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and plain C giving the same
+    bits elsewhere (slower than float32 there); deterministic in the same way as "int8".
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """

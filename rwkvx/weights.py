@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from rwkvx.kernels._matvec import Linear
 from rwkvx.quant import Q4Matrix, QuantizedMatrix
 
 # (n_embd,) float32 per layer
@@ -31,6 +32,26 @@ MATRIX_NAMES = (
 # A weight matrix: float32, float16, bfloat16 (stored as uint16 bit patterns: numpy has no
 # bfloat16), uint8 (QuantizedMatrix) or q4 (Q4Matrix).
 Matrix = Union[np.ndarray, QuantizedMatrix, Q4Matrix]
+
+# The weights each arithmetic other than float32 computes with (load's `arithmetic`)
+ARITHMETIC_DTYPES = {"int8": "uint8", "bfloat16": "bfloat16"}
+
+
+def linear(m: Matrix, arithmetic: str = "float32") -> Linear:
+    """A kernel-ready matrix from a float32, bfloat16 (uint16), float16, uint8 or q4 one,
+    computing in `arithmetic` if that applies to its dtype (ARITHMETIC_DTYPES): with
+    arithmetic "int8" or "bfloat16", the float32 low-rank matrices of RWKV-6/7 stay float32."""
+    if isinstance(m, QuantizedMatrix):
+        lin = Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
+    elif isinstance(m, Q4Matrix):
+        lin = Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
+    elif m.dtype == np.uint16:
+        lin = Linear.bf16(m)
+    elif m.dtype == np.float16:
+        lin = Linear.f16(m)
+    else:
+        lin = Linear.f32(np.ascontiguousarray(m, dtype=np.float32))
+    return lin.with_arithmetic(arithmetic) if ARITHMETIC_DTYPES.get(arithmetic) == lin.dtype else lin
 
 
 def to_bfloat16(a: np.ndarray) -> np.ndarray:

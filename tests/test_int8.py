@@ -127,7 +127,7 @@ def test_with_arithmetic_checks(rng):
     _, lin = _u8(rng, 4, 8)
     assert lin.arithmetic == "float32" and lin.with_arithmetic("int8").arithmetic == "int8"
     assert lin.with_arithmetic("int8").with_arithmetic("float32").arithmetic == "float32"
-    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, got 'int4'"):
+    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, bfloat16, got 'int4'"):
         lin.with_arithmetic("int4")
     with pytest.raises(RwkvxError, match="needs uint8 weights, got float32"):
         _matvec.Linear.f32(np.ones((2, 3), np.float32)).with_arithmetic("int8")
@@ -189,7 +189,7 @@ def test_model_int8_close_to_float32_and_decode_is_float32(demo_models):
 def test_load_refuses_int8_without_uint8():
     with pytest.raises(RwkvxError, match="arithmetic int8 needs dtype uint8.*got dtype float32"):
         rwkvx.load("demo", "float32", arithmetic="int8")
-    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, got 'fp8'"):
+    with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, bfloat16, got 'fp8'"):
         rwkvx.load("demo", "uint8", arithmetic="fp8")
 
 

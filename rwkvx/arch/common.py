@@ -23,7 +23,6 @@ from rwkvx import reference
 from rwkvx.kernels._matvec import Linear
 from rwkvx.hugepages import Arena
 from rwkvx.loader import check_finite, matrix_format, read_embedding, read_matrix, run_nbytes, stored_as_run
-from rwkvx.quant import Q4Matrix, QuantizedMatrix
 from rwkvx.formats.safetensors_io import FORMAT_NAME
 from rwkvx.formats.tensorfile import RUN_STORED, Tensor, TensorSource, fail
 from rwkvx.weights import ModelWeights, to_float32
@@ -361,20 +360,6 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bo
         for file in source.files:
             drop_from_page_cache(file.path)
     return Weights(arch=arch, blocks=blocks, head_size=head_size, dtype=dtype, source=source.path, **top)
-
-
-def linear(m, arithmetic: str = "float32") -> Linear:
-    """A kernel-ready matrix from a float32, bfloat16 (uint16), float16 or uint8 one;
-    arithmetic "int8" applies to uint8 matrices (the float32 low-rank ones are unchanged)."""
-    if isinstance(m, QuantizedMatrix):
-        return Linear.u8(m.q, m.mx, m.rx, m.my, m.ry).with_arithmetic(arithmetic)
-    if isinstance(m, Q4Matrix):
-        return Linear.q4(m.q4, m.sd, m.sm, m.D, m.M, m.n_cols)
-    if m.dtype == np.uint16:
-        return Linear.bf16(m)
-    if m.dtype == np.float16:
-        return Linear.f16(m)
-    return Linear.f32(np.ascontiguousarray(m, dtype=np.float32))
 
 
 # ---- the float64 reference ----

@@ -18,10 +18,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from rwkvx.kernels._parallel import effective_n_threads
-from rwkvx.arch.common import LayerStates, Weights, linear, matmul, new_state, norm_rows, read_weights
+from rwkvx.arch.common import LayerStates, Weights, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
 from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic
-from rwkvx.weights import to_float32
+from rwkvx.weights import linear, to_float32
 
 
 def _references(pool: list, i: int) -> int:
@@ -120,8 +120,8 @@ class RWKVNext(RWKV):
                       states: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Advance several independent sequences in one pass over the weights: (logits
         (B, n_vocab) after each sequence's last token, B new states), each bit-identical to
-        running that sequence alone (with arithmetic "int8", to running it in any other batch
-        of several: see rwkvx.load); the states passed in are not modified."""
+        running that sequence alone (with arithmetic "int8" or "bfloat16", to running it in
+        any other batch of several: see rwkvx.load); the states passed in are not modified."""
         if isinstance(tokens_per_sequence, (str, bytes)) or not isinstance(tokens_per_sequence, Sequence):
             raise RwkvxError("tokens_per_sequence: expected a list of token lists")
         if not tokens_per_sequence:

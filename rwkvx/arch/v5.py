@@ -16,6 +16,7 @@ from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer
                                wkv_matrices)
 # RWKV-5.2's channel mixing is RWKV-4's (the state's FFN_XX row is row 0 in both layouts)
 from rwkvx.reference import channel_mixing
+from rwkvx.weights import linear
 
 NAME = "RWKV-5"
 ID = "x052"
@@ -130,7 +131,6 @@ class Layer:
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
-        from rwkvx.arch.common import linear
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}

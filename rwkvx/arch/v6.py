@@ -10,6 +10,7 @@ import numpy as np
 
 from rwkvx.arch.common import ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu, wkv_matrices
 from rwkvx.arch.v5 import wkv
+from rwkvx.weights import linear
 
 NAME = "RWKV-6"
 ID = "x060"
@@ -114,7 +115,7 @@ class Layer:
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
-        from rwkvx.arch.common import linear, low_rank_in_out
+        from rwkvx.arch.common import low_rank_in_out
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}

@@ -14,6 +14,7 @@ import numpy as np
 
 from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid,
                                wkv_matrices)
+from rwkvx.weights import linear
 
 NAME = "RWKV-7"
 ID = "x070"
@@ -159,7 +160,7 @@ class Layer:
     through it in place, updating their layer states states[b] (2 + N, C)."""
 
     def __init__(self, p: dict, n_head: int, arithmetic: str = "float32"):
-        from rwkvx.arch.common import linear, low_rank_in_out
+        from rwkvx.arch.common import low_rank_in_out
         self.p = p
         self.n_head = n_head
         self.lin = {name: linear(p[name], arithmetic) for name in LINEAR}

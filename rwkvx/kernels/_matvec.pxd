@@ -27,6 +27,7 @@ cdef struct Matrix:
     const uint16_t* q4_M  # (n_rows,) float16 bits, MATRIX_Q4: row scale of sm
     Py_ssize_t n_groups   # MATRIX_Q4
     bint int8             # MATRIX_U8: int8 arithmetic (_int8.h) in products of 2+ tokens
+    bint bf16             # MATRIX_BF16: bfloat16 arithmetic (_bf16dot.h) in products of 2+ tokens
 
 # Per-vector sums of the uint8 product (see _prepare_u8); the layout of rwkvx_u8_sums in
 # _simd.h, which the kernels are given
@@ -58,7 +59,7 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
 # Scratch: xr n_tok * n_cols floats and sums n_tok (MATRIX_U8); xpack xpack_floats(n_tok,
 # n_cols); wbuf n_threads * wbuf_floats(n_cols). Scratch should start on a cache line (64 bytes)
 # for speed: the products store whole vectors to it. Each out[t] is
-# bit-identical to _matvec of X[t]; with int8 arithmetic and n_tok >= 2, to out[t] of any
+# bit-identical to _matvec of X[t]; with int8 or bfloat16 arithmetic and n_tok >= 2, to out[t] of any
 # other _matmul of 2+ rows that holds X[t].
 cdef void _matmul(float* out, Py_ssize_t ldo, const Matrix* m, const float* X, Py_ssize_t n_tok,
                   float* xr, U8Sums* sums, float* xpack, float* wbuf, int n_threads) noexcept nogil

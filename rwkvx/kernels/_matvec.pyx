@@ -87,11 +87,20 @@ cdef extern from "_int8.h" nogil:
                         Py_ssize_t n_tok, const float* ry, const float* my, const rwkvx_u8_sums* sums,
                         float* Y, Py_ssize_t ldy, const uint8_t* next)
 
+cdef extern from "_bf16dot.h" nogil:
+    void rwkvx_bd_detect()
+    int rwkvx_bd_level()
+    Py_ssize_t rwkvx_bd_stride(Py_ssize_t n)
+    void rwkvx_bd_round(const float* x, Py_ssize_t n, uint16_t* out)
+    void rwkvx_bd_block(const uint16_t* w, Py_ssize_t n, int n_r, const uint16_t* X, Py_ssize_t ldx,
+                        Py_ssize_t n_tok, float* Y, Py_ssize_t ldy, const uint16_t* next)
+
 rwkvx_detect_simd()
 rwkvx_q4_detect()
 rwkvx_i8_detect()
+rwkvx_bd_detect()
 
-ARITHMETICS = ("float32", "int8")
+ARITHMETICS = ("float32", "int8", "bfloat16")
 
 DTYPES = {MATRIX_F32: "float32", MATRIX_U8: "uint8", MATRIX_BF16: "bfloat16", MATRIX_F16: "float16",
           MATRIX_Q4: "q4"}
@@ -114,6 +123,13 @@ def int8_level() -> int:
     loops built for AVX2, 0 portable C. They follow the SIMD level (set_simd_level) and
     all give the same bits."""
     return rwkvx_i8_level()
+
+
+def bf16_level() -> int:
+    """The loops of bfloat16 arithmetic (Linear.with_arithmetic) in use: 1 AVX512-BF16's
+    vdpbf16ps (SIMD level 2 on a CPU that has it), 0 plain C following its rules (slower
+    than the float32 products). Both give the same bits."""
+    return rwkvx_bd_level()
 
 
 def set_simd_level(int level) -> int:
@@ -419,6 +435,11 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
     cdef rwkvx_u8_affine u8
     cdef rwkvx_u8_affine* finish = NULL
     cdef rwkvx_q4 q4
+    if m.bf16:
+        # xpack: the tokens' inputs rounded to bfloat16 (_matmul_jobs, _packed_from)
+        rwkvx_bd_block(m.h16 + i * n, n, min(end, m.n_rows) - i, <const uint16_t*>xpack, rwkvx_bd_stride(n),
+                       n_tok, out + i, ldo, m.h16 + end * n if end + 4 <= m.n_rows else NULL)
+        return
     if m.int8:
         # xpack: the tokens' int8 inputs (_prepare, _packed_from)
         rwkvx_i8_block(m.q + i * n, n, min(end, m.n_rows) - i, <const signed char*>xpack,
@@ -490,11 +511,13 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
     cdef Matrix plain[4]
     cdef MatmulJob one_token[4]
     if n_tok == 1:
-        # one token: the float32 product even with int8 arithmetic, bit-identical to the
-        # matrix-vector product that decodes a token (memory-bound: int8 would gain nothing)
+        # one token: the float32 product even with int8 or bfloat16 arithmetic, bit-identical
+        # to the matrix-vector product that decodes a token (memory-bound: they would gain
+        # nothing)
         for k in range(n_jobs):
             plain[k] = jobs[k].m[0]
             plain[k].int8 = False
+            plain[k].bf16 = False
             one_token[k] = jobs[k]
             one_token[k].m = &plain[k]
         jobs = one_token
@@ -512,7 +535,11 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 _prepare(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols,
                             <signed char*>jobs[j].xpack + t * rwkvx_i8_stride(m.n_cols), &jobs[j].sums[t])
-        if rwkvx_simd_level >= 2 and not m.int8:
+        if m.bf16:
+            for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
+                rwkvx_bd_round(xin[j] + t * m.n_cols, m.n_cols,
+                               <uint16_t*>jobs[j].xpack + t * rwkvx_bd_stride(m.n_cols))
+        elif rwkvx_simd_level >= 2 and not m.int8:
             rwkvx_pack_pair(xin[j], m.n_cols, n_tok, jp % n_pairs, m.n_cols, jobs[j].xpack)
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on
@@ -543,7 +570,10 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
 
 cdef inline const float* _packed_from(const MatmulJob* job, Py_ssize_t t0) noexcept nogil:
     # a job's packed inputs from token t0 (even) on: pairs of tokens for the float products,
-    # or one token's int8 input per rwkvx_i8_stride bytes with int8 arithmetic
+    # one token's int8 input per rwkvx_i8_stride bytes with int8 arithmetic, or one token's
+    # bfloat16 input per rwkvx_bd_stride values with bfloat16 arithmetic
+    if job.m.bf16:
+        return <const float*>(<const uint16_t*>job.xpack + t0 * rwkvx_bd_stride(job.m.n_cols))
     if job.m.int8:
         return <const float*>(<const signed char*>job.xpack + t0 * rwkvx_i8_stride(job.m.n_cols))
     return job.xpack + t0 // 2 * rwkvx_pack_stride(job.m.n_cols)
@@ -557,8 +587,10 @@ cpdef Py_ssize_t wbuf_floats(Py_ssize_t n_cols) noexcept nogil:
 
 cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols):
     """Size of _matmul's packed-input scratch for n_tok rows of n_cols (at least 1): pairs of
-    rows for the float products, or int8 rows for int8 arithmetic, whichever is larger."""
-    return max((n_tok + 1) // 2 * rwkvx_pack_stride(n_cols), (n_tok * rwkvx_i8_stride(n_cols) + 3) // 4)
+    rows for the float products, int8 rows for int8 arithmetic or bfloat16 rows for bfloat16
+    arithmetic, whichever is largest."""
+    return max((n_tok + 1) // 2 * rwkvx_pack_stride(n_cols), (n_tok * rwkvx_i8_stride(n_cols) + 3) // 4,
+               (n_tok * rwkvx_bd_stride(n_cols) + 1) // 2)
 
 
 def _aligned_floats(Py_ssize_t n):
@@ -690,26 +722,32 @@ cdef class Linear:
         return self
 
     def with_arithmetic(self, str arithmetic) -> Linear:
-        """This matrix (the same arrays) computing in `arithmetic`: "float32", or "int8" for
+        """This matrix (the same arrays) computing in `arithmetic`: "float32"; "int8" for
         uint8 matrices: their products of two or more vectors (matmul) then round each
         vector to int8 with its own scale and sum exactly in integers (AVX-512 VNNI where the
         CPU has it; the same bits at every SIMD level, thread count and batch composition,
-        see _int8.h and _prepare). One vector (__call__, or matmul of one row) keeps the
-        float32 product: it is memory-bound, and int8 would not make it faster."""
+        see _int8.h and _prepare); or "bfloat16" for bfloat16 matrices: their products of two
+        or more vectors round each vector to bfloat16 and sum by vdpbf16ps's rules
+        (AVX512-BF16 where the CPU has it; the same bits everywhere, see _bf16dot.h). One
+        vector (__call__, or matmul of one row) keeps the float32 product: it is
+        memory-bound, and neither would make it faster."""
         if arithmetic not in ARITHMETICS:
             raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
         if arithmetic == "int8" and self.m.kind != MATRIX_U8:
             raise RwkvxError(f"arithmetic int8: needs uint8 weights, got {self.dtype}")
+        if arithmetic == "bfloat16" and self.m.kind != MATRIX_BF16:
+            raise RwkvxError(f"arithmetic bfloat16: needs bfloat16 weights, got {self.dtype}")
         cdef Linear other = Linear.__new__(Linear)
         other.m = self.m
         other.m.int8 = arithmetic == "int8"
+        other.m.bf16 = arithmetic == "bfloat16"
         other.arrays = self.arrays
         return other
 
     @property
     def arithmetic(self) -> str:
-        """"int8" or "float32" (see with_arithmetic)."""
-        return "int8" if self.m.int8 else "float32"
+        """"float32", "int8" or "bfloat16" (see with_arithmetic)."""
+        return "int8" if self.m.int8 else "bfloat16" if self.m.bf16 else "float32"
 
     @property
     def shape(self):

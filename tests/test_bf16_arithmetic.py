@@ -1,0 +1,217 @@
+"""bfloat16 arithmetic (Linear.with_arithmetic("bfloat16"), load(arithmetic="bfloat16")):
+against a numpy model of vdpbf16ps's rules, the same bits for every thread count, SIMD level
+and batch composition, and close to the float32 products."""
+import numpy as np
+import pytest
+
+import rwkvx
+from rwkvx.kernels import _matvec
+from rwkvx.errors import RwkvxError
+from rwkvx.weights import to_bfloat16
+
+from conftest import SIMD_LEVELS
+
+FLT_MIN = np.float32(np.finfo(np.float32).tiny)
+
+
+def _bf16(rng, n_rows, n_cols):
+    w = to_bfloat16((rng.standard_normal((n_rows, n_cols)) / np.sqrt(n_cols)).astype(np.float32))
+    return w, _matvec.Linear.bf16(w)
+
+
+def _read(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits as the instruction reads them: float32, denormals as zero of their sign."""
+    bits = bits.astype(np.uint32)
+    bits = np.where(bits & 0x7F80, bits, bits & 0x8000)
+    return (bits << 16).view(np.float32)
+
+
+def _flush(v: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(v) < FLT_MIN, np.copysign(np.float32(0), v), v).astype(np.float32)
+
+
+def bf16_model(w: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """X @ W.T as _bf16dot.h defines it, in numpy. Lane k of a row's sixteen takes columns
+    32 s + 2k + 1, then 32 s + 2k, of each step s as a fused multiply-add, flushing denormal
+    results; then the lanes' fixed tree. The fused multiply-add is a float64 sum rounded
+    once to float32: a product of two bfloat16 values is exact, and so is its float64 sum
+    with the accumulator while their exponents are less than 29 apart (as here)."""
+    n_rows, n = w.shape
+    steps = (n + 31) // 32
+    W = np.zeros((n_rows, 32 * steps), np.float32)
+    W[:, :n] = _read(w)
+    out = np.empty((X.shape[0], n_rows), np.float32)
+    for t, x in enumerate(X):
+        xb = np.zeros(32 * steps, np.float32)
+        xb[:n] = _read(to_bfloat16(x))
+        acc = np.zeros((n_rows, 16), np.float32)
+        for s in range(steps):
+            ws = W[:, 32 * s:32 * s + 32].reshape(n_rows, 16, 2).astype(np.float64)
+            xs = xb[32 * s:32 * s + 32].reshape(16, 2).astype(np.float64)
+            acc = _flush((acc + ws[:, :, 1] * xs[:, 1]).astype(np.float32))
+            acc = _flush((acc + ws[:, :, 0] * xs[:, 0]).astype(np.float32))
+        h = acc[:, :8] + acc[:, 8:]
+        h = h[:, :4] + h[:, 4:]
+        out[t] = (h[:, 0] + h[:, 2]) + (h[:, 1] + h[:, 3])
+    return out
+
+
+@pytest.mark.parametrize("n_cols", [1, 2, 3, 7, 31, 32, 33, 64, 65, 127, 1023])
+@pytest.mark.parametrize("n_rows", [1, 4, 5, 17])
+def test_bf16_matmul_follows_the_rules(simd, rng, n_rows, n_cols):
+    w, lin = _bf16(rng, n_rows, n_cols)
+    X = rng.standard_normal((7, n_cols)).astype(np.float32)
+    X[2] *= 1e4
+    X[4, : n_cols // 2] = 0
+    got = lin.with_arithmetic("bfloat16").matmul(X, n_threads=2)
+    np.testing.assert_array_equal(got.view(np.uint32), bf16_model(w, X).view(np.uint32))
+
+
+def test_bf16_denormals_read_as_zero_and_results_flushed(rng):
+    w, _ = _bf16(rng, 8, 70)
+    w[0, :5] = 0x0001          # denormal weights
+    w[1, 3] = 0x8003
+    w[2] = to_bfloat16(rng.uniform(1, 2, 70).astype(np.float32) * np.float32(1e-10))
+    lin = _matvec.Linear.bf16(w).with_arithmetic("bfloat16")
+    X = rng.standard_normal((3, 70)).astype(np.float32)
+    X[1] = 1e-39               # denormal inputs
+    X[2] = 1e-30               # normal, but their products with row 2 are not
+    got = lin.matmul(X, n_threads=2)
+    np.testing.assert_array_equal(got.view(np.uint32), bf16_model(w, X).view(np.uint32))
+    assert np.all(got[1] == 0) and got[2, 2] == 0 and _matvec.Linear.bf16(w).matmul(X)[2, 2] > 0
+
+
+def test_bf16_same_bits_for_threads_levels_and_batches(rng):
+    _, lin = _bf16(rng, 130, 200)
+    lin = lin.with_arithmetic("bfloat16")
+    X = rng.standard_normal((13, 200)).astype(np.float32)
+    before = _matvec.simd_level()
+    try:
+        results = []
+        for level in SIMD_LEVELS:
+            _matvec.set_simd_level(level)
+            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
+    finally:
+        _matvec.set_simd_level(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    full = results[0]
+    # a token's result does not depend on the tokens computed with it
+    for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):
+        np.testing.assert_array_equal(lin.matmul(X[rows]), full[rows])
+
+
+def test_bf16_one_token_is_the_float32_product(rng):
+    _, lin = _bf16(rng, 33, 100)
+    x = rng.standard_normal((1, 100)).astype(np.float32)
+    np.testing.assert_array_equal(lin.with_arithmetic("bfloat16").matmul(x), lin.matmul(x))
+    np.testing.assert_array_equal(lin.with_arithmetic("bfloat16")(x[0]), lin(x[0]))
+
+
+def test_bf16_close_to_float32(rng):
+    # relative RMS error of the products: 0.0016 measured once (256 x 1024, seed 0 of
+    # conftest): the inputs' rounding, 2^-9 at most, about 2^-10.5 in RMS
+    _, lin = _bf16(rng, 256, 1024)
+    X = rng.standard_normal((16, 1024)).astype(np.float32)
+    exact = lin.matmul(X)
+    err = lin.with_arithmetic("bfloat16").matmul(X) - exact
+    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0016
+
+
+def test_bf16_nan_inputs(rng):
+    _, lin = _bf16(rng, 9, 40)
+    X = np.ones((2, 40), np.float32)
+    X[1, 3] = np.nan
+    y = lin.with_arithmetic("bfloat16").matmul(X)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+
+
+def test_with_arithmetic_bfloat16_checks(rng):
+    _, lin = _bf16(rng, 4, 8)
+    assert lin.with_arithmetic("bfloat16").arithmetic == "bfloat16"
+    assert lin.with_arithmetic("bfloat16").with_arithmetic("float32").arithmetic == "float32"
+    with pytest.raises(RwkvxError, match="arithmetic bfloat16: needs bfloat16 weights, got float16"):
+        _matvec.Linear.f16(np.ones((2, 3), np.float16)).with_arithmetic("bfloat16")
+    with pytest.raises(RwkvxError, match="arithmetic int8: needs uint8 weights, got bfloat16"):
+        lin.with_arithmetic("int8")
+    assert _matvec.bf16_level() in (0, 1)
+
+
+# ---- the model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_models():
+    return rwkvx.load("demo", "bfloat16", 2, arithmetic="bfloat16"), rwkvx.load("demo", "bfloat16", 2)
+
+
+def test_model_bf16_prompt_and_batches_deterministic(demo_models):
+    model, _ = demo_models
+    tokens = list(b"The bfloat16 path rounds inputs per token.")
+    logits, state = model.forward(tokens)
+    model.chunk_size = 7
+    try:
+        again, state2 = model.forward(tokens)
+    finally:
+        model.chunk_size = 128
+    np.testing.assert_array_equal(again, logits)
+    np.testing.assert_array_equal(state2, state)
+    prompts = [list(b"alpha beta"), list(b"gamma"), list(b"de")]
+    batch, states = model.forward_batch(prompts)
+    for order in ([0, 1, 2], [2, 0], [1, 2]):
+        part, part_states = model.forward_batch([prompts[i] for i in order])
+        for k, i in enumerate(order):
+            np.testing.assert_array_equal(part[k], batch[i])
+            np.testing.assert_array_equal(part_states[k], states[i])
+    step, _ = model.forward_batch([[65], [66]], [states[0], states[1]])
+    step2, _ = model.forward_batch([[67], [65]], [states[2], states[0]])
+    np.testing.assert_array_equal(step[0], step2[1])
+    alone, _ = model.forward_batch([[65]], [states[0]])
+    np.testing.assert_array_equal(alone[0], model.forward([65], states[0])[0])
+
+
+def test_model_bf16_close_to_float32_and_decode_is_float32(demo_models):
+    model, reference = demo_models
+    tokens = list(b"def forward(self, tokens, state=None):\n    return")
+    logits, state = model.forward(tokens)
+    ref_logits, _ = reference.forward(tokens)
+    p = np.exp(ref_logits - ref_logits.max())
+    p /= p.sum()
+    q = np.exp(logits - logits.max())
+    q /= q.sum()
+    assert float(np.sum(p * np.log(p / q))) < 0.01
+    assert logits.argmax() == ref_logits.argmax()
+    assert not np.array_equal(logits, ref_logits)       # the prompt did run in bfloat16
+    one, _ = model.forward([65], state)
+    np.testing.assert_array_equal(one, reference.forward([65], state)[0])
+    assert "arithmetic='bfloat16'" in repr(model)
+
+
+def test_load_refuses_bf16_arithmetic_without_bfloat16():
+    with pytest.raises(RwkvxError, match="arithmetic bfloat16 needs dtype bfloat16.*got dtype uint8"):
+        rwkvx.load("demo", "uint8", arithmetic="bfloat16")
+
+
+def test_bf16_later_architectures(tmp_path):
+    from arch_random import random_checkpoint, write_safetensors
+    for arch in ("v5", "v6", "v7"):
+        path = write_safetensors(tmp_path / f"{arch}.safetensors", random_checkpoint(arch))
+        model = rwkvx.load(path, "bfloat16", 2, arithmetic="bfloat16")
+        reference = rwkvx.load(path, "bfloat16", 2)
+        tokens = [1, 5, 9, 2, 7, 3]
+        logits, _ = model.forward(tokens)
+        assert np.abs(logits - reference.forward(tokens)[0]).max() < 0.05 * np.abs(logits).max() + 1e-3
+        batch, _ = model.forward_batch([tokens, [4, 4]])
+        batch2, _ = model.forward_batch([[9], tokens])
+        np.testing.assert_array_equal(batch[0], batch2[1])
+
+
+def test_cli_bf16_arithmetic(capsys):
+    from rwkvx.run import main
+    assert main(["-m", "demo", "--arithmetic", "bfloat16", "-p", "x", "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rwkvx: error: arithmetic bfloat16 needs dtype bfloat16 (its products take the bfloat16 "
+                   "weights as they are), got dtype float32"]
+    assert main(["-m", "demo", "--dtype", "bfloat16", "--arithmetic", "bfloat16", "-p", "def f(x):", "-n", "4",
+                 "--seed", "1"]) == 0
+    assert "dtype bfloat16, bfloat16 arithmetic" in capsys.readouterr().err
