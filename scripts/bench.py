@@ -1,6 +1,7 @@
 """llama-bench for rwkvx: prompt, decode and batched-decode speed per dtype, against the roofline.
 
     PYTHONPATH=. python scripts/bench.py --shape 430M [--arch v7] [--dtypes float32,bfloat16,float16,uint8,q4]
+    PYTHONPATH=. python scripts/bench.py --shape 430M --dtypes bfloat16,bfloat16:bfloat16,uint8,uint8:int8
         [--threads 2 | --threads 4 --thread-sweep] [--pp 256] [--tg 32] [--batch 8] [--runs 5]
         [--chunk-size N] [--numpy-chunk-size N] [--no-baseline] [--no-mmap] [--schedule auto]
     PYTHONPATH=. python scripts/bench.py --model RWKV-4-Pile-430M.safetensors ...
@@ -319,7 +320,9 @@ def _child_model(spec: dict) -> None:
     from rwkvx.kernels._parallel import openmp_enabled
 
     start = time.perf_counter()
-    model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"], mmap=spec["mmap"])
+    dtype, _, arithmetic = spec["dtype"].partition(":")
+    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], mmap=spec["mmap"],
+                       arithmetic=arithmetic or "float32")
     if spec["chunk_size"] is not None:
         model.chunk_size = spec["chunk_size"]
     load_s = time.perf_counter() - start
@@ -512,7 +515,7 @@ def mem_available() -> float | None:
 def plan_schedule(args, n_params: int) -> tuple[str, str]:
     """(schedule, note): interleaved when every child fits in 75% of MemAvailable, unless forced."""
     need = args.bandwidth_mib * 2**20 + CHILD_OVERHEAD
-    need += sum(BYTES_PER_PARAM[d] * n_params + CHILD_OVERHEAD for d in args.dtypes)
+    need += sum(BYTES_PER_PARAM[d.partition(":")[0]] * n_params + CHILD_OVERHEAD for d in args.dtypes)
     if args.baseline and "float32" not in args.dtypes:
         need += BYTES_PER_PARAM["float32"] * n_params + CHILD_OVERHEAD
     avail = mem_available()
@@ -804,10 +807,20 @@ def _archs(text: str) -> list[str]:
 
 
 def _dtypes(text: str) -> list[str]:
+    from rwkvx.model import check_arithmetic
+    from rwkvx.errors import RwkvxError
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in DTYPES]
+    bad = [t for t in names if t.partition(":")[0] not in DTYPES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(DTYPES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(DTYPES)} (each may be "
+                                         f"DTYPE:ARITHMETIC, e.g. uint8:int8), got {text!r}")
+    for name in names:
+        dtype, _, arithmetic = name.partition(":")
+        if arithmetic:
+            try:
+                check_arithmetic(arithmetic, dtype)
+            except RwkvxError as e:
+                raise argparse.ArgumentTypeError(f"{name}: {e}") from None
     return list(dict.fromkeys(names))
 
 
@@ -826,7 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "several (e.g. v4,v7) run interleaved in one run and are compared with RWKV-4; "
                              "the numpy baseline only for v4 alone")
     parser.add_argument("--dtypes", type=_dtypes, default=list(DTYPES),
-                        help=f"comma-separated (default {','.join(DTYPES)})")
+                        help=f"comma-separated (default {','.join(DTYPES)}); DTYPE:ARITHMETIC loads with that "
+                             "arithmetic, e.g. bfloat16:bfloat16 or uint8:int8")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads (default 2)")
     parser.add_argument("--thread-sweep", action="store_true", help="run every thread count 1..--threads")
     parser.add_argument("--pp", type=positive_int, default=256, help="prompt tokens (default 256)")
