@@ -305,7 +305,7 @@ def load_model(args):
 def _arithmetic_caveat(arithmetic: str) -> str:
     from rwkvx.kernels._matvec import bf16_level
     if arithmetic == "bfloat16" and bf16_level() < 2:
-        return " (no AVX512-BF16 here: emulated, slower than float32)"
+        return " (AVX512-BF16 not in use: emulated, slower than float32)"
     return ""
 
 
