@@ -13,7 +13,8 @@ from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import load_weights
 from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
-from rwkvx.weights import ARITHMETIC_DTYPES, MATRIX_NAMES, VECTOR_NAMES, ModelWeights, linear, new_state, to_float32
+from rwkvx.weights import (ARITHMETIC_DTYPES, MATRIX_NAMES, VECTOR_NAMES, ModelWeights, head_arithmetic, linear,
+                           new_state, to_float32)
 
 
 def _token_id(value) -> int:
@@ -39,9 +40,9 @@ def check_arithmetic(arithmetic: str, dtype: str) -> None:
     if arithmetic not in ARITHMETICS:
         raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
     needs = ARITHMETIC_DTYPES.get(arithmetic)
-    if needs is not None and dtype != needs:
-        raise RwkvxError(f"arithmetic {arithmetic} needs dtype {needs} (its products take the {needs} weights "
-                         f"as they are), got dtype {dtype}")
+    if needs is not None and dtype not in needs:
+        raise RwkvxError(f"arithmetic {arithmetic} needs dtype {' or '.join(needs)} (its products take the "
+                         f"weights as they are stored), got dtype {dtype}")
 
 
 class RWKV:
@@ -60,7 +61,7 @@ class RWKV:
             _layer.Block({n: b[n] for n in VECTOR_NAMES}, {n: linear(b[n], arithmetic) for n in MATRIX_NAMES})
             for b in weights.blocks
         ]
-        self.head = linear(weights.head, arithmetic)
+        self.head = linear(weights.head, head_arithmetic(arithmetic, weights.dtype))
         self._workspace = _layer.Workspace(weights.n_embd, weights.n_ffn)
         self._x = np.empty(weights.n_embd, dtype=np.float32)
         self._x_norm = np.empty(weights.n_embd, dtype=np.float32)
@@ -307,7 +308,7 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     those used in place from the mapped file too (reads the whole file once); False none.
     arithmetic: how the weight matrices' products compute. "float32" (default): in
     float32, bit-identical for any batching, chunking and thread count. "int8" (dtype
-    "uint8" only): a product of two or more rows (prompt chunks, forward_batch) rounds each
+    "uint8" or "q4"): with uint8, a product of two or more rows (prompt chunks, forward_batch) rounds each
     row's input to int8 with its own scale (max |rx x| / 127, half to even) and sums
     q x int8 exactly in integers (AVX-512 VNNI where the CPU has it, else plain loops
     giving the same bits), then finishes in float32; a product of one row (decoding one
@@ -316,7 +317,11 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     deterministic: the same bits for any thread count and CPU, and a row's result does
     not depend on which other rows share its products, only on whether it shares them
     with any (so forward_batch of several sequences can differ in the last bits from
-    running each alone). "bfloat16" (dtype "bfloat16" only): a product of two or more rows
+    running each alone). With q4, every product of the q4 matrices, of one row too (a q4
+    decode is bound by arithmetic, not memory), rounds each row's input to int8 the same way
+    and sums the 4-bit codes times it exactly per group of 64 columns, then scales the
+    groups' sums in float32 (rwkvx/kernels/_q4int8.h); the uint8 head stays float32, so a
+    sequence gives the same bits alone and in any batch. "bfloat16" (dtype "bfloat16" only): a product of two or more rows
     rounds each row's input to bfloat16 (to nearest even) and multiplies it with the stored
     bfloat16 weights by the rules of AVX512-BF16's vdpbf16ps (32 multiply-adds an
     instruction, where float32's FMA does 16), using the instruction where the CPU has it

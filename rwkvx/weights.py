@@ -33,8 +33,15 @@ MATRIX_NAMES = (
 # bfloat16), uint8 (QuantizedMatrix) or q4 (Q4Matrix).
 Matrix = Union[np.ndarray, QuantizedMatrix, Q4Matrix]
 
-# The weights each arithmetic other than float32 computes with (load's `arithmetic`)
-ARITHMETIC_DTYPES = {"int8": "uint8", "bfloat16": "bfloat16"}
+# The weight dtypes each arithmetic other than float32 computes with (load's `arithmetic`)
+ARITHMETIC_DTYPES = {"int8": ("uint8", "q4"), "bfloat16": ("bfloat16",)}
+
+
+def head_arithmetic(arithmetic: str, dtype: str) -> str:
+    """The head's arithmetic in a model of `dtype`. A q4 model's head is uint8 and stays
+    float32 with int8 arithmetic: the q4 products take int8 for one token too, and a uint8
+    one does not, so only thus does a sequence give the same bits alone and in a batch."""
+    return "float32" if dtype == "q4" else arithmetic
 
 
 def linear(m: Matrix, arithmetic: str = "float32") -> Linear:
@@ -51,7 +58,7 @@ def linear(m: Matrix, arithmetic: str = "float32") -> Linear:
         lin = Linear.f16(m)
     else:
         lin = Linear.f32(np.ascontiguousarray(m, dtype=np.float32))
-    return lin.with_arithmetic(arithmetic) if ARITHMETIC_DTYPES.get(arithmetic) == lin.dtype else lin
+    return lin.with_arithmetic(arithmetic) if lin.dtype in ARITHMETIC_DTYPES.get(arithmetic, ()) else lin
 
 
 def to_bfloat16(a: np.ndarray) -> np.ndarray:

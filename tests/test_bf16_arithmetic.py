@@ -149,7 +149,7 @@ def test_with_arithmetic_bfloat16_checks(rng):
     assert lin.with_arithmetic("bfloat16").with_arithmetic("float32").arithmetic == "float32"
     with pytest.raises(RwkvxError, match="arithmetic bfloat16: needs bfloat16 weights, got float16"):
         _matvec.Linear.f16(np.ones((2, 3), np.float16)).with_arithmetic("bfloat16")
-    with pytest.raises(RwkvxError, match="arithmetic int8: needs uint8 weights, got bfloat16"):
+    with pytest.raises(RwkvxError, match="arithmetic int8: needs uint8 or q4 weights, got bfloat16"):
         lin.with_arithmetic("int8")
     assert _matvec.bf16_level() in (0, 1, 2)
 
@@ -227,8 +227,8 @@ def test_cli_bf16_arithmetic(capsys):
     from rwkvx.run import main
     assert main(["-m", "demo", "--arithmetic", "bfloat16", "-p", "x", "-n", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["rwkvx: error: arithmetic bfloat16 needs dtype bfloat16 (its products take the bfloat16 "
-                   "weights as they are), got dtype float32"]
+    assert err == ["rwkvx: error: arithmetic bfloat16 needs dtype bfloat16 (its products take the weights as "
+                   "they are stored), got dtype float32"]
     assert main(["-m", "demo", "--dtype", "bfloat16", "--arithmetic", "bfloat16", "-p", "def f(x):", "-n", "4",
                  "--seed", "1"]) == 0
     assert "dtype bfloat16, bfloat16 arithmetic" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def test_with_arithmetic_checks(rng):
     assert lin.with_arithmetic("int8").with_arithmetic("float32").arithmetic == "float32"
     with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, bfloat16, got 'int4'"):
         lin.with_arithmetic("int4")
-    with pytest.raises(RwkvxError, match="needs uint8 weights, got float32"):
+    with pytest.raises(RwkvxError, match="needs uint8 or q4 weights, got float32"):
         _matvec.Linear.f32(np.ones((2, 3), np.float32)).with_arithmetic("int8")
 
 
@@ -212,8 +212,8 @@ def test_cli_arithmetic(capsys):
     from rwkvx.run import main
     assert main(["-m", "demo", "--arithmetic", "int8", "-p", "x", "-n", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["rwkvx: error: arithmetic int8 needs dtype uint8 (its products take the uint8 weights as they "
-                   "are), got dtype float32"]
+    assert err == ["rwkvx: error: arithmetic int8 needs dtype uint8 or q4 (its products take the weights as they "
+                   "are stored), got dtype float32"]
     assert main(["-m", "demo", "--dtype", "uint8", "--arithmetic", "int8", "-p", "def f(x):", "-n", "4",
                  "--seed", "1"]) == 0
     assert "dtype uint8, int8 arithmetic" in capsys.readouterr().err

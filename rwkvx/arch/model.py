@@ -21,7 +21,7 @@ from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.arch.common import LayerStates, Weights, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
 from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic
-from rwkvx.weights import linear, to_float32
+from rwkvx.weights import head_arithmetic, linear, to_float32
 
 
 def _references(pool: list, i: int) -> int:
@@ -47,7 +47,7 @@ class RWKVNext(RWKV):
         self.arithmetic = arithmetic
         self._n_threads = effective_n_threads(threads)
         self.layers = [weights.arch.Layer(b, weights.n_head, arithmetic) for b in weights.blocks]
-        self.head = linear(weights.head, arithmetic)
+        self.head = linear(weights.head, head_arithmetic(arithmetic, weights.dtype))
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self._lock = threading.Lock()
         # arrays for new states, reused once their holders let go (see _take_states): enough

@@ -95,6 +95,12 @@ cdef extern from "_bf16dot.h" nogil:
     void rwkvx_bd_block(const uint16_t* w, Py_ssize_t n, int n_r, const uint16_t* X, Py_ssize_t ldx,
                         Py_ssize_t n_tok, float* Y, Py_ssize_t ldy, const uint16_t* next)
 
+cdef extern from "_q4int8.h" nogil:
+    Py_ssize_t rwkvx_q4i8_stride(Py_ssize_t n)
+    void rwkvx_q4i8_prepare(const float* x, Py_ssize_t n, uint8_t* out)
+    void rwkvx_q4i8_block(const rwkvx_q4* m, Py_ssize_t i, int n_r, const uint8_t* P, Py_ssize_t ldp,
+                          Py_ssize_t n_tok, float* Y, Py_ssize_t ldy, int prefetch)
+
 rwkvx_detect_simd()
 rwkvx_q4_detect()
 rwkvx_i8_detect()
@@ -231,6 +237,12 @@ cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums
     # gets depends only on its index, never on the thread running it.
     cdef Py_ssize_t i = 4 * block, r
     cdef Py_ssize_t end = i + 4
+    cdef rwkvx_q4 q4
+    if m.int8 and m.kind == MATRIX_Q4:
+        # x: the input prepared by _q4_int8_inputs
+        q4 = _q4(m)
+        rwkvx_q4i8_block(&q4, i, min(end, m.n_rows) - i, <const uint8_t*>x, 0, 1, out + i, 1, end + 8 <= m.n_rows)
+        return
     if end <= m.n_rows:
         _dot4(m, i, x, out + i)
     else:
@@ -241,16 +253,36 @@ cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums
         rwkvx_u8_finish(out + i, m.ry + i, m.my + i, <const rwkvx_u8_sums*>sums, end - i)
 
 
+cdef uint8_t* _q4_int8_inputs(MatvecJob* jobs, int n_jobs, Matrix* plain) noexcept nogil:
+    # The prepared inputs of the jobs' q4 matrices in int8 arithmetic, in one block the
+    # caller frees, each job's x pointing at its own (NULL: none needed). Should even a few
+    # kilobytes be refused, those jobs get the float32 product (plain: their copies).
+    cdef Py_ssize_t total = 0, at = 0
+    cdef int k
+    cdef uint8_t* block
+    for k in range(n_jobs):
+        if jobs[k].m.int8 and jobs[k].m.kind == MATRIX_Q4:
+            total += rwkvx_q4i8_stride(jobs[k].m.n_cols)
+    if total == 0:
+        return NULL
+    block = <uint8_t*>malloc(total)
+    for k in range(n_jobs):
+        if jobs[k].m.int8 and jobs[k].m.kind == MATRIX_Q4:
+            if block == NULL:
+                plain[k] = jobs[k].m[0]
+                plain[k].int8 = False
+                jobs[k].m = &plain[k]
+                continue
+            rwkvx_q4i8_prepare(jobs[k].x, jobs[k].m.n_cols, block + at)
+            jobs[k].x = <const float*>(block + at)
+            at += rwkvx_q4i8_stride(jobs[k].m.n_cols)
+    return block
+
+
 cdef void _matvec(float* out, const Matrix* m, const float* x, float* scratch,
                   int n_threads) noexcept nogil:
-    cdef U8Sums sums
-    cdef const float* xin = x
-    cdef Py_ssize_t block
-    if m.kind == MATRIX_U8:
-        _prepare_u8(m, x, scratch, &sums)
-        xin = scratch
-    for block in prange((m.n_rows + 3) // 4, schedule="static", num_threads=n_threads):
-        _rows(out, m, xin, &sums, block)
+    cdef MatvecJob job = MatvecJob(out, m, x)
+    _matvec_jobs(&job, 1, scratch, n_threads)
 
 
 cdef inline double _bytes_per_weight(const Matrix* m) noexcept nogil:
@@ -296,6 +328,12 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
     cdef double cost[MAX_JOBS + 1]
     cdef Py_ssize_t block, local, lo, hi
     cdef int k, job, tid
+    cdef MatvecJob own[MAX_JOBS]
+    cdef Matrix plain[MAX_JOBS]
+    for k in range(n_jobs):
+        own[k] = jobs[k]
+    jobs = own
+    cdef uint8_t* prepared = _q4_int8_inputs(jobs, n_jobs, plain)
     first[0] = 0
     cost[0] = 0.0
     for k in range(n_jobs):
@@ -317,6 +355,7 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
                 job = job + 1
             local = block - first[job]
             _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
+    free(prepared)
 
 
 cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil:
@@ -441,6 +480,12 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         rwkvx_bd_block(m.h16 + i * n, n, min(end, m.n_rows) - i, <const uint16_t*>xpack, rwkvx_bd_stride(n),
                        n_tok, out + i, ldo, m.h16 + end * n if end + 4 <= m.n_rows else NULL)
         return
+    if m.int8 and m.kind == MATRIX_Q4:
+        # xpack: the tokens' prepared inputs (_matmul_jobs, _packed_from)
+        q4 = _q4(m)
+        rwkvx_q4i8_block(&q4, i, min(end, m.n_rows) - i, <const uint8_t*>xpack, rwkvx_q4i8_stride(n), n_tok,
+                         out + i, ldo, end + 4 <= m.n_rows)
+        return
     if m.int8:
         # xpack: the tokens' int8 inputs (_prepare, _packed_from)
         rwkvx_i8_block(m.q + i * n, n, min(end, m.n_rows) - i, <const signed char*>xpack,
@@ -517,7 +562,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
         # nothing)
         for k in range(n_jobs):
             plain[k] = jobs[k].m[0]
-            plain[k].int8 = False
+            plain[k].int8 = plain[k].int8 and plain[k].kind == MATRIX_Q4   # as q4 decodes
             plain[k].bf16 = False
             one_token[k] = jobs[k]
             one_token[k].m = &plain[k]
@@ -536,6 +581,10 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 _prepare(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols,
                             <signed char*>jobs[j].xpack + t * rwkvx_i8_stride(m.n_cols), &jobs[j].sums[t])
+        if m.int8 and m.kind == MATRIX_Q4:
+            for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
+                rwkvx_q4i8_prepare(xin[j] + t * m.n_cols, m.n_cols,
+                                   <uint8_t*>jobs[j].xpack + t * rwkvx_q4i8_stride(m.n_cols))
         if m.bf16:
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 rwkvx_bd_round(xin[j] + t * m.n_cols, m.n_cols,
@@ -575,6 +624,8 @@ cdef inline const float* _packed_from(const MatmulJob* job, Py_ssize_t t0) noexc
     # bfloat16 input per rwkvx_bd_stride values with bfloat16 arithmetic
     if job.m.bf16:
         return <const float*>(<const uint16_t*>job.xpack + t0 * rwkvx_bd_stride(job.m.n_cols))
+    if job.m.int8 and job.m.kind == MATRIX_Q4:
+        return <const float*>(<const uint8_t*>job.xpack + t0 * rwkvx_q4i8_stride(job.m.n_cols))
     if job.m.int8:
         return <const float*>(<const signed char*>job.xpack + t0 * rwkvx_i8_stride(job.m.n_cols))
     return job.xpack + t0 // 2 * rwkvx_pack_stride(job.m.n_cols)
@@ -591,7 +642,7 @@ cpdef Py_ssize_t xpack_floats(Py_ssize_t n_tok, Py_ssize_t n_cols):
     rows for the float products, int8 rows for int8 arithmetic or bfloat16 rows for bfloat16
     arithmetic, whichever is largest."""
     return max((n_tok + 1) // 2 * rwkvx_pack_stride(n_cols), (n_tok * rwkvx_i8_stride(n_cols) + 3) // 4,
-               (n_tok * rwkvx_bd_stride(n_cols) + 1) // 2)
+               (n_tok * rwkvx_bd_stride(n_cols) + 1) // 2, (n_tok * rwkvx_q4i8_stride(n_cols) + 3) // 4)
 
 
 def _aligned_floats(Py_ssize_t n):
@@ -734,8 +785,8 @@ cdef class Linear:
         memory-bound, and neither would make it faster."""
         if arithmetic not in ARITHMETICS:
             raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
-        if arithmetic == "int8" and self.m.kind != MATRIX_U8:
-            raise RwkvxError(f"arithmetic int8: needs uint8 weights, got {self.dtype}")
+        if arithmetic == "int8" and self.m.kind not in (MATRIX_U8, MATRIX_Q4):
+            raise RwkvxError(f"arithmetic int8: needs uint8 or q4 weights, got {self.dtype}")
         if arithmetic == "bfloat16" and self.m.kind != MATRIX_BF16:
             raise RwkvxError(f"arithmetic bfloat16: needs bfloat16 weights, got {self.dtype}")
         cdef Linear other = Linear.__new__(Linear)
