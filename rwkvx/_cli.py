@@ -263,8 +263,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "quantised at load); q4 (4.3 bits a weight, quantised at load: faster decoding, "
                         "lower quality) (default: %(default)s)")
     p.add_argument("--arithmetic", default="float32", choices=("float32", "int8", "bfloat16"),
-                   help="int8 (with --dtype uint8): products round their inputs to int8 per token and sum "
-                        "exactly in integers (AVX-512 VNNI where the CPU has it); bfloat16 (with --dtype "
+                   help="int8 (with --dtype uint8 or q4): products round their inputs to int8 per token and "
+                        "sum exactly in integers (AVX-512 VNNI where the CPU has it; with q4 decoding too, "
+                        "which it makes faster); bfloat16 (with --dtype "
                         "bfloat16): products round their inputs to bfloat16 and use AVX512-BF16 where the "
                         "CPU has it (elsewhere slower than float32). Either: faster prompts and batches, "
                         "deterministic, slightly less exact than float32 (default: %(default)s)")
