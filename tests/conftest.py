@@ -32,6 +32,26 @@ ENGLISH = (b"The quick brown fox jumps over the lazy dog. In the beginning was t
            b"and the word was with the model.")
 
 
+def assert_same_bits_everywhere(lin, X: np.ndarray, one_row_too: bool = False) -> None:
+    """An opt-in arithmetic's products of the rows X: the same bits at every SIMD level and
+    thread count, and for each row whichever rows share its product; with one_row_too, a
+    row alone (the matrix-vector product, as decoding runs it) as well."""
+    before = _matvec.simd_level()
+    try:
+        results = []
+        for level in SIMD_LEVELS:
+            _matvec.set_simd_level(level)
+            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
+            if one_row_too:
+                results.append(np.stack([lin(x, n_threads=2) for x in X]))
+    finally:
+        _matvec.set_simd_level(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):
+        np.testing.assert_array_equal(lin.matmul(X[rows]), results[0][rows])
+
+
 def shared_file(path: Path) -> Path:
     """Skip the test when ../shared (third-party test data) is not beside the project."""
     if not path.exists():

@@ -9,7 +9,7 @@ from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.weights import to_bfloat16
 
-from conftest import SIMD_LEVELS
+from conftest import assert_same_bits_everywhere
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 
@@ -100,22 +100,7 @@ def test_bf16_tiny_at_the_boundary(simd):
 
 def test_bf16_same_bits_for_threads_levels_and_batches(rng):
     _, lin = _bf16(rng, 130, 200)
-    lin = lin.with_arithmetic("bfloat16")
-    X = rng.standard_normal((13, 200)).astype(np.float32)
-    before = _matvec.simd_level()
-    try:
-        results = []
-        for level in SIMD_LEVELS:
-            _matvec.set_simd_level(level)
-            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
-    finally:
-        _matvec.set_simd_level(before)
-    for r in results[1:]:
-        np.testing.assert_array_equal(r, results[0])
-    full = results[0]
-    # a token's result does not depend on the tokens computed with it
-    for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):
-        np.testing.assert_array_equal(lin.matmul(X[rows]), full[rows])
+    assert_same_bits_everywhere(lin.with_arithmetic("bfloat16"), rng.standard_normal((13, 200)).astype(np.float32))
 
 
 def test_bf16_one_token_is_the_float32_product(rng):
@@ -154,73 +139,12 @@ def test_with_arithmetic_bfloat16_checks(rng):
     assert _matvec.bf16_level() in (0, 1, 2)
 
 
-# ---- the model -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_models():
-    return rwkvx.load("demo", "bfloat16", 2, arithmetic="bfloat16"), rwkvx.load("demo", "bfloat16", 2)
-
-
-def test_model_bf16_prompt_and_batches_deterministic(demo_models):
-    model, _ = demo_models
-    tokens = list(b"The bfloat16 path rounds inputs per token.")
-    logits, state = model.forward(tokens)
-    model.chunk_size = 7
-    try:
-        again, state2 = model.forward(tokens)
-    finally:
-        model.chunk_size = 128
-    np.testing.assert_array_equal(again, logits)
-    np.testing.assert_array_equal(state2, state)
-    prompts = [list(b"alpha beta"), list(b"gamma"), list(b"de")]
-    batch, states = model.forward_batch(prompts)
-    for order in ([0, 1, 2], [2, 0], [1, 2]):
-        part, part_states = model.forward_batch([prompts[i] for i in order])
-        for k, i in enumerate(order):
-            np.testing.assert_array_equal(part[k], batch[i])
-            np.testing.assert_array_equal(part_states[k], states[i])
-    step, _ = model.forward_batch([[65], [66]], [states[0], states[1]])
-    step2, _ = model.forward_batch([[67], [65]], [states[2], states[0]])
-    np.testing.assert_array_equal(step[0], step2[1])
-    alone, _ = model.forward_batch([[65]], [states[0]])
-    np.testing.assert_array_equal(alone[0], model.forward([65], states[0])[0])
-
-
-def test_model_bf16_close_to_float32_and_decode_is_float32(demo_models):
-    model, reference = demo_models
-    tokens = list(b"def forward(self, tokens, state=None):\n    return")
-    logits, state = model.forward(tokens)
-    ref_logits, _ = reference.forward(tokens)
-    p = np.exp(ref_logits - ref_logits.max())
-    p /= p.sum()
-    q = np.exp(logits - logits.max())
-    q /= q.sum()
-    assert float(np.sum(p * np.log(p / q))) < 0.01
-    assert logits.argmax() == ref_logits.argmax()
-    assert not np.array_equal(logits, ref_logits)       # the prompt did run in bfloat16
-    one, _ = model.forward([65], state)
-    np.testing.assert_array_equal(one, reference.forward([65], state)[0])
-    assert "arithmetic='bfloat16'" in repr(model)
+# ---- load and the command line (whole models: test_arithmetic_models.py) ---------------
 
 
 def test_load_refuses_bf16_arithmetic_without_bfloat16():
     with pytest.raises(RwkvxError, match="arithmetic bfloat16 needs dtype bfloat16.*got dtype uint8"):
         rwkvx.load("demo", "uint8", arithmetic="bfloat16")
-
-
-def test_bf16_later_architectures(tmp_path):
-    from arch_random import random_checkpoint, write_safetensors
-    for arch in ("v5", "v6", "v7"):
-        path = write_safetensors(tmp_path / f"{arch}.safetensors", random_checkpoint(arch))
-        model = rwkvx.load(path, "bfloat16", 2, arithmetic="bfloat16")
-        reference = rwkvx.load(path, "bfloat16", 2)
-        tokens = [1, 5, 9, 2, 7, 3]
-        logits, _ = model.forward(tokens)
-        assert np.abs(logits - reference.forward(tokens)[0]).max() < 0.05 * np.abs(logits).max() + 1e-3
-        batch, _ = model.forward_batch([tokens, [4, 4]])
-        batch2, _ = model.forward_batch([[9], tokens])
-        np.testing.assert_array_equal(batch[0], batch2[1])
 
 
 def test_cli_bf16_arithmetic(capsys):

@@ -9,7 +9,7 @@ from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 
-from conftest import SIMD_LEVELS
+from conftest import SIMD_LEVELS, assert_same_bits_everywhere
 
 LEVELS = SIMD_LEVELS
 
@@ -78,23 +78,8 @@ def test_int8_wider_than_one_int32_chunk(rng):
 
 
 def test_int8_same_bits_for_threads_levels_and_batches(rng):
-    qm, lin = _u8(rng, 130, 200)
-    lin = lin.with_arithmetic("int8")
-    X = rng.standard_normal((13, 200)).astype(np.float32)
-    before = _matvec.simd_level()
-    try:
-        results = []
-        for level in LEVELS:
-            _matvec.set_simd_level(level)
-            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
-    finally:
-        _matvec.set_simd_level(before)
-    for r in results[1:]:
-        np.testing.assert_array_equal(r, results[0])
-    full = results[0]
-    # a token's result does not depend on the tokens computed with it
-    for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):
-        np.testing.assert_array_equal(lin.matmul(X[rows]), full[rows])
+    _, lin = _u8(rng, 130, 200)
+    assert_same_bits_everywhere(lin.with_arithmetic("int8"), rng.standard_normal((13, 200)).astype(np.float32))
 
 
 def test_int8_one_token_is_the_float32_product(rng):
@@ -133,57 +118,7 @@ def test_with_arithmetic_checks(rng):
         _matvec.Linear.f32(np.ones((2, 3), np.float32)).with_arithmetic("int8")
 
 
-# ---- the model -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_models():
-    return rwkvx.load("demo", "uint8", 2, arithmetic="int8"), rwkvx.load("demo", "uint8", 2)
-
-
-def test_model_int8_prompt_and_batches_deterministic(demo_models):
-    model, _ = demo_models
-    tokens = list(b"The int8 path rounds inputs per token.")
-    logits, state = model.forward(tokens)
-    model.chunk_size = 7
-    try:
-        again, state2 = model.forward(tokens)
-    finally:
-        model.chunk_size = 128
-    np.testing.assert_array_equal(again, logits)
-    np.testing.assert_array_equal(state2, state)
-    prompts = [list(b"alpha beta"), list(b"gamma"), list(b"de")]
-    batch, states = model.forward_batch(prompts)
-    for order in ([0, 1, 2], [2, 0], [1, 2]):
-        part, part_states = model.forward_batch([prompts[i] for i in order])
-        for k, i in enumerate(order):
-            np.testing.assert_array_equal(part[k], batch[i])
-            np.testing.assert_array_equal(part_states[k], states[i])
-    # a step of several sequences: each sequence's result whatever the others are; alone,
-    # its one row is a float32 product
-    step, _ = model.forward_batch([[65], [66]], [states[0], states[1]])
-    step2, _ = model.forward_batch([[67], [65]], [states[2], states[0]])
-    np.testing.assert_array_equal(step[0], step2[1])
-    alone, _ = model.forward_batch([[65]], [states[0]])
-    np.testing.assert_array_equal(alone[0], model.forward([65], states[0])[0])
-
-
-def test_model_int8_close_to_float32_and_decode_is_float32(demo_models):
-    model, reference = demo_models
-    tokens = list(b"def forward(self, tokens, state=None):\n    return")
-    logits, state = model.forward(tokens)
-    ref_logits, ref_state = reference.forward(tokens)
-    p = np.exp(ref_logits - ref_logits.max())
-    p /= p.sum()
-    q = np.exp(logits - logits.max())
-    q /= q.sum()
-    # KL 4.7e-4 nats per token over the demo's held-out text; one position varies more
-    assert float(np.sum(p * np.log(p / q))) < 0.01
-    assert logits.argmax() == ref_logits.argmax()
-    # one token at a time: float32 products, the same bits as arithmetic float32
-    one, _ = model.forward([65], state)
-    np.testing.assert_array_equal(one, reference.forward([65], state)[0])
-    assert "arithmetic='int8'" in repr(model)
+# ---- load and the command line (whole models: test_arithmetic_models.py) ---------------
 
 
 def test_load_refuses_int8_without_uint8():
@@ -191,21 +126,6 @@ def test_load_refuses_int8_without_uint8():
         rwkvx.load("demo", "float32", arithmetic="int8")
     with pytest.raises(RwkvxError, match="arithmetic: expected one of float32, int8, bfloat16, got 'fp8'"):
         rwkvx.load("demo", "uint8", arithmetic="fp8")
-
-
-def test_int8_later_architectures(tmp_path):
-    from arch_random import random_checkpoint, write_safetensors
-    for arch in ("v5", "v6", "v7"):
-        path = write_safetensors(tmp_path / f"{arch}.safetensors", random_checkpoint(arch))
-        model = rwkvx.load(path, "uint8", 2, arithmetic="int8")
-        reference = rwkvx.load(path, "uint8", 2)
-        tokens = [1, 5, 9, 2, 7, 3]
-        logits, state = model.forward(tokens)
-        assert np.abs(logits - reference.forward(tokens)[0]).max() < 0.05 * np.abs(logits).max() + 1e-3
-        # the head's product has two rows in both calls (one row would be float32)
-        batch, _ = model.forward_batch([tokens, [4, 4]])
-        batch2, _ = model.forward_batch([[9], tokens])
-        np.testing.assert_array_equal(batch[0], batch2[1])
 
 
 def test_cli_arithmetic(capsys):

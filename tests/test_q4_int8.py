@@ -5,11 +5,10 @@ too goes this way), and close to the float32 products."""
 import numpy as np
 import pytest
 
-import rwkvx
 from rwkvx.kernels import _matvec
 from rwkvx.quant import quantize_q4
 
-from conftest import SIMD_LEVELS
+from conftest import assert_same_bits_everywhere
 
 
 def _q4(rng, n_rows, n_cols):
@@ -94,23 +93,10 @@ def test_q4_int8_follows_the_definition(simd, rng, n_rows, n_cols):
 
 
 def test_q4_int8_same_bits_everywhere(rng):
+    # decoding (one row, the matrix-vector product) goes the same way
     _, lin = _q4(rng, 130, 300)
-    lin = lin.with_arithmetic("int8")
-    X = rng.standard_normal((13, 300)).astype(np.float32)
-    before = _matvec.simd_level()
-    try:
-        results = []
-        for level in SIMD_LEVELS:
-            _matvec.set_simd_level(level)
-            results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
-            # one token, matrix-vector: decoding goes the same way
-            results.append(np.stack([lin(x, n_threads=2) for x in X]))
-    finally:
-        _matvec.set_simd_level(before)
-    for r in results[1:]:
-        np.testing.assert_array_equal(r, results[0])
-    for rows in ([3, 0], [12, 5, 7], [4], [6, 6]):
-        np.testing.assert_array_equal(lin.matmul(X[rows]), results[0][rows])
+    assert_same_bits_everywhere(lin.with_arithmetic("int8"), rng.standard_normal((13, 300)).astype(np.float32),
+                                one_row_too=True)
 
 
 def test_q4_int8_close_to_float32(rng):
@@ -134,66 +120,7 @@ def test_q4_int8_zero_and_nan_inputs(rng):
     assert np.isnan(lin.with_arithmetic("int8")(X[1])).all()
 
 
-# ---- the model -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_models():
-    return rwkvx.load("demo", "q4", 2, arithmetic="int8"), rwkvx.load("demo", "q4", 2)
-
-
-def test_model_q4_int8_decode_prompt_and_batches_agree(demo_models):
-    model, _ = demo_models
-    tokens = list(b"q4 weights, int8 inputs.")
-    logits, state = model.forward(tokens)
-    model.chunk_size = 5
-    try:
-        again, state2 = model.forward(tokens)
-    finally:
-        model.chunk_size = 128
-    np.testing.assert_array_equal(again, logits)
-    np.testing.assert_array_equal(state2, state)
-    # one token at a time (matrix-vector products) gives the same bits as the prompt
-    st = None
-    for t in tokens:
-        one, st = model.forward([t], st)
-    np.testing.assert_array_equal(one, logits)
-    np.testing.assert_array_equal(st, state)
-    # and a sequence decoded alone as in any batch
-    alone, _ = model.forward([65], state)
-    step, _ = model.forward_batch([[66], [65]], [None, state])
-    np.testing.assert_array_equal(step[1], alone)
-    assert "arithmetic='int8'" in repr(model)
-
-
-def test_model_q4_int8_close_to_q4(demo_models):
-    model, reference = demo_models
-    tokens = list(b"def forward(self, tokens, state=None):\n    return")
-    logits, _ = model.forward(tokens)
-    ref_logits, _ = reference.forward(tokens)
-    p = np.exp(ref_logits - ref_logits.max())
-    p /= p.sum()
-    q = np.exp(logits - logits.max())
-    q /= q.sum()
-    assert float(np.sum(p * np.log(p / q))) < 0.01
-    assert not np.array_equal(logits, ref_logits)
-
-
-def test_q4_int8_later_architectures(tmp_path):
-    from arch_random import random_checkpoint, write_safetensors
-    for arch in ("v5", "v6", "v7"):
-        path = write_safetensors(tmp_path / f"{arch}.safetensors", random_checkpoint(arch))
-        model = rwkvx.load(path, "q4", 2, arithmetic="int8")
-        reference = rwkvx.load(path, "q4", 2)
-        tokens = [1, 5, 9, 2, 7, 3]
-        logits, state = model.forward(tokens)
-        assert np.abs(logits - reference.forward(tokens)[0]).max() < 0.05 * np.abs(logits).max() + 1e-3
-        st = None
-        for t in tokens:
-            one, st = model.forward([t], st)
-        np.testing.assert_array_equal(one, logits)
-        batch, _ = model.forward_batch([tokens, [4, 4]])
-        np.testing.assert_array_equal(batch[0], logits)
+# ---- load and the command line (whole models: test_arithmetic_models.py) ---------------
 
 
 def test_cli_q4_int8(capsys):

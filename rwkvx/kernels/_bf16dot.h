@@ -14,8 +14,9 @@
  * with denormal inputs read as zero and tiny results flushed to zero of their sign (tiny in
  * IEEE 754's sense "after rounding", see rwkvx_bd_fma). A Zen 4's vdpbf16ps gives exactly
  * these bits (checked on 3.2 million random lanes with exponents from 2^-130 to 2^10, and
- * 6.4 million with results within a few units of FLT_MIN). The sixteen lanes are then added in a fixed tree
- * (rwkvx_bd_reduce). So a token's result depends only on its row and input: not on the
+ * 6.4 million with results within a few units of FLT_MIN). The sixteen lanes are then
+ * added in a fixed tree (rwkvx_tree16, _simd.h). So a token's result depends only on its
+ * row and input: not on the
  * thread count, on which tokens share a tile, or on the instruction set. Where the CPU has
  * AVX512-BF16 the tile below uses the instruction; elsewhere the same rules run on AVX2's
  * FMA (the same bits, about 1.5 times the float32 path's time: for machines that must agree
@@ -113,16 +114,6 @@ static inline float rwkvx_bd_fma(float a, float b, float c)
     return fabsf(f) < 0x1p-62f ? copysignf(0.0f, r) : r;
 }
 
-/* The fixed sum of a row's sixteen lanes. */
-static inline float rwkvx_bd_reduce(const float *l)
-{
-    float h[8];
-    for (int k = 0; k < 8; k++)
-        h[k] = l[k] + l[k + 8];
-    for (int k = 0; k < 4; k++)
-        h[k] = h[k] + h[k + 4];
-    return (h[0] + h[2]) + (h[1] + h[3]);
-}
 
 /* Row w (n bfloat16) against one token's rounded input x (padded, see rwkvx_bd_round). */
 static inline float rwkvx_bd_dot(const uint16_t *w, const uint16_t *x, ptrdiff_t n)
@@ -136,7 +127,7 @@ static inline float rwkvx_bd_dot(const uint16_t *w, const uint16_t *x, ptrdiff_t
             acc[k] = rwkvx_bd_fma(w1, rwkvx_bd_in(x[c + 1]), acc[k]);
             acc[k] = rwkvx_bd_fma(w0, rwkvx_bd_in(x[c]), acc[k]);
         }
-    return rwkvx_bd_reduce(acc);
+    return rwkvx_tree16(acc);
 }
 
 #if RWKVX_HAVE_X86_DISPATCH
@@ -146,9 +137,9 @@ static inline float rwkvx_bd_dot(const uint16_t *w, const uint16_t *x, ptrdiff_t
  * low half leaves column 2k + 1 as a float32, shifting left by 16 makes column 2k one, and
  * two fused multiply-adds follow the rules, with MXCSR's denormals-are-zero and
  * flush-to-zero set for them (x86's FMA calls a result tiny as the instruction does: the
- * same bits on the 6.4 million lanes near FLT_MIN). The sixteen lanes are two 8-lane registers; their tree runs
- * with the caller's MXCSR, as the instruction's does. About 1.5x the float32 product's
- * time, against a hundred times for the plain C. */
+ * same bits on the 6.4 million lanes near FLT_MIN). The sixteen lanes are two 8-lane
+ * registers; their tree runs with the caller's MXCSR, as the instruction's does. About 1.5x
+ * the float32 product's time, against a hundred times for the plain C. */
 
 #define RWKVX_BD_DAZ_FTZ 0x8040u
 
@@ -199,7 +190,7 @@ RWKVX_AVX2 static void rwkvx_bd_block4_avx2(const uint16_t *w, ptrdiff_t n, cons
             float l[16];
             _mm256_storeu_ps(l, a[r][0]);
             _mm256_storeu_ps(l + 8, a[r][1]);
-            Y[t * ldy + r] = rwkvx_bd_reduce(l);
+            Y[t * ldy + r] = rwkvx_tree16(l);
         }
     }
 }
@@ -219,7 +210,7 @@ RWKVX_BD static inline __m512bh rwkvx_bd_load(const uint16_t *p)
     return (__m512bh)_mm512_loadu_si512(p);
 }
 
-/* rwkvx_bd_reduce of four rows' accumulators, one row a lane. */
+/* rwkvx_tree16 of four rows' accumulators, one row a lane. */
 RWKVX_BD static inline __m128 rwkvx_bd_reduce4(__m512 a, __m512 b, __m512 c, __m512 d)
 {
 #define RWKVX_QUARTERS(v)                                                              \
@@ -232,6 +223,21 @@ RWKVX_BD static inline __m128 rwkvx_bd_reduce4(__m512 a, __m512 b, __m512 c, __m
 #undef RWKVX_QUARTERS
     _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
     return _mm_add_ps(_mm_add_ps(r0, r2), _mm_add_ps(r1, r3));
+}
+
+/* One step of 32 columns of four rows (a0 .. a3) against T tokens' inputs X + t ldx. */
+RWKVX_BD static inline __attribute__((always_inline)) void
+rwkvx_bd_step4(__m512 c[][4], const int T, __m512bh a0, __m512bh a1, __m512bh a2, __m512bh a3,
+               const uint16_t *X, ptrdiff_t ldx)
+{
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+        const __m512bh x = rwkvx_bd_load(X + t * ldx);
+        c[t][0] = _mm512_dpbf16_ps(c[t][0], a0, x);
+        c[t][1] = _mm512_dpbf16_ps(c[t][1], a1, x);
+        c[t][2] = _mm512_dpbf16_ps(c[t][2], a2, x);
+        c[t][3] = _mm512_dpbf16_ps(c[t][3], a3, x);
+    }
 }
 
 /* Rows w .. w + 3n against T (a constant) tokens X + t ldx: sums[t] holds the four rows'
@@ -251,30 +257,12 @@ rwkvx_bd_tile4(const uint16_t *w, ptrdiff_t n, const uint16_t *X, ptrdiff_t ldx,
         if (next)
             for (ptrdiff_t b = share * j / n / 64 * 64; b < share * (j + 32) / n; b += 64)
                 _mm_prefetch(next + b, _MM_HINT_T0);
-        const __m512bh a0 = rwkvx_bd_load(w0 + j), a1 = rwkvx_bd_load(w1 + j);
-        const __m512bh a2 = rwkvx_bd_load(w2 + j), a3 = rwkvx_bd_load(w3 + j);
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++) {
-            const __m512bh x = rwkvx_bd_load(X + t * ldx + j);
-            c[t][0] = _mm512_dpbf16_ps(c[t][0], a0, x);
-            c[t][1] = _mm512_dpbf16_ps(c[t][1], a1, x);
-            c[t][2] = _mm512_dpbf16_ps(c[t][2], a2, x);
-            c[t][3] = _mm512_dpbf16_ps(c[t][3], a3, x);
-        }
+        rwkvx_bd_step4(c, T, rwkvx_bd_load(w0 + j), rwkvx_bd_load(w1 + j), rwkvx_bd_load(w2 + j),
+                       rwkvx_bd_load(w3 + j), X + j, ldx);
     }
-    if (j < n) {
-        const ptrdiff_t count = n - j;
-        const __m512bh a0 = rwkvx_bd_tail(w0 + j, count), a1 = rwkvx_bd_tail(w1 + j, count);
-        const __m512bh a2 = rwkvx_bd_tail(w2 + j, count), a3 = rwkvx_bd_tail(w3 + j, count);
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++) {
-            const __m512bh x = rwkvx_bd_load(X + t * ldx + j);
-            c[t][0] = _mm512_dpbf16_ps(c[t][0], a0, x);
-            c[t][1] = _mm512_dpbf16_ps(c[t][1], a1, x);
-            c[t][2] = _mm512_dpbf16_ps(c[t][2], a2, x);
-            c[t][3] = _mm512_dpbf16_ps(c[t][3], a3, x);
-        }
-    }
+    if (j < n)
+        rwkvx_bd_step4(c, T, rwkvx_bd_tail(w0 + j, n - j), rwkvx_bd_tail(w1 + j, n - j),
+                       rwkvx_bd_tail(w2 + j, n - j), rwkvx_bd_tail(w3 + j, n - j), X + j, ldx);
 #pragma GCC unroll 4
     for (int t = 0; t < T; t++)
         sums[t] = rwkvx_bd_reduce4(c[t][0], c[t][1], c[t][2], c[t][3]);

@@ -18,8 +18,7 @@
  *     P = 0, 1, ...: acc_L = fma((float)I, d, acc_L), I that word's eight products (exact);
  *   - lane l of 16 takes groups g = l, l + 16, ...: c_l = fma(d_g, 7.5 E_g, c_l), then
  *     c_l = fma(m_g, X_g, c_l);
- *   - y = fma(T(acc), s, T(c)), T the fixed tree of _bf16dot.h (lanes k + 8, k + 4, then
- *     (0 + 2) + (1 + 3)).
+ *   - y = fma(T(acc), s, T(c)), T the fixed tree rwkvx_tree16 (_simd.h).
  * Each token's input is prepared once per product (rwkvx_q4i8_prepare): a rearranged so
  * that byte 4k + b of a group's low-nibble half meets column 16b + k and of its high half
  * column 16b + 8 + k, two groups' halves side by side for one 512-bit step, then 7.5 E_g,
@@ -84,16 +83,6 @@ static inline void rwkvx_q4i8_params(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g
     }
 }
 
-/* The fixed tree of sixteen lanes. */
-static inline float rwkvx_q4i8_tree(const float *l)
-{
-    float h[8];
-    for (int k = 0; k < 8; k++)
-        h[k] = l[k] + l[k + 8];
-    for (int k = 0; k < 4; k++)
-        h[k] = h[k] + h[k + 4];
-    return (h[0] + h[2]) + (h[1] + h[3]);
-}
 
 /* ---- plain C ------------------------------------------------------------------------ */
 
@@ -124,7 +113,7 @@ static inline float rwkvx_q4i8_dot(const rwkvx_q4 *m, ptrdiff_t i, const uint8_t
             c[g % 16] = fmaf(mn[g - g0], X[g], c[g % 16]);
         }
     }
-    return fmaf(rwkvx_q4i8_tree(acc), s, rwkvx_q4i8_tree(c));
+    return fmaf(rwkvx_tree16(acc), s, rwkvx_tree16(c));
 }
 
 #if RWKVX_HAVE_X86_DISPATCH
@@ -152,7 +141,7 @@ RWKVX_Q4I8_VNNI static inline void rwkvx_q4i8_params_avx512(const rwkvx_q4 *m, p
     }
 }
 
-/* rwkvx_q4i8_tree of one register. */
+/* rwkvx_tree16 of one register. */
 RWKVX_Q4I8_VNNI static inline float rwkvx_q4i8_tree512(__m512 v)
 {
     const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
@@ -292,7 +281,7 @@ RWKVX_Q4I8_AVX2 static float rwkvx_q4i8_dot_avx2(const rwkvx_q4 *m, ptrdiff_t i,
     _mm256_storeu_ps(lc, c[0]);
     _mm256_storeu_ps(lc + 8, c[1]);
     memcpy(&s, P + rwkvx_q4i8_s(n), sizeof s);
-    return fmaf(rwkvx_q4i8_tree(la), s, rwkvx_q4i8_tree(lc));
+    return fmaf(rwkvx_tree16(la), s, rwkvx_tree16(lc));
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 

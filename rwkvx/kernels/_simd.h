@@ -33,6 +33,18 @@
  * products. Set by rwkvx_detect_simd() at import (see RWKVX_DEFAULT_LEVEL). */
 static int rwkvx_simd_level = 0;
 
+/* The fixed sum of sixteen lanes of the opt-in arithmetics' accumulators (_bf16dot.h,
+ * _q4int8.h): lanes k and k + 8, then k and k + 4, then (0 + 2) + (1 + 3). */
+static inline float rwkvx_tree16(const float *l)
+{
+    float h[8];
+    for (int k = 0; k < 8; k++)
+        h[k] = l[k] + l[k + 8];
+    for (int k = 0; k < 4; k++)
+        h[k] = h[k] + h[k + 4];
+    return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
 /* ---- scalar conversions ------------------------------------------------------------ */
 
 static inline float rwkvx_bf16_to_f32(uint16_t h)
