@@ -325,8 +325,9 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     rounds each row's input to bfloat16 (to nearest even) and multiplies it with the stored
     bfloat16 weights by the rules of AVX512-BF16's vdpbf16ps (32 multiply-adds an
     instruction, where float32's FMA does 16), using the instruction where the CPU has it
-    (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and plain C giving the same
-    bits elsewhere (slower than float32 there); deterministic in the same way as "int8".
+    (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and AVX2's FMA giving the same
+    bits elsewhere (about 1.5 times float32's time there; plain C without AVX2);
+    deterministic in the same way as "int8".
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """

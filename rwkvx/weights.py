@@ -14,7 +14,6 @@ from typing import Optional, Union
 
 import numpy as np
 
-from rwkvx.kernels._matvec import Linear
 from rwkvx.quant import Q4Matrix, QuantizedMatrix
 
 # (n_embd,) float32 per layer
@@ -44,10 +43,13 @@ def head_arithmetic(arithmetic: str, dtype: str) -> str:
     return "float32" if dtype == "q4" else arithmetic
 
 
-def linear(m: Matrix, arithmetic: str = "float32") -> Linear:
+def linear(m: Matrix, arithmetic: str = "float32"):
     """A kernel-ready matrix from a float32, bfloat16 (uint16), float16, uint8 or q4 one,
     computing in `arithmetic` if that applies to its dtype (ARITHMETIC_DTYPES): with
-    arithmetic "int8" or "bfloat16", the float32 low-rank matrices of RWKV-6/7 stay float32."""
+    arithmetic "int8" or "bfloat16", the float32 low-rank matrices of RWKV-6/7 stay float32.
+    Returns an rwkvx.kernels._matvec.Linear (imported here: the readers and the reference
+    that use this module's layout do not need the compiled kernels)."""
+    from rwkvx.kernels._matvec import Linear
     if isinstance(m, QuantizedMatrix):
         lin = Linear.u8(m.q, m.mx, m.rx, m.my, m.ry)
     elif isinstance(m, Q4Matrix):

@@ -16,12 +16,14 @@
  * these bits (checked on 3.2 million random lanes with exponents from 2^-130 to 2^10, and
  * 6.4 million with results within a few units of FLT_MIN). The sixteen lanes are then
  * added in a fixed tree (rwkvx_tree16, _simd.h). So a token's result depends only on its
- * row and input: not on the
- * thread count, on which tokens share a tile, or on the instruction set. Where the CPU has
- * AVX512-BF16 the tile below uses the instruction; elsewhere the same rules run on AVX2's
- * FMA (the same bits, about 1.5 times the float32 path's time: for machines that must agree
- * with one that has it), or as plain C. A row's last step reads zeros past its end (the input is padded with zeros
- * to whole steps, the weights are loaded under a mask).
+ * row and input: not on the thread count, on which tokens share a tile, or on the
+ * instruction set. Where the CPU has AVX512-BF16 the tile below uses the instruction
+ * (after rwkvx_bd_detect has checked at import that it follows these rules: a CPU whose
+ * instruction disagreed would run the AVX2 loop instead); elsewhere the same rules run on
+ * AVX2's FMA (the same bits, about 1.5 times the float32 path's time: for machines that
+ * must agree with one that has it), or as plain C. A row's last step reads zeros past its
+ * end (the input is padded with zeros to whole steps, the weights are loaded under a mask).
+ * Which NaN a NaN result is (sign, payload) is not part of the rules.
  */
 #ifndef RWKVX_BF16DOT_H
 #define RWKVX_BF16DOT_H
@@ -37,17 +39,8 @@
 /* bfloat16 values from one token's rounded input to the next: whole steps of 32. */
 static inline ptrdiff_t rwkvx_bd_stride(ptrdiff_t n) { return (n + 31) / 32 * 32; }
 
-/* 1 if the CPU has AVX512-BF16 (and F, BW, VL; set by rwkvx_bd_detect). */
+/* 1 if the CPU has AVX512-BF16 (and F, BW, VL) following the rules (set by rwkvx_bd_detect). */
 static int rwkvx_bd_has_bf16 = 0;
-
-static inline void rwkvx_bd_detect(void)
-{
-#if RWKVX_HAVE_X86_DISPATCH
-    __builtin_cpu_init();
-    rwkvx_bd_has_bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-#endif
-}
 
 /* 2: the tile uses vdpbf16ps (SIMD level 2 on a CPU with AVX512-BF16); 1: AVX2's FMA
  * (SIMD level 1 or 2); 0: plain C. All give the same bits. */
@@ -142,6 +135,8 @@ static inline float rwkvx_bd_dot(const uint16_t *w, const uint16_t *x, ptrdiff_t
  * the float32 product's time, against a hundred times for the plain C. */
 
 #define RWKVX_BD_DAZ_FTZ 0x8040u
+/* MXCSR's rounding control: cleared, to nearest even as the instruction always rounds */
+#define RWKVX_BD_ROUNDING 0x6000u
 
 RWKVX_AVX2 static inline void rwkvx_bd_step_avx2(__m256i w, __m256i x, __m256 *acc)
 {
@@ -167,7 +162,7 @@ RWKVX_AVX2 static void rwkvx_bd_block4_avx2(const uint16_t *w, ptrdiff_t n, cons
         __m256 a[4][2];
         for (int r = 0; r < 4; r++)
             a[r][0] = a[r][1] = _mm256_setzero_ps();
-        _mm_setcsr(csr | RWKVX_BD_DAZ_FTZ);
+        _mm_setcsr((csr & ~RWKVX_BD_ROUNDING) | RWKVX_BD_DAZ_FTZ);
         for (ptrdiff_t j = 0; j < whole; j += 32) {
             const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + j));
             const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + j + 16));
@@ -269,7 +264,7 @@ rwkvx_bd_tile4(const uint16_t *w, ptrdiff_t n, const uint16_t *X, ptrdiff_t ldx,
 }
 
 /* Four rows against every token: Y[t ldy + r] for r < 4. Tokens go in passes of at most
- * RWKVX_BD_TILE, of even sizes; later passes find the rows in cache, and each pass fetches
+ * RWKVX_BD_TILE, of near-equal sizes; later passes find the rows in cache, and each pass fetches
  * an equal part of the next block, so that memory keeps streaming (as _int8.h's tile). */
 RWKVX_BD static void rwkvx_bd_block4(const uint16_t *w, ptrdiff_t n, const uint16_t *X, ptrdiff_t ldx,
                                      ptrdiff_t n_tok, float *Y, ptrdiff_t ldy, const uint16_t *next)
@@ -295,9 +290,57 @@ RWKVX_BD static void rwkvx_bd_block4(const uint16_t *w, ptrdiff_t n, const uint1
         t += T;
     }
 }
+/* Whether this CPU's vdpbf16ps follows the rules: four rows of 64 columns against two
+ * tokens, with the two results of rwkvx_bd_fma's comment at FLT_MIN's boundary and
+ * pseudo-random values of exponents from 2^-70 to 2^10 (denormal products included),
+ * through the instruction and through the plain C. */
+RWKVX_BD static int rwkvx_bd_selfcheck(void)
+{
+    enum { N = 64 };
+    uint16_t W[4 * N], X[2 * N];
+    uint32_t seed = 12345u;
+    for (int k = 0; k < 4 * N + 2 * N; k++) {
+        seed = seed * 1664525u + 1013904223u;
+        const float v = ldexpf(1.0f + (float)(seed >> 9 & 0x7f) / 128.0f, (int)(seed >> 16 & 0x7f) % 81 - 70);
+        const uint16_t h = rwkvx_bd_round1(seed & 0x80000000u ? -v : v);
+        if (k < 4 * N)
+            W[k] = h;
+        else
+            X[k - 4 * N] = h;
+    }
+    const float first[2][2] = {{-0x1p-75f, 0x1p-63f}, {-0x1p-76f, 0x1p-63f}};
+    for (int t = 0; t < 2; t++) {
+        W[t * N] = rwkvx_bd_round1(first[t][0]);
+        W[t * N + 1] = rwkvx_bd_round1(first[t][1]);
+        X[t * N] = rwkvx_bd_round1(-first[t][0]);
+        X[t * N + 1] = rwkvx_bd_round1(first[t][1]);
+    }
+    float Y[2 * 4];
+    rwkvx_bd_block4(W, N, X, N, 2, Y, 4, NULL);
+    for (int t = 0; t < 2; t++)
+        for (int r = 0; r < 4; r++) {
+            const float want = rwkvx_bd_dot(W + r * N, X + t * N, N);
+            if (memcmp(&want, &Y[t * 4 + r], sizeof want) != 0)
+                return 0;
+        }
+    return 1;
+}
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ------------------------------------------------------------------------ */
+
+static inline void rwkvx_bd_detect(void)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    rwkvx_bd_has_bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    /* the rules are checked bit for bit on a Zen 4; another CPU's instruction must show
+     * that it follows them too before it is used */
+    if (rwkvx_bd_has_bf16 && !rwkvx_bd_selfcheck())
+        rwkvx_bd_has_bf16 = 0;
+#endif
+}
 
 /* Rows w .. w + (n_r - 1) n (n_r from 1 to 4, row stride n) against n_tok tokens of
  * rounded inputs X + t ldx (rwkvx_bd_round): Y[t ldy + r] for r < n_r. next: the next

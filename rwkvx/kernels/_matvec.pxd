@@ -26,7 +26,7 @@ cdef struct Matrix:
     const uint16_t* q4_D  # (n_rows,) float16 bits, MATRIX_Q4: row scale of sd
     const uint16_t* q4_M  # (n_rows,) float16 bits, MATRIX_Q4: row scale of sm
     Py_ssize_t n_groups   # MATRIX_Q4
-    bint int8             # MATRIX_U8: int8 arithmetic (_int8.h) in products of 2+ tokens
+    bint int8             # int8 arithmetic: MATRIX_U8 in products of 2+ tokens (_int8.h), MATRIX_Q4 in all (_q4int8.h)
     bint bf16             # MATRIX_BF16: bfloat16 arithmetic (_bf16dot.h) in products of 2+ tokens
 
 # Per-vector sums of the uint8 product (see _prepare_u8); the layout of rwkvx_u8_sums in

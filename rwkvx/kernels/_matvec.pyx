@@ -152,6 +152,11 @@ def set_simd_level(int level) -> int:
     return rwkvx_simd_level
 
 
+cdef inline bint _q4_int8(const Matrix* m) noexcept nogil:
+    # a q4 matrix in int8 arithmetic: every product, one token too, takes prepared inputs
+    return m.int8 and m.kind == MATRIX_Q4
+
+
 cdef inline rwkvx_q4 _q4(const Matrix* m) noexcept nogil:
     cdef rwkvx_q4 q4
     q4.q = m.q
@@ -238,7 +243,7 @@ cdef inline void _rows(float* out, const Matrix* m, const float* x, const U8Sums
     cdef Py_ssize_t i = 4 * block, r
     cdef Py_ssize_t end = i + 4
     cdef rwkvx_q4 q4
-    if m.int8 and m.kind == MATRIX_Q4:
+    if _q4_int8(m):
         # x: the input prepared by _q4_int8_inputs
         q4 = _q4(m)
         rwkvx_q4i8_block(&q4, i, min(end, m.n_rows) - i, <const uint8_t*>x, 0, 1, out + i, 1, end + 8 <= m.n_rows)
@@ -261,13 +266,13 @@ cdef uint8_t* _q4_int8_inputs(MatvecJob* jobs, int n_jobs, Matrix* plain) noexce
     cdef int k
     cdef uint8_t* block
     for k in range(n_jobs):
-        if jobs[k].m.int8 and jobs[k].m.kind == MATRIX_Q4:
+        if _q4_int8(jobs[k].m):
             total += rwkvx_q4i8_stride(jobs[k].m.n_cols)
     if total == 0:
         return NULL
     block = <uint8_t*>malloc(total)
     for k in range(n_jobs):
-        if jobs[k].m.int8 and jobs[k].m.kind == MATRIX_Q4:
+        if _q4_int8(jobs[k].m):
             if block == NULL:
                 plain[k] = jobs[k].m[0]
                 plain[k].int8 = False
@@ -480,11 +485,11 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         rwkvx_bd_block(m.h16 + i * n, n, min(end, m.n_rows) - i, <const uint16_t*>xpack, rwkvx_bd_stride(n),
                        n_tok, out + i, ldo, m.h16 + end * n if end + 4 <= m.n_rows else NULL)
         return
-    if m.int8 and m.kind == MATRIX_Q4:
+    if _q4_int8(m):
         # xpack: the tokens' prepared inputs (_matmul_jobs, _packed_from)
         q4 = _q4(m)
         rwkvx_q4i8_block(&q4, i, min(end, m.n_rows) - i, <const uint8_t*>xpack, rwkvx_q4i8_stride(n), n_tok,
-                         out + i, ldo, end + 4 <= m.n_rows)
+                         out + i, ldo, end + 8 <= m.n_rows)
         return
     if m.int8:
         # xpack: the tokens' int8 inputs (_prepare, _packed_from)
@@ -557,9 +562,9 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
     cdef Matrix plain[4]
     cdef MatmulJob one_token[4]
     if n_tok == 1:
-        # one token: the float32 product even with int8 or bfloat16 arithmetic, bit-identical
-        # to the matrix-vector product that decodes a token (memory-bound: they would gain
-        # nothing)
+        # one token: the float32 product even with int8 (uint8 weights) or bfloat16
+        # arithmetic, bit-identical to the matrix-vector product that decodes a token
+        # (memory-bound: they would gain nothing); q4 in int8 arithmetic decodes in int8
         for k in range(n_jobs):
             plain[k] = jobs[k].m[0]
             plain[k].int8 = plain[k].int8 and plain[k].kind == MATRIX_Q4   # as q4 decodes
@@ -581,7 +586,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 _prepare(m, jobs[j].x + t * m.n_cols, jobs[j].xr + t * m.n_cols,
                             <signed char*>jobs[j].xpack + t * rwkvx_i8_stride(m.n_cols), &jobs[j].sums[t])
-        if m.int8 and m.kind == MATRIX_Q4:
+        if _q4_int8(m):
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 rwkvx_q4i8_prepare(xin[j] + t * m.n_cols, m.n_cols,
                                    <uint8_t*>jobs[j].xpack + t * rwkvx_q4i8_stride(m.n_cols))
@@ -624,7 +629,7 @@ cdef inline const float* _packed_from(const MatmulJob* job, Py_ssize_t t0) noexc
     # bfloat16 input per rwkvx_bd_stride values with bfloat16 arithmetic
     if job.m.bf16:
         return <const float*>(<const uint16_t*>job.xpack + t0 * rwkvx_bd_stride(job.m.n_cols))
-    if job.m.int8 and job.m.kind == MATRIX_Q4:
+    if _q4_int8(job.m):
         return <const float*>(<const uint8_t*>job.xpack + t0 * rwkvx_q4i8_stride(job.m.n_cols))
     if job.m.int8:
         return <const float*>(<const signed char*>job.xpack + t0 * rwkvx_i8_stride(job.m.n_cols))
@@ -778,11 +783,13 @@ cdef class Linear:
         uint8 matrices: their products of two or more vectors (matmul) then round each
         vector to int8 with its own scale and sum exactly in integers (AVX-512 VNNI where the
         CPU has it; the same bits at every SIMD level, thread count and batch composition,
-        see _int8.h and _prepare); or "bfloat16" for bfloat16 matrices: their products of two
-        or more vectors round each vector to bfloat16 and sum by vdpbf16ps's rules
-        (AVX512-BF16 where the CPU has it; the same bits everywhere, see _bf16dot.h). One
-        vector (__call__, or matmul of one row) keeps the float32 product: it is
-        memory-bound, and neither would make it faster."""
+        see _int8.h and _prepare), while one vector (__call__, or matmul of one row) keeps
+        the float32 product, which is memory-bound; "int8" for q4 matrices: every product,
+        of one vector too, rounds each vector to int8 and sums the 4-bit codes times it
+        exactly per group (_q4int8.h); or "bfloat16" for bfloat16 matrices: their products
+        of two or more vectors round each vector to bfloat16 and sum by vdpbf16ps's rules
+        (AVX512-BF16 where the CPU has it; the same bits everywhere, see _bf16dot.h), one
+        vector keeping the float32 product."""
         if arithmetic not in ARITHMETICS:
             raise RwkvxError(f"arithmetic: expected one of {', '.join(ARITHMETICS)}, got {arithmetic!r}")
         if arithmetic == "int8" and self.m.kind not in (MATRIX_U8, MATRIX_Q4):

@@ -3,7 +3,7 @@
  * A q4 weight is w = q d_g + m_g (q in 0..15; d_g, m_g its group's scale and minimum, see
  * _q4.h). Its float32 loops dequantise every weight, two or three vector instructions per
  * eight weights, which on a Zen 4 keeps one token's product below the memory's pace. Here
- * each token's input is rounded to int8 with one scale (s = max|x| / 127, a = round(x / s),
+ * each token's input is rounded to int8 with one scale (s = max|x| / 127, a = round(x 127 / max|x|),
  * as _int8.h does it), and a row's product becomes, per group g of 64 columns,
  *     sum_j w[j] x[j] ~ d_g (s I_g + 7.5 E_g) + m_g X_g,
  *     I_g = sum_j q[j] a[j] (exact, integers),  E_g = sum_j (x[j] - s a[j]),  X_g = sum_j x[j],
@@ -288,7 +288,7 @@ RWKVX_Q4I8_AVX2 static float rwkvx_q4i8_dot_avx2(const rwkvx_q4 *m, ptrdiff_t i,
 /* ---- dispatch ------------------------------------------------------------------------ */
 
 /* Rows i .. i + n_r - 1 of m against n_tok prepared tokens P + t ldp (rwkvx_q4i8_prepare of
- * the same width): Y[t ldy + r] for r < n_r. prefetch: whether rows i + 4 .. i + 7 exist,
+ * the same width): Y[t ldy + r] for r < n_r. prefetch: whether rows i + RWKVX_Q4I8_AHEAD .. + 3 exist,
  * to be fetched into cache while these are read. */
 static inline void rwkvx_q4i8_block(const rwkvx_q4 *m, ptrdiff_t i, int n_r, const uint8_t *P, ptrdiff_t ldp,
                                     ptrdiff_t n_tok, float *Y, ptrdiff_t ldy, int prefetch)
