@@ -101,7 +101,8 @@ def child_main(spec: dict) -> None:
 
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    model = rwkvx.load(spec["path"], dtype=spec["dtype"], threads=spec["threads"])
+    dtype, _, arithmetic = spec["dtype"].partition(":")
+    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], arithmetic=arithmetic or "float32")
     load_s = time.perf_counter() - start
     rss_after_load = _status_bytes("VmRSS")
     peak_after_load = _peak_rss()
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=("v4", "v5", "v6", "v7"), default=None,
                         help="architecture of the --shape weights (default: RWKV-7 for 7B, else RWKV-4)")
     parser.add_argument("--formats", default=",".join(default_formats),
-                        help=f"comma-separated, from {','.join(DTYPES)} (default {','.join(default_formats)})")
+                        help=f"comma-separated, from {','.join(DTYPES)}, each may be DTYPE:ARITHMETIC (e.g. "
+                             f"q4:int8: the q4 file run in int8 arithmetic) (default {','.join(default_formats)})")
     parser.add_argument("--dir", help="folder for the checkpoint and converted files (default: a new temporary "
                                       "folder, removed at the end unless --keep)")
     parser.add_argument("--keep", action="store_true",
@@ -267,11 +269,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rwkvx.errors import RwkvxError
+    from rwkvx.model import check_arithmetic
+
     args.formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
-    bad = [f for f in args.formats if f not in DTYPES]
+    bad = [f for f in args.formats if f.partition(":")[0] not in DTYPES]
     if bad or not args.formats:
-        parser.error(f"--formats: expected a comma-separated subset of {','.join(DTYPES)}, "
-                     f"got {','.join(bad) or 'none'}")
+        parser.error(f"--formats: expected a comma-separated subset of {','.join(DTYPES)} (each may be "
+                     f"DTYPE:ARITHMETIC), got {','.join(bad) or 'none'}")
+    for f in args.formats:
+        dtype, _, arithmetic = f.partition(":")
+        if arithmetic:
+            try:
+                check_arithmetic(arithmetic, dtype)
+            except RwkvxError as e:
+                parser.error(f"--formats: {f}: {e}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
     if args.model is not None:
@@ -317,11 +329,14 @@ def run(args) -> int:
         stem = (os.path.splitext(os.path.basename(args.model))[0] if args.model
                 else f"random-{args.arch}-{args.shape}-seed{args.seed}")
         src = args.model or os.path.join(folder, f"{stem}-bf16.safetensors")
-        converted = {d: os.path.join(folder, f"{stem}-{d}.safetensors") for d in args.formats}
+        # one converted file per dtype, whichever arithmetics run it
+        converted = {d: os.path.join(folder, f"{stem}-{d.partition(':')[0]}.safetensors") for d in args.formats}
 
         # disk: what is still to be written; converted files one at a time unless kept
         to_write = 0.0 if os.path.exists(src) else n_params * 2.0
-        pending = [estimated_bytes(d, sizes) for d in args.formats if not os.path.exists(converted[d])]
+        pending = [estimated_bytes(d.partition(":")[0], sizes)
+                   for d in dict.fromkeys(f.partition(":")[0] for f in args.formats)
+                   if not os.path.exists(converted[d])]
         to_write += (sum(pending) if args.keep else max(pending, default=0.0)) + DISK_MARGIN
         free = shutil.disk_usage(folder).free
         source_text = "source present" if os.path.exists(src) else f"bf16 source {n_params * 2 / GB:.1f} GB"
@@ -343,11 +358,11 @@ def run(args) -> int:
             _progress(f"reusing {src}")
 
         rows = []
-        for dtype in args.formats:
+        for k, dtype in enumerate(args.formats):
             row = {"dtype": dtype, "note": ""}
             rows.append(row)
             avail = mem_available()
-            estimate = estimated_bytes(dtype, sizes)
+            estimate = estimated_bytes(dtype.partition(":")[0], sizes)
             dst = converted[dtype]
             if avail is not None and not os.path.exists(dst) and estimate + CHILD_OVERHEAD > avail:
                 row["note"] = (f"not run: ~{estimate / GB:.1f} GB file would not fit in MemAvailable "
@@ -360,7 +375,7 @@ def run(args) -> int:
             else:
                 _progress(f"{dtype}: converting to {dst}")
                 made.append(dst)
-                seconds, rss = _convert(src, dst, dtype)
+                seconds, rss = _convert(src, dst, dtype.partition(":")[0])
                 row["convert_s"], row["convert_peak_rss_mb"] = seconds, rss / 1e6
                 _progress(f"{dtype}: converted in {seconds:.0f} s, convert's peak RSS {rss / 1e6:.0f} MB")
             row["file_bytes"] = os.path.getsize(dst)
@@ -378,7 +393,8 @@ def run(args) -> int:
                 row.update(_run_child(spec, args.threads))
                 _progress(f"{dtype}: load {row['load_s']:.2f} s, decode {row['tg_ms_per_token']:.0f} ms/token, "
                           f"prompt {row['pp_tokens_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB")
-            if not args.keep and dst in made:
+            later = [f for f in args.formats[k + 1:] if converted[f] == dst]
+            if not args.keep and dst in made and not later:
                 os.remove(dst)
                 made.remove(dst)
         report(args, label, n_params, writer, rows)
