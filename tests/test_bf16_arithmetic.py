@@ -111,13 +111,13 @@ def test_bf16_one_token_is_the_float32_product(rng):
 
 
 def test_bf16_close_to_float32(rng):
-    # relative RMS error of the products: 0.0016 measured once (256 x 1024, seed 0 of
-    # conftest): the inputs' rounding, 2^-9 at most, about 2^-10.5 in RMS
+    # relative RMS error of the products: 0.0017 measured (256 x 1024, conftest's seed
+    # 1234): the inputs' rounding, 2^-9 at most, about 2^-10.5 in RMS
     _, lin = _bf16(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
     exact = lin.matmul(X)
     err = lin.with_arithmetic("bfloat16").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0016
+    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0017
 
 
 def test_bf16_nan_inputs(rng):

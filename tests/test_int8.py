@@ -90,12 +90,12 @@ def test_int8_one_token_is_the_float32_product(rng):
 
 
 def test_int8_close_to_float32(rng):
-    # relative RMS error of the products: 0.0080 measured once (256 x 1024, seed 0 of conftest)
+    # relative RMS error of the products: 0.0089 measured (256 x 1024, conftest's seed 1234)
     qm, lin = _u8(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
     exact = lin.matmul(X)
     err = lin.with_arithmetic("int8").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0080
+    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0089
 
 
 def test_int8_zero_and_nan_inputs(rng):

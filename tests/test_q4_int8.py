@@ -100,13 +100,13 @@ def test_q4_int8_same_bits_everywhere(rng):
 
 
 def test_q4_int8_close_to_float32(rng):
-    # relative RMS error against the float32 product of the same q4 matrix: 0.0075 measured
-    # once (256 x 1024, seed 0 of conftest); int8 arithmetic of uint8 weights: 0.0080
+    # relative RMS error against the float32 product of the same q4 matrix: 0.0087 measured
+    # (256 x 1024, conftest's seed 1234); int8 arithmetic of uint8 weights: 0.0089
     _, lin = _q4(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
     exact = lin.matmul(X)
     err = lin.with_arithmetic("int8").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0075
+    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0087
 
 
 def test_q4_int8_zero_and_nan_inputs(rng):
