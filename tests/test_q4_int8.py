@@ -81,7 +81,7 @@ def q4_int8_model(qm, X: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("n_cols", [1, 7, 63, 64, 65, 129, 1000])
+@pytest.mark.parametrize("n_cols", [1, 7, 63, 64, 65, 129, 1000, 2113])
 @pytest.mark.parametrize("n_rows", [1, 4, 6])
 def test_q4_int8_follows_the_definition(simd, rng, n_rows, n_cols):
     qm, lin = _q4(rng, n_rows, n_cols)

@@ -119,7 +119,7 @@ static inline float rwkvx_q4i8_dot(const rwkvx_q4 *m, ptrdiff_t i, const uint8_t
 #if RWKVX_HAVE_X86_DISPATCH
 
 #define RWKVX_Q4I8_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
-#define RWKVX_Q4I8_AVX2 __attribute__((target("avx2,fma")))
+#define RWKVX_Q4I8_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 /* ---- AVX-512 VNNI --------------------------------------------------------------------- */
 
@@ -247,41 +247,109 @@ RWKVX_Q4I8_VNNI static void rwkvx_q4i8_block4_vnni(const rwkvx_q4 *m, ptrdiff_t 
  * 2 x 15 x 127, no saturation), the low and high nibbles' pairs add (at most 7620), and
  * vpmaddwd by ones adds those pairs in 32 bits: the same eight products per word as the
  * VNNI loop. The even groups are lanes 0-7, the odd ones lanes 8-15. */
-RWKVX_Q4I8_AVX2 static float rwkvx_q4i8_dot_avx2(const rwkvx_q4 *m, ptrdiff_t i, const uint8_t *P, ptrdiff_t n)
+
+#define RWKVX_Q4I8_AVX2_TILE 4
+
+/* rwkvx_q4i8_params, eight groups a step where all eight exist (the same products). */
+RWKVX_Q4I8_AVX2 static inline void rwkvx_q4i8_params_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t g0,
+                                                        float *d, float *mn)
 {
-    const ptrdiff_t G = rwkvx_q4i8_groups(n), pairs = rwkvx_q4i8_pairs(n);
+    const float D = _cvtsh_ss(m->D[i]), M = _cvtsh_ss(m->M[i]);
+    const uint8_t *sd = m->sd + i * m->n_groups;
+    const int8_t *sm = m->sm + i * m->n_groups;
+    ptrdiff_t k = 0;
+    for (; k + 8 <= RWKVX_Q4I8_PASS && g0 + k + 8 <= m->n_groups; k += 8) {
+        const __m256 vd = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sd + g0 + k))));
+        const __m256 vm = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sm + g0 + k))));
+        _mm256_storeu_ps(d + k, _mm256_mul_ps(vd, _mm256_set1_ps(D)));
+        _mm256_storeu_ps(mn + k, _mm256_mul_ps(vm, _mm256_set1_ps(M)));
+    }
+    for (; k < RWKVX_Q4I8_PASS; k++) {
+        const int in = g0 + k < m->n_groups;
+        d[k] = in ? (float)sd[g0 + k] * D : 0.0f;
+        mn[k] = in ? (float)sm[g0 + k] * M : 0.0f;
+    }
+}
+
+/* Row i against T (a constant, at most RWKVX_Q4I8_AVX2_TILE) prepared tokens P + t ldp:
+ * y[t ldy]. Each group's nibbles are unpacked once for all T tokens; the c lanes wait in
+ * memory between passes (the registers hold the tokens' accumulators). */
+
+RWKVX_Q4I8_AVX2 static inline __attribute__((always_inline)) void
+rwkvx_q4i8_row_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n, const uint8_t *P, ptrdiff_t ldp, const int T,
+                    float *y, ptrdiff_t ldy)
+{
+    const ptrdiff_t G = rwkvx_q4i8_groups(n), pairs = rwkvx_q4i8_pairs(n), lanes = rwkvx_q4i8_lanes(n);
     const uint8_t *q = m->q + i * 32 * m->n_groups;
     const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const float *CE = (const float *)(P + rwkvx_q4i8_ce(n)), *X = (const float *)(P + rwkvx_q4i8_x(n));
-    float d[RWKVX_Q4I8_PASS], mn[RWKVX_Q4I8_PASS], s;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m256 c[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float d[RWKVX_Q4I8_PASS], mn[RWKVX_Q4I8_PASS], c[RWKVX_Q4I8_AVX2_TILE][16] = {{0}};
+    __m256 acc[RWKVX_Q4I8_AVX2_TILE][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (ptrdiff_t g0 = 0; g0 < 2 * pairs; g0 += RWKVX_Q4I8_PASS) {
-        rwkvx_q4i8_params(m, i, g0, d, mn);
-        for (ptrdiff_t g = g0; g < g0 + RWKVX_Q4I8_PASS && g < G; g++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * g));
-            const int8_t *A = (const int8_t *)P + 128 * (g / 2) + 32 * (g % 2);
-            const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, nibble),
-                                                    _mm256_loadu_si256((const __m256i *)A));
-            const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                                                    _mm256_loadu_si256((const __m256i *)(A + 64)));
-            const __m256i I = _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones);
-            acc[g % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_set1_ps(d[g - g0]), acc[g % 2]);
+        rwkvx_q4i8_params_avx2(m, i, g0, d, mn);
+        /* one group's eight words against T tokens into the accumulators of its parity */
+#define RWKVX_Q4I8_GROUP(g, half)                                                                  \
+        do {                                                                                       \
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * (g)));                 \
+            const __m256i lo = _mm256_and_si256(v, nibble);                                        \
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);                  \
+            const __m256 dg = _mm256_set1_ps(d[(g) - g0]);                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                  \
+                const int8_t *A = (const int8_t *)(P + t * ldp) + 128 * ((g) / 2) + 32 * (half);   \
+                const __m256i I = _mm256_madd_epi16(                                               \
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)A)),     \
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(A + 64)))), \
+                    ones);                                                                         \
+                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), dg, acc[t][half]);           \
+            }                                                                                      \
+        } while (0)
+        /* a missing odd group would add fma(0, 0, acc), which changes nothing */
+        for (ptrdiff_t g = g0; g < g0 + RWKVX_Q4I8_PASS && g < G; g += 2) {
+            RWKVX_Q4I8_GROUP(g, 0);
+            if (g + 1 < G)
+                RWKVX_Q4I8_GROUP(g + 1, 1);
         }
-        /* a missing odd group adds fma(0, 0, acc), which changes nothing */
-        for (ptrdiff_t l = g0; l < g0 + RWKVX_Q4I8_PASS && l < rwkvx_q4i8_lanes(n); l += 8) {
-            __m256 *cl = &c[(l % 16) / 8];
-            *cl = _mm256_fmadd_ps(_mm256_loadu_ps(d + l - g0), _mm256_loadu_ps(CE + l), *cl);
-            *cl = _mm256_fmadd_ps(_mm256_loadu_ps(mn + l - g0), _mm256_loadu_ps(X + l), *cl);
+#undef RWKVX_Q4I8_GROUP
+        for (ptrdiff_t l = g0; l < g0 + RWKVX_Q4I8_PASS && l < lanes; l += 8) {
+            const __m256 dl = _mm256_loadu_ps(d + l - g0), ml = _mm256_loadu_ps(mn + l - g0);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                float *cl = c[t] + l % 16;
+                const __m256 ce = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_ce(n)) + l);
+                const __m256 xs = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_x(n)) + l);
+                _mm256_storeu_ps(cl, _mm256_fmadd_ps(ml, xs, _mm256_fmadd_ps(dl, ce, _mm256_loadu_ps(cl))));
+            }
         }
     }
-    float la[16], lc[16];
-    _mm256_storeu_ps(la, acc[0]);
-    _mm256_storeu_ps(la + 8, acc[1]);
-    _mm256_storeu_ps(lc, c[0]);
-    _mm256_storeu_ps(lc + 8, c[1]);
-    memcpy(&s, P + rwkvx_q4i8_s(n), sizeof s);
-    return fmaf(rwkvx_tree16(la), s, rwkvx_tree16(lc));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++) {
+        float la[16], s;
+        _mm256_storeu_ps(la, acc[t][0]);
+        _mm256_storeu_ps(la + 8, acc[t][1]);
+        memcpy(&s, P + t * ldp + rwkvx_q4i8_s(n), sizeof s);
+        y[t * ldy] = fmaf(rwkvx_tree16(la), s, rwkvx_tree16(c[t]));
+    }
+}
+
+/* Rows i .. i + n_r - 1 against every token, RWKVX_Q4I8_AVX2_TILE tokens a pass. */
+RWKVX_Q4I8_AVX2 static void rwkvx_q4i8_block_avx2(const rwkvx_q4 *m, ptrdiff_t i, int n_r, ptrdiff_t n,
+                                             const uint8_t *P, ptrdiff_t ldp, ptrdiff_t n_tok, float *Y,
+                                             ptrdiff_t ldy)
+{
+    for (ptrdiff_t t = 0; t < n_tok; t += RWKVX_Q4I8_AVX2_TILE) {
+        const ptrdiff_t T = n_tok - t < RWKVX_Q4I8_AVX2_TILE ? n_tok - t : RWKVX_Q4I8_AVX2_TILE;
+        for (int r = 0; r < n_r; r++) {
+            float *y = Y + t * ldy + r;
+            switch (T) {
+            case 1: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 1, y, ldy); break;
+            case 2: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 2, y, ldy); break;
+            case 3: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 3, y, ldy); break;
+            default: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 4, y, ldy); break;
+            }
+        }
+    }
 }
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
@@ -301,9 +369,7 @@ static inline void rwkvx_q4i8_block(const rwkvx_q4 *m, ptrdiff_t i, int n_r, con
         return;
     }
     if (level >= 1) {
-        for (ptrdiff_t t = 0; t < n_tok; t++)
-            for (int r = 0; r < n_r; r++)
-                Y[t * ldy + r] = rwkvx_q4i8_dot_avx2(m, i + r, P + t * ldp, n);
+        rwkvx_q4i8_block_avx2(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
         return;
     }
 #endif
