@@ -11,7 +11,7 @@ import numpy as np
 from rwkvx.kernels import _layer
 from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
-from rwkvx.loader import load_weights
+from rwkvx.loader import DTYPES, load_weights
 from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
 from rwkvx.weights import (ARITHMETIC_DTYPES, MATRIX_NAMES, VECTOR_NAMES, ModelWeights, head_arithmetic, linear,
                            new_state, to_float32)
@@ -43,6 +43,20 @@ def check_arithmetic(arithmetic: str, dtype: str) -> None:
     if needs is not None and dtype not in needs:
         raise RwkvxError(f"arithmetic {arithmetic} needs dtype {' or '.join(needs)} (its products take the "
                          f"weights as they are stored), got dtype {dtype}")
+
+
+def split_format(name: str) -> tuple[str, str]:
+    """A format as the scripts name it, "DTYPE" or "DTYPE:ARITHMETIC" (e.g. "q4:int8"), as load's
+    (dtype, arithmetic), arithmetic "float32" when not given. Raises RwkvxError (one line,
+    naming `name`) for a dtype load does not accept or an arithmetic that dtype cannot run."""
+    dtype, _, arithmetic = name.partition(":")
+    if dtype not in DTYPES:
+        raise RwkvxError(f"{name!r} is not a dtype rwkvx.load accepts ({', '.join(DTYPES)})")
+    try:
+        check_arithmetic(arithmetic or "float32", dtype)
+    except RwkvxError as e:
+        raise RwkvxError(f"{name!r}: {e}") from None
+    return dtype, arithmetic or "float32"
 
 
 class RWKV:

@@ -320,9 +320,10 @@ def _child_model(spec: dict) -> None:
     from rwkvx.kernels._parallel import openmp_enabled
 
     start = time.perf_counter()
-    dtype, _, arithmetic = spec["dtype"].partition(":")
-    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], mmap=spec["mmap"],
-                       arithmetic=arithmetic or "float32")
+    from rwkvx.model import split_format
+
+    dtype, arithmetic = split_format(spec["dtype"])
+    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], mmap=spec["mmap"], arithmetic=arithmetic)
     if spec["chunk_size"] is not None:
         model.chunk_size = spec["chunk_size"]
     load_s = time.perf_counter() - start
@@ -808,20 +809,17 @@ def _archs(text: str) -> list[str]:
 
 
 def _dtypes(text: str) -> list[str]:
-    from rwkvx.model import check_arithmetic
     from rwkvx.errors import RwkvxError
+    from rwkvx.model import split_format
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t.partition(":")[0] not in DTYPES]
-    if bad or not names:
+    if not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(DTYPES)} (each may be "
                                          f"DTYPE:ARITHMETIC, e.g. uint8:int8), got {text!r}")
     for name in names:
-        dtype, _, arithmetic = name.partition(":")
-        if arithmetic:
-            try:
-                check_arithmetic(arithmetic, dtype)
-            except RwkvxError as e:
-                raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+        try:
+            split_format(name)
+        except RwkvxError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return list(dict.fromkeys(names))
 
 

@@ -101,8 +101,10 @@ def child_main(spec: dict) -> None:
 
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    dtype, _, arithmetic = spec["dtype"].partition(":")
-    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], arithmetic=arithmetic or "float32")
+    from rwkvx.model import split_format
+
+    dtype, arithmetic = split_format(spec["dtype"])
+    model = rwkvx.load(spec["path"], dtype=dtype, threads=spec["threads"], arithmetic=arithmetic)
     load_s = time.perf_counter() - start
     rss_after_load = _status_bytes("VmRSS")
     peak_after_load = _peak_rss()
@@ -270,20 +272,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rwkvx.errors import RwkvxError
-    from rwkvx.model import check_arithmetic
+    from rwkvx.model import split_format
 
     args.formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
-    bad = [f for f in args.formats if f.partition(":")[0] not in DTYPES]
-    if bad or not args.formats:
+    if not args.formats:
         parser.error(f"--formats: expected a comma-separated subset of {','.join(DTYPES)} (each may be "
-                     f"DTYPE:ARITHMETIC), got {','.join(bad) or 'none'}")
+                     f"DTYPE:ARITHMETIC), got none")
     for f in args.formats:
-        dtype, _, arithmetic = f.partition(":")
-        if arithmetic:
-            try:
-                check_arithmetic(arithmetic, dtype)
-            except RwkvxError as e:
-                parser.error(f"--formats: {f}: {e}")
+        try:
+            split_format(f)
+        except RwkvxError as e:
+            parser.error(f"--formats: {e}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
     if args.model is not None:

@@ -64,7 +64,7 @@ import rwkvx
 from rwkvx._cli import EXIT_OK, Parser, int_at_least, log, read_text, run_main
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import DTYPES
-from rwkvx.model import ARITHMETICS, check_arithmetic
+from rwkvx.model import ARITHMETICS, check_arithmetic, split_format
 from rwkvx.perplexity import PerplexityResult, byte_counter
 from rwkvx.quant import quantize_u8
 from rwkvx.tokenizer import default_tokenizer, load_tokenizer
@@ -420,14 +420,10 @@ def _all_dtypes() -> list[str]:
 def _formats(args) -> list:
     dtypes = _all_dtypes() if args.dtypes is None else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
-        dtype, _, arithmetic = d.partition(":")
-        if dtype not in DTYPES:
-            raise RwkvxError(f"--dtypes: {d!r} is not a dtype rwkvx.load accepts ({', '.join(DTYPES)})")
-        if arithmetic:
-            try:
-                check_arithmetic(arithmetic, dtype)
-            except RwkvxError as e:
-                raise RwkvxError(f"--dtypes: {d!r}: {e}") from None
+        try:
+            split_format(d)
+        except RwkvxError as e:
+            raise RwkvxError(f"--dtypes: {e}") from None
     sims = [parse_sim_format(s) for s in args.simulate.split(",") if s.strip()]
     if not dtypes and not sims:
         raise RwkvxError("nothing to measure: --dtypes and --simulate are both empty")
@@ -481,9 +477,9 @@ def _run(args) -> int:
         elif fmt == "float32":
             model, bits, label = reference, bits_per_weight(reference, reference), "float32"
         else:
-            dtype, _, arithmetic = fmt.partition(":")
+            dtype, arithmetic = split_format(fmt)
             try:
-                model = rwkvx.load(args.model, dtype, args.threads, arithmetic=arithmetic or "float32")
+                model = rwkvx.load(args.model, dtype, args.threads, arithmetic=arithmetic)
             except RwkvxError as e:
                 if args.dtypes is not None:
                     raise
@@ -491,7 +487,7 @@ def _run(args) -> int:
                 continue
             model.chunk_size = args.batch_size
             bits = bits_per_weight(model, reference)
-            label = f"{dtype}, {arithmetic} arithmetic" if arithmetic else dtype
+            label = dtype if arithmetic == "float32" else f"{dtype}, {arithmetic} arithmetic"
         result = compare(reference, model, tokens, count_bytes=count_bytes)
         del model
         log(f"{label}: {time.perf_counter() - start:.1f} s")
