@@ -296,6 +296,46 @@ def test_decoding_token_by_token_is_bit_identical_to_a_prompt(tmp_path, version,
     assert np.array_equal(rows, logits) and np.array_equal(s, state)
 
 
+@pytest.mark.parametrize("dtype,arithmetic", [("float32", "float32"), ("bfloat16", "float32"),
+                                              ("uint8", "float32"), ("q4", "float32"), ("uint8", "int8"),
+                                              ("bfloat16", "bfloat16"), ("q4", "int8")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batched_decoding_step_gives_the_rows_paths_bits(tmp_path, version, dtype, arithmetic, threads):
+    # one token for each sequence runs the fused step (rwkvx.kernels._step, _Step.batch); a
+    # fourth row for one sequence sends the same rows through the numpy-glued rows path
+    path = write_safetensors(tmp_path / "m.safetensors",
+                             random_checkpoint(version, n_layer=3, n_embd=128, head_size=32))
+    model = rwkvx.load(path, dtype=dtype, threads=threads, arithmetic=arithmetic)
+    _, states = model.forward_batch([STEP_TOKENS[:3], STEP_TOKENS[2:7], STEP_TOKENS[1:2]])
+    fused, fused_states = model.forward_batch([[40], [41], [42]], states)
+    rows, rows_states = model.forward_batch([[40], [41], [42, 43]], states)
+    for i in (0, 1):
+        assert np.array_equal(fused[i], rows[i]) and np.array_equal(fused_states[i], rows_states[i])
+    # the states passed in are left as they were, and the step is repeatable
+    again, _ = model.forward_batch([[40], [41], [42]], states)
+    assert np.array_equal(again, fused)
+
+
+def test_the_batched_step_may_update_its_states_in_place(tmp_path, version):
+    path = write_safetensors(tmp_path / "m.safetensors", random_checkpoint(version, n_layer=2))
+    model = rwkvx.load(path)
+    layer = model.layers[1]
+    _, states = model.forward_batch([STEP_TOKENS[:3], STEP_TOKENS[3:5]])
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2, model.n_embd)).astype(np.float32)
+    v_first = rng.standard_normal((2, model.n_embd)).astype(np.float32)
+    apart, X_apart = [np.empty_like(s[1]) for s in states], X.copy()
+    layer.step.batch(X_apart, apart, [s[1] for s in states], v_first, 2)
+    inplace, X_inplace = [s[1].copy() for s in states], X.copy()
+    layer.step.batch(X_inplace, inplace, inplace, v_first, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(apart, inplace)) and np.array_equal(X_apart, X_inplace)
+    # row b of a batch is what one token of sequence b gives alone
+    for b in range(2):
+        alone, x = states[b][1].copy(), X[b].copy()
+        layer.step(x, alone, alone, v_first[b].copy(), 1)
+        assert np.array_equal(alone, inplace[b]) and np.array_equal(x, X_inplace[b])
+
+
 def test_the_token_step_may_update_its_state_in_place(tmp_path, version):
     path = write_safetensors(tmp_path / "m.safetensors", random_checkpoint(version, n_layer=2))
     model = rwkvx.load(path)
@@ -319,6 +359,13 @@ def test_the_token_step_refuses_wrong_shapes(tmp_path, version):
         model.layers[0].step(np.zeros(C + 1, np.float32), state, state, np.zeros(C, np.float32))
     with pytest.raises(rwkvx.RwkvxError, match="state: expected"):
         model.layers[0].step(np.zeros(C, np.float32), state[1:], state, np.zeros(C, np.float32))
+    X = np.zeros((2, C), np.float32)
+    with pytest.raises(rwkvx.RwkvxError, match="expected 2 states and sources"):
+        model.layers[0].step.batch(X, [state], [state], X)
+    with pytest.raises(rwkvx.RwkvxError, match="source: expected"):
+        model.layers[0].step.batch(X, [state, state], [state, state[1:]], X)
+    with pytest.raises(rwkvx.RwkvxError, match="X and v_first"):
+        model.layers[0].step.batch(X, [state, state], [state, state], X[:1])
 
 
 def test_the_rwkv_7_token_step_needs_v_first(tmp_path):

@@ -135,9 +135,10 @@ class Layer:
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
-        if T == 1:
-            # one decoded token: the same kernels in one call from Python (rwkvx.kernels._step)
-            self.step(X[0], states[0], states.sources[0], None, n)
+        if T == len(states):
+            # one decoded token for each sequence: the same kernels in one call from Python
+            # (rwkvx.kernels._step)
+            self.step.batch(X, states, states.sources, None, n)
             return None
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         prev = shift(x, states, ATT_XX, starts)

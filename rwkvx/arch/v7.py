@@ -176,11 +176,12 @@ class Layer:
         from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
-        if T == 1:
-            # one decoded token: the same kernels in one call from Python (rwkvx.kernels._step)
+        if T == len(states):
+            # one decoded token for each sequence: the same kernels in one call from Python
+            # (rwkvx.kernels._step)
             if v_first is None:
-                v_first = np.empty((1, C), np.float32)
-            self.step(X[0], states[0], states.sources[0], v_first[0], n)
+                v_first = np.empty((T, C), np.float32)
+            self.step.batch(X, states, states.sources, v_first, n)
             return v_first
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         mixed = np.empty((6, T, C), np.float32)

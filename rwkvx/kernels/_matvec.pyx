@@ -659,10 +659,12 @@ def _aligned_floats(Py_ssize_t n):
 
 
 _local = threading.local()
-# the slots of _scratch: three per product of a group (rows, packed rows, sums), then wbuf
+# the slots of _scratch: three per product of a group (rows, packed rows, sums), then wbuf,
+# then the rows of a fused layer step (rwkvx.kernels._step)
 WBUF_SLOT = 12
+STEP_SLOT = 13
 # the largest buffer a thread keeps (floats): a 128-token chunk of a 16384-wide product; a
-# thread keeps at most 13 such (104 MB), typically a few MB
+# thread keeps at most 14 such (112 MB), typically a few MB
 SCRATCH_KEPT = 128 * 16384
 
 
