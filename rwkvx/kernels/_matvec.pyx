@@ -323,16 +323,23 @@ cdef inline Py_ssize_t _share_start(int tid, int n_threads, const double* cost, 
 
 
 cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_threads) noexcept nogil:
-    # the blocks of all jobs form one index space, so no thread waits at a barrier between
-    # the products of a fused group; each thread takes a contiguous run of blocks holding an
-    # equal share of the group's weight bytes (a group may mix a uint8 projection with float32
-    # low-rank matrices: equal numbers of blocks would give one thread far more to read)
+    _matvec_lowrank_jobs(jobs, n_jobs, NULL, 0, scratch, n_threads)
+
+
+cdef void _matvec_lowrank_jobs(MatvecJob* jobs, int n_jobs, const LowrankJob* low, int n_low, float* scratch,
+                               int n_threads) noexcept nogil:
+    # the blocks of all jobs form one index space (the low-rank products' blocks first), so no
+    # thread waits at a barrier between the products of a fused group; each thread takes a
+    # contiguous run of blocks holding an equal share of the group's weight bytes (float32
+    # low-rank matrices beside a uint8 projection: equal numbers of blocks would give one
+    # thread far more to read)
     cdef U8Sums sums[MAX_JOBS]
     cdef const float* xin[MAX_JOBS]
-    cdef Py_ssize_t first[MAX_JOBS + 1]
-    cdef double cost[MAX_JOBS + 1]
+    cdef Py_ssize_t first[2 * MAX_JOBS + 1]
+    cdef double cost[2 * MAX_JOBS + 1]
     cdef Py_ssize_t block, local, lo, hi
-    cdef int k, job, tid
+    cdef int k, job, tid, n_all = n_low + n_jobs
+    cdef int level = rwkvx_simd_level
     cdef MatvecJob own[MAX_JOBS]
     cdef Matrix plain[MAX_JOBS]
     for k in range(n_jobs):
@@ -341,26 +348,45 @@ cdef void _matvec_jobs(MatvecJob* jobs, int n_jobs, float* scratch, int n_thread
     cdef uint8_t* prepared = _q4_int8_inputs(jobs, n_jobs, plain)
     first[0] = 0
     cost[0] = 0.0
+    for k in range(n_low):
+        first[k + 1] = first[k] + (low[k].n_out + RWKVX_LOWRANK_BLOCK - 1) // RWKVX_LOWRANK_BLOCK
+        cost[k + 1] = cost[k] + <double>low[k].n_in * low[k].n_out * 4.0
     for k in range(n_jobs):
         xin[k] = jobs[k].x
         if jobs[k].m.kind == MATRIX_U8:
             _prepare_u8(jobs[k].m, jobs[k].x, scratch, &sums[k])
             xin[k] = scratch
             scratch += jobs[k].m.n_cols
-        first[k + 1] = first[k] + (jobs[k].m.n_rows + 3) // 4
-        cost[k + 1] = cost[k] + <double>jobs[k].m.n_rows * jobs[k].m.n_cols * _bytes_per_weight(jobs[k].m)
-    if n_threads > first[n_jobs]:
-        n_threads = <int>first[n_jobs]
+        first[n_low + k + 1] = first[n_low + k] + (jobs[k].m.n_rows + 3) // 4
+        cost[n_low + k + 1] = cost[n_low + k] + <double>jobs[k].m.n_rows * jobs[k].m.n_cols * _bytes_per_weight(jobs[k].m)
+    if n_threads > first[n_all]:
+        n_threads = <int>first[n_all]
     for tid in prange(n_threads, schedule="static", num_threads=n_threads):
-        lo = _share_start(tid, n_threads, cost, first, n_jobs)
-        hi = _share_start(tid + 1, n_threads, cost, first, n_jobs)
+        lo = _share_start(tid, n_threads, cost, first, n_all)
+        hi = _share_start(tid + 1, n_threads, cost, first, n_all)
         job = 0
         for block in range(lo, hi):
             while block >= first[job + 1]:
                 job = job + 1
             local = block - first[job]
-            _rows(jobs[job].out, jobs[job].m, xin[job], &sums[job], local)
+            if job < n_low:
+                _lowrank_item(&low[job], local, 1, 1, level)
+            else:
+                _rows(jobs[job - n_low].out, jobs[job - n_low].m, xin[job - n_low], &sums[job - n_low], local)
     free(prepared)
+
+
+cdef inline void _lowrank_item(const LowrankJob* job, Py_ssize_t local, Py_ssize_t n_pairs, Py_ssize_t n_tok,
+                               int level) noexcept nogil:
+    # item `local` of a low-rank product: a block of RWKVX_LOWRANK_BLOCK outputs for a pair of tokens
+    cdef Py_ssize_t block = local // n_pairs
+    cdef Py_ssize_t t = 2 * (local - block * n_pairs)
+    cdef Py_ssize_t i0 = block * RWKVX_LOWRANK_BLOCK
+    cdef Py_ssize_t width = min(<Py_ssize_t>RWKVX_LOWRANK_BLOCK, job.n_out - i0)
+    rwkvx_lowrank_block(level, job.n_in, width, job.x + t * job.ldx,
+                        job.x + (t + 1) * job.ldx if t + 1 < n_tok else NULL,
+                        job.wt + i0, job.n_out, job.out + t * job.ldo + i0,
+                        job.out + (t + 1) * job.ldo + i0 if t + 1 < n_tok else NULL)
 
 
 cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil:
@@ -369,7 +395,7 @@ cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_th
     # them by work
     cdef Py_ssize_t first[MAX_JOBS + 1]
     cdef double cost[MAX_JOBS + 1]
-    cdef Py_ssize_t item, local, lo, hi, block, t, i0, width
+    cdef Py_ssize_t item, lo, hi
     cdef Py_ssize_t n_pairs = (n_tok + 1) // 2
     cdef int k, job, tid
     cdef int level = rwkvx_simd_level
@@ -389,15 +415,7 @@ cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_th
         for item in range(lo, hi):
             while item >= first[job + 1]:
                 job = job + 1
-            local = item - first[job]
-            block = local // n_pairs
-            t = 2 * (local - block * n_pairs)
-            i0 = block * RWKVX_LOWRANK_BLOCK
-            width = min(<Py_ssize_t>RWKVX_LOWRANK_BLOCK, jobs[job].n_out - i0)
-            rwkvx_lowrank_block(level, jobs[job].n_in, width, jobs[job].x + t * jobs[job].ldx,
-                                jobs[job].x + (t + 1) * jobs[job].ldx if t + 1 < n_tok else NULL,
-                                jobs[job].wt + i0, jobs[job].n_out, jobs[job].out + t * jobs[job].ldo + i0,
-                                jobs[job].out + (t + 1) * jobs[job].ldo + i0 if t + 1 < n_tok else NULL)
+            _lowrank_item(&jobs[job], item - first[job], n_pairs, n_tok, level)
 
 
 def lowrank_group(list wts, list Xs, list outs, int n_threads=1):

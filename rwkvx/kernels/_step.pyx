@@ -19,7 +19,7 @@ import numpy as np
 
 from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx.kernels._matvec cimport (Linear, LowrankJob, Matrix, MatmulJob, MatvecJob, U8Sums, _lowrank_jobs,
-                                    _matmul, _matmul_jobs, _matvec, _matvec_jobs, wbuf_floats)
+                                    _matmul, _matmul_jobs, _matvec, _matvec_lowrank_jobs, wbuf_floats)
 from rwkvx.kernels._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv5, _wkv7
 from rwkvx.kernels._matvec import STEP_SLOT, WBUF_SLOT, _product_scratch, _scratch, simd_level
 from rwkvx.errors import RwkvxError
@@ -194,21 +194,22 @@ cdef class _Step:
         pass
 
     cdef void _products(self, const _Rows* s, int n, const Matrix** ms, const float** xs, float** outs,
-                        int n_threads) noexcept nogil:
-        # outs[i] (B, n_rows) = xs[i] (B, n_cols) @ ms[i].T in one parallel loop: matrix-vector
-        # products for one token (the memory-bound decode), else one pass over each matrix;
-        # rwkvx.arch.common's matmul and products choose the same kernels for the same bits
+                        const LowrankJob* low, int n_low, int n_threads) noexcept nogil:
+        # outs[i] (B, n_rows) = xs[i] (B, n_cols) @ ms[i].T, and the low-rank products low, in
+        # one parallel loop: matrix-vector products for one token (the memory-bound decode),
+        # else one pass over each matrix; rwkvx.arch.common's matmul, products and lowrank
+        # choose the same kernels for the same bits
         cdef MatvecJob vj[4]
         cdef MatmulJob mj[4]
         cdef int i
         if s.B == 1:
             for i in range(n):
                 vj[i] = MatvecJob(outs[i], ms[i], xs[i])
-            if n == 1:
-                _matvec(outs[0], ms[0], xs[0], s.u8, n_threads)
-            else:
-                _matvec_jobs(vj, n, s.u8, n_threads)
-        elif n == 1:
+            _matvec_lowrank_jobs(vj, n, low, n_low, s.u8, n_threads)
+            return
+        if n_low:
+            _lowrank_jobs(<LowrankJob*>low, n_low, s.B, n_threads)
+        if n == 1:
             _matmul(outs[0], ms[0].n_rows, ms[0], xs[0], s.B, s.xr[0], s.sums[0], s.xpack[0], s.wbuf, n_threads)
         else:
             for i in range(n):
@@ -217,7 +218,7 @@ cdef class _Step:
 
     cdef void _product(self, const _Rows* s, const Matrix* m, const float* x, float* out,
                        int n_threads) noexcept nogil:
-        self._products(s, 1, &m, &x, &out, n_threads)
+        self._products(s, 1, &m, &x, &out, NULL, 0, n_threads)
 
     cdef void _norm_and_shift(self, const _Rows* s, const float* x, const float* w, const float* b, Py_ssize_t row,
                               float* xn) noexcept nogil:
@@ -255,7 +256,7 @@ cdef class _Step:
         ms[0], xs[0], outs[0] = &self.fk.m, mixed, s.hidden
         if self.gated:
             ms[1], xs[1], outs[1] = &self.fr.m, mixed + BC, r
-        self._products(s, 2 if self.gated else 1, ms, xs, outs, n_threads)
+        self._products(s, 2 if self.gated else 1, ms, xs, outs, NULL, 0, n_threads)
         rwkvx_relu_square(s.hidden, s.B * self.n_ffn)
         self._product(s, &self.fv.m, s.hidden, y, n_threads)
         if self.gated:
@@ -348,16 +349,15 @@ cdef class V7Step(_Step):
         # time mixing
         self._norm_and_shift(s, x, self.ln1_w, self.ln1_b, ATT_XX, xn)
         _mix_rows(B, C, 6, xn, s.prev, self.mixes, mixed, 1)
-        # the low-rank first halves of xw, xa, xg, xv, then r, k, v
+        # the low-rank first halves of xw, xa, xg, xv, with r, k, v
         low[0] = LowrankJob(w_h, self.rank[0], self.low[0], C, self.rank[0], mixed + BC, C)
         low[1] = LowrankJob(a_h, self.rank[1], self.low[1], C, self.rank[1], mixed + 4 * BC, C)
         low[2] = LowrankJob(g_h, self.rank[2], self.low[2], C, self.rank[2], mixed + 5 * BC, C)
         low[3] = LowrankJob(v_h, self.rank[3], self.low[3], C, self.rank[3], mixed + 3 * BC, C)
-        _lowrank_jobs(low, n_low, B, n_threads)
         ms[0], xs[0], outs[0] = &self.r.m, mixed, r
         ms[1], xs[1], outs[1] = &self.k.m, mixed + 2 * BC, k
         ms[2], xs[2], outs[2] = &self.v.m, mixed + 3 * BC, v
-        self._products(s, 3, ms, xs, outs, n_threads)
+        self._products(s, 3, ms, xs, outs, low, n_low, n_threads)
         _lora_act(B * self.rank[0], w_h, B * self.rank[2], g_h)
         low[0] = LowrankJob(w, C, self.low[4], self.rank[0], C, w_h, self.rank[0])
         low[1] = LowrankJob(a, C, self.low[5], self.rank[1], C, a_h, self.rank[1])
@@ -420,7 +420,7 @@ cdef class V5Step(_Step):
         ms[1], xs[1], outs[1] = &self.k.m, mixed, k
         ms[2], xs[2], outs[2] = &self.v.m, mixed + BC, v
         ms[3], xs[3], outs[3] = &self.g.m, mixed + 3 * BC, g
-        self._products(s, 4, ms, xs, outs, n_threads)
+        self._products(s, 4, ms, xs, outs, NULL, 0, n_threads)
         rwkvx_silu(g, BC)
         self._time_mix_end(s, x, r, k, v, self.decay, 0, self.bonus, self.lnx_w, self.lnx_b, g, y, out,
                            n_threads, level)
@@ -517,12 +517,11 @@ cdef class V6Step(_Step):
                     mixed[i * BC + t * C + j] = xn[t * C + j] + sx[t * C + j] * (self.maa[1 + i][j]
                                                                                  + corr[i * BC + t * C + j])
         low[0] = LowrankJob(w_h, self.d_decay, self.decay_w1, C, self.d_decay, mixed, C)
-        _lowrank_jobs(low, 1, B, n_threads)
         ms[0], xs[0], outs[0] = &self.r.m, mixed + 3 * BC, r
         ms[1], xs[1], outs[1] = &self.k.m, mixed + BC, k
         ms[2], xs[2], outs[2] = &self.v.m, mixed + 2 * BC, v
         ms[3], xs[3], outs[3] = &self.g.m, mixed + 4 * BC, g
-        self._products(s, 4, ms, xs, outs, n_threads)
+        self._products(s, 4, ms, xs, outs, low, 1, n_threads)
         rwkvx_silu(g, BC)
         # the data-dependent decay
         _lora_act(B * self.d_decay, w_h, 0, NULL)
