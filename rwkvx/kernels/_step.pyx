@@ -74,6 +74,11 @@ cdef struct _Rows:
     float* wbuf
 
 
+cdef inline int _row_threads(const _Rows* s, int n_threads) noexcept nogil:
+    # the elementwise row kernels: a parallel loop's barrier costs more than one token's row
+    return n_threads if s.B >= 4 else 1
+
+
 cdef class _Step:
     """What every step holds: the layer norms, the output projection, the feed-forward
     matrices (with RWKV-5/6's receptance gate) and the sizes. Scratch comes from the calling
@@ -252,7 +257,7 @@ cdef class _Step:
         cdef const float* xs[2]
         cdef float* outs[2]
         self._norm_and_shift(s, x, self.ln2_w, self.ln2_b, FFN_XX, xn)
-        _mix_rows(s.B, self.C, 2 if self.gated else 1, xn, s.prev, self.ffn_mix, mixed, 1)
+        _mix_rows(s.B, self.C, 2 if self.gated else 1, xn, s.prev, self.ffn_mix, mixed, _row_threads(s, n_threads))
         ms[0], xs[0], outs[0] = &self.fk.m, mixed, s.hidden
         if self.gated:
             ms[1], xs[1], outs[1] = &self.fr.m, mixed + BC, r
@@ -348,7 +353,7 @@ cdef class V7Step(_Step):
 
         # time mixing
         self._norm_and_shift(s, x, self.ln1_w, self.ln1_b, ATT_XX, xn)
-        _mix_rows(B, C, 6, xn, s.prev, self.mixes, mixed, 1)
+        _mix_rows(B, C, 6, xn, s.prev, self.mixes, mixed, _row_threads(s, n_threads))
         # the low-rank first halves of xw, xa, xg, xv, with r, k, v
         low[0] = LowrankJob(w_h, self.rank[0], self.low[0], C, self.rank[0], mixed + BC, C)
         low[1] = LowrankJob(a_h, self.rank[1], self.low[1], C, self.rank[1], mixed + 4 * BC, C)
@@ -365,7 +370,7 @@ cdef class V7Step(_Step):
         low[3] = LowrankJob(v_lora, C, self.low[7], self.rank[3], C, v_h, self.rank[3])
         _lowrank_jobs(low, n_low, B, n_threads)
         _v7_prepare(B, self.H, self.N, w, k, v, a, NULL if self.layer0 else v_lora, v_first, self.w0, self.a0,
-                    self.v0, self.k_k, self.k_a, self.decay_scale, kk, b, 1)
+                    self.v0, self.k_k, self.k_a, self.decay_scale, kk, b, _row_threads(s, n_threads))
         if self.layer0:
             memcpy(v_first, v, BC * sizeof(float))
         _wkv7(level, s.starts, B, self.H, self.N, r, w, k, v, kk, b, self.r_k, self.lnx_w, self.lnx_b, g, self.eps,
@@ -415,7 +420,7 @@ cdef class V5Step(_Step):
         cdef const float* xs[4]
         cdef float* outs[4]
         self._norm_and_shift(s, x, self.ln1_w, self.ln1_b, ATT_XX, xn)
-        _mix_rows(s.B, C, 4, xn, s.prev, self.mix, mixed, 1)
+        _mix_rows(s.B, C, 4, xn, s.prev, self.mix, mixed, _row_threads(s, n_threads))
         ms[0], xs[0], outs[0] = &self.r.m, mixed + 2 * BC, r
         ms[1], xs[1], outs[1] = &self.k.m, mixed, k
         ms[2], xs[2], outs[2] = &self.v.m, mixed + BC, v
@@ -503,7 +508,7 @@ cdef class V6Step(_Step):
         self._norm_and_shift(s, x, self.ln1_w, self.ln1_b, ATT_XX, xn)
         for j in range(BC):
             sx[j] = s.prev[j] - xn[j]
-        _mix_rows(B, C, 1, xn, s.prev, self.maa[0], xx, 1)
+        _mix_rows(B, C, 1, xn, s.prev, self.maa[0], xx, _row_threads(s, n_threads))
         # the data-dependent token shift: five mixes corrected by one low-rank map of xx
         low[0] = LowrankJob(lora, 5 * D, self.maa_w1, C, 5 * D, xx, C)
         _lowrank_jobs(low, 1, B, n_threads)
