@@ -297,8 +297,8 @@ def test_decoding_token_by_token_is_bit_identical_to_a_prompt(tmp_path, version,
 
 
 @pytest.mark.parametrize("dtype,arithmetic", [("float32", "float32"), ("bfloat16", "float32"),
-                                              ("uint8", "float32"), ("q4", "float32"), ("uint8", "int8"),
-                                              ("bfloat16", "bfloat16"), ("q4", "int8")])
+                                              ("float16", "float32"), ("uint8", "float32"), ("q4", "float32"),
+                                              ("uint8", "int8"), ("bfloat16", "bfloat16"), ("q4", "int8")])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_batched_decoding_step_gives_the_rows_paths_bits(tmp_path, version, dtype, arithmetic, threads):
     # one token for each sequence runs the fused step (rwkvx.kernels._step, _Step.batch); a
@@ -306,14 +306,17 @@ def test_a_batched_decoding_step_gives_the_rows_paths_bits(tmp_path, version, dt
     path = write_safetensors(tmp_path / "m.safetensors",
                              random_checkpoint(version, n_layer=3, n_embd=128, head_size=32))
     model = rwkvx.load(path, dtype=dtype, threads=threads, arithmetic=arithmetic)
-    _, states = model.forward_batch([STEP_TOKENS[:3], STEP_TOKENS[2:7], STEP_TOKENS[1:2]])
-    fused, fused_states = model.forward_batch([[40], [41], [42]], states)
-    rows, rows_states = model.forward_batch([[40], [41], [42, 43]], states)
-    for i in (0, 1):
-        assert np.array_equal(fused[i], rows[i]) and np.array_equal(fused_states[i], rows_states[i])
-    # the states passed in are left as they were, and the step is repeatable
-    again, _ = model.forward_batch([[40], [41], [42]], states)
-    assert np.array_equal(again, fused)
+    _, states = model.forward_batch([STEP_TOKENS[:3], STEP_TOKENS[2:7], STEP_TOKENS[1:2], STEP_TOKENS[4:6]])
+    # three sequences, and four (the row kernels then run on the product threads too)
+    for n in (3, 4):
+        steps = [[40 + i] for i in range(n)]
+        fused, fused_states = model.forward_batch(steps, states[:n])
+        rows, rows_states = model.forward_batch(steps[:-1] + [steps[-1] + [50]], states[:n])
+        for i in range(n - 1):
+            assert np.array_equal(fused[i], rows[i]) and np.array_equal(fused_states[i], rows_states[i])
+        # the states passed in are left as they were, and the step is repeatable
+        again, _ = model.forward_batch(steps, states[:n])
+        assert np.array_equal(again, fused)
 
 
 def test_the_batched_step_may_update_its_states_in_place(tmp_path, version):
@@ -366,6 +369,17 @@ def test_the_token_step_refuses_wrong_shapes(tmp_path, version):
         model.layers[0].step.batch(X, [state, state], [state, state[1:]], X)
     with pytest.raises(rwkvx.RwkvxError, match="X and v_first"):
         model.layers[0].step.batch(X, [state, state], [state, state], X[:1])
+    frozen = state.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(rwkvx.RwkvxError, match="state 1: expected a writable"):
+        model.layers[0].step.batch(X, [state, frozen], [state, state], X)
+
+
+def test_only_one_row_for_each_sequence_takes_the_fused_step():
+    from rwkvx.arch.common import one_row_each
+    assert one_row_each(np.arange(4), 3) and one_row_each(np.arange(2), 1)
+    # as many rows as sequences, but one sequence empty and another with two
+    assert not one_row_each(np.array([0, 0, 2]), 2) and not one_row_each(np.array([0, 2]), 2)
 
 
 def test_the_rwkv_7_token_step_needs_v_first(tmp_path):

@@ -436,6 +436,12 @@ def shift(X: np.ndarray, states, row: int, starts: np.ndarray) -> np.ndarray:
     return prev
 
 
+def one_row_each(starts: np.ndarray, n_rows: int) -> bool:
+    """Whether rows starts[b]..starts[b + 1] give every sequence exactly one row (a batched
+    decoding step, or one decoded token): what the fused layer steps (rwkvx.kernels._step) run."""
+    return len(starts) == n_rows + 1 and bool((np.diff(starts) == 1).all())
+
+
 class LayerStates(list):
     """One layer's states of the sequences in a call (written), with `sources`: the same
     layer's states before the call (read; the states themselves once a call is past its

@@ -131,11 +131,11 @@ class Layer:
 
     def forward(self, X, states, starts, carry, n):
         from rwkvx.kernels._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
-        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, one_row_each, products, shift, wkv_threads
         from rwkvx.arch.v5 import channel_mixing_rows
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
-        if T == len(states):
+        if one_row_each(starts, T):
             # one decoded token for each sequence: the same kernels in one call from Python
             # (rwkvx.kernels._step)
             self.step.batch(X, states, states.sources, None, n)

@@ -173,10 +173,10 @@ class Layer:
 
     def forward(self, X, states, starts, v_first, n):
         from rwkvx.kernels._wkv import lora_act, mix_rows, v7_prepare, wkv7
-        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, one_row_each, products, shift, wkv_threads
         p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
-        if T == len(states):
+        if one_row_each(starts, T):
             # one decoded token for each sequence: the same kernels in one call from Python
             # (rwkvx.kernels._step)
             if v_first is None:

@@ -105,6 +105,7 @@ cdef struct LowrankJob:
 cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil
 
 # _matvec_jobs with n_low low-rank products of one token (LowrankJobs of one row) in the same
-# parallel loop: one barrier for both; each result is bit-identical to _matvec's or _lowrank_jobs's
+# parallel loop: one barrier for both; each result is bit-identical to _matvec's or _lowrank_jobs's.
+# n_jobs and n_low at most MAX_JOBS each
 cdef void _matvec_lowrank_jobs(MatvecJob* jobs, int n_jobs, const LowrankJob* low, int n_low, float* scratch,
                                int n_threads) noexcept nogil

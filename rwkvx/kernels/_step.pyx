@@ -7,7 +7,7 @@ ms a token against 15.5 ms of products), and a batched decoding step (one token 
 several sequences) paid the same again: 9-11 ms a step of 24 layers whatever the width. The
 steps here do the same work with the same row kernels (layer norm, token-shift mixes, the
 fused product groups, the decay and gates, the WKV with its group norm), so a token gives
-the same bits through either path, alone or in a batch.
+the same bits through a step as through the rows path, for one sequence or a batch.
 
 A layer is a handful of parallel loops (the product groups, the heads' WKV); everything
 between them is a few microseconds of serial work.
@@ -19,7 +19,7 @@ import numpy as np
 
 from rwkvx.kernels._parallel cimport kernel_threads  # fewer threads while other programs contend for the cores
 from rwkvx.kernels._matvec cimport (Linear, LowrankJob, Matrix, MatmulJob, MatvecJob, U8Sums, _lowrank_jobs,
-                                    _matmul, _matmul_jobs, _matvec, _matvec_lowrank_jobs, wbuf_floats)
+                                    _matmul, _matmul_jobs, _matvec_lowrank_jobs, wbuf_floats)
 from rwkvx.kernels._wkv cimport _lora_act, _mix_rows, _v7_prepare, _wkv5, _wkv7
 from rwkvx.kernels._matvec import STEP_SLOT, WBUF_SLOT, _product_scratch, _scratch, simd_level
 from rwkvx.errors import RwkvxError
@@ -148,14 +148,24 @@ cdef class _Step:
             return
         cdef float[:, ::1] st
         cdef const float[:, ::1] src
-        views = []
-        for what, arrays in (("state", states), ("source", sources)):
-            for b in range(B):
-                src = arrays[b]
+        # the views the pointers below come from, kept for the call
+        written, read, views = [], [], []
+        for b in range(B):
+            for what, arrays, kept in (("state", states, written), ("source", sources, read)):
+                try:
+                    if what == "state":
+                        st = arrays[b]
+                        src = st
+                    else:
+                        src = arrays[b]
+                except (TypeError, ValueError) as e:
+                    raise RwkvxError(f"{name}: {what} {b}: expected a writable C-contiguous float32 array"
+                                     if what == "state" else
+                                     f"{name}: {what} {b}: expected a C-contiguous float32 array") from e
                 if src.shape[0] != WKV + self.N or src.shape[1] != C:
                     raise RwkvxError(f"{name}: {what}: expected ({WKV + self.N}, {C}), "
                                      f"got ({src.shape[0]}, {src.shape[1]})")
-                views.append(src)
+                kept.append(st if what == "state" else src)
         n_threads = kernel_threads(n_threads)
         cdef int level = simd_level()
         cdef float[::1] buf = _scratch(STEP_SLOT, B * (self.n_rows + self.n_ffn + C) + 4 * wide)
@@ -183,8 +193,8 @@ cdef class _Step:
         cdef Py_ssize_t* starts = <Py_ssize_t*>(ptrs + 4 * B)
         try:
             for b in range(B):
-                st = states[b]
-                src = sources[b]
+                st = written[b]
+                src = read[b]
                 rows.state[b], rows.source[b] = &st[0, 0], &src[0, 0]
                 rows.wkv_out[b], rows.wkv_in[b] = &st[0, 0] + WKV * C, &src[0, 0] + WKV * C
                 starts[b] = b
@@ -200,10 +210,11 @@ cdef class _Step:
 
     cdef void _products(self, const _Rows* s, int n, const Matrix** ms, const float** xs, float** outs,
                         const LowrankJob* low, int n_low, int n_threads) noexcept nogil:
-        # outs[i] (B, n_rows) = xs[i] (B, n_cols) @ ms[i].T, and the low-rank products low, in
-        # one parallel loop: matrix-vector products for one token (the memory-bound decode),
-        # else one pass over each matrix; rwkvx.arch.common's matmul, products and lowrank
-        # choose the same kernels for the same bits
+        # outs[i] (B, n_rows) = xs[i] (B, n_cols) @ ms[i].T, and the low-rank products low:
+        # for one token matrix-vector products (the memory-bound decode) sharing one parallel
+        # loop with the low-rank ones, else the low-rank products, then one pass over each
+        # matrix; rwkvx.arch.common's matmul, products and lowrank choose the same kernels
+        # for the same bits
         cdef MatvecJob vj[4]
         cdef MatmulJob mj[4]
         cdef int i
