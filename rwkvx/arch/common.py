@@ -439,7 +439,8 @@ def shift(X: np.ndarray, states, row: int, starts: np.ndarray) -> np.ndarray:
 def one_row_each(starts: np.ndarray, n_rows: int) -> bool:
     """Whether rows starts[b]..starts[b + 1] give every sequence exactly one row (a batched
     decoding step, or one decoded token): what the fused layer steps (rwkvx.kernels._step) run."""
-    return len(starts) == n_rows + 1 and bool((np.diff(starts) == 1).all())
+    # a list comparison: a few times faster than numpy's for the few rows of a batch
+    return len(starts) == n_rows + 1 and starts.tolist() == list(range(n_rows + 1))
 
 
 class LayerStates(list):
