@@ -238,7 +238,7 @@ def test_n_threads_must_be_positive(rng):
 
 # ---- products with small matrices stored transposed (RWKV-6/7's low-rank paths, _lowrank.h) ----
 
-LOWRANK_SHAPES = [(1024, 64), (64, 1024), (1024, 160), (256, 32), (100, 70), (3, 5)]  # (n_in, n_out): full, partial blocks
+LOWRANK_SHAPES = [(1024, 64), (64, 1024), (1024, 160), (256, 32), (100, 70), (3, 5), (96, 300), (40, 129)]  # (n_in, n_out): full, partial blocks
 
 
 def _lowrank(wts, Xs, threads=1):
