@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, silu,
+from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, one_row_each, silu,
                                wkv_matrices)
 # RWKV-5.2's channel mixing is RWKV-4's (the state's FFN_XX row is row 0 in both layouts)
 from rwkvx.reference import channel_mixing
@@ -143,15 +143,15 @@ class Layer:
         self.step = V5Step(p, self.lin, self.mix, self.ffn_mix, self.decay, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx.kernels._wkv import mix_rows, silu_rows, wkv5
-        from rwkvx.arch.common import heads_of, matmul, norm_rows, one_row_each, products, shift, wkv_threads
-        p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if one_row_each(starts, T):
             # one decoded token for each sequence: the same kernels in one call from Python
             # (rwkvx.kernels._step)
             self.step.batch(X, states, states.sources, None, n)
             return None
+        from rwkvx.kernels._wkv import mix_rows, silu_rows, wkv5
+        from rwkvx.arch.common import heads_of, matmul, norm_rows, products, shift, wkv_threads
+        p, L, H = self.p, self.lin, self.n_head
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         xk, xv, xr, xg = mixed = np.empty((4, T, C), np.float32)
         mix_rows(x, shift(x, states, ATT_XX, starts), self.mix, mixed, n)

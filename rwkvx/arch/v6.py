@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkvx.arch.common import ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid, silu, wkv_matrices
+from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, one_row_each, sigmoid,
+                               silu, wkv_matrices)
 from rwkvx.arch.v5 import wkv
 from rwkvx.weights import linear
 
@@ -130,16 +131,16 @@ class Layer:
         self.step = V6Step(p, self.lin, self.low, self.ffn_mix, self.bonus, n_head, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, carry, n):
-        from rwkvx.kernels._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
-        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, one_row_each, products, shift, wkv_threads
-        from rwkvx.arch.v5 import channel_mixing_rows
-        p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if one_row_each(starts, T):
             # one decoded token for each sequence: the same kernels in one call from Python
             # (rwkvx.kernels._step)
             self.step.batch(X, states, states.sources, None, n)
             return None
+        from rwkvx.kernels._wkv import lora_act, mix_rows, silu_rows, v6_decay_rows, wkv5
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
+        from rwkvx.arch.v5 import channel_mixing_rows
+        p, L, H = self.p, self.lin, self.n_head
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         prev = shift(x, states, ATT_XX, starts)
         sx = prev - x

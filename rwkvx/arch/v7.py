@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, sigmoid,
+from rwkvx.arch.common import (ATT_XX, FFN_XX, GROUP_NORM_EPS, group_norm, layer_norm, one_row_each, sigmoid,
                                wkv_matrices)
 from rwkvx.weights import linear
 
@@ -172,9 +172,6 @@ class Layer:
         self.step = V7Step(p, self.lin, self.low, self.mixes, n_head, DECAY_SCALE, GROUP_NORM_EPS)
 
     def forward(self, X, states, starts, v_first, n):
-        from rwkvx.kernels._wkv import lora_act, mix_rows, v7_prepare, wkv7
-        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, one_row_each, products, shift, wkv_threads
-        p, L, H = self.p, self.lin, self.n_head
         T, C = X.shape
         if one_row_each(starts, T):
             # one decoded token for each sequence: the same kernels in one call from Python
@@ -183,6 +180,9 @@ class Layer:
                 v_first = np.empty((T, C), np.float32)
             self.step.batch(X, states, states.sources, v_first, n)
             return v_first
+        from rwkvx.kernels._wkv import lora_act, mix_rows, v7_prepare, wkv7
+        from rwkvx.arch.common import heads_of, lowrank, matmul, norm_rows, products, shift, wkv_threads
+        p, L, H = self.p, self.lin, self.n_head
         x = norm_rows(X, p["ln1_weight"], p["ln1_bias"], n)
         mixed = np.empty((6, T, C), np.float32)
         mix_rows(x, shift(x, states, ATT_XX, starts), self.mixes, mixed, n)
