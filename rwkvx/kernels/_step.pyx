@@ -148,27 +148,6 @@ cdef class _Step:
             return
         cdef float[:, ::1] st
         cdef const float[:, ::1] src
-        # the arrays the pointers below come from, kept for the call (typed views turned
-        # into Python objects and back cost microseconds a layer)
-        written, read = [], []
-        for b in range(B):
-            for what, arrays, kept in (("state", states, written), ("source", sources, read)):
-                a = arrays[b]
-                try:
-                    if what == "state":
-                        st = a
-                        src = st
-                    else:
-                        src = a
-                except (TypeError, ValueError) as e:
-                    raise RwkvxError(f"{name}: {what} {b}: expected a writable C-contiguous float32 array"
-                                     if what == "state" else
-                                     f"{name}: {what} {b}: expected a C-contiguous float32 array") from e
-                if src.shape[0] != WKV + self.N or src.shape[1] != C:
-                    raise RwkvxError(f"{name}: {what}: expected ({WKV + self.N}, {C}), "
-                                     f"got ({src.shape[0]}, {src.shape[1]})")
-                kept.append(a)
-        views = []
         n_threads = kernel_threads(n_threads)
         cdef int level = simd_level()
         cdef float[::1] buf = _scratch(STEP_SLOT, B * (self.n_rows + self.n_ffn + C) + 4 * wide)
@@ -181,11 +160,13 @@ cdef class _Step:
         rows.hidden = rows.rows + B * self.n_rows
         rows.prev = rows.hidden + B * self.n_ffn
         rows.u8 = rows.prev + B * C
+        # what the pointers below point into, kept for the call
+        kept = []
         if B > 1:
             for i in range(4):
                 xr, xpack, sums = _product_scratch(i, B, wide)
                 rows.xr[i], rows.xpack[i], rows.sums[i] = &xr[0, 0], &xpack[0], <U8Sums*>&sums[0]
-                views.append((xr, xpack, sums))
+                kept.append((xr, xpack, sums))
             wbuf = _scratch(WBUF_SLOT, n_threads * wbuf_floats(wide))
             rows.wbuf = &wbuf[0]
         cdef void** ptrs = <void**>malloc((4 * B + B + 1) * sizeof(void*))
@@ -196,8 +177,19 @@ cdef class _Step:
         cdef Py_ssize_t* starts = <Py_ssize_t*>(ptrs + 4 * B)
         try:
             for b in range(B):
-                st = written[b]
-                src = read[b]
+                state, source = states[b], sources[b]
+                kept += (state, source)
+                try:
+                    st = state
+                except (TypeError, ValueError) as e:
+                    raise RwkvxError(f"{name}: state {b}: expected a writable C-contiguous float32 array") from e
+                try:
+                    src = source
+                except (TypeError, ValueError) as e:
+                    raise RwkvxError(f"{name}: source {b}: expected a C-contiguous float32 array") from e
+                for what, got_rows, got_cols in (("state", st.shape[0], st.shape[1]), ("source", src.shape[0], src.shape[1])):
+                    if got_rows != WKV + self.N or got_cols != C:
+                        raise RwkvxError(f"{name}: {what}: expected ({WKV + self.N}, {C}), got ({got_rows}, {got_cols})")
                 rows.state[b], rows.source[b] = &st[0, 0], &src[0, 0]
                 rows.wkv_out[b], rows.wkv_in[b] = &st[0, 0] + WKV * C, &src[0, 0] + WKV * C
                 starts[b] = b
