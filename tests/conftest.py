@@ -52,6 +52,21 @@ def assert_same_bits_everywhere(lin, X: np.ndarray, one_row_too: bool = False) -
         np.testing.assert_array_equal(lin.matmul(X[rows]), results[0][rows])
 
 
+def arithmetic_error(lin, arithmetic: str, X: np.ndarray) -> float:
+    """Relative RMS error of lin's products of the rows X in an opt-in arithmetic, against
+    its float32 products."""
+    exact = lin.matmul(X)
+    err = lin.with_arithmetic(arithmetic).matmul(X) - exact
+    return float(np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)))
+
+
+def assert_one_token_in_float32(lin, arithmetic: str, x: np.ndarray) -> None:
+    """An arithmetic that leaves one-token products (decoding) to float32: the same bits for
+    a one-row matmul and a matrix-vector product of x (1, n_cols)."""
+    np.testing.assert_array_equal(lin.with_arithmetic(arithmetic).matmul(x), lin.matmul(x))
+    np.testing.assert_array_equal(lin.with_arithmetic(arithmetic)(x[0]), lin(x[0]))
+
+
 def shared_file(path: Path) -> Path:
     """Skip the test when ../shared (third-party test data) is not beside the project."""
     if not path.exists():

@@ -9,7 +9,7 @@ from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.weights import to_bfloat16
 
-from conftest import assert_same_bits_everywhere
+from conftest import arithmetic_error, assert_one_token_in_float32, assert_same_bits_everywhere
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 
@@ -106,8 +106,7 @@ def test_bf16_same_bits_for_threads_levels_and_batches(rng):
 def test_bf16_one_token_is_the_float32_product(rng):
     _, lin = _bf16(rng, 33, 100)
     x = rng.standard_normal((1, 100)).astype(np.float32)
-    np.testing.assert_array_equal(lin.with_arithmetic("bfloat16").matmul(x), lin.matmul(x))
-    np.testing.assert_array_equal(lin.with_arithmetic("bfloat16")(x[0]), lin(x[0]))
+    assert_one_token_in_float32(lin, "bfloat16", x)
 
 
 def test_bf16_close_to_float32(rng):
@@ -115,9 +114,7 @@ def test_bf16_close_to_float32(rng):
     # 1234): the inputs' rounding, 2^-9 at most, about 2^-10.5 in RMS
     _, lin = _bf16(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
-    exact = lin.matmul(X)
-    err = lin.with_arithmetic("bfloat16").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0017
+    assert arithmetic_error(lin, "bfloat16", X) < 1.5 * 0.0017
 
 
 def test_bf16_nan_inputs(rng):

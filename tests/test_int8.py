@@ -9,7 +9,7 @@ from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 
-from conftest import SIMD_LEVELS, assert_same_bits_everywhere
+from conftest import SIMD_LEVELS, arithmetic_error, assert_one_token_in_float32, assert_same_bits_everywhere
 
 LEVELS = SIMD_LEVELS
 
@@ -85,17 +85,14 @@ def test_int8_same_bits_for_threads_levels_and_batches(rng):
 def test_int8_one_token_is_the_float32_product(rng):
     _, lin = _u8(rng, 33, 100)
     x = rng.standard_normal((1, 100)).astype(np.float32)
-    np.testing.assert_array_equal(lin.with_arithmetic("int8").matmul(x), lin.matmul(x))
-    np.testing.assert_array_equal(lin.with_arithmetic("int8")(x[0]), lin(x[0]))
+    assert_one_token_in_float32(lin, "int8", x)
 
 
 def test_int8_close_to_float32(rng):
     # relative RMS error of the products: 0.0089 measured (256 x 1024, conftest's seed 1234)
     qm, lin = _u8(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
-    exact = lin.matmul(X)
-    err = lin.with_arithmetic("int8").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0089
+    assert arithmetic_error(lin, "int8", X) < 1.5 * 0.0089
 
 
 def test_int8_zero_and_nan_inputs(rng):

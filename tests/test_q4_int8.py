@@ -8,7 +8,7 @@ import pytest
 from rwkvx.kernels import _matvec
 from rwkvx.quant import quantize_q4
 
-from conftest import assert_same_bits_everywhere
+from conftest import arithmetic_error, assert_same_bits_everywhere
 
 
 def _q4(rng, n_rows, n_cols):
@@ -104,9 +104,7 @@ def test_q4_int8_close_to_float32(rng):
     # (256 x 1024, conftest's seed 1234); int8 arithmetic of uint8 weights: 0.0089
     _, lin = _q4(rng, 256, 1024)
     X = rng.standard_normal((16, 1024)).astype(np.float32)
-    exact = lin.matmul(X)
-    err = lin.with_arithmetic("int8").matmul(X) - exact
-    assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 1.5 * 0.0087
+    assert arithmetic_error(lin, "int8", X) < 1.5 * 0.0087
 
 
 def test_q4_int8_zero_and_nan_inputs(rng):
