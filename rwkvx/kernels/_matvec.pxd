@@ -102,7 +102,7 @@ cdef struct LowrankJob:
 
 # Up to MAX_JOBS such products over the same n_tok tokens in one parallel loop; any number of
 # tokens, threads and any SIMD level give the same bits for a token
-cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil
+cdef void _lowrank_jobs(const LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil
 
 # _matvec_jobs with n_low low-rank products of one token (LowrankJobs of one row) in the same
 # parallel loop: one barrier for both; each result is bit-identical to _matvec's or _lowrank_jobs's.

@@ -389,7 +389,7 @@ cdef inline void _lowrank_item(const LowrankJob* job, Py_ssize_t local, Py_ssize
                         job.out + (t + 1) * job.ldo + i0 if t + 1 < n_tok else NULL)
 
 
-cdef void _lowrank_jobs(LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil:
+cdef void _lowrank_jobs(const LowrankJob* jobs, int n_jobs, Py_ssize_t n_tok, int n_threads) noexcept nogil:
     # items (job, block of RWKVX_LOWRANK_BLOCK outputs, pair of tokens), in that order, so a
     # thread's run of items reuses one block of the matrix for many tokens; threads split
     # them by work

@@ -219,7 +219,7 @@ cdef class _Step:
             _matvec_lowrank_jobs(vj, n, low, n_low, s.u8, n_threads)
             return
         if n_low:
-            _lowrank_jobs(<LowrankJob*>low, n_low, s.B, n_threads)
+            _lowrank_jobs(low, n_low, s.B, n_threads)
         if n == 1:
             _matmul(outs[0], ms[0].n_rows, ms[0], xs[0], s.B, s.xr[0], s.sums[0], s.xpack[0], s.wbuf, n_threads)
         else:
