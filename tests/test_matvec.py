@@ -93,7 +93,9 @@ def _all_kinds(w):
             _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)]
 
 
-@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 13])
+# around the few-token product's limits (4, 8 and 16 tokens by kind and level: _few_tokens)
+# and the stored tile's (12)
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17])
 @pytest.mark.parametrize("n_cols", [1, 7, 17, 33, 64, 127])
 @pytest.mark.parametrize("n_rows", [1, 3, 5, 17])
 def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
@@ -132,16 +134,19 @@ def test_products_past_the_kept_scratch_and_after_a_smaller_one_equal_matvec(rng
 
 @pytest.mark.parametrize("n_cols", [1030, 2100, 2112])
 def test_matmul_of_long_rows_equals_matvec(simd, rng, n_cols):
-    # rows of 2 KiB and more, which the few-token product walks with a row-by-row prefetch
-    # (bfloat16/float16 at every size, uint8 from 2100): prefetching cannot change results,
-    # so this guards the walk around it, and at 2112 (whole steps of eight) uint8's
-    # finish in registers on such rows
+    # rows of 2 KiB and more, which the stored tile (9 to 12 tokens of bfloat16/float16, 5
+    # to 12 of uint8, at AVX-512) walks with a row-by-row prefetch (bfloat16/float16 at
+    # every size, uint8 from 2100): prefetching cannot change results, so this guards the
+    # walk around it, and at 2112 (whole steps of eight) uint8's finish in registers on
+    # such rows; 3 tokens take the few-token product, which prefetches the next block
+    # into L2 at these sizes
     w, _ = _data(rng, 29, n_cols)
-    X = rng.standard_normal((8, n_cols)).astype(np.float32)
-    for lin in _all_kinds(w):
-        Y = lin.matmul(X, n_threads=2)
-        for t in range(8):
-            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+    for n_tok in (3, 10):
+        X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
+        for lin in _all_kinds(w):
+            Y = lin.matmul(X, n_threads=2)
+            for t in range(n_tok):
+                assert np.array_equal(Y[t], lin(X[t])), lin.dtype
 
 
 def test_matmul_raises_on_shape_mismatch(rng):

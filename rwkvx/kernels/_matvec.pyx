@@ -26,6 +26,15 @@ cdef extern from "_simd.h" nogil:
     void rwkvx_dot4_bf16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_f16(const uint16_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
     void rwkvx_dot4_u8(const uint8_t* w, Py_ssize_t stride, const float* x, Py_ssize_t n, float* out4)
+    void rwkvx_dot4x_f32(const float* w, Py_ssize_t stride, const float* X, Py_ssize_t ldx, int T, Py_ssize_t n,
+                         float* out, Py_ssize_t ldo)
+    void rwkvx_dot4x_bf16(const uint16_t* w, Py_ssize_t stride, const float* X, Py_ssize_t ldx, int T,
+                          Py_ssize_t n, float* out, Py_ssize_t ldo)
+    void rwkvx_dot4x_f16(const uint16_t* w, Py_ssize_t stride, const float* X, Py_ssize_t ldx, int T,
+                         Py_ssize_t n, float* out, Py_ssize_t ldo)
+    void rwkvx_dot4x_u8(const uint8_t* w, Py_ssize_t stride, const float* X, Py_ssize_t ldx, int T,
+                        Py_ssize_t n, float* out, Py_ssize_t ldo)
+    enum: RWKVX_FEW_TOKENS
     void rwkvx_prepare_u8(const float* rx, const float* mx, const float* x, float* xr, Py_ssize_t n,
                           double* sums)
     Py_ssize_t rwkvx_pack_stride(Py_ssize_t n)
@@ -184,6 +193,45 @@ cdef inline void _dot4(const Matrix* m, Py_ssize_t i, const float* x, float* out
         rwkvx_dot4_f16(m.h16 + i * n, n, x, n, out)
     else:
         rwkvx_dot4_u8(m.q + i * n, n, x, n, out)
+
+
+cdef inline void _dot4x(const Matrix* m, Py_ssize_t i, const float* X, int T, float* out,
+                       Py_ssize_t ldo) noexcept nogil:
+    # _dot4 of T (at most RWKVX_FEW_TOKENS) tokens X + t n_cols into out + t ldo (the same
+    # bits), the rows read once; not q4
+    cdef Py_ssize_t n = m.n_cols
+    if m.kind == MATRIX_F32:
+        rwkvx_dot4x_f32(m.f32 + i * n, n, X, n, T, n, out, ldo)
+    elif m.kind == MATRIX_BF16:
+        rwkvx_dot4x_bf16(m.h16 + i * n, n, X, n, T, n, out, ldo)
+    elif m.kind == MATRIX_F16:
+        rwkvx_dot4x_f16(m.h16 + i * n, n, X, n, T, n, out, ldo)
+    else:
+        rwkvx_dot4x_u8(m.q + i * n, n, X, n, T, n, out, ldo)
+
+
+cdef inline Py_ssize_t _few_tokens(const Matrix* m) noexcept nogil:
+    # Up to how many tokens a product runs as matrix-vector products (_dot4x, a few tokens
+    # at a time) rather than in the matrix-matrix tiles, which widen every block of rows
+    # into memory and read it back: for a few tokens that, not the multiply-adds, set the
+    # pace. Measured on Zen 4, 2 threads, batched steps of B sequences, both paths
+    # interleaved in one process (ms a step, tiles -> _dot4x):
+    #   AVX-512 tiles: bfloat16 RWKV-7 0.4B B=2 46.0 -> 33.2, B=4 48.0 -> 36.1, B=6
+    #   52.8 -> 42.1, B=8 even (52.5 / 54.1 -> 52.5 / 50.0), B=12 65.7 -> 72.7; RWKV-7
+    #   1.5B B=2 132 -> 106, B=4 140 -> 112, B=8 188 -> 168. uint8 RWKV-4 0.4B B=2 18.5
+    #   -> 13.4, B=4 22.7 -> 20.7, B=6 28.5 -> 33.9 (uint8 rows are widened again for
+    #   every four tokens, at two instructions per eight weights); RWKV-7 1.5B B=2 76 ->
+    #   58, B=4 95 -> 84. float32 RWKV-4 0.4B B=2 56.7 -> 40.0, B=8 65.8 -> 49.3, B=16
+    #   100.7 -> 85.9.
+    #   AVX2 tiles (RWKVX_SIMD=1): bfloat16 RWKV-7 0.4B B=2 69.6 -> 36.0, B=8 106 -> 64,
+    #   B=16 164 -> 127; uint8 RWKV-4 0.4B B=2 48.3 -> 14.4, B=8 74.0 -> 47.3, B=16 108
+    #   -> 100.
+    # Prompts (chunks of 128 tokens) keep the tiles. The portable level is left as it was.
+    if m.kind == MATRIX_Q4 or rwkvx_simd_level == 0:
+        return 0
+    if rwkvx_simd_level == 1 or m.kind == MATRIX_F32:
+        return 16
+    return 4 if m.kind == MATRIX_U8 else 8
 
 
 cdef inline float _dot1(const Matrix* m, Py_ssize_t i, const float* x) noexcept nogil:
@@ -520,6 +568,15 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         u8.my = m.my + i
         u8.sums = <const rwkvx_u8_sums*>sums
         finish = &u8
+    if end <= m.n_rows and n_tok <= _few_tokens(m):
+        t = 0
+        while t < n_tok:
+            _dot4x(m, i, X + t * n, <int>min(RWKVX_FEW_TOKENS, n_tok - t), out + t * ldo + i, ldo)
+            t += RWKVX_FEW_TOKENS
+        if finish != NULL:
+            for t in range(n_tok):
+                rwkvx_u8_finish(out + t * ldo + i, u8.ry, u8.my, u8.sums + t, 4)
+        return
     if end <= m.n_rows and m.kind == MATRIX_Q4:
         # a few tokens: widened in the tile, a group at a time; else dequantised into
         # this thread's buffer (exactly the values the matrix-vector product computes
@@ -612,7 +669,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 rwkvx_bd_round(xin[j] + t * m.n_cols, m.n_cols,
                                <uint16_t*>jobs[j].xpack + t * rwkvx_bd_stride(m.n_cols))
-        elif rwkvx_simd_level >= 2 and not m.int8:
+        elif rwkvx_simd_level >= 2 and not m.int8 and n_tok > _few_tokens(m):
             rwkvx_pack_pair(xin[j], m.n_cols, n_tok, jp % n_pairs, m.n_cols, jobs[j].xpack)
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on

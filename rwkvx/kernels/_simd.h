@@ -296,6 +296,101 @@ RWKVX_AVX2_DOTS(bf16, uint16_t)
 RWKVX_AVX2_DOTS(f16, uint16_t)
 RWKVX_AVX2_DOTS(u8, uint8_t)
 
+/* A few tokens (batched decoding of a few sequences, a prompt's last rows): four rows
+ * against T tokens, each token's sums exactly dot4's (the same lanes, order, tail and
+ * reduction), the rows read and widened once for all T. The matrix-matrix tiles widen
+ * every block of rows into memory and read it back, which for a few tokens cost more than
+ * the multiply-adds (measurements at _few_tokens in _matvec.pyx).
+ * out[t ldo + r] for token t (X + t ldx) and row r; T a constant at every call. The
+ * AVX-512 level compiles the same loop with 32 vector registers, which hold four tokens'
+ * sixteen accumulators; AVX2's sixteen hold two tokens'. */
+#define RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
+    const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;         \
+    const char *ahead = (const char *)(w + 4 * stride);                                        \
+    const ptrdiff_t step_bytes = 4 * 8 * (ptrdiff_t)sizeof(CTYPE);                             \
+    const int l2 = 4 * n * (ptrdiff_t)sizeof(CTYPE) >= RWKVX_DOT4_L2_BLOCK;                    \
+    __m256 a[4][4];                                                                            \
+    for (int t = 0; t < T; t++)                                                                \
+        for (int r = 0; r < 4; r++)                                                            \
+            a[t][r] = _mm256_setzero_ps();                                                     \
+    ptrdiff_t j = 0;                                                                           \
+    for (; j + 8 <= n; j += 8) {                                                               \
+        const char *pf = ahead + (j / 8) * step_bytes;                                         \
+        for (ptrdiff_t b = 0; prefetch && b < step_bytes; b += 64) {                           \
+            if (l2) _mm_prefetch(pf + b, _MM_HINT_T1);                                         \
+            else _mm_prefetch(pf + b, _MM_HINT_T0);                                            \
+        }                                                                                      \
+        const __m256 v0 = rwkvx_load8_##TYPE(w0 + j), v1 = rwkvx_load8_##TYPE(w1 + j);         \
+        const __m256 v2 = rwkvx_load8_##TYPE(w2 + j), v3 = rwkvx_load8_##TYPE(w3 + j);         \
+        for (int t = 0; t < T; t++) {                                                          \
+            const __m256 xv = _mm256_loadu_ps(X + t * ldx + j);                                \
+            a[t][0] = _mm256_fmadd_ps(v0, xv, a[t][0]);                                        \
+            a[t][1] = _mm256_fmadd_ps(v1, xv, a[t][1]);                                        \
+            a[t][2] = _mm256_fmadd_ps(v2, xv, a[t][2]);                                        \
+            a[t][3] = _mm256_fmadd_ps(v3, xv, a[t][3]);                                        \
+        }                                                                                      \
+    }                                                                                          \
+    for (int t = 0; t < T; t++) {                                                              \
+        float *o = out + t * ldo;                                                              \
+        const float *x = X + t * ldx;                                                          \
+        _mm_storeu_ps(o, rwkvx_hsum4x256(a[t][0], a[t][1], a[t][2], a[t][3]));                 \
+        for (ptrdiff_t k = j; k < n; k++) {                                                    \
+            o[0] += RWKVX_SCALAR_##TYPE(w0, k) * x[k];                                         \
+            o[1] += RWKVX_SCALAR_##TYPE(w1, k) * x[k];                                         \
+            o[2] += RWKVX_SCALAR_##TYPE(w2, k) * x[k];                                         \
+            o[3] += RWKVX_SCALAR_##TYPE(w3, k) * x[k];                                         \
+        }                                                                                      \
+    }
+
+#define RWKVX_AVX2_VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+
+#define RWKVX_DOT4X(TYPE, CTYPE)                                                              \
+    RWKVX_AVX2 static inline __attribute__((always_inline)) void                              \
+    rwkvx_dot4x_##TYPE##_avx2_t(const CTYPE *w, ptrdiff_t stride, const float *X,             \
+                                ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,          \
+                                ptrdiff_t ldo, int prefetch)                                  \
+    {                                                                                          \
+        RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
+    }                                                                                          \
+    RWKVX_AVX2_VL static inline __attribute__((always_inline)) void                           \
+    rwkvx_dot4x_##TYPE##_vl_t(const CTYPE *w, ptrdiff_t stride, const float *X,               \
+                              ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,            \
+                              ptrdiff_t ldo, int prefetch)                                    \
+    {                                                                                          \
+        RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
+    }                                                                                          \
+    /* T tokens, two at a time (AVX2's registers) */                                         \
+    RWKVX_AVX2 static void rwkvx_dot4x_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,         \
+                                                     const float *X, ptrdiff_t ldx, int T,    \
+                                                     ptrdiff_t n, float *out, ptrdiff_t ldo)  \
+    {                                                                                          \
+        for (int t = 0; t < T; t += 2) {                                                       \
+            if (T - t >= 2)                                                                    \
+                rwkvx_dot4x_##TYPE##_avx2_t(w, stride, X + t * ldx, ldx, 2, n, out + t * ldo,  \
+                                            ldo, t == 0);                                      \
+            else                                                                               \
+                rwkvx_dot4x_##TYPE##_avx2_t(w, stride, X + t * ldx, ldx, 1, n, out + t * ldo,  \
+                                            ldo, t == 0);                                      \
+        }                                                                                      \
+    }                                                                                          \
+    /* T (1 to 4) tokens at once */                                                          \
+    RWKVX_AVX2_VL static void rwkvx_dot4x_##TYPE##_vl(const CTYPE *w, ptrdiff_t stride,        \
+                                                      const float *X, ptrdiff_t ldx, int T,   \
+                                                      ptrdiff_t n, float *out, ptrdiff_t ldo) \
+    {                                                                                          \
+        switch (T) {                                                                           \
+        case 1: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 1, n, out, ldo, 1); return;       \
+        case 2: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 2, n, out, ldo, 1); return;       \
+        case 3: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 3, n, out, ldo, 1); return;       \
+        default: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 4, n, out, ldo, 1); return;      \
+        }                                                                                      \
+    }
+
+RWKVX_DOT4X(f32, float)
+RWKVX_DOT4X(bf16, uint16_t)
+RWKVX_DOT4X(f16, uint16_t)
+RWKVX_DOT4X(u8, uint8_t)
+
 /* Widen n stored weights to float32 (exact for every type), for the matrix-matrix path. */
 #define RWKVX_AVX2_WIDEN(TYPE, CTYPE)                                                         \
     RWKVX_AVX2 static void rwkvx_widen_##TYPE##_avx2(const CTYPE *p, float *out, ptrdiff_t n)  \
@@ -861,6 +956,43 @@ RWKVX_DISPATCH_DOTS(f32, float)
 RWKVX_DISPATCH_DOTS(bf16, uint16_t)
 RWKVX_DISPATCH_DOTS(f16, uint16_t)
 RWKVX_DISPATCH_DOTS(u8, uint8_t)
+
+/* Up to RWKVX_FEW_TOKENS tokens: rwkvx_dot4 of each (the same bits at every level). */
+#define RWKVX_FEW_TOKENS 4
+#if RWKVX_HAVE_X86_DISPATCH
+#define RWKVX_DISPATCH_DOT4X(TYPE, CTYPE)                                                     \
+    static inline void rwkvx_dot4x_##TYPE(const CTYPE *w, ptrdiff_t stride, const float *X,   \
+                                          ptrdiff_t ldx, int T, ptrdiff_t n, float *out,      \
+                                          ptrdiff_t ldo)                                      \
+    {                                                                                          \
+        if (rwkvx_simd_level >= 2) {                                                           \
+            rwkvx_dot4x_##TYPE##_vl(w, stride, X, ldx, T, n, out, ldo);                        \
+            return;                                                                            \
+        }                                                                                      \
+        if (rwkvx_simd_level) {                                                                \
+            rwkvx_dot4x_##TYPE##_avx2(w, stride, X, ldx, T, n, out, ldo);                      \
+            return;                                                                            \
+        }                                                                                      \
+        for (int t = 0; t < T; t++)                                                            \
+            for (int r = 0; r < 4; r++)                                                        \
+                out[t * ldo + r] = rwkvx_dot_##TYPE##_portable(w + r * stride, X + t * ldx, n); \
+    }
+#else
+#define RWKVX_DISPATCH_DOT4X(TYPE, CTYPE)                                                     \
+    static inline void rwkvx_dot4x_##TYPE(const CTYPE *w, ptrdiff_t stride, const float *X,   \
+                                          ptrdiff_t ldx, int T, ptrdiff_t n, float *out,      \
+                                          ptrdiff_t ldo)                                      \
+    {                                                                                          \
+        for (int t = 0; t < T; t++)                                                            \
+            for (int r = 0; r < 4; r++)                                                        \
+                out[t * ldo + r] = rwkvx_dot_##TYPE##_portable(w + r * stride, X + t * ldx, n); \
+    }
+#endif
+
+RWKVX_DISPATCH_DOT4X(f32, float)
+RWKVX_DISPATCH_DOT4X(bf16, uint16_t)
+RWKVX_DISPATCH_DOT4X(f16, uint16_t)
+RWKVX_DISPATCH_DOT4X(u8, uint8_t)
 
 static inline void rwkvx_prepare_u8(const float *rx, const float *mx, const float *x, float *xr,
                                     ptrdiff_t n, double *sums)
