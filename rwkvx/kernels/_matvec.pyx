@@ -76,6 +76,9 @@ cdef extern from "_q4.h" nogil:
         Py_ssize_t n_groups
     float rwkvx_dot_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x)
     void rwkvx_dot4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x, float* out4, int prefetch)
+    void rwkvx_dot4x_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, Py_ssize_t ldx, int T, float* out,
+                        Py_ssize_t ldo, int prefetch)
+    int rwkvx_q4_have_vl
     void rwkvx_widen_q4(const rwkvx_q4* m, Py_ssize_t i, Py_ssize_t n_rows, float* out)
     void rwkvx_q4_detect()
     int rwkvx_gemm4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, const float* P, Py_ssize_t n_tok,
@@ -198,9 +201,13 @@ cdef inline void _dot4(const Matrix* m, Py_ssize_t i, const float* x, float* out
 cdef inline void _dot4x(const Matrix* m, Py_ssize_t i, const float* X, int T, float* out,
                        Py_ssize_t ldo) noexcept nogil:
     # _dot4 of T (at most RWKVX_FEW_TOKENS) tokens X + t n_cols into out + t ldo (the same
-    # bits), the rows read once; not q4
+    # bits), the rows read once
     cdef Py_ssize_t n = m.n_cols
-    if m.kind == MATRIX_F32:
+    cdef rwkvx_q4 q4
+    if m.kind == MATRIX_Q4:
+        q4 = _q4(m)
+        rwkvx_dot4x_q4(&q4, i, X, n, T, out, ldo, i + 8 <= m.n_rows)
+    elif m.kind == MATRIX_F32:
         rwkvx_dot4x_f32(m.f32 + i * n, n, X, n, T, n, out, ldo)
     elif m.kind == MATRIX_BF16:
         rwkvx_dot4x_bf16(m.h16 + i * n, n, X, n, T, n, out, ldo)
@@ -226,8 +233,14 @@ cdef inline Py_ssize_t _few_tokens(const Matrix* m) noexcept nogil:
     #   AVX2 tiles (RWKVX_SIMD=1): bfloat16 RWKV-7 0.4B B=2 69.6 -> 36.0, B=8 106 -> 64,
     #   B=16 164 -> 127; uint8 RWKV-4 0.4B B=2 48.3 -> 14.4, B=8 74.0 -> 47.3, B=16 108
     #   -> 100.
+    #   q4 (AVX-512 tile; its decoding is bound by the weights' lookup, which _dot4x does
+    #   once for four tokens): RWKV-4 0.4B B=2 22.1 -> 14.5, B=3 26.4 -> 20.7, B=4 28.2 ->
+    #   24.2, B=8 45.0 -> 53.6 (in chunks of four); RWKV-7 1.5B B=2 83.1 -> 63.7, B=4
+    #   102.8 -> 93.9. Without AVX-512VL q4 keeps the tiles (not measured).
     # Prompts (chunks of 128 tokens) keep the tiles. The portable level is left as it was.
-    if m.kind == MATRIX_Q4 or rwkvx_simd_level == 0:
+    if m.kind == MATRIX_Q4:
+        return 4 if rwkvx_simd_level >= 2 and rwkvx_q4_have_vl else 0
+    if rwkvx_simd_level == 0:
         return 0
     if rwkvx_simd_level == 1 or m.kind == MATRIX_F32:
         return 16

@@ -181,11 +181,15 @@ RWKVX_AVX2 static inline void rwkvx_q4_params4(const rwkvx_q4 *m, ptrdiff_t i, p
                     STEP(p, j + 8 * p);                                                      \
             }                                                                                \
         }                                                                                    \
-    }                                                                                        \
+    }
+
+/* One token's four sums a0 .. a3 into out4, as rwkvx_dot4_f32_avx2 finishes them: the
+ * four-way reduction, the scalar tail. */
+#define RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)                                           \
     _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                    \
     for (ptrdiff_t j = 8 * n8; j < n; j++)                                                   \
         for (int r = 0; r < 4; r++)                                                          \
-            out4[r] += rwkvx_q4_value(m, i + r, j) * x[j];
+            (out4)[r] += rwkvx_q4_value(m, i + r, j) * (x)[j];
 
 #define RWKVX_Q4_DOT4_SETUP                                                                  \
     const ptrdiff_t n = m->n_cols, n8 = n / 8, stride = 32 * m->n_groups;                    \
@@ -194,7 +198,9 @@ RWKVX_AVX2 static inline void rwkvx_q4_params4(const rwkvx_q4 *m, ptrdiff_t i, p
     const char *ahead = (const char *)(q + 4 * stride);                                      \
     float D[4], M[4];                                                                        \
     _mm_storeu_ps(D, rwkvx_q4_rows4(m->D + i));                                              \
-    _mm_storeu_ps(M, rwkvx_q4_rows4(m->M + i));                                              \
+    _mm_storeu_ps(M, rwkvx_q4_rows4(m->M + i))
+
+#define RWKVX_Q4_ACC4                                                                        \
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                               \
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps()
 
@@ -204,6 +210,7 @@ RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const 
                                          float *out4, int prefetch)
 {
     RWKVX_Q4_DOT4_SETUP;
+    RWKVX_Q4_ACC4;
     __m256 d0, d1, d2, d3, m0, m1, m2, m3;
 #define RWKVX_Q4_PARAMS(k)                                       \
     d0 = _mm256_broadcast_ss(gd[0] + (k));                       \
@@ -223,6 +230,7 @@ RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const 
         a3 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w3, p, d3, m3), xv, a3);           \
     } while (0)
     RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_PARAMS, RWKVX_Q4_STEP)
+    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)
 #undef RWKVX_Q4_STEP
 #undef RWKVX_Q4_PARAMS
 }
@@ -287,13 +295,7 @@ RWKVX_AVX2 static void rwkvx_widen_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdi
 /* Whether the CPU has AVX-512VL (set at import by rwkvx_q4_detect). */
 static int rwkvx_q4_have_vl = 0;
 
-RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
-                                               float *out4, int prefetch)
-{
-    RWKVX_Q4_DOT4_SETUP;
-    const __m256 k_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 k_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
-    __m256 l0, l1, l2, l3, h0, h1, h2, h3;
+/* A group's tables of rows 0 .. 3 (l0/h0 .. l3/h3: entries 0-7 and 8-15). */
 #define RWKVX_Q4_TABLE(r, lo, hi, k)                                                         \
     do {                                                                                     \
         const __m256 d_ = _mm256_broadcast_ss(gd[r] + (k));                                  \
@@ -306,19 +308,80 @@ RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, 
     RWKVX_Q4_TABLE(1, l1, h1, g);          \
     RWKVX_Q4_TABLE(2, l2, h2, g);          \
     RWKVX_Q4_TABLE(3, l3, h3, g)
+#define RWKVX_Q4_TABLE_REGS                                                                  \
+    const __m256 k_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);                              \
+    const __m256 k_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);                        \
+    __m256 l0, l1, l2, l3, h0, h1, h2, h3
+/* Step p's eight weights of row r (words w, tables l, h). */
+#define RWKVX_Q4_LOOK(l, w, h, p) _mm256_permutex2var_ps(l, _mm256_srli_epi32(w, 4 * (p)), h)
+
+RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
+                                               float *out4, int prefetch)
+{
+    RWKVX_Q4_DOT4_SETUP;
+    RWKVX_Q4_ACC4;
+    RWKVX_Q4_TABLE_REGS;
 #define RWKVX_Q4_LOOKUP(p, j)                                                                \
     do {                                                                                     \
         const __m256 xv = _mm256_loadu_ps(x + (j));                                          \
-        a0 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l0, _mm256_srli_epi32(w0, 4 * (p)), h0), xv, a0); \
-        a1 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l1, _mm256_srli_epi32(w1, 4 * (p)), h1), xv, a1); \
-        a2 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l2, _mm256_srli_epi32(w2, 4 * (p)), h2), xv, a2); \
-        a3 = _mm256_fmadd_ps(_mm256_permutex2var_ps(l3, _mm256_srli_epi32(w3, 4 * (p)), h3), xv, a3); \
+        a0 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l0, w0, h0, p), xv, a0);                          \
+        a1 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l1, w1, h1, p), xv, a1);                          \
+        a2 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l2, w2, h2, p), xv, a2);                          \
+        a3 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l3, w3, h3, p), xv, a3);                          \
     } while (0)
     RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP)
+    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)
 #undef RWKVX_Q4_LOOKUP
+}
+
+/* As rwkvx_dot4_q4_avx512 for T (1 to 4, a constant at every call) tokens X + t ldx at
+ * once, into out + t ldo: each weight is looked up once for all of them (decoding q4 is
+ * bound by that lookup, so a second sequence in a batch cost nearly a second token's
+ * time), and each token's sums are dot4's, the same bits. */
+RWKVX_AVX512VL static inline __attribute__((always_inline)) void
+rwkvx_dot4x_q4_avx512_t(const rwkvx_q4 *m, ptrdiff_t i, const float *X, ptrdiff_t ldx, const int T,
+                        float *out, ptrdiff_t ldo, int prefetch)
+{
+    RWKVX_Q4_DOT4_SETUP;
+    RWKVX_Q4_TABLE_REGS;
+    __m256 a[4][4];
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < 4; r++)
+            a[t][r] = _mm256_setzero_ps();
+#define RWKVX_Q4_LOOKUP_T(p, j)                                                              \
+    do {                                                                                     \
+        const __m256 v0 = RWKVX_Q4_LOOK(l0, w0, h0, p), v1 = RWKVX_Q4_LOOK(l1, w1, h1, p);   \
+        const __m256 v2 = RWKVX_Q4_LOOK(l2, w2, h2, p), v3 = RWKVX_Q4_LOOK(l3, w3, h3, p);   \
+        for (int t = 0; t < T; t++) {                                                        \
+            const __m256 xv = _mm256_loadu_ps(X + t * ldx + (j));                            \
+            a[t][0] = _mm256_fmadd_ps(v0, xv, a[t][0]);                                      \
+            a[t][1] = _mm256_fmadd_ps(v1, xv, a[t][1]);                                      \
+            a[t][2] = _mm256_fmadd_ps(v2, xv, a[t][2]);                                      \
+            a[t][3] = _mm256_fmadd_ps(v3, xv, a[t][3]);                                      \
+        }                                                                                    \
+    } while (0)
+    RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP_T)
+#undef RWKVX_Q4_LOOKUP_T
+    for (int t = 0; t < T; t++) {
+        RWKVX_Q4_DOT4_END(a[t][0], a[t][1], a[t][2], a[t][3], X + t * ldx, out + t * ldo)
+    }
+}
+
+RWKVX_AVX512VL static void rwkvx_dot4x_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *X,
+                                                ptrdiff_t ldx, int T, float *out, ptrdiff_t ldo,
+                                                int prefetch)
+{
+    switch (T) {
+    case 1: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 1, out, ldo, prefetch); return;
+    case 2: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 2, out, ldo, prefetch); return;
+    case 3: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 3, out, ldo, prefetch); return;
+    default: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 4, out, ldo, prefetch); return;
+    }
+}
+#undef RWKVX_Q4_LOOK
+#undef RWKVX_Q4_TABLE_REGS
 #undef RWKVX_Q4_TABLES
 #undef RWKVX_Q4_TABLE
-}
 
 /* Row i's group g (64 columns) widened to float32 in out: the lookup of the loop above, in
  * 16 lanes (sixteen table entries fit one register; each half of an index register takes
@@ -452,6 +515,24 @@ static inline void rwkvx_dot4_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
     (void)prefetch;
     for (int r = 0; r < 4; r++)
         out4[r] = rwkvx_dot_q4_portable(m, i + r, x);
+}
+
+/* rwkvx_dot4_q4 of T tokens (at most RWKVX_FEW_TOKENS) X + t ldx into out + t ldo. */
+static inline void rwkvx_dot4x_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *X, ptrdiff_t ldx,
+                                  int T, float *out, ptrdiff_t ldo, int prefetch)
+{
+#if RWKVX_HAVE_X86_DISPATCH
+    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl) {
+        rwkvx_dot4x_q4_avx512(m, i, X, ldx, T, out, ldo, prefetch);
+        return;
+    }
+#endif
+    float out4[4];
+    for (int t = 0; t < T; t++) {
+        rwkvx_dot4_q4(m, i, X + t * ldx, out4, prefetch);
+        for (int r = 0; r < 4; r++)
+            out[t * ldo + r] = out4[r];
+    }
 }
 
 static inline void rwkvx_widen_q4(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n_rows, float *out)
