@@ -95,16 +95,30 @@ def _all_kinds(w):
 
 # around the few-token product's limits (4, 8 and 16 tokens by kind and level: _few_tokens)
 # and the stored tile's (12)
-@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17])
 @pytest.mark.parametrize("n_cols", [1, 7, 17, 33, 64, 127])
 @pytest.mark.parametrize("n_rows", [1, 3, 5, 17])
 def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
     w, _ = _data(rng, n_rows, n_cols)
     X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
     for lin in _all_kinds(w):
-        Y = lin.matmul(X, n_threads=2)
-        for t in range(n_tok):
-            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+        for n_threads in (1, 2, 3):
+            Y = lin.matmul(X, n_threads=n_threads)
+            for t in range(n_tok):
+                assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, n_threads)
+
+
+def test_wide_products_in_passes_of_a_few_tokens_equal_matvec(simd, rng):
+    # 16384 columns: the product takes 8 tokens a pass, as many as bfloat16's few-token
+    # limit, while the call has 12; whether the tiles or the few-token product run is
+    # decided for the whole call (the tiles read inputs packed for them)
+    w, _ = _data(rng, 9, 16384)
+    for n_tok in (8, 12):
+        X = rng.standard_normal((n_tok, 16384)).astype(np.float32)
+        for lin in _all_kinds(w):
+            Y = lin.matmul(X, n_threads=2)
+            for t in range(n_tok):
+                assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, n_tok)
 
 
 def test_matmul_in_several_passes_equals_matvec(simd, rng):

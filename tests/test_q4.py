@@ -140,9 +140,10 @@ def test_bit_identical_to_float32_of_the_dequantized_matrix(simd, rng, n_cols):
     assert np.array_equal(q4.matmul(X, n_threads=2), f32.matmul(X, n_threads=2))
 
 
-# 1-4 tokens: the few-token product (AVX-512VL); 5-12 the AVX-512 tile; 13 widened rows
+# 1-4 tokens: the few-token product (AVX-512VL); 5-12 the AVX-512 tile; 13 widened rows;
+# 2100 columns: two passes of the loops' group parameters (32 groups a pass)
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 13])
-@pytest.mark.parametrize("n_cols", [7, 64, 127, 200])
+@pytest.mark.parametrize("n_cols", [7, 64, 127, 200, 2100])
 @pytest.mark.parametrize("n_rows", [1, 5, 17])
 def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
     lin = _linear(quantize_q4(_weights(rng, n_rows, n_cols)))

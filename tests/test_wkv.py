@@ -184,7 +184,9 @@ def test_matvec_group_equals_one_product_at_a_time(n_threads):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_matmul_group_equals_one_product_at_a_time(n_threads):
+def test_matmul_group_equals_one_product_at_a_time(simd, n_threads):
+    # a group may mix the few-token product and the tiles (7 tokens: uint8's tiles beside
+    # bfloat16's and float32's few-token products at AVX-512)
     from rwkvx.quant import quantize_u8
     from rwkvx.weights import to_bfloat16
     rng = np.random.default_rng(4)
@@ -192,7 +194,7 @@ def test_matmul_group_equals_one_product_at_a_time(n_threads):
     q = quantize_u8(mats[2])
     linears = [_matvec.Linear.f32(mats[0]), _matvec.Linear.bf16(to_bfloat16(mats[1])),
                _matvec.Linear.u8(q.q, q.mx, q.rx, q.my, q.ry), _matvec.Linear.f16(mats[3].astype(np.float16))]
-    for n_tok in (1, 2, 7):
+    for n_tok in (1, 2, 7, 12):
         Xs = [rng.standard_normal((n_tok, m.shape[1])).astype(np.float32) for m in mats]
         outs = [np.empty((n_tok, m.shape[0]), np.float32) for m in mats]
         matmul_group(linears, Xs, outs, n_threads)

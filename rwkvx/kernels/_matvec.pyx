@@ -18,6 +18,7 @@ cdef extern from "_simd.h" nogil:
     int rwkvx_detect_simd()
     int rwkvx_best_simd()
     int rwkvx_simd_level
+    int rwkvx_have_vl
     float rwkvx_dot_f32(const float* w, const float* x, Py_ssize_t n)
     float rwkvx_dot_bf16(const uint16_t* w, const float* x, Py_ssize_t n)
     float rwkvx_dot_f16(const uint16_t* w, const float* x, Py_ssize_t n)
@@ -78,9 +79,7 @@ cdef extern from "_q4.h" nogil:
     void rwkvx_dot4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* x, float* out4, int prefetch)
     void rwkvx_dot4x_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, Py_ssize_t ldx, int T, float* out,
                         Py_ssize_t ldo, int prefetch)
-    int rwkvx_q4_have_vl
     void rwkvx_widen_q4(const rwkvx_q4* m, Py_ssize_t i, Py_ssize_t n_rows, float* out)
-    void rwkvx_q4_detect()
     int rwkvx_gemm4_q4(const rwkvx_q4* m, Py_ssize_t i, const float* X, const float* P, Py_ssize_t n_tok,
                        float* Y, Py_ssize_t ldy, int prefetch)
 
@@ -114,7 +113,6 @@ cdef extern from "_q4int8.h" nogil:
                           Py_ssize_t n_tok, float* Y, Py_ssize_t ldy, int prefetch)
 
 rwkvx_detect_simd()
-rwkvx_q4_detect()
 rwkvx_i8_detect()
 rwkvx_bd_detect()
 
@@ -218,28 +216,15 @@ cdef inline void _dot4x(const Matrix* m, Py_ssize_t i, const float* X, int T, fl
 
 
 cdef inline Py_ssize_t _few_tokens(const Matrix* m) noexcept nogil:
-    # Up to how many tokens a product runs as matrix-vector products (_dot4x, a few tokens
+    # Up to how many tokens a product runs as matrix-vector products (_dot4x, four tokens
     # at a time) rather than in the matrix-matrix tiles, which widen every block of rows
     # into memory and read it back: for a few tokens that, not the multiply-adds, set the
-    # pace. Measured on Zen 4, 2 threads, batched steps of B sequences, both paths
-    # interleaved in one process (ms a step, tiles -> _dot4x):
-    #   AVX-512 tiles: bfloat16 RWKV-7 0.4B B=2 46.0 -> 33.2, B=4 48.0 -> 36.1, B=6
-    #   52.8 -> 42.1, B=8 even (52.5 / 54.1 -> 52.5 / 50.0), B=12 65.7 -> 72.7; RWKV-7
-    #   1.5B B=2 132 -> 106, B=4 140 -> 112, B=8 188 -> 168. uint8 RWKV-4 0.4B B=2 18.5
-    #   -> 13.4, B=4 22.7 -> 20.7, B=6 28.5 -> 33.9 (uint8 rows are widened again for
-    #   every four tokens, at two instructions per eight weights); RWKV-7 1.5B B=2 76 ->
-    #   58, B=4 95 -> 84. float32 RWKV-4 0.4B B=2 56.7 -> 40.0, B=8 65.8 -> 49.3, B=16
-    #   100.7 -> 85.9.
-    #   AVX2 tiles (RWKVX_SIMD=1): bfloat16 RWKV-7 0.4B B=2 69.6 -> 36.0, B=8 106 -> 64,
-    #   B=16 164 -> 127; uint8 RWKV-4 0.4B B=2 48.3 -> 14.4, B=8 74.0 -> 47.3, B=16 108
-    #   -> 100.
-    #   q4 (AVX-512 tile; its decoding is bound by the weights' lookup, which _dot4x does
-    #   once for four tokens): RWKV-4 0.4B B=2 22.1 -> 14.5, B=3 26.4 -> 20.7, B=4 28.2 ->
-    #   24.2, B=8 45.0 -> 53.6 (in chunks of four); RWKV-7 1.5B B=2 83.1 -> 63.7, B=4
-    #   102.8 -> 93.9. Without AVX-512VL q4 keeps the tiles (not measured).
-    # Prompts (chunks of 128 tokens) keep the tiles. The portable level is left as it was.
+    # pace (bfloat16 RWKV-7 0.4B, 2 sequences, Zen 4: 46.0 -> 33.2 ms a step). Beyond these
+    # counts the tiles were as fast or faster (uint8 rows are widened again for every four
+    # tokens; q4's tile beat four-token chunks at 8); measured per dtype and level in the
+    # README's Speed section. q4's loop needs AVX-512VL; the portable level is unchanged.
     if m.kind == MATRIX_Q4:
-        return 4 if rwkvx_simd_level >= 2 and rwkvx_q4_have_vl else 0
+        return 4 if rwkvx_simd_level >= 2 and rwkvx_have_vl else 0
     if rwkvx_simd_level == 0:
         return 0
     if rwkvx_simd_level == 1 or m.kind == MATRIX_F32:
@@ -544,7 +529,8 @@ cdef inline rwkvx_widen_job _widen_job(const Matrix* m, Py_ssize_t i, float* out
 
 cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const float* X,
                             const float* xpack, Py_ssize_t n_tok, const U8Sums* sums,
-                            float* wbuf, Py_ssize_t* ahead, Py_ssize_t block, Py_ssize_t key) noexcept nogil:
+                            float* wbuf, Py_ssize_t* ahead, Py_ssize_t block, Py_ssize_t key,
+                            bint few) noexcept nogil:
     # out[:, 4*block .. 4*block+3] for every token; the same kernels as _rows, so each
     # token's result equals the matrix-vector product's. wbuf: this thread's two buffers of
     # four widened rows (8 n_cols floats), the block with key k's in buffer k % 2; ahead:
@@ -581,7 +567,7 @@ cdef inline void _gemm_rows(float* out, Py_ssize_t ldo, const Matrix* m, const f
         u8.my = m.my + i
         u8.sums = <const rwkvx_u8_sums*>sums
         finish = &u8
-    if end <= m.n_rows and n_tok <= _few_tokens(m):
+    if end <= m.n_rows and few:
         t = 0
         while t < n_tok:
             _dot4x(m, i, X + t * n, <int>min(RWKVX_FEW_TOKENS, n_tok - t), out + t * ldo + i, ldo)
@@ -649,6 +635,9 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
     cdef const Matrix* m
     cdef Matrix plain[4]
     cdef MatmulJob one_token[4]
+    # whether a job's products take the few-token path (_few_tokens): decided for the whole
+    # call, so that its inputs are packed for the tiles exactly when the tiles run
+    cdef bint few[4]
     if n_tok == 1:
         # one token: the float32 product even with int8 (uint8 weights) or bfloat16
         # arithmetic, bit-identical to the matrix-vector product that decodes a token
@@ -662,6 +651,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
         jobs = one_token
     first[0] = 0
     for k in range(n_jobs):
+        few[k] = n_tok <= _few_tokens(jobs[k].m)
         xin[k] = jobs[k].x
         if jobs[k].m.kind == MATRIX_U8:
             xin[k] = jobs[k].xr
@@ -682,7 +672,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             for t in range(2 * (jp % n_pairs), min(2 * (jp % n_pairs) + 2, n_tok)):
                 rwkvx_bd_round(xin[j] + t * m.n_cols, m.n_cols,
                                <uint16_t*>jobs[j].xpack + t * rwkvx_bd_stride(m.n_cols))
-        elif rwkvx_simd_level >= 2 and not m.int8 and n_tok > _few_tokens(m):
+        elif rwkvx_simd_level >= 2 and not m.int8 and not few[j]:
             rwkvx_pack_pair(xin[j], m.n_cols, n_tok, jp % n_pairs, m.n_cols, jobs[j].xpack)
     # tokens per pass over the rows: every block of rows reads all of a pass's inputs, so
     # they must stay in L2; passes are independent, results do not change. Measured on
@@ -707,7 +697,7 @@ cdef void _matmul_jobs(MatmulJob* jobs, int n_jobs, Py_ssize_t n_tok, float* wbu
             _gemm_rows(jobs[j].out + t0 * jobs[j].ldo, jobs[j].ldo, jobs[j].m, xin[j] + t0 * n,
                        _packed_from(&jobs[j], t0), n_sub, jobs[j].sums + t0,
                        wbuf + per_thread * threadid(),
-                       <Py_ssize_t*>(wbuf + per_thread * threadid() + 8 * wide), local, block)
+                       <Py_ssize_t*>(wbuf + per_thread * threadid() + 8 * wide), local, block, few[j])
         t0 += n_sub
 
 

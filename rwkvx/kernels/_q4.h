@@ -186,10 +186,12 @@ RWKVX_AVX2 static inline void rwkvx_q4_params4(const rwkvx_q4 *m, ptrdiff_t i, p
 /* One token's four sums a0 .. a3 into out4, as rwkvx_dot4_f32_avx2 finishes them: the
  * four-way reduction, the scalar tail. */
 #define RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)                                           \
-    _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                    \
-    for (ptrdiff_t j = 8 * n8; j < n; j++)                                                   \
-        for (int r = 0; r < 4; r++)                                                          \
-            (out4)[r] += rwkvx_q4_value(m, i + r, j) * (x)[j];
+    do {                                                                                     \
+        _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                \
+        for (ptrdiff_t j = 8 * n8; j < n; j++)                                               \
+            for (int r = 0; r < 4; r++)                                                      \
+                (out4)[r] += rwkvx_q4_value(m, i + r, j) * (x)[j];                           \
+    } while (0)
 
 #define RWKVX_Q4_DOT4_SETUP                                                                  \
     const ptrdiff_t n = m->n_cols, n8 = n / 8, stride = 32 * m->n_groups;                    \
@@ -230,7 +232,7 @@ RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const 
         a3 = _mm256_fmadd_ps(rwkvx_q4_step_avx2(w3, p, d3, m3), xv, a3);           \
     } while (0)
     RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_PARAMS, RWKVX_Q4_STEP)
-    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)
+    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4);
 #undef RWKVX_Q4_STEP
 #undef RWKVX_Q4_PARAMS
 }
@@ -290,10 +292,6 @@ RWKVX_AVX2 static void rwkvx_widen_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdi
  * 256 x 1024 matrix in cache, one thread of a Zen 4 at 2.6 GHz: AVX2 loop 12.6 Gweights/s,
  * this one 19.7 (uint8's loop 21.6); the permute and the shift share two pipes there, so
  * about eight weights a cycle is this loop's ceiling. */
-#define RWKVX_AVX512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
-
-/* Whether the CPU has AVX-512VL (set at import by rwkvx_q4_detect). */
-static int rwkvx_q4_have_vl = 0;
 
 /* A group's tables of rows 0 .. 3 (l0/h0 .. l3/h3: entries 0-7 and 8-15). */
 #define RWKVX_Q4_TABLE(r, lo, hi, k)                                                         \
@@ -330,7 +328,7 @@ RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, 
         a3 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l3, w3, h3, p), xv, a3);                          \
     } while (0)
     RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP)
-    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4)
+    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4);
 #undef RWKVX_Q4_LOOKUP
 }
 
@@ -363,7 +361,7 @@ rwkvx_dot4x_q4_avx512_t(const rwkvx_q4 *m, ptrdiff_t i, const float *X, ptrdiff_
     RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP_T)
 #undef RWKVX_Q4_LOOKUP_T
     for (int t = 0; t < T; t++) {
-        RWKVX_Q4_DOT4_END(a[t][0], a[t][1], a[t][2], a[t][3], X + t * ldx, out + t * ldo)
+        RWKVX_Q4_DOT4_END(a[t][0], a[t][1], a[t][2], a[t][3], X + t * ldx, out + t * ldo);
     }
 }
 
@@ -375,7 +373,7 @@ RWKVX_AVX512VL static void rwkvx_dot4x_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i,
     case 1: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 1, out, ldo, prefetch); return;
     case 2: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 2, out, ldo, prefetch); return;
     case 3: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 3, out, ldo, prefetch); return;
-    default: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 4, out, ldo, prefetch); return;
+    case 4: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 4, out, ldo, prefetch); return;
     }
 }
 #undef RWKVX_Q4_LOOK
@@ -479,15 +477,6 @@ RWKVX_AVX512VL static void rwkvx_gemm4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i,
 
 /* ---- dispatch ----------------------------------------------------------------------- */
 
-/* Whether the CPU has what the AVX-512 q4 loop needs beyond level 2's AVX-512F. */
-static inline void rwkvx_q4_detect(void)
-{
-#if RWKVX_HAVE_X86_DISPATCH
-    __builtin_cpu_init();
-    rwkvx_q4_have_vl = __builtin_cpu_supports("avx512vl");
-#endif
-}
-
 static inline float rwkvx_dot_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *x)
 {
 #if RWKVX_HAVE_X86_DISPATCH
@@ -503,7 +492,7 @@ static inline void rwkvx_dot4_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
                                  int prefetch)
 {
 #if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl) {
+    if (rwkvx_simd_level >= 2 && rwkvx_have_vl) {
         rwkvx_dot4_q4_avx512(m, i, x, out4, prefetch);
         return;
     }
@@ -522,7 +511,7 @@ static inline void rwkvx_dot4x_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *X
                                   int T, float *out, ptrdiff_t ldo, int prefetch)
 {
 #if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl) {
+    if (rwkvx_simd_level >= 2 && rwkvx_have_vl) {
         rwkvx_dot4x_q4_avx512(m, i, X, ldx, T, out, ldo, prefetch);
         return;
     }
@@ -554,7 +543,7 @@ static inline int rwkvx_gemm4_q4(const rwkvx_q4 *m, ptrdiff_t i, const float *X,
                                  ptrdiff_t n_tok, float *Y, ptrdiff_t ldy, int prefetch)
 {
 #if RWKVX_HAVE_X86_DISPATCH
-    if (rwkvx_simd_level >= 2 && rwkvx_q4_have_vl && n_tok <= RWKVX_STORED_MAX_TOKENS) {
+    if (rwkvx_simd_level >= 2 && rwkvx_have_vl && n_tok <= RWKVX_STORED_MAX_TOKENS) {
         rwkvx_gemm4_q4_avx512(m, i, X, P, n_tok, Y, ldy, prefetch);
         return 1;
     }

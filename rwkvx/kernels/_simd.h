@@ -33,6 +33,10 @@
  * products. Set by rwkvx_detect_simd() at import (see RWKVX_DEFAULT_LEVEL). */
 static int rwkvx_simd_level = 0;
 
+/* Whether the CPU has AVX-512VL: the loops built for 256-bit registers with AVX-512's 32 of
+ * them (RWKVX_AVX512VL) need it beyond level 2's AVX-512F. Set by rwkvx_detect_simd(). */
+static int rwkvx_have_vl = 0;
+
 /* The fixed sum of sixteen lanes of the opt-in arithmetics' accumulators (_bf16dot.h,
  * _q4int8.h): lanes k and k + 8, then k and k + 4, then (0 + 2) + (1 + 3). */
 static inline float rwkvx_tree16(const float *l)
@@ -342,7 +346,7 @@ RWKVX_AVX2_DOTS(u8, uint8_t)
         }                                                                                      \
     }
 
-#define RWKVX_AVX2_VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
+#define RWKVX_AVX512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 
 #define RWKVX_DOT4X(TYPE, CTYPE)                                                              \
     RWKVX_AVX2 static inline __attribute__((always_inline)) void                              \
@@ -352,7 +356,7 @@ RWKVX_AVX2_DOTS(u8, uint8_t)
     {                                                                                          \
         RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
     }                                                                                          \
-    RWKVX_AVX2_VL static inline __attribute__((always_inline)) void                           \
+    RWKVX_AVX512VL static inline __attribute__((always_inline)) void                           \
     rwkvx_dot4x_##TYPE##_vl_t(const CTYPE *w, ptrdiff_t stride, const float *X,               \
                               ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,            \
                               ptrdiff_t ldo, int prefetch)                                    \
@@ -373,8 +377,8 @@ RWKVX_AVX2_DOTS(u8, uint8_t)
                                             ldo, t == 0);                                      \
         }                                                                                      \
     }                                                                                          \
-    /* T (1 to 4) tokens at once */                                                          \
-    RWKVX_AVX2_VL static void rwkvx_dot4x_##TYPE##_vl(const CTYPE *w, ptrdiff_t stride,        \
+    /* T (1 to RWKVX_FEW_TOKENS = 4) tokens at once */                                        \
+    RWKVX_AVX512VL static void rwkvx_dot4x_##TYPE##_vl(const CTYPE *w, ptrdiff_t stride,        \
                                                       const float *X, ptrdiff_t ldx, int T,   \
                                                       ptrdiff_t n, float *out, ptrdiff_t ldo) \
     {                                                                                          \
@@ -382,7 +386,7 @@ RWKVX_AVX2_DOTS(u8, uint8_t)
         case 1: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 1, n, out, ldo, 1); return;       \
         case 2: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 2, n, out, ldo, 1); return;       \
         case 3: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 3, n, out, ldo, 1); return;       \
-        default: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 4, n, out, ldo, 1); return;      \
+        case 4: rwkvx_dot4x_##TYPE##_vl_t(w, stride, X, ldx, 4, n, out, ldo, 1); return;       \
         }                                                                                      \
     }
 
@@ -917,6 +921,9 @@ static int rwkvx_detect_simd(void)
     if (env != NULL && env[0] >= '0' && env[0] <= '9')
         level = env[0] - '0' < best ? env[0] - '0' : best;
     rwkvx_simd_level = level;
+#if RWKVX_HAVE_X86_DISPATCH
+    rwkvx_have_vl = __builtin_cpu_supports("avx512vl");
+#endif
     return level;
 }
 
@@ -965,7 +972,7 @@ RWKVX_DISPATCH_DOTS(u8, uint8_t)
                                           ptrdiff_t ldx, int T, ptrdiff_t n, float *out,      \
                                           ptrdiff_t ldo)                                      \
     {                                                                                          \
-        if (rwkvx_simd_level >= 2) {                                                           \
+        if (rwkvx_simd_level >= 2 && rwkvx_have_vl) {                                          \
             rwkvx_dot4x_##TYPE##_vl(w, stride, X, ldx, T, n, out, ldo);                        \
             return;                                                                            \
         }                                                                                      \
