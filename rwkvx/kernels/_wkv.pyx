@@ -241,14 +241,21 @@ def wkv7(const float[:, ::1] r, const float[:, ::1] w, const float[:, ::1] k, co
 
 cdef void _mix_rows(Py_ssize_t T, Py_ssize_t C, Py_ssize_t M, const float* x, const float* prev,
                     const float* mix, float* out, int n_threads) noexcept nogil:
-    # out[m, t] = x[t] + (prev[t] - x[t]) * mix[m]
+    # out[m, t] = x[t] + (prev[t] - x[t]) * mix[m]; columns innermost, so the loop vectorises
+    # (with the mixes innermost it ran a float at a time: 1.5% of an RWKV-7 prompt)
     cdef Py_ssize_t m, t, j
-    cdef float sx
+    cdef const float* xt
+    cdef const float* pt
+    cdef const float* mm
+    cdef float* o
     for t in prange(T, schedule="static", num_threads=n_threads):
-        for j in range(C):
-            sx = prev[t * C + j] - x[t * C + j]
-            for m in range(M):
-                out[(m * T + t) * C + j] = x[t * C + j] + sx * mix[m * C + j]
+        xt = x + t * C
+        pt = prev + t * C
+        for m in range(M):
+            o = out + (m * T + t) * C
+            mm = mix + m * C
+            for j in range(C):
+                o[j] = xt[j] + (pt[j] - xt[j]) * mm[j]
 
 
 def mix_rows(const float[:, ::1] x, const float[:, ::1] prev, const float[:, ::1] mix, float[:, :, ::1] out,
