@@ -245,69 +245,15 @@ RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __
  * finishes all four sums. The hardware prefetcher falls behind on four interleaved
  * streams, so the next block of four rows (contiguous) is prefetched at the pace this one
  * is consumed, one cache line per 64 bytes read. Measured on the 169M shape, 2 threads:
- * uint8 reads 8 -> 25 GB/s. */
-#define RWKVX_AVX2_DOTS(TYPE, CTYPE)                                                          \
-    RWKVX_AVX2 static float rwkvx_dot_##TYPE##_avx2(const CTYPE *w, const float *x, ptrdiff_t n) \
-    {                                                                                          \
-        __m256 acc = _mm256_setzero_ps();                                                      \
-        ptrdiff_t j = 0;                                                                       \
-        for (; j + 8 <= n; j += 8)                                                             \
-            acc = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w + j), _mm256_loadu_ps(x + j), acc);     \
-        float total = rwkvx_hsum256(acc);                                                      \
-        for (; j < n; j++)                                                                     \
-            total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
-        return total;                                                                          \
-    }                                                                                          \
-    RWKVX_AVX2 static inline void rwkvx_dot4_##TYPE##_avx2_pf(const CTYPE *w, ptrdiff_t stride, \
-                                                              const float *x, ptrdiff_t n,    \
-                                                              float *out4, int prefetch)      \
-    {                                                                                          \
-        const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;     \
-        const char *ahead = (const char *)(w + 4 * stride);                                    \
-        const ptrdiff_t step_bytes = 4 * 8 * (ptrdiff_t)sizeof(CTYPE);                         \
-        const int l2 = 4 * n * (ptrdiff_t)sizeof(CTYPE) >= RWKVX_DOT4_L2_BLOCK;                \
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                             \
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                             \
-        ptrdiff_t j = 0;                                                                       \
-        for (; j + 8 <= n; j += 8) {                                                           \
-            const char *pf = ahead + (j / 8) * step_bytes;                                     \
-            for (ptrdiff_t b = 0; prefetch && b < step_bytes; b += 64) {                       \
-                if (l2) _mm_prefetch(pf + b, _MM_HINT_T1);                                     \
-                else _mm_prefetch(pf + b, _MM_HINT_T0);                                        \
-            }                                                                                  \
-            __m256 xv = _mm256_loadu_ps(x + j);                                                \
-            a0 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w0 + j), xv, a0);                          \
-            a1 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w1 + j), xv, a1);                          \
-            a2 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w2 + j), xv, a2);                          \
-            a3 = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w3 + j), xv, a3);                          \
-        }                                                                                      \
-        _mm_storeu_ps(out4, rwkvx_hsum4x256(a0, a1, a2, a3));                                  \
-        for (; j < n; j++) {                                                                   \
-            out4[0] += RWKVX_SCALAR_##TYPE(w0, j) * x[j];                                      \
-            out4[1] += RWKVX_SCALAR_##TYPE(w1, j) * x[j];                                      \
-            out4[2] += RWKVX_SCALAR_##TYPE(w2, j) * x[j];                                      \
-            out4[3] += RWKVX_SCALAR_##TYPE(w3, j) * x[j];                                      \
-        }                                                                                      \
-    }                                                                                          \
-    RWKVX_AVX2 static void rwkvx_dot4_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,          \
-                                                    const float *x, ptrdiff_t n, float *out4)  \
-    {                                                                                          \
-        rwkvx_dot4_##TYPE##_avx2_pf(w, stride, x, n, out4, 1);                                 \
-    }
-
-RWKVX_AVX2_DOTS(f32, float)
-RWKVX_AVX2_DOTS(bf16, uint16_t)
-RWKVX_AVX2_DOTS(f16, uint16_t)
-RWKVX_AVX2_DOTS(u8, uint8_t)
-
-/* A few tokens (batched decoding of a few sequences, a prompt's last rows): four rows
- * against T tokens, each token's sums exactly dot4's (the same lanes, order, tail and
- * reduction), the rows read and widened once for all T. The matrix-matrix tiles widen
- * every block of rows into memory and read it back, which for a few tokens cost more than
- * the multiply-adds (measurements at _few_tokens in _matvec.pyx).
- * out[t ldo + r] for token t (X + t ldx) and row r; T a constant at every call. The
- * AVX-512 level compiles the same loop with 32 vector registers, which hold four tokens'
- * sixteen accumulators; AVX2's sixteen hold two tokens'. */
+ * uint8 reads 8 -> 25 GB/s.
+ * dot4x: dot4's loop for T tokens at once (dot4 is T = 1), each token's sums dot4's (the
+ * same lanes, order, tail and reduction), the rows read and widened once for all T: for a
+ * few tokens (batched decoding of a few sequences, a prompt's last rows) the matrix-matrix
+ * tiles, which widen every block of rows into memory and read it back, cost more than the
+ * multiply-adds (measured: README, Speed). out[t ldo + r] for token t (X + t ldx) and row
+ * r; T a constant at every call. The AVX-512 level compiles the same loop with 32 vector
+ * registers, which hold four tokens' sixteen accumulators; AVX2's sixteen hold two
+ * tokens'. */
 #define RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
     const CTYPE *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;         \
     const char *ahead = (const char *)(w + 4 * stride);                                        \
@@ -394,6 +340,36 @@ RWKVX_DOT4X(f32, float)
 RWKVX_DOT4X(bf16, uint16_t)
 RWKVX_DOT4X(f16, uint16_t)
 RWKVX_DOT4X(u8, uint8_t)
+
+#define RWKVX_AVX2_DOTS(TYPE, CTYPE)                                                          \
+    RWKVX_AVX2 static float rwkvx_dot_##TYPE##_avx2(const CTYPE *w, const float *x, ptrdiff_t n) \
+    {                                                                                          \
+        __m256 acc = _mm256_setzero_ps();                                                      \
+        ptrdiff_t j = 0;                                                                       \
+        for (; j + 8 <= n; j += 8)                                                             \
+            acc = _mm256_fmadd_ps(rwkvx_load8_##TYPE(w + j), _mm256_loadu_ps(x + j), acc);     \
+        float total = rwkvx_hsum256(acc);                                                      \
+        for (; j < n; j++)                                                                     \
+            total += RWKVX_SCALAR_##TYPE(w, j) * x[j];                                         \
+        return total;                                                                          \
+    }                                                                                          \
+    RWKVX_AVX2 static inline void rwkvx_dot4_##TYPE##_avx2_pf(const CTYPE *w, ptrdiff_t stride, \
+                                                              const float *x, ptrdiff_t n,    \
+                                                              float *out4, int prefetch)      \
+    {                                                                                          \
+        rwkvx_dot4x_##TYPE##_avx2_t(w, stride, x, 0, 1, n, out4, 0, prefetch);                 \
+    }                                                                                          \
+    RWKVX_AVX2 static void rwkvx_dot4_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,          \
+                                                    const float *x, ptrdiff_t n, float *out4)  \
+    {                                                                                          \
+        rwkvx_dot4_##TYPE##_avx2_pf(w, stride, x, n, out4, 1);                                 \
+    }
+
+RWKVX_AVX2_DOTS(f32, float)
+RWKVX_AVX2_DOTS(bf16, uint16_t)
+RWKVX_AVX2_DOTS(f16, uint16_t)
+RWKVX_AVX2_DOTS(u8, uint8_t)
+
 
 /* Widen n stored weights to float32 (exact for every type), for the matrix-matrix path. */
 #define RWKVX_AVX2_WIDEN(TYPE, CTYPE)                                                         \
