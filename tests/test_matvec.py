@@ -108,6 +108,33 @@ def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
                 assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, n_threads)
 
 
+@pytest.mark.skipif(_matvec.best_simd_level() < 2, reason="needs AVX-512")
+def test_avx512_without_vl_gives_the_same_bits(rng):
+    # a CPU with AVX-512F but not VL runs the few-token products in AVX2's registers and
+    # q4 without its AVX-512 loops
+    from rwkvx.quant import quantize_q4
+    w, _ = _data(rng, 17, 200)
+    lins = _all_kinds(w) + [_matvec.Linear.q4(*_q4_arrays(quantize_q4(w)), 200)]
+    X = rng.standard_normal((13, 200)).astype(np.float32)
+    expected = [[lin(x) for x in X] for lin in lins]
+    _matvec.set_simd_level(2)
+    try:
+        for vl in (False, True):
+            _matvec.set_avx512vl(vl)
+            for lin, want in zip(lins, expected):
+                assert np.array_equal(np.stack([lin(x) for x in X]), np.stack(want)), (lin.dtype, vl)
+                for n_tok in (2, 3, 4, 7, 8, 13):
+                    Y = lin.matmul(X[:n_tok], n_threads=2)
+                    assert np.array_equal(Y, np.stack(want[:n_tok])), (lin.dtype, vl, n_tok)
+    finally:
+        _matvec.set_avx512vl(True)
+        _matvec.set_simd_level(DEFAULT_LEVEL)
+
+
+def _q4_arrays(qm):
+    return qm.q4, qm.sd, qm.sm, qm.D, qm.M
+
+
 def test_wide_products_in_passes_of_a_few_tokens_equal_matvec(simd, rng):
     # 16384 columns: the product takes 8 tokens a pass, as many as bfloat16's few-token
     # limit, while the call has 12; whether the tiles or the few-token product run is

@@ -115,6 +115,7 @@ cdef extern from "_q4int8.h" nogil:
 rwkvx_detect_simd()
 rwkvx_i8_detect()
 rwkvx_bd_detect()
+_HAVE_VL = bool(rwkvx_have_vl)
 
 ARITHMETICS = ("float32", "int8", "bfloat16")
 
@@ -160,6 +161,17 @@ def set_simd_level(int level) -> int:
     global rwkvx_simd_level
     rwkvx_simd_level = min(level, rwkvx_best_simd())
     return rwkvx_simd_level
+
+
+def set_avx512vl(bint enabled) -> bool:
+    """Whether level 2 may use the loops built for AVX-512VL (the few-token products, q4's
+    loops): only where the CPU has it. Returns whether they are used.
+
+    For tests: off, this CPU runs what one with AVX-512F but not VL would (the same bits).
+    """
+    global rwkvx_have_vl
+    rwkvx_have_vl = enabled and _HAVE_VL
+    return bool(rwkvx_have_vl)
 
 
 cdef inline bint _q4_int8(const Matrix* m) noexcept nogil:
