@@ -46,8 +46,8 @@ static void rwkvx_lowrank_block_portable(ptrdiff_t n_in, ptrdiff_t width, const 
 #define RWKVX_LOWRANK_X86 1
 
 /* The same sums in registers for one or two tokens (two: twice the independent chains per
- * weight loaded): four vectors of outputs (AVX2; AVX-512 below has eight), masked to `width` (masked-off lanes load nothing
- * and sum zeros). The sums live in named variables: kept in arrays, GCC stores them to the
+ * weight loaded): four vectors of outputs (AVX2; AVX-512 below has eight), masked to
+ * `width` (masked-off lanes load nothing and sum zeros). The sums live in named variables: kept in arrays, GCC stores them to the
  * stack every step, which made a one-token product run at a third of memory speed. */
 /* A block of a wider matrix reads a stretch of every row: a stride the hardware does not
  * prefetch (1024 x 160 from L3: 6 GB/s on one thread). Fetch the block's row eight ahead. */

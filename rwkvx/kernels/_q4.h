@@ -202,9 +202,6 @@ RWKVX_AVX2 static inline void rwkvx_q4_params4(const rwkvx_q4 *m, ptrdiff_t i, p
     _mm_storeu_ps(D, rwkvx_q4_rows4(m->D + i));                                              \
     _mm_storeu_ps(M, rwkvx_q4_rows4(m->M + i))
 
-#define RWKVX_Q4_ACC4                                                                        \
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                               \
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps()
 
 /* Rows i .. i + 3 against x, as rwkvx_dot4_f32_avx2 sums them: one accumulator per row in
  * column order, the four-way reduction, the scalar tail. */
@@ -212,7 +209,8 @@ RWKVX_AVX2 static void rwkvx_dot4_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, const 
                                          float *out4, int prefetch)
 {
     RWKVX_Q4_DOT4_SETUP;
-    RWKVX_Q4_ACC4;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     __m256 d0, d1, d2, d3, m0, m1, m2, m3;
 #define RWKVX_Q4_PARAMS(k)                                       \
     d0 = _mm256_broadcast_ss(gd[0] + (k));                       \
@@ -313,29 +311,10 @@ RWKVX_AVX2 static void rwkvx_widen_q4_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdi
 /* Step p's eight weights of row r (words w, tables l, h). */
 #define RWKVX_Q4_LOOK(l, w, h, p) _mm256_permutex2var_ps(l, _mm256_srli_epi32(w, 4 * (p)), h)
 
-RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
-                                               float *out4, int prefetch)
-{
-    RWKVX_Q4_DOT4_SETUP;
-    RWKVX_Q4_ACC4;
-    RWKVX_Q4_TABLE_REGS;
-#define RWKVX_Q4_LOOKUP(p, j)                                                                \
-    do {                                                                                     \
-        const __m256 xv = _mm256_loadu_ps(x + (j));                                          \
-        a0 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l0, w0, h0, p), xv, a0);                          \
-        a1 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l1, w1, h1, p), xv, a1);                          \
-        a2 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l2, w2, h2, p), xv, a2);                          \
-        a3 = _mm256_fmadd_ps(RWKVX_Q4_LOOK(l3, w3, h3, p), xv, a3);                          \
-    } while (0)
-    RWKVX_Q4_DOT4_LOOPS(RWKVX_Q4_TABLES, RWKVX_Q4_LOOKUP)
-    RWKVX_Q4_DOT4_END(a0, a1, a2, a3, x, out4);
-#undef RWKVX_Q4_LOOKUP
-}
-
-/* As rwkvx_dot4_q4_avx512 for T (1 to 4, a constant at every call) tokens X + t ldx at
- * once, into out + t ldo: each weight is looked up once for all of them (decoding q4 is
- * bound by that lookup, so a second sequence in a batch cost nearly a second token's
- * time), and each token's sums are dot4's, the same bits. */
+/* Rows i .. i + 3 against T (1 to 4, a constant at every call) tokens X + t ldx at once,
+ * into out + t ldo, each token summed as rwkvx_dot4_f32_avx2 sums it: each weight is looked
+ * up once for all of them (decoding q4 is bound by that lookup, so a second sequence in a
+ * batch cost nearly a second token's time). One token (T = 1) is decoding's product. */
 RWKVX_AVX512VL static inline __attribute__((always_inline)) void
 rwkvx_dot4x_q4_avx512_t(const rwkvx_q4 *m, ptrdiff_t i, const float *X, ptrdiff_t ldx, const int T,
                         float *out, ptrdiff_t ldo, int prefetch)
@@ -375,6 +354,12 @@ RWKVX_AVX512VL static void rwkvx_dot4x_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i,
     case 3: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 3, out, ldo, prefetch); return;
     case 4: rwkvx_dot4x_q4_avx512_t(m, i, X, ldx, 4, out, ldo, prefetch); return;
     }
+}
+
+RWKVX_AVX512VL static void rwkvx_dot4_q4_avx512(const rwkvx_q4 *m, ptrdiff_t i, const float *x,
+                                               float *out4, int prefetch)
+{
+    rwkvx_dot4x_q4_avx512_t(m, i, x, 0, 1, out4, 0, prefetch);
 }
 #undef RWKVX_Q4_LOOK
 #undef RWKVX_Q4_TABLE_REGS

@@ -294,21 +294,19 @@ RWKVX_AVX2 static inline __m128 rwkvx_hsum4x256(__m256 a, __m256 b, __m256 c, __
 
 #define RWKVX_AVX512VL __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 
+/* dot4x's loop for T tokens (a constant), compiled for the target ATTR */
+#define RWKVX_DOT4X_T(TYPE, CTYPE, SUFFIX, ATTR)                                              \
+    ATTR static inline __attribute__((always_inline)) void                                    \
+    rwkvx_dot4x_##TYPE##_##SUFFIX##_t(const CTYPE *w, ptrdiff_t stride, const float *X,       \
+                                      ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,    \
+                                      ptrdiff_t ldo, int prefetch)                            \
+    {                                                                                          \
+        RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
+    }
+
 #define RWKVX_DOT4X(TYPE, CTYPE)                                                              \
-    RWKVX_AVX2 static inline __attribute__((always_inline)) void                              \
-    rwkvx_dot4x_##TYPE##_avx2_t(const CTYPE *w, ptrdiff_t stride, const float *X,             \
-                                ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,          \
-                                ptrdiff_t ldo, int prefetch)                                  \
-    {                                                                                          \
-        RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
-    }                                                                                          \
-    RWKVX_AVX512VL static inline __attribute__((always_inline)) void                           \
-    rwkvx_dot4x_##TYPE##_vl_t(const CTYPE *w, ptrdiff_t stride, const float *X,               \
-                              ptrdiff_t ldx, const int T, ptrdiff_t n, float *out,            \
-                              ptrdiff_t ldo, int prefetch)                                    \
-    {                                                                                          \
-        RWKVX_DOT4X_BODY(TYPE, CTYPE)                                                         \
-    }                                                                                          \
+    RWKVX_DOT4X_T(TYPE, CTYPE, avx2, RWKVX_AVX2)                                              \
+    RWKVX_DOT4X_T(TYPE, CTYPE, vl, RWKVX_AVX512VL)                                            \
     /* T tokens, two at a time (AVX2's registers) */                                         \
     RWKVX_AVX2 static void rwkvx_dot4x_##TYPE##_avx2(const CTYPE *w, ptrdiff_t stride,         \
                                                      const float *X, ptrdiff_t ldx, int T,    \
