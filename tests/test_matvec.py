@@ -93,6 +93,13 @@ def _all_kinds(w):
             _matvec.Linear.u8(qm.q, qm.mx, qm.rx, qm.my, qm.ry)]
 
 
+def _assert_rows_equal_matvec(lin, X, n_threads=2, note=None):
+    """Each row of the product of rows X is the matrix-vector product of that row, bit for bit."""
+    Y = lin.matmul(X, n_threads=n_threads)
+    for t in range(len(X)):
+        assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, note)
+
+
 # around the few-token product's limits (4, 8 and 16 tokens by kind and level: _few_tokens)
 # and the stored tile's (12)
 @pytest.mark.parametrize("n_tok", [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17])
@@ -103,9 +110,7 @@ def test_matmul_rows_equal_matvec(simd, rng, n_rows, n_cols, n_tok):
     X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
     for lin in _all_kinds(w):
         for n_threads in (1, 2, 3):
-            Y = lin.matmul(X, n_threads=n_threads)
-            for t in range(n_tok):
-                assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, n_threads)
+            _assert_rows_equal_matvec(lin, X, n_threads, note=n_threads)
 
 
 @pytest.mark.skipif(_matvec.best_simd_level() < 2, reason="needs AVX-512")
@@ -113,8 +118,9 @@ def test_avx512_without_vl_gives_the_same_bits(rng):
     # a CPU with AVX-512F but not VL runs the few-token products in AVX2's registers and
     # q4 without its AVX-512 loops
     from rwkvx.quant import quantize_q4
+    from rwkvx.weights import linear
     w, _ = _data(rng, 17, 200)
-    lins = _all_kinds(w) + [_matvec.Linear.q4(*_q4_arrays(quantize_q4(w)), 200)]
+    lins = _all_kinds(w) + [linear(quantize_q4(w))]
     X = rng.standard_normal((13, 200)).astype(np.float32)
     expected = [[lin(x) for x in X] for lin in lins]
     _matvec.set_simd_level(2)
@@ -131,10 +137,6 @@ def test_avx512_without_vl_gives_the_same_bits(rng):
         _matvec.set_simd_level(DEFAULT_LEVEL)
 
 
-def _q4_arrays(qm):
-    return qm.q4, qm.sd, qm.sm, qm.D, qm.M
-
-
 def test_wide_products_in_passes_of_a_few_tokens_equal_matvec(simd, rng):
     # 16384 columns: the product takes 8 tokens a pass, as many as bfloat16's few-token
     # limit, while the call has 12; whether the tiles or the few-token product run is
@@ -143,9 +145,7 @@ def test_wide_products_in_passes_of_a_few_tokens_equal_matvec(simd, rng):
     for n_tok in (8, 12):
         X = rng.standard_normal((n_tok, 16384)).astype(np.float32)
         for lin in _all_kinds(w):
-            Y = lin.matmul(X, n_threads=2)
-            for t in range(n_tok):
-                assert np.array_equal(Y[t], lin(X[t])), (lin.dtype, n_tok)
+            _assert_rows_equal_matvec(lin, X, note=n_tok)
 
 
 def test_matmul_in_several_passes_equals_matvec(simd, rng):
@@ -154,9 +154,7 @@ def test_matmul_in_several_passes_equals_matvec(simd, rng):
     w, _ = _data(rng, 21, 8201)
     X = rng.standard_normal((37, 8201)).astype(np.float32)
     for lin in _all_kinds(w):
-        Y = lin.matmul(X, n_threads=2)
-        for t in range(37):
-            assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+        _assert_rows_equal_matvec(lin, X)
 
 
 def test_products_past_the_kept_scratch_and_after_a_smaller_one_equal_matvec(rng):
@@ -185,9 +183,7 @@ def test_matmul_of_long_rows_equals_matvec(simd, rng, n_cols):
     for n_tok in (3, 10):
         X = rng.standard_normal((n_tok, n_cols)).astype(np.float32)
         for lin in _all_kinds(w):
-            Y = lin.matmul(X, n_threads=2)
-            for t in range(n_tok):
-                assert np.array_equal(Y[t], lin(X[t])), lin.dtype
+            _assert_rows_equal_matvec(lin, X, note=n_tok)
 
 
 def test_matmul_raises_on_shape_mismatch(rng):
