@@ -22,6 +22,40 @@ def simd(request):
     yield request.param
     _matvec.set_simd_level(before)
 
+
+def _int8_vnni256_modes() -> list[int]:
+    before = _matvec.int8_vnni256()
+    try:
+        return [mode for mode in (1, 2) if _matvec.set_int8_vnni256(mode) == mode]
+    finally:
+        _matvec.set_int8_vnni256(before)
+
+
+# int8 arithmetic's loops: each SIMD level, and level 1 with each 256-bit vpdpbusd this CPU
+# has (AVX-VNNI, or AVX-512's form of it running the same loops: _int8.h), as
+# (SIMD level, int8_vnni256 mode)
+INT8_LOOPS = [(level, 0) for level in SIMD_LEVELS] + [(1, mode) for mode in _int8_vnni256_modes()
+                                                      if 1 in SIMD_LEVELS]
+INT8_LOOP_NAMES = {(0, 0): "portable", (1, 0): "avx2", (2, 0): "avx512", (1, 1): "avx-vnni",
+                   (1, 2): "avx-vnni-as-evex"}
+
+
+def set_int8_loops(loops: tuple[int, int]) -> tuple[int, int]:
+    """Choose int8 arithmetic's loops; returns the ones in use before."""
+    before = (_matvec.simd_level(), _matvec.int8_vnni256())
+    _matvec.set_simd_level(loops[0])
+    _matvec.set_int8_vnni256(loops[1])
+    return before
+
+
+@pytest.fixture(params=INT8_LOOPS, ids=INT8_LOOP_NAMES.get)
+def int8_loops(request):
+    """Run the test with each of int8 arithmetic's loops (INT8_LOOPS), restoring them after."""
+    before = set_int8_loops(request.param)
+    yield request.param
+    set_int8_loops(before)
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_MODEL = SHARED / "models" / "tiny-rwkv-660K-FP32.bin"
 TINY_EXPECTED = SHARED / "models" / "expected_logits.bin"
@@ -33,19 +67,20 @@ ENGLISH = (b"The quick brown fox jumps over the lazy dog. In the beginning was t
 
 
 def assert_same_bits_everywhere(lin, X: np.ndarray, one_row_too: bool = False) -> None:
-    """An opt-in arithmetic's products of the rows X: the same bits at every SIMD level and
-    thread count, and for each row whichever rows share its product; with one_row_too, a
-    row alone (the matrix-vector product, as decoding runs it) as well."""
-    before = _matvec.simd_level()
+    """An opt-in arithmetic's products of the rows X: the same bits at every SIMD level (and
+    with each of int8's loops) and thread count, and for each row whichever rows share its
+    product; with one_row_too, a row alone (the matrix-vector product, as decoding runs it)
+    as well."""
+    before = set_int8_loops((_matvec.simd_level(), _matvec.int8_vnni256()))
     try:
         results = []
-        for level in SIMD_LEVELS:
-            _matvec.set_simd_level(level)
+        for loops in INT8_LOOPS:
+            set_int8_loops(loops)
             results += [lin.matmul(X, n_threads=n) for n in (1, 2, 3)]
             if one_row_too:
                 results.append(np.stack([lin(x, n_threads=2) for x in X]))
     finally:
-        _matvec.set_simd_level(before)
+        set_int8_loops(before)
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
     for rows in ([3, 0], [12, 5, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8], [6, 6]):

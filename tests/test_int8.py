@@ -1,6 +1,9 @@
 """int8 arithmetic (Linear.with_arithmetic("int8"), load(arithmetic="int8")): against an exact
 numpy model of its integer arithmetic, the same bits for every thread count, SIMD level and
 batch composition, and close to the float32 products."""
+import os
+import platform
+
 import numpy as np
 import pytest
 
@@ -9,9 +12,7 @@ from rwkvx.kernels import _matvec
 from rwkvx.errors import RwkvxError
 from rwkvx.quant import quantize_u8
 
-from conftest import SIMD_LEVELS, arithmetic_error, assert_one_token_in_float32, assert_same_bits_everywhere
-
-LEVELS = SIMD_LEVELS
+from conftest import arithmetic_error, assert_one_token_in_float32, assert_same_bits_everywhere
 
 
 def _u8(rng, n_rows, n_cols):
@@ -55,7 +56,7 @@ def int8_model(qm, X: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("n_cols", [1, 2, 3, 7, 17, 31, 33, 64, 65, 127, 1023])
 @pytest.mark.parametrize("n_rows", [1, 3, 4, 5, 17])
-def test_int8_matmul_is_the_exact_integer_model(simd, rng, n_rows, n_cols):
+def test_int8_matmul_is_the_exact_integer_model(int8_loops, rng, n_rows, n_cols):
     qm, lin = _u8(rng, n_rows, n_cols)
     X = rng.standard_normal((7, n_cols)).astype(np.float32)
     X[2] *= 50       # a token with a larger scale than the others
@@ -80,6 +81,25 @@ def test_int8_wider_than_one_int32_chunk(rng):
 def test_int8_same_bits_for_threads_levels_and_batches(rng):
     _, lin = _u8(rng, 130, 200)
     assert_same_bits_everywhere(lin.with_arithmetic("int8"), rng.standard_normal((13, 200)).astype(np.float32))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"),
+                    reason="reads the x86 CPU's flags from /proc/cpuinfo")
+def test_int8_vnni256_follows_the_cpu():
+    # AVX-VNNI's loops are chosen where the CPU lists the instruction set, and a form the
+    # CPU lacks is refused (0: AVX2's loops)
+    flags = set(open("/proc/cpuinfo").read().split())
+    vex, evex = "avx_vnni" in flags, {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
+    before = _matvec.int8_vnni256()
+    try:
+        assert before == (1 if vex else 0)
+        assert _matvec.set_int8_vnni256(1) == (1 if vex else 0)
+        assert _matvec.set_int8_vnni256(2) == (2 if evex else 0)
+        assert _matvec.set_int8_vnni256(0) == 0
+        with pytest.raises(RwkvxError, match="int8 vnni256: expected 0, 1 or 2, got 3"):
+            _matvec.set_int8_vnni256(3)
+    finally:
+        _matvec.set_int8_vnni256(before)
 
 
 def test_int8_one_token_is_the_float32_product(rng):

@@ -83,7 +83,7 @@ def q4_int8_model(qm, X: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("n_cols", [1, 7, 63, 64, 65, 129, 1000, 2113])
 @pytest.mark.parametrize("n_rows", [1, 4, 6])
-def test_q4_int8_follows_the_definition(simd, rng, n_rows, n_cols):
+def test_q4_int8_follows_the_definition(int8_loops, rng, n_rows, n_cols):
     qm, lin = _q4(rng, n_rows, n_cols)
     X = rng.standard_normal((3, n_cols)).astype(np.float32)
     X[1] *= 40

@@ -21,8 +21,9 @@
  * _matvec.pyx, which also keeps one-token products on the float32 path.
  *
  * Levels: AVX-512 VNNI (with AVX-512BW's masked byte loads for the last columns) at SIMD
- * level 2 where the CPU has it; else AVX2's vpmaddwd on bytes widened to 16 bits at level
- * 1; else plain C loops (GCC vectorises an integer sum, which it may reorder).
+ * level 2 where the CPU has it; else at level 1 AVX-VNNI's 256-bit vpdpbusd where the CPU
+ * has it, or AVX2's vpmaddwd on bytes widened to 16 bits; else plain C loops (GCC
+ * vectorises an integer sum, which it may reorder).
  */
 #ifndef RWKVX_INT8_H
 #define RWKVX_INT8_H
@@ -31,6 +32,16 @@
 #include <math.h>
 
 #include "_simd.h"
+
+/* AVX-VNNI's loops: x86, and a compiler that knows the instruction set (GCC 11, clang
+ * 12); elsewhere level 1 keeps AVX2's. */
+#ifndef RWKVX_HAVE_AVXVNNI
+#if RWKVX_HAVE_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define RWKVX_HAVE_AVXVNNI 1
+#else
+#define RWKVX_HAVE_AVXVNNI 0
+#endif
+#endif
 
 /* Columns summed in int32 before a row's partial sums are added in int64. */
 #define RWKVX_I8_CHUNK 65536
@@ -47,6 +58,10 @@ static inline ptrdiff_t rwkvx_i8_stride(ptrdiff_t n) { return (n + 63) / 64 * 64
 
 /* 1 if the CPU has AVX-512 VNNI and BW (set by rwkvx_i8_detect). */
 static int rwkvx_i8_has_vnni = 0;
+/* Which 256-bit vpdpbusd level 1's loops use: 0 none (AVX2's vpmaddwd), 1 AVX-VNNI's, 2
+ * the EVEX twin (see "256-bit VNNI" below). rwkvx_i8_detect sets 1 where the CPU has
+ * AVX-VNNI; 2 only by request (tests). */
+static int rwkvx_i8_vnni256 = 0;
 
 static inline void rwkvx_i8_detect(void)
 {
@@ -54,6 +69,9 @@ static inline void rwkvx_i8_detect(void)
     __builtin_cpu_init();
     rwkvx_i8_has_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vnni");
+#if RWKVX_HAVE_AVXVNNI
+    rwkvx_i8_vnni256 = __builtin_cpu_supports("avxvnni") ? 1 : 0;
+#endif
 #endif
 }
 
@@ -169,6 +187,29 @@ RWKVX_I8_AVX2 static inline __m128i rwkvx_i8_hsum4_avx2(__m256i a, __m256i b, __
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
+/* The end of a pass of the 256-bit loops over tokens x0 and x1 (x1 == x0 if T is 1): the
+ * lanes c[k] summed, columns `done` .. n - 1 added in scalar code, and the four rows'
+ * products of each token finished into Y[k ldy]. */
+RWKVX_I8_AVX2 static inline __attribute__((always_inline)) void
+rwkvx_i8_pass_avx2(__m256i c[2][4], int T, const uint8_t *q, ptrdiff_t n, ptrdiff_t done,
+                   const int8_t *x0, const int8_t *x1, __m128 vry, __m128 vmy,
+                   const rwkvx_u8_sums *sums, float *Y, ptrdiff_t ldy)
+{
+    for (int k = 0; k < T; k++) {
+        const int8_t *x = k ? x1 : x0;
+        __m128i s4 = rwkvx_i8_hsum4_avx2(c[k][0], c[k][1], c[k][2], c[k][3]);
+        if (done < n) {
+            int32_t rest[4];
+            _mm_storeu_si128((__m128i *)rest, s4);
+            for (int r = 0; r < 4; r++)
+                for (ptrdiff_t j = done; j < n; j++)
+                    rest[r] += (int32_t)q[r * n + j] * (int32_t)x[j];
+            s4 = _mm_loadu_si128((const __m128i *)rest);
+        }
+        _mm_storeu_ps(Y + k * ldy, rwkvx_i8_finish4(s4, vry, vmy, sums + k));
+    }
+}
+
 /* rwkvx_i8_block4_vnni without VNNI: sixteen columns a step, widened to 16 bits (u8 and
  * s8 both fit int16) and multiplied in pairs into 32-bit lanes by vpmaddwd, which is exact
  * (2 x 255 x 127 < 2^15 x 2); the last columns in scalar code. GCC's own vectorisation of
@@ -198,20 +239,66 @@ RWKVX_I8_AVX2 static void rwkvx_i8_block4_avx2(const uint8_t *q, ptrdiff_t n, co
                 c[1][r] = _mm256_add_epi32(c[1][r], _mm256_madd_epi16(w[r], a1));
             }
         }
-        for (int k = 0; k < T; k++) {
-            const int8_t *x = k ? x1 : x0;
-            __m128i s4 = rwkvx_i8_hsum4_avx2(c[k][0], c[k][1], c[k][2], c[k][3]);
-            if (n16 < n) {
-                int32_t rest[4];
-                _mm_storeu_si128((__m128i *)rest, s4);
-                for (int r = 0; r < 4; r++)
-                    for (ptrdiff_t j = n16; j < n; j++)
-                        rest[r] += (int32_t)q[r * n + j] * (int32_t)x[j];
-                s4 = _mm_loadu_si128((const __m128i *)rest);
-            }
-            _mm_storeu_ps(Y + (t + k) * ldy, rwkvx_i8_finish4(s4, vry, vmy, sums + t + k));
-        }
+        rwkvx_i8_pass_avx2(c, T, q, n, n16, x0, x1, vry, vmy, sums + t, Y + t * ldy, ldy);
     }
+}
+
+/* ---- 256-bit VNNI (AVX-VNNI) ---------------------------------------------------------
+ * Intel's client cores since Alder Lake (and its E-core Xeons) have vpdpbusd on 256-bit
+ * registers without AVX-512: AVX-VNNI, the VEX form of the instruction. Level 1 uses it
+ * where the CPU has it: 32 columns of four rows against a byte of two tokens each step,
+ * one instruction per row and token where AVX2 needs two widenings, a vpmaddwd and an add
+ * per 16 columns. The sums are exact, so the bits are the AVX2 loop's. Each loop is
+ * compiled twice from one body: for AVX-VNNI, and for AVX-512 VNNI + VL, whose EVEX form
+ * of the instruction computes the same; that twin lets the tests run the loop on CPUs with
+ * AVX-512 but not AVX-VNNI (set_int8_vnni256 in _matvec.pyx). */
+
+#define RWKVX_VNNI256 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define RWKVX_DPBUSD_VNNI256(c, w, x) _mm256_dpbusd_epi32(c, w, x)
+#if RWKVX_HAVE_AVXVNNI
+#define RWKVX_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define RWKVX_DPBUSD_AVXVNNI(c, w, x) _mm256_dpbusd_avx_epi32(c, w, x)
+#endif
+
+/* rwkvx_i8_block4_avx2 with DPBUSD(c, w, x) (c + the four-byte sums of w x per 32-bit
+ * lane) on 32 columns a step. */
+#define RWKVX_I8_BLOCK4_256_BODY(DPBUSD)                                                     \
+    const __m128 vry = _mm_loadu_ps(ry), vmy = _mm_loadu_ps(my);                             \
+    const ptrdiff_t n32 = n / 32 * 32;                                                       \
+    for (ptrdiff_t t = 0; t < n_tok; t += RWKVX_I8_TILE_AVX2) {                               \
+        const int T = n_tok - t < RWKVX_I8_TILE_AVX2 ? (int)(n_tok - t) : RWKVX_I8_TILE_AVX2;  \
+        const int8_t *x0 = A + t * lda, *x1 = T > 1 ? x0 + lda : x0;                         \
+        __m256i c[2][4];                                                                     \
+        for (int k = 0; k < 8; k++)                                                          \
+            c[k / 4][k % 4] = _mm256_setzero_si256();                                        \
+        for (ptrdiff_t j = 0; j < n32; j += 32) {                                            \
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(x0 + j));                \
+            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(x1 + j));                \
+            for (int r = 0; r < 4; r++) {                                                    \
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(q + r * n + j));      \
+                c[0][r] = DPBUSD(c[0][r], w, a0);                                            \
+                c[1][r] = DPBUSD(c[1][r], w, a1);                                            \
+            }                                                                                \
+        }                                                                                    \
+        rwkvx_i8_pass_avx2(c, T, q, n, n32, x0, x1, vry, vmy, sums + t, Y + t * ldy, ldy);   \
+    }
+
+#if RWKVX_HAVE_AVXVNNI
+RWKVX_AVXVNNI static void rwkvx_i8_block4_avxvnni(const uint8_t *q, ptrdiff_t n, const int8_t *A,
+                                                 ptrdiff_t lda, ptrdiff_t n_tok, const float *ry,
+                                                 const float *my, const rwkvx_u8_sums *sums,
+                                                 float *Y, ptrdiff_t ldy)
+{
+    RWKVX_I8_BLOCK4_256_BODY(RWKVX_DPBUSD_AVXVNNI)
+}
+#endif
+
+RWKVX_VNNI256 static void rwkvx_i8_block4_vnni256(const uint8_t *q, ptrdiff_t n, const int8_t *A,
+                                                 ptrdiff_t lda, ptrdiff_t n_tok, const float *ry,
+                                                 const float *my, const rwkvx_u8_sums *sums,
+                                                 float *Y, ptrdiff_t ldy)
+{
+    RWKVX_I8_BLOCK4_256_BODY(RWKVX_DPBUSD_VNNI256)
 }
 
 /* ---- AVX-512 VNNI ------------------------------------------------------------------- */
@@ -462,7 +549,15 @@ static inline void rwkvx_i8_block(const uint8_t *q, ptrdiff_t n, int n_r, const 
         return;
     }
     if (n_r == 4 && n <= RWKVX_I8_CHUNK && rwkvx_i8_level() == 1) {
-        rwkvx_i8_block4_avx2(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
+#if RWKVX_HAVE_AVXVNNI
+        if (rwkvx_i8_vnni256 == 1)
+            rwkvx_i8_block4_avxvnni(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
+        else
+#endif
+        if (rwkvx_i8_vnni256 == 2)
+            rwkvx_i8_block4_vnni256(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
+        else
+            rwkvx_i8_block4_avx2(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
         return;
     }
 #endif

@@ -90,6 +90,8 @@ cdef extern from "_lowrank.h" nogil:
                              const float* wt, Py_ssize_t ldw, float* out0, float* out1)
 
 cdef extern from "_int8.h" nogil:
+    int rwkvx_i8_has_vnni
+    int rwkvx_i8_vnni256
     void rwkvx_i8_detect()
     int rwkvx_i8_level()
     Py_ssize_t rwkvx_i8_stride(Py_ssize_t n)
@@ -116,6 +118,8 @@ rwkvx_detect_simd()
 rwkvx_i8_detect()
 rwkvx_bd_detect()
 _HAVE_VL = bool(rwkvx_have_vl)
+# the 256-bit vpdpbusd each form needs: 1 AVX-VNNI, 2 AVX-512 VNNI + VL (see _int8.h)
+_VNNI256 = {0: True, 1: rwkvx_i8_vnni256 == 1, 2: bool(rwkvx_i8_has_vnni and rwkvx_have_vl)}
 
 ARITHMETICS = ("float32", "int8", "bfloat16")
 
@@ -137,9 +141,30 @@ def best_simd_level() -> int:
 
 def int8_level() -> int:
     """The loops of int8 arithmetic (Linear.with_arithmetic) in use: 2 AVX-512 VNNI, 1 C
-    loops built for AVX2, 0 portable C. They follow the SIMD level (set_simd_level) and
-    all give the same bits."""
+    loops built for AVX2 (with AVX-VNNI where the CPU has it: int8_vnni256), 0 portable C.
+    They follow the SIMD level (set_simd_level) and all give the same bits."""
     return rwkvx_i8_level()
+
+
+def int8_vnni256() -> int:
+    """Which 256-bit vpdpbusd int8_level 1 multiplies with: 1 AVX-VNNI's (Intel's client
+    cores since Alder Lake, detected at import), 0 none (AVX2's vpmaddwd), 2 AVX-512's form
+    of the same instruction (set by tests). All give the same bits."""
+    return rwkvx_i8_vnni256
+
+
+def set_int8_vnni256(int mode) -> int:
+    """Choose int8_level 1's multiply: 0 AVX2's, 1 AVX-VNNI's, 2 AVX-512 VNNI + VL's (the
+    same loop as 1 in the instruction's other encoding), each only where the CPU has it
+    (else 0). Returns the mode set.
+
+    For tests: mode 2 runs the AVX-VNNI loops on CPUs with AVX-512 but not AVX-VNNI.
+    """
+    if mode not in (0, 1, 2):
+        raise RwkvxError(f"int8 vnni256: expected 0, 1 or 2, got {mode}")
+    global rwkvx_i8_vnni256
+    rwkvx_i8_vnni256 = mode if _VNNI256[mode] else 0
+    return rwkvx_i8_vnni256
 
 
 def bf16_level() -> int:

@@ -242,11 +242,12 @@ RWKVX_Q4I8_VNNI static void rwkvx_q4i8_block4_vnni(const rwkvx_q4 *m, ptrdiff_t 
     }
 }
 
-/* ---- AVX2 ------------------------------------------------------------------------------
+/* ---- AVX2 and AVX-VNNI -------------------------------------------------------------------
  * vpmaddubsw multiplies a nibble by a byte of a and adds pairs in 16 bits (at most
  * 2 x 15 x 127, no saturation), the low and high nibbles' pairs add (at most 7620), and
  * vpmaddwd by ones adds those pairs in 32 bits: the same eight products per word as the
- * VNNI loop. The even groups are lanes 0-7, the odd ones lanes 8-15. */
+ * VNNI loop. Where the CPU has AVX-VNNI, two 256-bit vpdpbusd give the same words. The
+ * even groups are lanes 0-7, the odd ones lanes 8-15. */
 
 #define RWKVX_Q4I8_AVX2_TILE 4
 
@@ -271,86 +272,106 @@ RWKVX_Q4I8_AVX2 static inline void rwkvx_q4i8_params_avx2(const rwkvx_q4 *m, ptr
     }
 }
 
+/* One group's eight words of products with a token's bytes A (against the low nibbles)
+ * and A + 64 (the high ones): eight exact sums in 32-bit lanes. AVX2's way takes four
+ * instructions; AVX-VNNI's vpdpbusd (see _int8.h) two. */
+#define RWKVX_Q4I8_WORDS_AVX2(lo, hi, A)                                                         \
+    _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(A))),  \
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)((A) + 64)))), \
+                      _mm256_set1_epi16(1))
+#define RWKVX_Q4I8_WORDS_DPBUSD(DPBUSD, lo, hi, A)                                               \
+    DPBUSD(DPBUSD(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)(A))), hi,    \
+           _mm256_loadu_si256((const __m256i *)((A) + 64)))
+#define RWKVX_Q4I8_WORDS_VNNI256(lo, hi, A) RWKVX_Q4I8_WORDS_DPBUSD(RWKVX_DPBUSD_VNNI256, lo, hi, A)
+
+/* Group g's eight words against T tokens into the accumulators of its parity (half). */
+#define RWKVX_Q4I8_GROUP256(WORDS, g, half)                                                      \
+    do {                                                                                         \
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * (g)));                   \
+        const __m256i lo = _mm256_and_si256(v, nibble);                                          \
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);                    \
+        const __m256 dg = _mm256_set1_ps(d[(g) - g0]);                                           \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                    \
+            const int8_t *A = (const int8_t *)(P + t * ldp) + 128 * ((g) / 2) + 32 * (half);     \
+            const __m256i I = WORDS(lo, hi, A);                                                  \
+            acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), dg, acc[t][half]);             \
+        }                                                                                        \
+    } while (0)
+
 /* Row i against T (a constant, at most RWKVX_Q4I8_AVX2_TILE) prepared tokens P + t ldp:
- * y[t ldy]. Each group's nibbles are unpacked once for all T tokens; the c lanes wait in
- * memory between passes (the registers hold the tokens' accumulators). */
+ * y[t ldy], with WORDS for the integer products. Each group's nibbles are unpacked once
+ * for all T tokens; the c lanes wait in memory between passes (the registers hold the
+ * tokens' accumulators). A missing odd group would add fma(0, 0, acc), which changes
+ * nothing. */
+#define RWKVX_Q4I8_ROW256_BODY(WORDS)                                                            \
+    const ptrdiff_t G = rwkvx_q4i8_groups(n), pairs = rwkvx_q4i8_pairs(n), lanes = rwkvx_q4i8_lanes(n); \
+    const uint8_t *q = m->q + i * 32 * m->n_groups;                                              \
+    const __m256i nibble = _mm256_set1_epi8(15);                                                 \
+    float d[RWKVX_Q4I8_PASS], mn[RWKVX_Q4I8_PASS], c[RWKVX_Q4I8_AVX2_TILE][16] = {{0}};          \
+    __m256 acc[RWKVX_Q4I8_AVX2_TILE][2];                                                         \
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)                                          \
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();                                             \
+    for (ptrdiff_t g0 = 0; g0 < 2 * pairs; g0 += RWKVX_Q4I8_PASS) {                              \
+        rwkvx_q4i8_params_avx2(m, i, g0, d, mn);                                                 \
+        for (ptrdiff_t g = g0; g < g0 + RWKVX_Q4I8_PASS && g < G; g += 2) {                      \
+            RWKVX_Q4I8_GROUP256(WORDS, g, 0);                                                    \
+            if (g + 1 < G)                                                                       \
+                RWKVX_Q4I8_GROUP256(WORDS, g + 1, 1);                                            \
+        }                                                                                        \
+        for (ptrdiff_t l = g0; l < g0 + RWKVX_Q4I8_PASS && l < lanes; l += 8) {                  \
+            const __m256 dl = _mm256_loadu_ps(d + l - g0), ml = _mm256_loadu_ps(mn + l - g0);    \
+            _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                \
+                float *cl = c[t] + l % 16;                                                       \
+                const __m256 ce = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_ce(n)) + l); \
+                const __m256 xs = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_x(n)) + l);  \
+                _mm256_storeu_ps(cl, _mm256_fmadd_ps(ml, xs, _mm256_fmadd_ps(dl, ce, _mm256_loadu_ps(cl)))); \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                        \
+        float la[16], s;                                                                         \
+        _mm256_storeu_ps(la, acc[t][0]);                                                         \
+        _mm256_storeu_ps(la + 8, acc[t][1]);                                                     \
+        memcpy(&s, P + t * ldp + rwkvx_q4i8_s(n), sizeof s);                                     \
+        y[t * ldy] = fmaf(rwkvx_tree16(la), s, rwkvx_tree16(c[t]));                              \
+    }
 
-RWKVX_Q4I8_AVX2 static inline __attribute__((always_inline)) void
-rwkvx_q4i8_row_avx2(const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n, const uint8_t *P, ptrdiff_t ldp, const int T,
-                    float *y, ptrdiff_t ldy)
-{
-    const ptrdiff_t G = rwkvx_q4i8_groups(n), pairs = rwkvx_q4i8_pairs(n), lanes = rwkvx_q4i8_lanes(n);
-    const uint8_t *q = m->q + i * 32 * m->n_groups;
-    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    float d[RWKVX_Q4I8_PASS], mn[RWKVX_Q4I8_PASS], c[RWKVX_Q4I8_AVX2_TILE][16] = {{0}};
-    __m256 acc[RWKVX_Q4I8_AVX2_TILE][2];
-#pragma GCC unroll 4
-    for (int t = 0; t < T; t++)
-        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (ptrdiff_t g0 = 0; g0 < 2 * pairs; g0 += RWKVX_Q4I8_PASS) {
-        rwkvx_q4i8_params_avx2(m, i, g0, d, mn);
-        /* one group's eight words against T tokens into the accumulators of its parity */
-#define RWKVX_Q4I8_GROUP(g, half)                                                                  \
-        do {                                                                                       \
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * (g)));                 \
-            const __m256i lo = _mm256_and_si256(v, nibble);                                        \
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);                  \
-            const __m256 dg = _mm256_set1_ps(d[(g) - g0]);                                         \
-            _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                  \
-                const int8_t *A = (const int8_t *)(P + t * ldp) + 128 * ((g) / 2) + 32 * (half);   \
-                const __m256i I = _mm256_madd_epi16(                                               \
-                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)A)),     \
-                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(A + 64)))), \
-                    ones);                                                                         \
-                acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), dg, acc[t][half]);           \
-            }                                                                                      \
-        } while (0)
-        /* a missing odd group would add fma(0, 0, acc), which changes nothing */
-        for (ptrdiff_t g = g0; g < g0 + RWKVX_Q4I8_PASS && g < G; g += 2) {
-            RWKVX_Q4I8_GROUP(g, 0);
-            if (g + 1 < G)
-                RWKVX_Q4I8_GROUP(g + 1, 1);
-        }
-#undef RWKVX_Q4I8_GROUP
-        for (ptrdiff_t l = g0; l < g0 + RWKVX_Q4I8_PASS && l < lanes; l += 8) {
-            const __m256 dl = _mm256_loadu_ps(d + l - g0), ml = _mm256_loadu_ps(mn + l - g0);
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) {
-                float *cl = c[t] + l % 16;
-                const __m256 ce = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_ce(n)) + l);
-                const __m256 xs = _mm256_loadu_ps((const float *)(P + t * ldp + rwkvx_q4i8_x(n)) + l);
-                _mm256_storeu_ps(cl, _mm256_fmadd_ps(ml, xs, _mm256_fmadd_ps(dl, ce, _mm256_loadu_ps(cl))));
-            }
-        }
+/* Rows i .. i + n_r - 1 against every token, RWKVX_Q4I8_AVX2_TILE tokens a pass, by ROW. */
+#define RWKVX_Q4I8_BLOCK256_BODY(ROW)                                                            \
+    for (ptrdiff_t t = 0; t < n_tok; t += RWKVX_Q4I8_AVX2_TILE) {                                \
+        const ptrdiff_t T = n_tok - t < RWKVX_Q4I8_AVX2_TILE ? n_tok - t : RWKVX_Q4I8_AVX2_TILE; \
+        for (int r = 0; r < n_r; r++) {                                                          \
+            float *y = Y + t * ldy + r;                                                          \
+            switch (T) {                                                                         \
+            case 1: ROW(m, i + r, n, P + t * ldp, ldp, 1, y, ldy); break;                        \
+            case 2: ROW(m, i + r, n, P + t * ldp, ldp, 2, y, ldy); break;                        \
+            case 3: ROW(m, i + r, n, P + t * ldp, ldp, 3, y, ldy); break;                        \
+            default: ROW(m, i + r, n, P + t * ldp, ldp, 4, y, ldy); break;                       \
+            }                                                                                    \
+        }                                                                                        \
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < T; t++) {
-        float la[16], s;
-        _mm256_storeu_ps(la, acc[t][0]);
-        _mm256_storeu_ps(la + 8, acc[t][1]);
-        memcpy(&s, P + t * ldp + rwkvx_q4i8_s(n), sizeof s);
-        y[t * ldy] = fmaf(rwkvx_tree16(la), s, rwkvx_tree16(c[t]));
-    }
-}
 
-/* Rows i .. i + n_r - 1 against every token, RWKVX_Q4I8_AVX2_TILE tokens a pass. */
-RWKVX_Q4I8_AVX2 static void rwkvx_q4i8_block_avx2(const rwkvx_q4 *m, ptrdiff_t i, int n_r, ptrdiff_t n,
-                                             const uint8_t *P, ptrdiff_t ldp, ptrdiff_t n_tok, float *Y,
-                                             ptrdiff_t ldy)
-{
-    for (ptrdiff_t t = 0; t < n_tok; t += RWKVX_Q4I8_AVX2_TILE) {
-        const ptrdiff_t T = n_tok - t < RWKVX_Q4I8_AVX2_TILE ? n_tok - t : RWKVX_Q4I8_AVX2_TILE;
-        for (int r = 0; r < n_r; r++) {
-            float *y = Y + t * ldy + r;
-            switch (T) {
-            case 1: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 1, y, ldy); break;
-            case 2: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 2, y, ldy); break;
-            case 3: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 3, y, ldy); break;
-            default: rwkvx_q4i8_row_avx2(m, i + r, n, P + t * ldp, ldp, 4, y, ldy); break;
-            }
-        }
+/* The row and block functions for one target: AVX2, AVX-VNNI and its EVEX twin. */
+#define RWKVX_Q4I8_256(TARGET, SUFFIX, WORDS)                                                    \
+    TARGET static inline __attribute__((always_inline)) void rwkvx_q4i8_row_##SUFFIX(            \
+        const rwkvx_q4 *m, ptrdiff_t i, ptrdiff_t n, const uint8_t *P, ptrdiff_t ldp, const int T, \
+        float *y, ptrdiff_t ldy)                                                                 \
+    {                                                                                            \
+        RWKVX_Q4I8_ROW256_BODY(WORDS)                                                            \
+    }                                                                                            \
+    TARGET static void rwkvx_q4i8_block_##SUFFIX(const rwkvx_q4 *m, ptrdiff_t i, int n_r, ptrdiff_t n, \
+                                                 const uint8_t *P, ptrdiff_t ldp, ptrdiff_t n_tok,  \
+                                                 float *Y, ptrdiff_t ldy)                        \
+    {                                                                                            \
+        RWKVX_Q4I8_BLOCK256_BODY(rwkvx_q4i8_row_##SUFFIX)                                        \
     }
-}
+
+RWKVX_Q4I8_256(RWKVX_Q4I8_AVX2, avx2, RWKVX_Q4I8_WORDS_AVX2)
+#if RWKVX_HAVE_AVXVNNI
+#define RWKVX_Q4I8_WORDS_AVXVNNI(lo, hi, A) RWKVX_Q4I8_WORDS_DPBUSD(RWKVX_DPBUSD_AVXVNNI, lo, hi, A)
+RWKVX_Q4I8_256(RWKVX_AVXVNNI, avxvnni, RWKVX_Q4I8_WORDS_AVXVNNI)
+#endif
+RWKVX_Q4I8_256(RWKVX_VNNI256, vnni256, RWKVX_Q4I8_WORDS_VNNI256)
 #endif /* RWKVX_HAVE_X86_DISPATCH */
 
 /* ---- dispatch ------------------------------------------------------------------------ */
@@ -369,7 +390,15 @@ static inline void rwkvx_q4i8_block(const rwkvx_q4 *m, ptrdiff_t i, int n_r, con
         return;
     }
     if (level >= 1) {
-        rwkvx_q4i8_block_avx2(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
+#if RWKVX_HAVE_AVXVNNI
+        if (rwkvx_i8_vnni256 == 1)
+            rwkvx_q4i8_block_avxvnni(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
+        else
+#endif
+        if (rwkvx_i8_vnni256 == 2)
+            rwkvx_q4i8_block_vnni256(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
+        else
+            rwkvx_q4i8_block_avx2(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
         return;
     }
 #endif
