@@ -247,7 +247,7 @@ def read_text(path: str, what: str = "text") -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """-m, --tokenizer, --dtype, -t, --no-mmap, -b: how to load a model and its tokenizer."""
+    """-m, --tokenizer, --dtype, -t, --no-mmap, -b, --state: how to load a model and its tokenizer."""
     from rwkvx import demo
     p.add_argument("-m", "--model", default=demo.NAME, metavar="PATH",
                    help="checkpoint file or folder (safetensors, BlinkDL .pth, Hugging Face folder, rwkv.cpp "
@@ -280,6 +280,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "mapped file (reads it once); weights read or converted at load are always checked")
     p.add_argument("-b", "--batch-size", type=int_at_least(1), default=None, metavar="N",
                    help="prompt tokens processed per pass over the weights (default: 128)")
+    p.add_argument("--state", metavar="FILE",
+                   help="start every sequence from this state instead of zeros: an rwkvx state file "
+                        "(save_state, chat's /save) or, for RWKV-5/6/7, a state-tuning file "
+                        "(blocks.N.att.time_state, .pth or safetensors)")
 
 
 def is_demo(args) -> bool:
@@ -295,7 +299,8 @@ def load_model(args):
 
     start = time.perf_counter()
     model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
-                 check_tensors=True if args.check_tensors else None, arithmetic=args.arithmetic)
+                 check_tensors=True if args.check_tensors else None, arithmetic=args.arithmetic,
+                 initial_state=args.state)
     if args.batch_size is not None:
         model.chunk_size = args.batch_size
     seconds = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """RWKV: owns the weights, scratch buffers and thread count; runs tokens through the layers."""
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import threading
@@ -12,7 +13,8 @@ from rwkvx.kernels import _layer
 from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.errors import RwkvxError
 from rwkvx.loader import DTYPES, load_weights
-from rwkvx.states import checkpoint_fingerprint, read_state_file, state_metadata, write_state_file
+from rwkvx.states import (checkpoint_fingerprint, is_state_file, read_state_file, read_tuned_state, state_metadata,
+                          write_state_file)
 from rwkvx.weights import (ARITHMETIC_DTYPES, MATRIX_NAMES, VECTOR_NAMES, ModelWeights, head_arithmetic, linear,
                            new_state, to_float32)
 
@@ -96,6 +98,9 @@ class RWKV:
     dtype = property(lambda self: self.weights.dtype)
 
     architecture = "RWKV-4"
+    # set_initial_state's state (read-only), or None: sequences start from zeros
+    _initial: np.ndarray | None = None
+    _initial_digest = ""
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -103,18 +108,63 @@ class RWKV:
         return (self.n_layer, 5, self.n_embd)
 
     def new_state(self) -> np.ndarray:
-        """A fresh state: float32 of state_shape."""
+        """A fresh state: float32 of state_shape, zeros or a copy of the initial state."""
+        if self._initial is not None:
+            return self._initial.copy()
         return new_state(self.n_layer, self.n_embd)
+
+    @property
+    def initial_state(self) -> np.ndarray | None:
+        """The state every sequence starts from (set_initial_state; read-only), or None for
+        zeros."""
+        return self._initial
+
+    def set_initial_state(self, state) -> None:
+        """Start every sequence from `state` instead of zeros: forward and forward_batch
+        given no state, new_state, and so chat, the prompt cache, perplexity and the server.
+
+        state: an array of state_shape; or a file: an rwkvx state file (save_state, chat's
+        /save; its tokens are not replayed) or, for RWKV-5/6/7, a state-tuning file
+        (blocks.N.att.time_state per layer, as RWKV-PEFT and RWKV-LM's state tuning save
+        them); or None for zeros again. The fingerprint changes with it, so that state and
+        prompt-cache files made from another start are told apart.
+        Raises RwkvxError (CheckpointError for a file) for anything else.
+        """
+        if state is None:
+            self._initial, self._initial_digest = None, ""
+            return
+        if isinstance(state, (str, bytes, os.PathLike)):
+            state = self._read_initial_state(os.fsdecode(state))
+        state = self._check_state(state)
+        if not np.isfinite(state).all():
+            raise RwkvxError("initial state: holds NaN or infinite values")
+        state.flags.writeable = False
+        self._initial = state
+        self._initial_digest = hashlib.sha256(state.tobytes()).hexdigest()[:32]
+
+    def _read_initial_state(self, path: str) -> np.ndarray:
+        # state tuning exists for RWKV-5/6/7 only: RWKV-4 reads state files alone
+        if is_state_file(path) or not hasattr(self, "n_head"):
+            arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
+                                        fingerprint=self._checkpoint_fingerprint(), n_vocab=self.n_vocab)
+            return arrays["state"]
+        return read_tuned_state(path, architecture=self.architecture, n_layer=self.n_layer, n_head=self.n_head,
+                                head_size=self.head_size)
+
+    def _checkpoint_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.weights.fingerprint()
+        return self._fingerprint
 
     @property
     def fingerprint(self) -> str:
         """Tells checkpoints apart; the same for every dtype of one checkpoint (state files
         record it). load() takes it from the checkpoint file's bytes
         (rwkvx.states.checkpoint_fingerprint); a model built from weights in memory hashes
-        their float32 vectors."""
-        if self._fingerprint is None:
-            self._fingerprint = self.weights.fingerprint()
-        return self._fingerprint
+        their float32 vectors. With an initial state (set_initial_state), a hash of it is
+        appended."""
+        base = self._checkpoint_fingerprint()
+        return f"{base}+state:{self._initial_digest}" if self._initial_digest else base
 
     def save_state(self, path: str | os.PathLike, state: np.ndarray, tokens: Iterable[int] | None = None) -> None:
         """Write state (and optionally the tokens that produced it) to one file at path.
@@ -124,7 +174,10 @@ class RWKV:
         """
         tensors = self.state_tensors(state, tokens)
         n_tokens = len(tensors["tokens"]) if "tokens" in tensors else None
-        write_state_file(path, tensors, state_metadata(self.architecture, self.state_shape, self.fingerprint, n_tokens))
+        # a state holds all its sequence needs: the initial state it began from is not part
+        # of what it belongs to
+        write_state_file(path, tensors, state_metadata(self.architecture, self.state_shape,
+                                                       self._checkpoint_fingerprint(), n_tokens))
 
     def state_tensors(self, state, tokens=None) -> dict[str, np.ndarray]:
         """The checked arrays a state file holds: "state" and, given tokens, "tokens" (int32)."""
@@ -144,7 +197,7 @@ class RWKV:
         warns (rwkvx.RwkvxWarning) for a state of another checkpoint of the same shape.
         """
         arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
-                                    fingerprint=self.fingerprint, n_vocab=self.n_vocab)
+                                    fingerprint=self._checkpoint_fingerprint(), n_vocab=self.n_vocab)
         tokens = arrays.get("tokens")
         return arrays["state"], (None if tokens is None else tokens.tolist())
 
@@ -302,7 +355,8 @@ class RWKV:
 
 
 def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = None, *,
-         mmap: bool = True, check_tensors: bool | None = None, arithmetic: str = "float32") -> RWKV:
+         mmap: bool = True, check_tensors: bool | None = None, arithmetic: str = "float32",
+         initial_state=None) -> RWKV:
     """Load an RWKV-4, 5.2, 6 or 7 checkpoint to run in `dtype`.
 
     path: a checkpoint file or folder in any format rwkvx reads (see the README), or
@@ -342,6 +396,8 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) and AVX2's FMA giving the same
     bits elsewhere (about 1.5 times float32's time there; plain C without AVX2);
     deterministic in the same way as "int8".
+    initial_state: the state every sequence starts from (see RWKV.set_initial_state): an
+    rwkvx state file, a state-tuning file (RWKV-5/6/7) or an array; None: zeros.
     Raises CheckpointError for unreadable or inconsistent files, RwkvxError for bad
     arguments.
     """
@@ -361,4 +417,6 @@ def load(path: str | os.PathLike, dtype: str = "float32", threads: int | None = 
     # from the file, at load (a few KB; the file may be gone or replaced later), through
     # the index recognise_path opened
     model._fingerprint = checkpoint_fingerprint(source)
+    if initial_state is not None:
+        model.set_initial_state(initial_state)
     return model

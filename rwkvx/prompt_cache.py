@@ -78,8 +78,8 @@ class PromptCache:
         arrays, meta = read_state_file(self.path, architecture=m.architecture, state_shape=m.state_shape,
                                        fingerprint=None, n_vocab=m.n_vocab)
         if meta.get("model_fingerprint") != m.fingerprint:
-            raise CheckpointError(f"{self.path}: a prompt cache made by another model "
-                                  "(delete it or give another file)")
+            raise CheckpointError(f"{self.path}: a prompt cache made by another model or from another "
+                                  "initial state (delete it or give another file)")
         if "tokens" not in arrays:
             raise CheckpointError(f"{self.path}: a state without its tokens cannot serve as a prompt cache")
         self.tokens = arrays["tokens"].tolist()

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from rwkvx.errors import RwkvxError, RwkvxWarning
+from rwkvx.errors import CheckpointError, RwkvxError, RwkvxWarning
 from rwkvx.formats.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
 from rwkvx.formats.safetensors_io import looks_like_safetensors, open_safetensors, refuse_to_replace
 from rwkvx.formats.tensorfile import NUMPY_DTYPES, MappedFile, fail
@@ -131,6 +131,72 @@ def read_state_file(path: str | os.PathLike, *, architecture: str, state_shape: 
         warnings.warn(f"{path}: this state was made by a different checkpoint of the same shape; "
                       "continuing from it will not reproduce that model's text", RwkvxWarning, stacklevel=3)
     return arrays, meta
+
+
+# RWKV-5 and 6's state tuning keeps each head's matrix transposed against the state the
+# runtime holds (ChatRWKV and RWKV-Runner load it with transpose(1, 2)); RWKV-7's matches it
+_TUNED_TRANSPOSED = {"RWKV-5": True, "RWKV-6": True, "RWKV-7": False}
+
+
+def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int, n_head: int,
+                     head_size: int) -> np.ndarray:
+    """A state-tuning file as a state (n_layer, 2 + head_size, n_embd), float32.
+
+    State tuning (RWKV-PEFT, RWKV-LM) trains the state a RWKV-5/6/7 model starts from: one
+    (n_head, head_size, head_size) matrix per layer, ``blocks.N.att.time_state``, saved as a
+    .pth or safetensors file (float32, bfloat16 or float16). The token-shift rows start at
+    zero, as those tools start them. Raises CheckpointError (one line naming the file) for
+    anything else.
+    """
+    from rwkvx.loader import open_checkpoint
+    from rwkvx.weights import to_float32
+    path = os.fspath(path)
+    if architecture not in _TUNED_TRANSPOSED:
+        raise fail(path, f"state-tuning files (blocks.N.att.time_state) are for RWKV-5, 6 and 7; "
+                         f"this model is {architecture}")
+    not_a_state = "neither an rwkvx state file nor a state-tuning file"
+    if os.path.isdir(path):
+        raise fail(path, f"is a directory, {not_a_state}")
+    try:
+        source = open_checkpoint(path)
+    except CheckpointError:
+        if not os.path.exists(path):
+            raise
+        raise fail(path, f"{not_a_state} (.pth or safetensors)") from None
+    names = [f"blocks.{layer}.att.time_state" for layer in range(n_layer)]
+    missing = [name for name in names if name not in source.tensors]
+    if len(missing) == n_layer:
+        raise fail(path, f"{not_a_state} (no blocks.N.att.time_state tensors)")
+    if missing:
+        raise fail(path, f"a state-tuning file without {missing[0]}: this model has {n_layer} layers")
+    extra = sorted(set(source.tensors) - set(names))
+    if extra:
+        raise fail(path, f"a state-tuning file holds only blocks.N.att.time_state for this model's "
+                         f"{n_layer} layers; it also has {_printable(extra[0])}")
+    state = np.zeros((n_layer, 2 + head_size, n_head * head_size), np.float32)
+    transposed = _TUNED_TRANSPOSED[architecture]
+    for layer, name in enumerate(names):
+        tensor = source.tensors[name]
+        if tuple(tensor.shape) != (n_head, head_size, head_size):
+            raise fail(path, f"{name}: expected {[n_head, head_size, head_size]} (this model's heads), "
+                             f"got {list(tensor.shape)}")
+        if getattr(tensor, "dtype", None) not in ("F32", "BF16", "F16"):
+            raise fail(path, f"{name}: expected float32, bfloat16 or float16, got {_printable(getattr(tensor, 'dtype', None))}")
+        heads = to_float32(tensor.read())
+        if not np.isfinite(heads).all():
+            raise fail(path, f"{name} holds NaN or infinite values")
+        state[layer, 2:] = (heads.transpose(0, 2, 1) if transposed else heads).reshape(head_size, -1)
+    return state
+
+
+def is_state_file(path: str | os.PathLike) -> bool:
+    """Whether path is a safetensors file with rwkvx state metadata (read_state_file reads it)."""
+    try:
+        file = MappedFile(os.fspath(path))
+        return (looks_like_safetensors(file.head(16))
+                and open_safetensors(file, dtypes=tuple(NUMPY_DTYPES)).metadata.get("format") == FORMAT_NAME)
+    except (OSError, RwkvxError):
+        return False
 
 
 def _printable(value) -> str:

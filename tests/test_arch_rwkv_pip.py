@@ -79,3 +79,52 @@ def test_reference_matches_blinkdl_runtime(tmp_path, version):
         np.testing.assert_allclose(state[layer, 0], ffn_x, rtol=0, atol=1e-5)
         ours = state[layer, WKV:].reshape(heads.shape)
         np.testing.assert_allclose(ours, heads, rtol=0, atol=1e-5 * np.abs(heads).max())
+
+
+# A state-tuned start, as RWKV-Runner gives it to the package: token shifts zero, each layer's
+# blocks.N.att.time_state transposed (1, 2) for RWKV-5/6 and as stored for RWKV-7
+TUNED_RUNNER = r"""
+import sys
+import numpy as np
+import torch
+from rwkv.model import RWKV
+
+arrays = np.load(sys.argv[1])
+torch.save({k: torch.from_numpy(arrays[k].copy()) for k in arrays.files if "time_state" not in k}, sys.argv[2] + ".pth")
+tuned = {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files if "time_state" in k}
+torch.save(tuned, sys.argv[2] + "-state.pth")
+model = RWKV(model=sys.argv[2], strategy="cpu fp32")
+state = []
+for i in range(model.args.n_layer):
+    heads = tuned[f"blocks.{i}.att.time_state"]
+    state += [torch.zeros(model.args.n_embd), heads if sys.argv[5] == "v7" else heads.transpose(1, 2).contiguous(),
+              torch.zeros(model.args.n_embd)]
+outs = []
+for token in [int(t) for t in sys.argv[3].split(",")]:
+    logits, state = model.forward([token], [s.clone() for s in state])
+    outs.append(logits.float().numpy())
+np.savez(sys.argv[4], logits=np.stack(outs))
+"""
+
+
+@pytest.mark.parametrize("version", ["v5", "v6", "v7"])
+def test_state_tuning_file_starts_as_in_blinkdl_runtime(tmp_path, version):
+    import rwkvx
+    tensors = random_checkpoint(version, n_layer=3, n_embd=64, head_size=16)
+    rng = np.random.default_rng(1)
+    tuned = {f"blocks.{i}.att.time_state": (0.5 * rng.standard_normal((4, 16, 16))).astype(np.float32)
+             for i in range(3)}
+    np.savez(tmp_path / "w.npz", **tensors, **tuned)
+    env = dict(os.environ, RWKV_CUDA_ON="0", RWKV_JIT_ON="1", RWKV_V7_ON="1" if version == "v7" else "0")
+    cmd = [sys.executable, "-c", TUNED_RUNNER, str(tmp_path / "w.npz"), str(tmp_path / "model"),
+           ",".join(map(str, TOKENS)), str(tmp_path / "out.npz"), version]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = np.load(tmp_path / "out.npz")["logits"]
+    model = rwkvx.load(tmp_path / "model.pth", initial_state=tmp_path / "model-state.pth")
+    logits, _ = model.forward(TOKENS, all_logits=True)
+    err = np.abs(logits - expected).max()
+    print(f"{version}: max abs diff {err:.3g}, max |logit| {np.abs(expected).max():.3g}")
+    assert err <= 1e-5 * np.abs(expected).max(), f"max abs diff {err:.3g}"
+    # and the start matters: from zeros the logits are others
+    assert np.abs(rwkvx.load(tmp_path / "model.pth").forward(TOKENS, all_logits=True)[0] - expected).max() > 100 * err

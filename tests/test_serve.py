@@ -292,6 +292,23 @@ def test_api_key_and_a_full_queue():
         s.stop()
 
 
+def test_initial_state_serves_every_request(tmp_path):
+    # --state: requests start from the saved state, as the API's generate does from it
+    import rwkvx
+    model = rwkvx.load("demo")
+    tokenizer = rwkvx.load_tokenizer("bytes", model.n_vocab)
+    ids = tokenizer.encode("def fibonacci(n):\n    ")
+    model.save_state(tmp_path / "start.state", model.forward(ids)[1], ids)
+    model.set_initial_state(tmp_path / "start.state")
+    expected = "".join(rwkvx.generate(model, tokenizer, "if", max_tokens=16, sampler=rwkvx.Sampler(temperature=0)))
+    s = Server("-m", "demo", "--model-name", "demo", "--state", str(tmp_path / "start.state"))
+    try:
+        got = s.client().completions.create(model="demo", prompt="if", max_tokens=16, temperature=0)
+        assert got.choices[0].text == expected
+    finally:
+        s.stop()
+
+
 def test_without_the_extra_it_says_what_to_install(tmp_path):
     # hide starlette from a child process: one line, exit 2
     (tmp_path / "starlette.py").write_text("raise ImportError('hidden')\n")

@@ -69,6 +69,8 @@ class RWKVNext(RWKV):
         return (self.n_layer, 2 + self.head_size, self.n_embd)
 
     def new_state(self) -> np.ndarray:
+        if self._initial is not None:
+            return self._initial.copy()
         return new_state(self.n_layer, self.n_embd, self.head_size)
 
     def forward(self, tokens: Iterable[int], state: np.ndarray | None = None, *,
