@@ -173,9 +173,8 @@ def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int
     if extra:
         raise fail(path, f"a state-tuning file holds only blocks.N.att.time_state for this model's "
                          f"{n_layer} layers; it also has {_printable(extra[0])}")
-    state = np.zeros((n_layer, 2 + head_size, n_head * head_size), np.float32)
-    transposed = _TUNED_TRANSPOSED[architecture]
-    for layer, name in enumerate(names):
+    layers = []
+    for name in names:
         tensor = source.tensors[name]
         if tuple(tensor.shape) != (n_head, head_size, head_size):
             raise fail(path, f"{name}: expected {[n_head, head_size, head_size]} (this model's heads), "
@@ -185,7 +184,17 @@ def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int
         heads = to_float32(tensor.read())
         if not np.isfinite(heads).all():
             raise fail(path, f"{name} holds NaN or infinite values")
-        state[layer, 2:] = (heads.transpose(0, 2, 1) if transposed else heads).reshape(head_size, -1)
+        layers.append(heads)
+    return tuned_state(np.stack(layers), architecture)
+
+
+def tuned_state(time_state: np.ndarray, architecture: str) -> np.ndarray:
+    """The state (n_layer, 2 + N, H N) that state tuning's matrices (n_layer, H, N, N), as
+    stored, start: token-shift rows zero, each head's matrix in the runtime's orientation."""
+    n_layer, n_head, head_size, _ = time_state.shape
+    heads = time_state.transpose(0, 1, 3, 2) if _TUNED_TRANSPOSED[architecture] else time_state
+    state = np.zeros((n_layer, 2 + head_size, n_head * head_size), np.float32)
+    state[:, 2:] = heads.reshape(n_layer, head_size, n_head * head_size)
     return state
 
 

@@ -128,3 +128,21 @@ def test_state_tuning_file_starts_as_in_blinkdl_runtime(tmp_path, version):
     assert err <= 1e-5 * np.abs(expected).max(), f"max abs diff {err:.3g}"
     # and the start matters: from zeros the logits are others
     assert np.abs(rwkvx.load(tmp_path / "model.pth").forward(TOKENS, all_logits=True)[0] - expected).max() > 100 * err
+
+
+@pytest.mark.parametrize("version", ["v5", "v6"])
+def test_state_tuned_checkpoint_runs_as_in_blinkdl_runtime(tmp_path, version):
+    # the time_state tensors inside the model file: the package starts from them when given
+    # no state (its RWKV-7 class does not read them; RWKV-Runner's does, as the test above)
+    import rwkvx
+    tensors = random_checkpoint(version, n_layer=3, n_embd=64, head_size=16)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        tensors[f"blocks.{i}.att.time_state"] = (0.5 * rng.standard_normal((4, 16, 16))).astype(np.float32)
+    expected = _run_package(tmp_path, version, tensors)["logits"]
+    model = rwkvx.load(tmp_path / "model.pth")
+    assert model.initial_state is not None
+    logits, _ = model.forward(TOKENS, all_logits=True)
+    err = np.abs(logits - expected).max()
+    print(f"{version}: max abs diff {err:.3g}, max |logit| {np.abs(expected).max():.3g}")
+    assert err <= 1e-5 * np.abs(expected).max(), f"max abs diff {err:.3g}"

@@ -162,3 +162,34 @@ def test_cli_state(tmp_path, capsys):
     assert main(args + ["--state", str(tmp_path / "v7.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "neither an rwkvx state file nor a state-tuning file" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_state_tuned_checkpoint_starts_from_its_time_state(tmp_path, capsys):
+    # the time_state tensors merged into the model file (RWKV-Runner reads such files)
+    tensors = random_checkpoint("v6", n_layer=N_LAYER, n_embd=N_EMBD, head_size=HEAD_SIZE)
+    tuned = _time_states()
+    merged = write_safetensors(tmp_path / "merged.safetensors", {**tensors, **tuned})
+    model = rwkvx.load(merged)
+    apart = rwkvx.load(_model_path(tmp_path, "v6"), initial_state=_tuned_file(tmp_path, tuned))
+    np.testing.assert_array_equal(model.initial_state, apart.initial_state)
+    np.testing.assert_array_equal(model.forward(TOKENS)[0], apart.forward(TOKENS)[0])
+    # convert keeps it
+    from rwkvx.convert import main as convert
+    assert convert([str(merged), str(tmp_path / "u8.safetensors"), "--dtype", "uint8"]) == 0
+    np.testing.assert_array_equal(rwkvx.load(tmp_path / "u8.safetensors", dtype="uint8").initial_state,
+                                  model.initial_state)
+    from rwkvx.run import main as run
+    assert run(["-m", str(merged), "--info"]) == 0
+    assert "state-tuned   sequences start from the file's blocks.N.att.time_state" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: t.pop("blocks.1.att.time_state"), "missing blocks.1.att.time_state"),
+    (lambda t: t.update({"blocks.0.att.time_state": np.zeros((4, 16, 8), np.float32)}),
+     r"blocks.0.att.time_state: expected \[4, 16, 16\], got \[4, 16, 8\]"),
+])
+def test_bad_state_tuned_checkpoints(tmp_path, change, match):
+    tensors = {**random_checkpoint("v7", n_layer=N_LAYER, n_embd=N_EMBD, head_size=HEAD_SIZE), **_time_states()}
+    change(tensors)
+    with pytest.raises(CheckpointError, match=match):
+        rwkvx.load(write_safetensors(tmp_path / "m.safetensors", tensors))

@@ -74,6 +74,10 @@ def describe(path: str | os.PathLike) -> str | None:
     lines += [
         f"kept float32  norms, token-shift mixes, per-head decays and bonuses, low-rank (LoRA) matrices "
         f"({small_elements / 1e6:.2f}M values), in every dtype; state {n_layer} x {2 + head_size} x {n_embd} float32",
+    ]
+    if "blocks.0.att.time_state" in source.tensors:
+        lines.append("state-tuned   sequences start from the file's blocks.N.att.time_state (see --state), not zeros")
+    lines += [
         "memory by --dtype (weights held):",
     ]
     big_keyed = [(k, t) for k, t in source.tensors.items() if k in big_names]

@@ -84,6 +84,8 @@ class Weights(ModelWeights):
 
     arch: object = None
     head_size: int = 0
+    # a state-tuned checkpoint's blocks.N.att.time_state, (n_layer, H, N, N) as stored
+    time_state: Optional[np.ndarray] = None
 
     n_head = property(lambda self: self.n_embd // self.head_size)
 
@@ -170,6 +172,17 @@ class Reader:
         """A per-head parameter (H, N); stored (H, N), (H, N, 1) or (1, 1, H, N)."""
         v = self.values(key, n_head * head_size)
         return np.zeros((n_head, head_size), np.float32) if v is None else v.reshape(n_head, head_size)
+
+    def time_state(self, key: str, n_head: int, head_size: int) -> np.ndarray:
+        """A layer's tuned initial WKV matrices (H, N, N), as stored (see rwkvx.states)."""
+        shape = (n_head, head_size, head_size)
+        tensor = self.source.tensors.get(key)
+        if tensor is not None and tuple(tensor.shape) != shape:
+            self.problems.append(f"{key}: expected {list(shape)}, got {list(tensor.shape)}")
+            self.used.add(key)
+            return np.zeros(shape, np.float32)
+        v = self.values(key, n_head * head_size * head_size)
+        return np.zeros(shape, np.float32) if v is None else v.reshape(shape)
 
     def low_rank(self, key: str, shape: tuple[int, int]) -> np.ndarray:
         """A low-rank matrix in rwkvx's (out, in) orientation `shape`: a transposed view of the
@@ -304,6 +317,11 @@ def read_parts(reader: Reader, arch, n_layer: int, n_embd: int, n_head: int, hea
     yield -1, {"ln_out_weight": reader.vector("ln_out.weight", n_embd),
                "ln_out_bias": reader.vector("ln_out.bias", n_embd),
                "head": reader.big("head.weight", (n_vocab, n_embd))}
+    # a state-tuned checkpoint (as RWKV-Runner reads them): the initial WKV matrices the
+    # tuning trained, every layer's or none
+    keys = [f"blocks.{layer}.att.time_state" for layer in range(n_layer)]
+    if any(reader.has(key) for key in keys):
+        yield -1, {"time_state": np.stack([reader.time_state(key, n_head, head_size) for key in keys])}
     reader.check()
 
 
@@ -325,6 +343,10 @@ def converted_tensors(source: TensorSource, arch, dtype: str, *, check: str = "a
             if name in getattr(arch, "STORED_IN_OUT", ()):
                 # (in, out) for each matrix of a stack; a view of the source where it holds that
                 value = np.ascontiguousarray(np.swapaxes(value, -1, -2))
+            if name == "time_state":
+                for i, heads in enumerate(value):
+                    yield f"blocks.{i}.att.time_state", heads
+                continue
             yield (_TOP_KEYS[name] if layer < 0 else f"blocks.{layer}.{stored_key(name, arch)}"), value
 
 
@@ -348,7 +370,7 @@ def read_weights(source: TensorSource, arch, dtype: str = "float32", *, mmap: bo
     for layer, part in read_parts(reader, arch, n_layer, n_embd, n_head, head_size):
         for name, value in part.items():
             # small tensors read privately join the 2 MB pages (views of the file stay views)
-            if name not in arch.LINEAR and name not in ("emb", "head") and value.flags.writeable:
+            if name not in arch.LINEAR and name not in ("emb", "head", "time_state") and value.flags.writeable:
                 # a matrix the layer reads transposed is kept in that orientation
                 if name in getattr(arch, "STORED_IN_OUT", ()):
                     part[name] = np.swapaxes(arena.keep(np.swapaxes(value, -1, -2)), -1, -2)

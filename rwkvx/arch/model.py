@@ -21,6 +21,7 @@ from rwkvx.kernels._parallel import effective_n_threads
 from rwkvx.arch.common import LayerStates, Weights, matmul, new_state, norm_rows, read_weights
 from rwkvx.errors import RwkvxError
 from rwkvx.model import DEFAULT_CHUNK_SIZE, RWKV, check_arithmetic
+from rwkvx.states import tuned_state
 from rwkvx.weights import head_arithmetic, linear, to_float32
 
 
@@ -55,6 +56,8 @@ class RWKVNext(RWKV):
         self._state_pool: list[np.ndarray] = []
         self._state_pool_size = max(4, min(64, (256 << 20) // (4 * int(np.prod(self.state_shape)))))
         self._fingerprint = None
+        if weights.time_state is not None:
+            self.set_initial_state(tuned_state(weights.time_state, self.architecture))
 
     @property
     def architecture(self) -> str:
