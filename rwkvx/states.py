@@ -160,7 +160,7 @@ def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int
     try:
         source = open_checkpoint(path)
     except CheckpointError:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):  # missing, a FIFO, a device: the reader's own words
             raise
         raise fail(path, f"{not_a_state} (.pth or safetensors)") from None
     names = [f"blocks.{layer}.att.time_state" for layer in range(n_layer)]

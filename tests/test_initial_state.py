@@ -1,5 +1,6 @@
 """Initial states (load(initial_state=...), set_initial_state, --state): state-tuning files
 of RWKV-5/6/7 and rwkvx state files as the state every sequence starts from."""
+import os
 import warnings
 
 import numpy as np
@@ -135,6 +136,10 @@ def test_bad_initial_states(tmp_path):
     model = rwkvx.load(_model_path(tmp_path, "v5"))
     with pytest.raises(CheckpointError, match="no-such-file: no such file"):
         model.set_initial_state(tmp_path / "no-such-file")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(CheckpointError, match="is a FIFO, not a regular file"):
+            model.set_initial_state(tmp_path / "fifo")
     (tmp_path / "notes.txt").write_text("not a state")
     for path in (tmp_path / "notes.txt", tmp_path):
         with pytest.raises(CheckpointError, match="neither an rwkvx state file nor a state-tuning file"):
