@@ -12,9 +12,10 @@ import re
 import stat
 import sys
 import time
+import warnings
 from typing import Callable
 
-from rwkvx.errors import RwkvxError
+from rwkvx.errors import RwkvxError, RwkvxWarning
 from rwkvx.formats.tensorfile import printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -298,9 +299,14 @@ def load_model(args):
     from rwkvx.tokenizer import default_tokenizer, load_tokenizer
 
     start = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
-                 check_tensors=True if args.check_tensors else None, arithmetic=args.arithmetic,
-                 initial_state=args.state)
+    with warnings.catch_warnings(record=True) as caught:
+        # a --state file saved from another checkpoint of the same shape: one line
+        warnings.simplefilter("always", RwkvxWarning)
+        model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
+                     check_tensors=True if args.check_tensors else None, arithmetic=args.arithmetic,
+                     initial_state=args.state)
+    for w in caught:
+        print(f"rwkvx: warning: {w.message}", file=sys.stderr)
     if args.batch_size is not None:
         model.chunk_size = args.batch_size
     seconds = time.perf_counter() - start

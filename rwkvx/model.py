@@ -126,8 +126,9 @@ class RWKV:
         state: an array of state_shape; or a file: an rwkvx state file (save_state, chat's
         /save; its tokens are not replayed) or, for RWKV-5/6/7, a state-tuning file
         (blocks.N.att.time_state per layer, as RWKV-PEFT and RWKV-LM's state tuning save
-        them); or None for zeros again. The fingerprint changes with it, so that state and
-        prompt-cache files made from another start are told apart.
+        them); or None for zeros again. State files record the start
+        (initial_state_digest), so that a prompt cache made from another start is refused;
+        a saved state holds all its sequence needs and loads under any start.
         Raises RwkvxError (CheckpointError for a file) for anything else.
         """
         if state is None:
@@ -146,25 +147,25 @@ class RWKV:
         # state tuning exists for RWKV-5/6/7 only: RWKV-4 reads state files alone
         if is_state_file(path) or not hasattr(self, "n_head"):
             arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
-                                        fingerprint=self._checkpoint_fingerprint(), n_vocab=self.n_vocab)
+                                        fingerprint=self.fingerprint, n_vocab=self.n_vocab)
             return arrays["state"]
         return read_tuned_state(path, architecture=self.architecture, n_layer=self.n_layer, n_head=self.n_head,
                                 head_size=self.head_size)
 
-    def _checkpoint_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = self.weights.fingerprint()
-        return self._fingerprint
+    @property
+    def initial_state_digest(self) -> str:
+        """A hash of the initial state (set_initial_state); "" for zeros. State files record it."""
+        return self._initial_digest
 
     @property
     def fingerprint(self) -> str:
         """Tells checkpoints apart; the same for every dtype of one checkpoint (state files
         record it). load() takes it from the checkpoint file's bytes
         (rwkvx.states.checkpoint_fingerprint); a model built from weights in memory hashes
-        their float32 vectors. With an initial state (set_initial_state), a hash of it is
-        appended."""
-        base = self._checkpoint_fingerprint()
-        return f"{base}+state:{self._initial_digest}" if self._initial_digest else base
+        their float32 vectors."""
+        if self._fingerprint is None:
+            self._fingerprint = self.weights.fingerprint()
+        return self._fingerprint
 
     def save_state(self, path: str | os.PathLike, state: np.ndarray, tokens: Iterable[int] | None = None) -> None:
         """Write state (and optionally the tokens that produced it) to one file at path.
@@ -174,10 +175,8 @@ class RWKV:
         """
         tensors = self.state_tensors(state, tokens)
         n_tokens = len(tensors["tokens"]) if "tokens" in tensors else None
-        # a state holds all its sequence needs: the initial state it began from is not part
-        # of what it belongs to
-        write_state_file(path, tensors, state_metadata(self.architecture, self.state_shape,
-                                                       self._checkpoint_fingerprint(), n_tokens))
+        write_state_file(path, tensors, state_metadata(self.architecture, self.state_shape, self.fingerprint,
+                                                       n_tokens, self.initial_state_digest))
 
     def state_tensors(self, state, tokens=None) -> dict[str, np.ndarray]:
         """The checked arrays a state file holds: "state" and, given tokens, "tokens" (int32)."""
@@ -197,7 +196,7 @@ class RWKV:
         warns (rwkvx.RwkvxWarning) for a state of another checkpoint of the same shape.
         """
         arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
-                                    fingerprint=self._checkpoint_fingerprint(), n_vocab=self.n_vocab)
+                                    fingerprint=self.fingerprint, n_vocab=self.n_vocab)
         tokens = arrays.get("tokens")
         return arrays["state"], (None if tokens is None else tokens.tolist())
 

@@ -78,8 +78,12 @@ class PromptCache:
         arrays, meta = read_state_file(self.path, architecture=m.architecture, state_shape=m.state_shape,
                                        fingerprint=None, n_vocab=m.n_vocab)
         if meta.get("model_fingerprint") != m.fingerprint:
-            raise CheckpointError(f"{self.path}: a prompt cache made by another model or from another "
-                                  "initial state (delete it or give another file)")
+            raise CheckpointError(f"{self.path}: a prompt cache made by another model "
+                                  "(delete it or give another file)")
+        # its tokens ran from the model's start then (files from before initial states: zeros)
+        if meta.get("initial_state", "") != m.initial_state_digest:
+            raise CheckpointError(f"{self.path}: a prompt cache made from another initial state (--state); "
+                                  "delete it or give another file")
         if "tokens" not in arrays:
             raise CheckpointError(f"{self.path}: a state without its tokens cannot serve as a prompt cache")
         self.tokens = arrays["tokens"].tolist()
@@ -131,5 +135,6 @@ class PromptCache:
         tensors["checkpoint_positions"] = np.asarray(positions, dtype=np.int32)
         tensors["checkpoint_states"] = (np.stack([kept[p] for p in positions]) if positions
                                         else np.zeros((0, *m.state_shape), np.float32))
-        write_state_file(self.path, tensors, state_metadata(m.architecture, m.state_shape, m.fingerprint, n))
+        write_state_file(self.path, tensors, state_metadata(m.architecture, m.state_shape, m.fingerprint, n,
+                                                            m.initial_state_digest))
         self.tokens, self.states = list(tokens), dict(kept)

@@ -7,8 +7,9 @@ A state file is a safetensors file (loading one never runs code) with:
 - further float32/int32 tensors a caller adds (the prompt cache keeps earlier states and the
   last logits there); readers ignore names they do not know;
 - metadata: ``format = "rwkvx-state"``, ``format_version``, ``architecture``,
-  ``state_shape`` ("24,5,1024"), ``model_fingerprint`` (see :func:`checkpoint_fingerprint`)
-  and ``n_tokens``.
+  ``state_shape`` ("24,5,1024"), ``model_fingerprint`` (see :func:`checkpoint_fingerprint`),
+  ``initial_state`` (the digest of the state the model's sequences started from, "" or
+  absent for zeros; see RWKV.set_initial_state) and ``n_tokens``.
 
 A file is written to a temporary name in its folder and renamed into place, so a reader
 never sees half a state and an interrupted save leaves the old file as it was.
@@ -148,25 +149,13 @@ def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int
     zero, as those tools start them. Raises CheckpointError (one line naming the file) for
     anything else.
     """
-    from rwkvx.loader import open_checkpoint
-    from rwkvx.weights import to_float32
     path = os.fspath(path)
     if architecture not in _TUNED_TRANSPOSED:
         raise fail(path, f"state-tuning files (blocks.N.att.time_state) are for RWKV-5, 6 and 7; "
                          f"this model is {architecture}")
-    not_a_state = "neither an rwkvx state file nor a state-tuning file"
-    if os.path.isdir(path):
-        raise fail(path, f"is a directory, {not_a_state}")
-    try:
-        source = open_checkpoint(path)
-    except CheckpointError:
-        if not os.path.isfile(path):  # missing, a FIFO, a device: the reader's own words
-            raise
-        raise fail(path, f"{not_a_state} (.pth or safetensors)") from None
+    source = open_state_source(path)
     names = [f"blocks.{layer}.att.time_state" for layer in range(n_layer)]
     missing = [name for name in names if name not in source.tensors]
-    if len(missing) == n_layer:
-        raise fail(path, f"{not_a_state} (no blocks.N.att.time_state tensors)")
     if missing:
         raise fail(path, f"a state-tuning file without {missing[0]}: this model has {n_layer} layers")
     extra = sorted(set(source.tensors) - set(names))
@@ -179,13 +168,37 @@ def read_tuned_state(path: str | os.PathLike, *, architecture: str, n_layer: int
         if tuple(tensor.shape) != (n_head, head_size, head_size):
             raise fail(path, f"{name}: expected {[n_head, head_size, head_size]} (this model's heads), "
                              f"got {list(tensor.shape)}")
-        if getattr(tensor, "dtype", None) not in ("F32", "BF16", "F16"):
-            raise fail(path, f"{name}: expected float32, bfloat16 or float16, got {_printable(getattr(tensor, 'dtype', None))}")
-        heads = to_float32(tensor.read())
+        if getattr(tensor, "dtype", None) not in ("F32", "BF16", "F16", "F64"):
+            raise fail(path, f"{name}: expected floating point, got {_printable(getattr(tensor, 'dtype', None))}")
+        heads = tensor.float32()
         if not np.isfinite(heads).all():
             raise fail(path, f"{name} holds NaN or infinite values")
         layers.append(heads)
     return tuned_state(np.stack(layers), architecture)
+
+
+def open_state_source(path: str | os.PathLike):
+    """An rwkvx state file or a state-tuning file, opened (nothing read): the
+    TensorSource of its tensors. Raises CheckpointError for anything else; what fits which
+    model is checked by read_state_file and read_tuned_state."""
+    from rwkvx.formats.pth import ZIP_MAGIC
+    from rwkvx.loader import open_checkpoint
+    path = os.fspath(path)
+    not_a_state = "neither an rwkvx state file nor a state-tuning file"
+    if os.path.isdir(path):
+        raise fail(path, f"is a directory, {not_a_state}")
+    # a file of a known format reports its own damage; anything else is named for what
+    # was expected of it
+    file = MappedFile(path)
+    head = file.head(16)
+    if not (head[:4] == ZIP_MAGIC or looks_like_safetensors(head) or head[:1] == b"\x80"):
+        raise fail(path, f"{not_a_state} (.pth or safetensors)")
+    if is_state_file(path):
+        return open_safetensors(file, dtypes=tuple(NUMPY_DTYPES))
+    source = open_checkpoint(path)
+    if source.metadata.get("format") != FORMAT_NAME and not any(k.endswith(".att.time_state") for k in source.tensors):
+        raise fail(path, f"{not_a_state} (no blocks.N.att.time_state tensors)")
+    return source
 
 
 def tuned_state(time_state: np.ndarray, architecture: str) -> np.ndarray:
@@ -235,6 +248,10 @@ def checkpoint_fingerprint(source) -> str:
         return recorded
     h = hashlib.blake2b(digest_size=12)
     for name in sorted(source.tensors):
+        if name.endswith(".att.time_state"):
+            # a state-tuned checkpoint is its base model's weights (the start is told
+            # apart by initial_state_digest): states saved with either load in the other
+            continue
         tensor = source.tensors[name]
         parts = tensor.parts.values() if isinstance(tensor, QuantizedTensor) else [tensor]
         h.update(f"{name}:{tensor.shape}".encode())
@@ -249,11 +266,13 @@ def checkpoint_fingerprint(source) -> str:
 
 
 def state_metadata(architecture: str, state_shape: tuple[int, ...], fingerprint: str,
-                   n_tokens: int | None) -> dict[str, str]:
-    """The metadata every state file carries."""
+                   n_tokens: int | None, initial_state: str = "") -> dict[str, str]:
+    """The metadata every state file carries. initial_state: the digest of the state the
+    model's sequences start from (RWKV.initial_state_digest), "" for zeros: the tokens were
+    run from there."""
     from rwkvx import __version__
     meta = {"architecture": architecture, "state_shape": ",".join(str(d) for d in state_shape),
-            "model_fingerprint": fingerprint, "writer": f"rwkvx {__version__}"}
+            "model_fingerprint": fingerprint, "initial_state": initial_state, "writer": f"rwkvx {__version__}"}
     if n_tokens is not None:
         meta["n_tokens"] = str(n_tokens)
     return meta

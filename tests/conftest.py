@@ -48,6 +48,14 @@ def set_int8_loops(loops: tuple[int, int]) -> tuple[int, int]:
     return before
 
 
+def expected_int8_loops() -> str:
+    """The loops an int8 block of four rows runs now (_matvec.int8_last_loops' names)."""
+    level = _matvec.int8_level()
+    if level == 2:
+        return "avx512-vnni"
+    return ("avx2", "avx-vnni", "avx-vnni-as-evex")[_matvec.int8_vnni256()] if level == 1 else "portable"
+
+
 @pytest.fixture(params=INT8_LOOPS, ids=INT8_LOOP_NAMES.get)
 def int8_loops(request):
     """Run the test with each of int8 arithmetic's loops (INT8_LOOPS), restoring them after."""

@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
+from safetensors.numpy import save_file
+
 import rwkvx
 from rwkvx.arch.common import WKV
 from rwkvx.errors import CheckpointError, RwkvxError
@@ -33,7 +35,9 @@ def _time_states(seed=0, n_layer=N_LAYER):
 
 
 def _tuned_file(tmp_path, tensors, name="state.safetensors"):
-    return write_safetensors(tmp_path / name, tensors)
+    # as stored: float64 and int tensors too (rwkvx.testing's writer stores floats in one dtype)
+    save_file(tensors, tmp_path / name)
+    return tmp_path / name
 
 
 @pytest.mark.parametrize("version", ["v5", "v6", "v7"])
@@ -62,10 +66,11 @@ def test_state_tuning_file_is_the_start_of_every_sequence(tmp_path, version):
     fresh = model.new_state()
     assert fresh.flags.writeable and np.array_equal(fresh, start)
     assert np.abs(logits - plain.forward(TOKENS)[0]).max() > 1e-3
-    # the fingerprint tells the two starts apart; None is zeros again
-    assert model.fingerprint != plain.fingerprint and model.fingerprint.startswith(plain.fingerprint)
+    # the same checkpoint, another start; None is zeros again
+    assert model.fingerprint == plain.fingerprint
+    assert len(model.initial_state_digest) == 32 and plain.initial_state_digest == ""
     model.set_initial_state(None)
-    assert model.initial_state is None and model.fingerprint == plain.fingerprint
+    assert model.initial_state is None and model.initial_state_digest == ""
     np.testing.assert_array_equal(model.forward(TOKENS)[0], plain.forward(TOKENS)[0])
 
 
@@ -97,6 +102,36 @@ def test_an_rwkvx_state_file_as_the_start(tmp_path):
     np.testing.assert_array_equal(started.forward(TOKENS[3:])[0], model.forward(TOKENS)[0])
 
 
+def test_state_files_record_their_start(tmp_path):
+    path = _model_path(tmp_path, "v6")
+    tuned = rwkvx.load(path, initial_state=_tuned_file(tmp_path, _time_states()))
+    plain = rwkvx.load(path)
+    # a prompt cache made from the tuned start serves as a start (or a state) without a
+    # warning: it belongs to this checkpoint
+    PromptCache(tmp_path / "cache", tuned).prefill(TOKENS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, tokens = plain.load_state(tmp_path / "cache")
+        plain.set_initial_state(tmp_path / "cache")
+    assert tokens == TOKENS
+    np.testing.assert_array_equal(plain.initial_state, state)
+    # a saved conversation's tokens ran from the tuned start: as a prompt cache it needs
+    # that start
+    tuned.save_state(tmp_path / "conv.state", tuned.forward(TOKENS)[1], TOKENS)
+    with pytest.raises(CheckpointError, match="a prompt cache made from another initial state"):
+        PromptCache(tmp_path / "conv.state", rwkvx.load(path))
+    assert PromptCache(tmp_path / "conv.state", tuned).prefill(TOKENS + [7]).reused == len(TOKENS)
+
+
+def test_rwkv4_batches_start_from_the_initial_state(tmp_path):
+    model = rwkvx.load(save_random_model(tmp_path / "m4.safetensors"))
+    _, start = model.forward(TOKENS[:2])
+    model.set_initial_state(start)
+    logits, states = model.forward_batch([TOKENS[2:], TOKENS[3:]], [None, start])
+    np.testing.assert_array_equal(logits[0], model.forward(TOKENS[2:], start)[0])
+    np.testing.assert_array_equal(logits[1], model.forward(TOKENS[3:])[0])
+
+
 def test_prompt_cache_of_another_start_is_refused(tmp_path):
     path = _model_path(tmp_path, "v6")
     plain = rwkvx.load(path)
@@ -120,6 +155,10 @@ def test_prompt_cache_of_another_start_is_refused(tmp_path):
     (lambda t: t["blocks.1.att.time_state"].__setitem__((0, 0, 0), np.nan), "holds NaN or infinite values"),
     (lambda t: t.clear() or t.update({"emb.weight": np.zeros((3, 4), np.float32)}),
      "neither an rwkvx state file nor a state-tuning file"),
+    (lambda t: t.update({"blocks.1.att.time_state": np.zeros((4, 16, 16), np.int32)}),
+     "tensor blocks.1.att.time_state: unsupported dtype I32"),
+    (lambda t: t.update({"blocks.1.att.time_state": np.zeros((4, 16, 16), np.float64)}),
+     "tensor blocks.1.att.time_state: unsupported dtype F64"),
 ])
 def test_bad_state_tuning_files(tmp_path, change, match):
     tuned = _time_states()
@@ -158,12 +197,33 @@ def test_bad_initial_states(tmp_path):
     assert model.initial_state is None
 
 
-def test_cli_state(tmp_path, capsys):
+def test_cli_state(tmp_path, capsys, monkeypatch):
     from rwkvx.run import main
     path = _model_path(tmp_path, "v7", n_vocab=256)
     state = _tuned_file(tmp_path, _time_states())
     args = ["-m", str(path), "--tokenizer", "bytes", "-p", "ab", "-n", "3", "--seed", "1", "--temp", "0"]
     assert main(args + ["--state", str(state)]) == 0
+    tuned_text = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out != tuned_text
+    # chat and perplexity take it as well
+    from rwkvx.chat import main as chat
+    from rwkvx.perplexity import main as perplexity
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello\n"))
+    assert chat(["-m", str(path), "--tokenizer", "bytes", "-n", "4", "--seed", "1", "--state", str(state)]) == 0
+    (tmp_path / "text.txt").write_text("some text to score " * 8)
+    scored = []
+    for extra in ([], ["--state", str(state)]):
+        assert perplexity(["-m", str(path), "--tokenizer", "bytes", "-f", str(tmp_path / "text.txt")] + extra) == 0
+        scored.append(capsys.readouterr().out)
+    assert scored[0] != scored[1]
+    # a state saved from another checkpoint of the same shape: one warning line
+    other = rwkvx.load(write_safetensors(tmp_path / "other.safetensors", random_checkpoint(
+        "v7", n_layer=N_LAYER, n_embd=N_EMBD, head_size=HEAD_SIZE, n_vocab=256, seed=1)))
+    other.save_state(tmp_path / "other.state", other.forward([1, 2])[1])
+    assert main(args + ["--state", str(tmp_path / "other.state")]) == 0
+    err = capsys.readouterr().err
+    assert "rwkvx: warning: " in err and "different checkpoint" in err and "Warning" not in err
     assert main(args + ["--state", str(tmp_path / "v7.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "neither an rwkvx state file nor a state-tuning file" in err[-1] and "Traceback" not in "".join(err)
@@ -183,6 +243,16 @@ def test_state_tuned_checkpoint_starts_from_its_time_state(tmp_path, capsys):
     assert convert([str(merged), str(tmp_path / "u8.safetensors"), "--dtype", "uint8"]) == 0
     np.testing.assert_array_equal(rwkvx.load(tmp_path / "u8.safetensors", dtype="uint8").initial_state,
                                   model.initial_state)
+    # the float64 reference starts there too
+    from rwkvx.arch import recognise_path
+    from rwkvx.arch.common import Reference, read_weights
+    arch, source = recognise_path(merged)
+    ref_logits, _ = Reference(read_weights(source, arch)).forward(TOKENS)
+    logits = model.forward(TOKENS)[0]
+    assert np.abs(ref_logits - logits).max() <= 1e-5 * np.abs(ref_logits).max()
+    # states saved with the merged file and with the base model plus the tuning file are one
+    # checkpoint's
+    assert model.fingerprint == apart.fingerprint
     from rwkvx.run import main as run
     assert run(["-m", str(merged), "--info"]) == 0
     assert "state-tuned   sequences start from the file's blocks.N.att.time_state" in capsys.readouterr().out

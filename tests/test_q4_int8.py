@@ -8,7 +8,7 @@ import pytest
 from rwkvx.kernels import _matvec
 from rwkvx.quant import quantize_q4
 
-from conftest import arithmetic_error, assert_same_bits_everywhere
+from conftest import arithmetic_error, assert_same_bits_everywhere, expected_int8_loops
 
 
 def _q4(rng, n_rows, n_cols):
@@ -90,6 +90,8 @@ def test_q4_int8_follows_the_definition(int8_loops, rng, n_rows, n_cols):
     X[2, : n_cols // 2] = 0
     got = lin.with_arithmetic("int8").matmul(X, n_threads=2)
     np.testing.assert_array_equal(got.view(np.uint32), q4_int8_model(qm, X).view(np.uint32))
+    if n_rows == 4:  # one block: the loops the fixture chose ran
+        assert _matvec.int8_last_loops() == expected_int8_loops()
 
 
 def test_q4_int8_same_bits_everywhere(rng):

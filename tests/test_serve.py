@@ -299,14 +299,21 @@ def test_initial_state_serves_every_request(tmp_path):
     tokenizer = rwkvx.load_tokenizer("bytes", model.n_vocab)
     ids = tokenizer.encode("def fibonacci(n):\n    ")
     model.save_state(tmp_path / "start.state", model.forward(ids)[1], ids)
+    from_zeros = "".join(rwkvx.generate(model, tokenizer, "if", max_tokens=16, sampler=rwkvx.Sampler(temperature=0)))
     model.set_initial_state(tmp_path / "start.state")
     expected = "".join(rwkvx.generate(model, tokenizer, "if", max_tokens=16, sampler=rwkvx.Sampler(temperature=0)))
+    assert expected != from_zeros
     s = Server("-m", "demo", "--model-name", "demo", "--state", str(tmp_path / "start.state"))
     try:
         got = s.client().completions.create(model="demo", prompt="if", max_tokens=16, temperature=0)
         assert got.choices[0].text == expected
     finally:
         s.stop()
+    # a file that is no state is refused before the server listens: one line, exit 2
+    done = subprocess.run([sys.executable, "-m", "rwkvx.serve", "-m", "demo", "--port", str(free_port()),
+                           "--state", os.path.join(HERE, "conftest.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith("neither an rwkvx state file nor a state-tuning file (.pth or safetensors)")
 
 
 def test_without_the_extra_it_says_what_to_install(tmp_path):

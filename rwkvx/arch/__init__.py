@@ -53,7 +53,8 @@ def describe(path: str | os.PathLike) -> str | None:
     # as stored; every other tensor is kept float32
     big_names = big_keys(arch, n_layer)
     big = [t for k, t in source.tensors.items() if k in big_names]
-    small = [t for k, t in source.tensors.items() if k not in big_names and k != "emb.weight"]
+    small = [t for k, t in source.tensors.items() if k not in big_names and k != "emb.weight"
+             and not k.endswith(".att.time_state")]
     big_elements = sum(t.size for t in big)
     small_elements = sum(t.size for t in small)
     emb_bytes = (emb.nbytes if emb.dtype in ("F32", "F16", "BF16") else emb.size * 4) if emb is not None else 0

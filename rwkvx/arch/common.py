@@ -182,7 +182,12 @@ class Reader:
             self.used.add(key)
             return np.zeros(shape, np.float32)
         v = self.values(key, n_head * head_size * head_size)
-        return np.zeros(shape, np.float32) if v is None else v.reshape(shape)
+        if v is None:
+            return np.zeros(shape, np.float32)
+        if not self.shapes_only and not np.isfinite(v).all():
+            # checked whatever check_tensors says: a start of NaN would spoil every sequence
+            self.problems.append(f"{key} holds NaN or infinite values")
+        return v.reshape(shape)
 
     def low_rank(self, key: str, shape: tuple[int, int]) -> np.ndarray:
         """A low-rank matrix in rwkvx's (out, in) orientation `shape`: a transposed view of the
@@ -398,10 +403,14 @@ class Reference(reference.Reference):
         super().__init__(weights)  # every tensor in float64, as RWKV-4's reference holds them
         self.arch = weights.arch
         self.head_size = weights.head_size
+        self.time_state = weights.time_state
         # rwkv.cpp's v5 graph normalises with 1e-5; tests of its expected logits set this
         self.group_norm_eps = GROUP_NORM_EPS
 
     def new_state(self) -> np.ndarray:
+        if self.time_state is not None:  # a state-tuned checkpoint starts there
+            from rwkvx.states import tuned_state
+            return tuned_state(self.time_state, self.arch.NAME).astype(np.float64)
         return new_state(self.n_layer, self.n_embd, self.head_size, np.float64)
 
     def forward(self, tokens, state=None, all_logits: bool = False):

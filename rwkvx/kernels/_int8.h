@@ -36,11 +36,18 @@
 /* AVX-VNNI's loops: x86, and a compiler that knows the instruction set (GCC 11, clang
  * 12); elsewhere level 1 keeps AVX2's. */
 #ifndef RWKVX_HAVE_AVXVNNI
-#if RWKVX_HAVE_X86_DISPATCH && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
-#define RWKVX_HAVE_AVXVNNI 1
-#else
+#if !RWKVX_HAVE_X86_DISPATCH
 #define RWKVX_HAVE_AVXVNNI 0
+#elif defined(__apple_build_version__)
+#define RWKVX_HAVE_AVXVNNI (__clang_major__ >= 14)
+#elif defined(__clang__)
+#define RWKVX_HAVE_AVXVNNI (__clang_major__ >= 12)
+#else
+#define RWKVX_HAVE_AVXVNNI (__GNUC__ >= 11)
 #endif
+#endif
+#if RWKVX_HAVE_AVXVNNI
+#include <cpuid.h>
 #endif
 
 /* Columns summed in int32 before a row's partial sums are added in int64. */
@@ -62,6 +69,9 @@ static int rwkvx_i8_has_vnni = 0;
  * the EVEX twin (see "256-bit VNNI" below). rwkvx_i8_detect sets 1 where the CPU has
  * AVX-VNNI; 2 only by request (tests). */
 static int rwkvx_i8_vnni256 = 0;
+/* The loops the last int8 block ran (tests): 0 plain C, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-VNNI,
+ * 4 AVX-VNNI's EVEX twin. */
+static int rwkvx_i8_last_loops = -1;
 
 static inline void rwkvx_i8_detect(void)
 {
@@ -70,7 +80,10 @@ static inline void rwkvx_i8_detect(void)
     rwkvx_i8_has_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vnni");
 #if RWKVX_HAVE_AVXVNNI
-    rwkvx_i8_vnni256 = __builtin_cpu_supports("avxvnni") ? 1 : 0;
+    /* CPUID leaf 7, subleaf 1, EAX bit 4 (compilers' __builtin_cpu_supports learnt the name
+     * later than the instructions); AVX's OS support is level 1's own condition */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    rwkvx_i8_vnni256 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1) ? 1 : 0;
 #endif
 #endif
 }
@@ -546,6 +559,7 @@ static inline void rwkvx_i8_block(const uint8_t *q, ptrdiff_t n, int n_r, const 
 #if RWKVX_HAVE_X86_DISPATCH
     if (n_r == 4 && n <= RWKVX_I8_CHUNK && rwkvx_i8_level() == 2) {
         rwkvx_i8_block4_vnni(q, n, A, lda, n_tok, ry, my, sums, Y, ldy, next);
+        rwkvx_i8_last_loops = 2;
         return;
     }
     if (n_r == 4 && n <= RWKVX_I8_CHUNK && rwkvx_i8_level() == 1) {
@@ -558,10 +572,12 @@ static inline void rwkvx_i8_block(const uint8_t *q, ptrdiff_t n, int n_r, const 
             rwkvx_i8_block4_vnni256(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
         else
             rwkvx_i8_block4_avx2(q, n, A, lda, n_tok, ry, my, sums, Y, ldy);
+        rwkvx_i8_last_loops = rwkvx_i8_vnni256 ? 2 + rwkvx_i8_vnni256 : 1;
         return;
     }
 #endif
     (void)next;
+    rwkvx_i8_last_loops = 0;
     for (ptrdiff_t t = 0; t < n_tok; t++)
         for (int r = 0; r < n_r; r++)
             Y[t * ldy + r] = rwkvx_i8_finish1(rwkvx_i8_dot(q + r * n, A + t * lda, n), ry[r], my[r],

@@ -92,6 +92,9 @@ cdef extern from "_lowrank.h" nogil:
 cdef extern from "_int8.h" nogil:
     int rwkvx_i8_has_vnni
     int rwkvx_i8_vnni256
+    int rwkvx_i8_last_loops
+    enum:
+        RWKVX_HAVE_AVXVNNI
     void rwkvx_i8_detect()
     int rwkvx_i8_level()
     Py_ssize_t rwkvx_i8_stride(Py_ssize_t n)
@@ -151,6 +154,17 @@ def int8_vnni256() -> int:
     cores since Alder Lake, detected at import), 0 none (AVX2's vpmaddwd), 2 AVX-512's form
     of the same instruction (set by tests). All give the same bits."""
     return rwkvx_i8_vnni256
+
+
+# whether this build has the AVX-VNNI loops (a compiler that knows the instructions)
+AVX_VNNI_BUILT = bool(RWKVX_HAVE_AVXVNNI)
+_INT8_LOOPS = ("portable", "avx2", "avx512-vnni", "avx-vnni", "avx-vnni-as-evex")
+
+
+def int8_last_loops() -> str | None:
+    """Which loops the last int8 block product ran (for tests): "portable", "avx2",
+    "avx512-vnni", "avx-vnni" or "avx-vnni-as-evex"; None before any."""
+    return _INT8_LOOPS[rwkvx_i8_last_loops] if rwkvx_i8_last_loops >= 0 else None
 
 
 def set_int8_vnni256(int mode) -> int:

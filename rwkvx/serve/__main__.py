@@ -99,6 +99,11 @@ def _serve(args) -> int:
     n_vocab = _vocabulary(args.model)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, n_vocab), n_vocab)
     name = args.model_name or default_model_name(args.model)
+    if args.state:
+        # a wrong file is refused before the server listens; its fit to the model is
+        # checked as the model loads
+        from rwkvx.states import open_state_source
+        open_state_source(args.state)
     if args.replicas:
         from rwkvx.serve.replicas import serve_replicas
         return serve_replicas(args, name)
