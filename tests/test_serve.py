@@ -277,6 +277,7 @@ def test_api_key_and_a_full_queue():
     try:
         assert s.get("/health")[0] == 200
         assert s.get("/v1/models")[0] == 401
+        assert s.post("/tokenize", b'{"content": "x"}')[0] == 401
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         client = s.client(api_key="sekret")
@@ -290,6 +291,45 @@ def test_api_key_and_a_full_queue():
         holder.close()
     finally:
         s.stop()
+
+
+def test_tokenize_and_detokenize_as_llama_server(server):
+    text = "What is a list? 媽 and 🤗"
+    status, body = server.post("/tokenize", json.dumps({"content": text}).encode())
+    assert status == 200
+    ids = body["tokens"]
+    assert ids == rwkvx_tokenizer_ids(text)
+    status, body = server.post("/detokenize", json.dumps({"tokens": ids}).encode())
+    assert status == 200 and body["content"] == text
+    # with pieces: a token's text, or its bytes where they are not whole characters
+    status, body = server.post("/tokenize", json.dumps({"content": text, "with_pieces": True,
+                                                        "add_special": True}).encode())
+    assert status == 200 and [t["id"] for t in body["tokens"]] == ids
+    joined = b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in (t["piece"] for t in body["tokens"]))
+    assert joined == text.encode()
+    assert any(isinstance(t["piece"], list) for t in body["tokens"])  # the demo's tokens are bytes
+    assert server.post("/tokenize", json.dumps({"content": ""}).encode()) == (200, {"tokens": []})
+    assert server.post("/detokenize", json.dumps({"tokens": []}).encode()) == (200, {"content": ""})
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {}, "content"),
+    ("/tokenize", {"content": 5}, "content"),
+    ("/tokenize", {"content": "x", "with_pieces": "yes"}, "with_pieces"),
+    ("/tokenize", {"content": "x", "add_special": 1}, "add_special"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ("/detokenize", {"tokens": [1, 2, 256]}, "tokens"),
+    ("/detokenize", {"tokens": [1, True]}, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+])
+def test_bad_token_requests(server, path, body, param):
+    status, error = server.post(path, json.dumps(body).encode())
+    assert status == 400 and error["error"]["param"] == param and error["error"]["type"] == "invalid_request_error"
+
+
+def rwkvx_tokenizer_ids(text):
+    import rwkvx
+    return rwkvx.load_tokenizer("bytes", 256).encode(text)
 
 
 def test_initial_state_serves_every_request(tmp_path):

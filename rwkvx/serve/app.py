@@ -200,6 +200,32 @@ def build_app(server: Server) -> Starlette:
             task.add_done_callback(lambda t: t.exception() is None and engine.remember(t.result()))
         return await respond(request, engine, ids, params, chat=True, on_reply=remember)
 
+    # llama-server's token routes (editors and chat front ends count tokens with them)
+    async def tokenize(request: Request) -> Response:
+        engine = ready()
+        body = await read_json(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise bad("content", "expected a string")
+        flag(body, "add_special")  # RWKV adds no special tokens: accepted, changes nothing
+        with_pieces = flag(body, "with_pieces")
+        ids = await asyncio.to_thread(encode, engine, content, server.limits, "content", allow_empty=True)
+        if not with_pieces:
+            return JSONResponse({"tokens": ids})
+        return JSONResponse({"tokens": [{"id": i, "piece": piece(engine.tokenizer, i)} for i in ids]})
+
+    async def detokenize(request: Request) -> Response:
+        engine = ready()
+        body = await read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or len(ids) > server.limits.max_prompt_tokens + server.limits.max_tokens:
+            raise bad("tokens", "expected a list of at most "
+                                f"{server.limits.max_prompt_tokens + server.limits.max_tokens} token ids")
+        n_vocab = engine.tokenizer.vocab_size
+        if not all(type(i) is int and 0 <= i < n_vocab for i in ids):
+            raise bad("tokens", f"expected token ids in 0..{n_vocab - 1}")
+        return JSONResponse({"content": engine.tokenizer.decode(ids)})
+
     async def not_found(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
         message = "no such route" if status == 404 else f"{request.method} is not allowed here"
@@ -218,10 +244,29 @@ def build_app(server: Server) -> Starlette:
         route("/metrics", ["GET"], "metrics")(metrics_route),
         route("/v1/completions", ["POST"], "completions")(completions),
         route("/v1/chat/completions", ["POST"], "chat_completions")(chat_completions),
+        route("/tokenize", ["POST"], "tokenize")(tokenize),
+        route("/detokenize", ["POST"], "detokenize")(detokenize),
     ])
 
 
-def encode(engine: Engine, text: str, limits: Limits, param: str = "prompt") -> list[int]:
+def flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad(name, f"expected true or false, got {value!r}"[:200])
+    return value
+
+
+def piece(tokenizer, token_id: int):
+    """A token's text, as llama-server gives it: a string, or its bytes as a list of ints
+    where they are not whole UTF-8 characters."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def encode(engine: Engine, text: str, limits: Limits, param: str = "prompt", allow_empty: bool = False) -> list[int]:
     # text that must hold more tokens than allowed is refused before the work of encoding it
     longest = getattr(engine.tokenizer, "max_token_bytes", None)
     if longest and len(text) > limits.max_prompt_tokens and \
@@ -231,7 +276,7 @@ def encode(engine: Engine, text: str, limits: Limits, param: str = "prompt") -> 
         ids = engine.tokenizer.encode(text)
     except RwkvxError as e:
         raise bad(param, str(e)) from None
-    if not ids:
+    if not ids and not allow_empty:
         raise bad(param, "the prompt has no tokens")
     if len(ids) > limits.max_prompt_tokens:
         raise bad(param, f"{len(ids)} tokens, more than this server accepts ({limits.max_prompt_tokens})")
