@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
@@ -291,6 +292,79 @@ def test_api_key_and_a_full_queue():
         holder.close()
     finally:
         s.stop()
+
+
+def _log_softmax(logits):
+    x = logits.astype(np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_completion_logprobs_are_the_model_s(server):
+    # greedy: each token is the most likely, and its log-probability is the model's own
+    import rwkvx
+    client = server.client()
+    whole = client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=3)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.tokens) == whole.usage.completion_tokens
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    model = rwkvx.load("demo")
+    ids = rwkvx.load_tokenizer("bytes", 256).encode("def f(x):")
+    logits, state = model.forward(ids)
+    for token_text, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        expected = _log_softmax(logits)
+        token = ord(token_text)
+        assert token == int(np.argmax(expected)) and abs(token_lp - expected[token]) < 1e-9
+        assert len(top) == 3 and max(top.values()) == token_lp
+        best = np.argsort(-expected)[:3]
+        assert [abs(top[chr(t)] - expected[t]) < 1e-9 for t in best] == [True] * 3
+        logits, state = model.forward([token], state)
+    # streamed: the same tokens, each with the text that holds it
+    pieces = list(client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0,
+                                            logprobs=3, stream=True))
+    streamed = [p.choices[0].logprobs for p in pieces if p.choices[0].logprobs is not None]
+    assert sum((p.tokens for p in streamed), []) == lp.tokens
+    assert sum((p.token_logprobs for p in streamed), []) == lp.token_logprobs
+    assert sum((p.text_offset for p in streamed), []) == lp.text_offset
+    # without the parameter: none
+    assert client.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_a_stop_string(server):
+    client = server.client()
+    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is a list?"}],
+                                           max_tokens=24, seed=5, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens or reply.choices[0].finish_reason == "stop"
+    text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace")
+    assert text.strip() == reply.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
+    streamed = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is a list?"}],
+                                                   max_tokens=24, seed=5, logprobs=True, top_logprobs=2, stream=True))
+    entries = sum((p.choices[0].logprobs.content for p in streamed if p.choices and p.choices[0].logprobs), [])
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+    # tokens past a stop string are not reported
+    whole = client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=0)
+    text = whole.choices[0].text
+    stop = text[3:5]
+    cut = client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)]
+    assert "".join(cut.choices[0].logprobs.tokens) == cut.choices[0].text
+    assert cut.choices[0].logprobs.top_logprobs == [{}] * len(cut.choices[0].text)
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
+])
+def test_bad_logprobs_requests(server, route, body, param):
+    status, error = server.post(route, json.dumps(body).encode())
+    assert status == 400 and error["error"]["param"] == param
 
 
 def test_tokenize_and_detokenize_as_llama_server(server):

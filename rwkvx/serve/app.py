@@ -7,6 +7,7 @@ in a background thread after the server starts listening, so /health says 503 un
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import threading
@@ -176,7 +177,7 @@ def build_app(server: Server) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         engine = ready()
         body = await read_json(request)
-        params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens))
+        params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens), chat=True)
         check_model(params)
         messages = parse_messages(body)
         if messages[-1]["role"] == "assistant":
@@ -336,6 +337,50 @@ async def _wait_for_events(request: Request, events: asyncio.Queue, n: int, text
                 raise asyncio.CancelledError
 
 
+class _TokenLog:
+    """A sequence's generated tokens with their log-probabilities (Sequence.token_logprobs),
+    handed out with the text that holds them: a token goes with the first text that reaches
+    into its bytes, so tokens a stop string cut off are never shown."""
+
+    def __init__(self, tokenizer, seq, chat: bool):
+        self.tokenizer, self.seq, self.chat = tokenizer, seq, chat
+        self.sent = 0  # tokens handed out
+        self.start = 0  # byte offset of the next token in the generated text
+        self.chars = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset = 0  # characters completed before the next token (text_offset)
+
+    def take(self, text_bytes: int) -> dict | None:
+        """The tokens that start within the first text_bytes bytes of text and were not
+        handed out yet, in the route's logprobs format; None when there are none."""
+        records = self.seq.token_logprobs
+        items = []
+        while self.sent < len(records) and self.start < text_bytes:
+            items.append(records[self.sent])
+            raw = self.tokenizer.token_bytes(records[self.sent][0])
+            self.sent += 1
+            self.start += len(raw)
+        if not items:
+            return None
+        if self.chat:
+            return {"content": [dict(self._chat_entry(token, lp), top_logprobs=[
+                self._chat_entry(t, l) for t, l in top]) for token, lp, top in items], "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in items:
+            out["tokens"].append(self._text(token))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._text(t): l for t, l in top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(self.chars.decode(self.tokenizer.token_bytes(token)))
+        return out
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.token_bytes(token).decode("utf-8", "replace")
+
+    def _chat_entry(self, token: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
 def _failure(sequences) -> str:
     failed = next(s for s in sequences if s.finish_reason == "error")
     return f"generation failed: {failed.error}"
@@ -354,7 +399,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
             def on_event(kind, value, index=index):
                 loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
             sequences.append(engine.submit(ids, make_sampler(params, seed), max_tokens=params.max_tokens,
-                                           stops=params.stop, ignore_eos=params.ignore_eos, on_event=on_event))
+                                           stops=params.stop, ignore_eos=params.ignore_eos,
+                                           logprobs=params.logprobs, on_event=on_event))
     except QueueFull as e:
         for seq in sequences:
             engine.cancel(seq)
@@ -392,28 +438,33 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
             on_reply(texts[0])
         choices = []
         for i, seq in enumerate(sequences):
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = _TokenLog(engine.tokenizer, seq, chat).take(len(texts[i].encode())) or \
+                    ({"content": [], "refusal": None} if chat else
+                     {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
             if chat:
                 text = templates.clean_reply(texts[i])
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish_reason(seq), "logprobs": None})
+                                "finish_reason": finish_reason(seq), "logprobs": logprobs})
             else:
                 choices.append({"index": i, "text": texts[i], "finish_reason": finish_reason(seq),
-                                "logprobs": None})
+                                "logprobs": logprobs})
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": model,
                              "choices": choices, "usage": usage()})
 
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index, text=None, finish=None, role=False):
+    def chunk(index, text=None, finish=None, role=False, logprobs=None):
         if chat:
             delta = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
 
     def sse(obj) -> bytes:
@@ -421,6 +472,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
 
     async def stream():
         shown = [_ChatText() for _ in range(params.n)]
+        logs = [_TokenLog(engine.tokenizer, seq, chat) for seq in sequences]
+        text_bytes = [0] * params.n  # of the generated text, before a chat reply's trimming
         done = 0
         first_text = []
         try:
@@ -432,11 +485,13 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 if what == "text":
                     if index == 0:
                         first_text.append(value)
+                    text_bytes[index] += len(value.encode())
                     if chat:
                         value = shown[index].push(value)
                         if not value:
                             continue
-                    yield sse(chunk(index, value))
+                    logprobs = logs[index].take(text_bytes[index]) if params.logprobs is not None else None
+                    yield sse(chunk(index, value, logprobs=logprobs))
                 elif value.finish_reason == "error":
                     # OpenAI's way to fail mid-stream: the client raises APIError with this message
                     error = ApiError(500, _failure([value]), type="server_error")
@@ -444,7 +499,9 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                     return
                 else:
                     done += 1
-                    yield sse(chunk(index, finish=finish_reason(value)))
+                    # tokens whose text a chat reply's trimming held back
+                    logprobs = logs[index].take(text_bytes[index]) if params.logprobs is not None else None
+                    yield sse(chunk(index, finish=finish_reason(value), logprobs=logprobs))
             if params.include_usage:
                 yield sse({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],
                            "usage": usage()})

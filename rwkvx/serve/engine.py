@@ -38,6 +38,17 @@ PREFILL_SLOWDOWN = 2.5
 IDLE_PREFILL_CHUNK = 512
 
 
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """token's log-probability under the model's distribution (the logits before sampling's
+    penalties and temperature, as OpenAI reports them) and the k most likely tokens'."""
+    x = logits.astype(np.float64)
+    top = x.max()
+    log_total = top + np.log(np.exp(x - top).sum())
+    best = np.argpartition(-x, k)[:k] if 0 < k < len(x) else np.arange(len(x) if k else 0)
+    best = best[np.argsort(-x[best], kind="stable")]
+    return token, float(x[token] - log_total), [(int(t), float(x[t] - log_total)) for t in best]
+
+
 def _extends(tokens: list[int], prefix: list[int]) -> bool:
     return len(prefix) <= len(tokens) and tokens[:len(prefix)] == prefix
 
@@ -79,6 +90,9 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     warm_up: bool = False  # only caches its state (Engine.remember): no client waits for it
+    logprobs: int | None = None  # alternatives to record with each generated token; None: none
+    # per generated token, with logprobs: (token, its log-probability, [(alternative, log-probability)])
+    token_logprobs: list = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -123,13 +137,16 @@ class Engine:
             self._thread.join()
 
     def submit(self, prompt: list[int], sampler, *, max_tokens: int, stops: tuple[str, ...] = (),
-               ignore_eos: bool = False, on_event: Callable[[str, object], None]) -> Sequence:
+               ignore_eos: bool = False, logprobs: int | None = None,
+               on_event: Callable[[str, object], None]) -> Sequence:
         """Queue a generation. on_event(kind, value) is called from the engine's thread with
-        ("text", str) pieces and finally ("done", Sequence). Raises QueueFull."""
+        ("text", str) pieces and finally ("done", Sequence). logprobs: record each generated
+        token's log-probability and this many alternatives' (Sequence.token_logprobs, filled
+        before the text that holds the token is sent). Raises QueueFull."""
         if not prompt:
             raise RwkvxError("prompt: expected at least one token, got none")
         seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
-                       None if ignore_eos else self.tokenizer.eos_id, on_event)
+                       None if ignore_eos else self.tokenizer.eos_id, on_event, logprobs=logprobs)
         seq.usage.prompt_tokens = len(prompt)
         if hasattr(sampler, "accept_prompt"):
             sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
@@ -331,6 +348,8 @@ class Engine:
         seq.last_token_at = now
         if token == seq.eos_id:
             return self._finish(seq, "stop")
+        if seq.logprobs is not None:
+            seq.token_logprobs.append(_logprobs(logits, token, seq.logprobs))
         seq.generated.append(token)
         seq.usage.completion_tokens += 1
         if seq.decoder is None:

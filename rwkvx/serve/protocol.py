@@ -83,11 +83,17 @@ class Params:
     include_usage: bool
     ignore_eos: bool
     model: str | None
+    logprobs: int | None = None  # alternatives per generated token's log-probability; None: off
     extra: dict = field(default_factory=dict)
 
 
-def parse_params(body: dict, limits: Limits, *, default_max_tokens: int) -> Params:
-    """The sampling and length parameters both routes share."""
+# most alternatives a token's logprobs list (OpenAI's chat limit)
+MAX_TOP_LOGPROBS = 20
+
+
+def parse_params(body: dict, limits: Limits, *, default_max_tokens: int, chat: bool = False) -> Params:
+    """The sampling and length parameters both routes share (logprobs as each route asks
+    for them: completions' "logprobs": k, chat's "logprobs": true with "top_logprobs": k)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", "expected a string")
@@ -124,6 +130,14 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int) -> Para
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise bad("seed", f"expected an integer in [0, 2^63), got {seed!r}"[:200])
+    if chat:
+        logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if _flag(body, "logprobs") else None
+        if logprobs is None and body.get("top_logprobs") is not None:
+            raise bad("top_logprobs", "needs logprobs: true")
+    else:
+        logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if _flag(body, "echo"):
+            raise bad("echo", "not supported: the prompt's tokens are not returned")
     return Params(
         max_tokens=_integer(body, "max_tokens", None, 1, limits.max_tokens)
         or _integer(body, "max_completion_tokens", default_max_tokens, 1, limits.max_tokens),
@@ -142,6 +156,7 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int) -> Para
         include_usage=bool(options.get("include_usage", False)),
         ignore_eos=_flag(body, "ignore_eos"),
         model=model,
+        logprobs=logprobs,
     )
 
 
