@@ -299,6 +299,11 @@ def _log_softmax(logits):
     return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
 
 
+def _piece(token: int) -> str:
+    """A byte token's text as completions' logprobs name it."""
+    return chr(token) if token < 0x80 else f"bytes:\\x{token:02x}"
+
+
 def test_completion_logprobs_are_the_model_s(server):
     # greedy: each token is the most likely, and its log-probability is the model's own
     import rwkvx
@@ -312,11 +317,11 @@ def test_completion_logprobs_are_the_model_s(server):
     logits, state = model.forward(ids)
     for token_text, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         expected = _log_softmax(logits)
-        token = ord(token_text)
-        assert token == int(np.argmax(expected)) and abs(token_lp - expected[token]) < 1e-9
-        assert len(top) == 3 and max(top.values()) == token_lp
-        best = np.argsort(-expected)[:3]
-        assert [abs(top[chr(t)] - expected[t]) < 1e-9 for t in best] == [True] * 3
+        token = int(np.argmax(expected))
+        assert token_text == _piece(token) and abs(token_lp - expected[token]) < 1e-6
+        # the three most likely (the chosen one among them)
+        assert sorted(top) == sorted(_piece(t) for t in np.argsort(-expected)[:3])
+        assert all(abs(top[_piece(t)] - expected[t]) < 1e-6 for t in np.argsort(-expected)[:3])
         logits, state = model.forward([token], state)
     # streamed: the same tokens, each with the text that holds it
     pieces = list(client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0,
@@ -329,28 +334,68 @@ def test_completion_logprobs_are_the_model_s(server):
     assert client.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].logprobs is None
 
 
-def test_chat_logprobs_and_a_stop_string(server):
+def test_logprobs_of_several_choices_and_of_a_stop_string(server):
     client = server.client()
-    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is a list?"}],
-                                           max_tokens=24, seed=5, logprobs=True, top_logprobs=2)
+    several = client.completions.create(model="demo", prompt="class A:", max_tokens=10, seed=2, n=3, logprobs=1)
+    for choice in several.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text
+        # the most likely alternative, and the chosen one when another
+        assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    # tokens past a stop string are not reported, whole or streamed; logprobs 0: the chosen one
+    prompt = "The built-in function"
+    text = client.completions.create(model="demo", prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    kwargs = dict(model="demo", prompt=prompt, max_tokens=16, temperature=0, logprobs=0, stop=[stop])
+    cut = client.completions.create(**kwargs)
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    tokens = cut.choices[0].logprobs.tokens
+    assert "".join(tokens) == cut.choices[0].text
+    assert cut.choices[0].logprobs.top_logprobs == [{t: p} for t, p in zip(tokens, cut.choices[0].logprobs.token_logprobs)]
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    assert sum((p.choices[0].logprobs.tokens for p in streamed if p.choices[0].logprobs), []) == tokens
+
+
+def test_chat_logprobs(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "What is a list?"}]
+    reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=24, seed=5, logprobs=True,
+                                           top_logprobs=2)
     content = reply.choices[0].logprobs.content
-    assert len(content) == reply.usage.completion_tokens or reply.choices[0].finish_reason == "stop"
     text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace")
+    # the reply is the generated text trimmed (a stop string ends it, or the length)
     assert text.strip() == reply.choices[0].message.content
+    if reply.choices[0].finish_reason == "length":
+        assert len(content) == reply.usage.completion_tokens
     assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
-    streamed = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is a list?"}],
-                                                   max_tokens=24, seed=5, logprobs=True, top_logprobs=2, stream=True))
+    streamed = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=24, seed=5,
+                                                   logprobs=True, top_logprobs=2, stream=True))
     entries = sum((p.choices[0].logprobs.content for p in streamed if p.choices and p.choices[0].logprobs), [])
     assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
-    # tokens past a stop string are not reported
-    whole = client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=0)
-    text = whole.choices[0].text
-    stop = text[3:5]
-    cut = client.completions.create(model="demo", prompt="def f(x):", max_tokens=12, temperature=0, logprobs=0,
-                                    stop=[stop])
-    assert cut.choices[0].text == text[:text.index(stop)]
-    assert "".join(cut.choices[0].logprobs.tokens) == cut.choices[0].text
-    assert cut.choices[0].logprobs.top_logprobs == [{}] * len(cut.choices[0].text)
+
+
+def test_token_log_counts_characters_as_the_text_does():
+    # invalid UTF-8 becomes one U+FFFD in the text: a stop string after it still cuts off
+    # the tokens behind it, and a character's bytes go out together
+    from types import SimpleNamespace
+    from rwkvx.serve.app import _TokenLog
+    from rwkvx.tokenizer import ByteTokenizer
+    tokens = [0x80, ord("X"), ord("Y")] + list("é".encode())
+    seq = SimpleNamespace(token_logprobs=[(t, -1.0, []) for t in tokens])
+    log = _TokenLog(ByteTokenizer(), seq, chat=False)
+    first = log.take(len("\ufffdX"))  # the text before the stop string "Y"
+    assert first["tokens"] == ["bytes:\\x80", "X"] and first["text_offset"] == [0, 1]
+    assert log.take(len("\ufffdX")) is None
+    rest = log.take(len("\ufffdXYé"))
+    assert rest["tokens"] == ["Y", "bytes:\\xc3", "bytes:\\xa9"] and rest["text_offset"] == [2, 3, 3]
+
+
+def test_token_bytes_are_needed_for_pieces_and_logprobs():
+    from types import SimpleNamespace
+    from rwkvx.serve.app import needs_token_bytes
+    from rwkvx.serve.protocol import ApiError
+    with pytest.raises(ApiError, match="logprobs: not available with this tokenizer"):
+        needs_token_bytes(SimpleNamespace(tokenizer=SimpleNamespace(byte_level=False)), "logprobs")
+    needs_token_bytes(SimpleNamespace(tokenizer=SimpleNamespace(byte_level=True)), "logprobs")
 
 
 @pytest.mark.parametrize("route, body, param", [

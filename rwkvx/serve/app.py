@@ -10,6 +10,7 @@ import asyncio
 import codecs
 import hmac
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from rwkvx import templates
 from rwkvx.errors import RwkvxError
 from rwkvx.serve.engine import Engine, QueueFull
 from rwkvx.serve.metrics import Metrics
-from rwkvx.serve.protocol import (ApiError, Limits, bad, new_id, now, parse_messages, parse_params, parse_prompt,
-                                  usage_body)
+from rwkvx.serve.protocol import (ApiError, Limits, _flag, bad, new_id, now, parse_messages, parse_params,
+                                  parse_prompt, usage_body)
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 # the most bytes a request body may have: a 32k-token prompt is ~150 KB of text
@@ -170,6 +171,8 @@ def build_app(server: Server) -> Starlette:
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=16)
         check_model(params)
+        if params.logprobs is not None:
+            needs_token_bytes(engine, "logprobs")
         prompt = parse_prompt(body)
         ids = await asyncio.to_thread(encode, engine, prompt, server.limits)
         return await respond(request, engine, ids, params, chat=False)
@@ -179,6 +182,8 @@ def build_app(server: Server) -> Starlette:
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens), chat=True)
         check_model(params)
+        if params.logprobs is not None:
+            needs_token_bytes(engine, "logprobs")
         messages = parse_messages(body)
         if messages[-1]["role"] == "assistant":
             raise bad("messages", "the last message must not be the assistant's: there is nothing to reply to")
@@ -208,8 +213,10 @@ def build_app(server: Server) -> Starlette:
         content = body.get("content")
         if not isinstance(content, str):
             raise bad("content", "expected a string")
-        flag(body, "add_special")  # RWKV adds no special tokens: accepted, changes nothing
-        with_pieces = flag(body, "with_pieces")
+        _flag(body, "add_special")  # RWKV adds no special tokens: accepted, changes nothing
+        with_pieces = _flag(body, "with_pieces")
+        if with_pieces:
+            needs_token_bytes(engine, "with_pieces")
         ids = await asyncio.to_thread(encode, engine, content, server.limits, "content", allow_empty=True)
         if not with_pieces:
             return JSONResponse({"tokens": ids})
@@ -250,11 +257,11 @@ def build_app(server: Server) -> Starlette:
     ])
 
 
-def flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise bad(name, f"expected true or false, got {value!r}"[:200])
-    return value
+def needs_token_bytes(engine: Engine, param: str) -> None:
+    """Pieces and logprobs show each token's bytes: a tokenizer.json that is not byte-level
+    BPE has none to show."""
+    if not getattr(engine.tokenizer, "byte_level", True):
+        raise bad(param, "not available with this tokenizer (its tokens are not byte strings)")
 
 
 def piece(tokenizer, token_id: int):
@@ -340,41 +347,48 @@ async def _wait_for_events(request: Request, events: asyncio.Queue, n: int, text
 class _TokenLog:
     """A sequence's generated tokens with their log-probabilities (Sequence.token_logprobs),
     handed out with the text that holds them: a token goes with the first text that reaches
-    into its bytes, so tokens a stop string cut off are never shown."""
+    the character its bytes begin, so tokens a stop string cut off are never shown.
+    Positions are counted in characters of the text as the tokenizer's stream decoder gives
+    it (invalid UTF-8 as U+FFFD), decoding the tokens' bytes the same way."""
 
     def __init__(self, tokenizer, seq, chat: bool):
         self.tokenizer, self.seq, self.chat = tokenizer, seq, chat
         self.sent = 0  # tokens handed out
-        self.start = 0  # byte offset of the next token in the generated text
         self.chars = codecs.getincrementaldecoder("utf-8")("replace")
-        self.offset = 0  # characters completed before the next token (text_offset)
+        self.offset = 0  # characters completed before the next token (its text_offset)
 
-    def take(self, text_bytes: int) -> dict | None:
-        """The tokens that start within the first text_bytes bytes of text and were not
-        handed out yet, in the route's logprobs format; None when there are none."""
+    def take(self, text_chars: float) -> dict | None:
+        """The tokens not handed out yet that begin within the first text_chars characters
+        of the generated text (math.inf: all), in the route's logprobs format; None when
+        there are none."""
         records = self.seq.token_logprobs
         items = []
-        while self.sent < len(records) and self.start < text_bytes:
-            items.append(records[self.sent])
-            raw = self.tokenizer.token_bytes(records[self.sent][0])
+        while self.sent < len(records) and self.offset < text_chars:
+            token, logprob, top = records[self.sent]
+            items.append((token, logprob, top, self.offset))
             self.sent += 1
-            self.start += len(raw)
+            self.offset += len(self.chars.decode(self.tokenizer.token_bytes(token)))
         if not items:
             return None
         if self.chat:
             return {"content": [dict(self._chat_entry(token, lp), top_logprobs=[
-                self._chat_entry(t, l) for t, l in top]) for token, lp, top in items], "refusal": None}
+                self._chat_entry(t, l) for t, l in top]) for token, lp, top, _ in items], "refusal": None}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, lp, top in items:
+        for token, lp, top, offset in items:
             out["tokens"].append(self._text(token))
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self._text(t): l for t, l in top})
-            out["text_offset"].append(self.offset)
-            self.offset += len(self.chars.decode(self.tokenizer.token_bytes(token)))
+            # the k most likely and the chosen one, as OpenAI's completions give them
+            out["top_logprobs"].append({self._text(t): l for t, l in top + [(token, lp)]})
+            out["text_offset"].append(offset)
         return out
 
     def _text(self, token: int) -> str:
-        return self.tokenizer.token_bytes(token).decode("utf-8", "replace")
+        """A token's text; OpenAI's "bytes:\\xe5\\xaa" where its bytes are not whole characters."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _chat_entry(self, token: int, logprob: float) -> dict:
         raw = self.tokenizer.token_bytes(token)
@@ -440,7 +454,8 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
         for i, seq in enumerate(sequences):
             logprobs = None
             if params.logprobs is not None:
-                logprobs = _TokenLog(engine.tokenizer, seq, chat).take(len(texts[i].encode())) or \
+                logprobs = _TokenLog(engine.tokenizer, seq, chat).take(
+                    len(texts[i]) if seq.stopped_by_text else math.inf) or \
                     ({"content": [], "refusal": None} if chat else
                      {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
             if chat:
@@ -473,7 +488,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
     async def stream():
         shown = [_ChatText() for _ in range(params.n)]
         logs = [_TokenLog(engine.tokenizer, seq, chat) for seq in sequences]
-        text_bytes = [0] * params.n  # of the generated text, before a chat reply's trimming
+        text_chars = [0] * params.n  # of the generated text, before a chat reply's trimming
         done = 0
         first_text = []
         try:
@@ -485,12 +500,12 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 if what == "text":
                     if index == 0:
                         first_text.append(value)
-                    text_bytes[index] += len(value.encode())
+                    text_chars[index] += len(value)
                     if chat:
                         value = shown[index].push(value)
                         if not value:
                             continue
-                    logprobs = logs[index].take(text_bytes[index]) if params.logprobs is not None else None
+                    logprobs = logs[index].take(text_chars[index]) if params.logprobs is not None else None
                     yield sse(chunk(index, value, logprobs=logprobs))
                 elif value.finish_reason == "error":
                     # OpenAI's way to fail mid-stream: the client raises APIError with this message
@@ -499,8 +514,11 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                     return
                 else:
                     done += 1
-                    # tokens whose text a chat reply's trimming held back
-                    logprobs = logs[index].take(text_bytes[index]) if params.logprobs is not None else None
+                    # the rest: tokens whose text a chat reply's trimming held back, or that
+                    # have none; not those a stop string cut off
+                    logprobs = None
+                    if params.logprobs is not None:
+                        logprobs = logs[index].take(text_chars[index] if value.stopped_by_text else math.inf)
                     yield sse(chunk(index, finish=finish_reason(value), logprobs=logprobs))
             if params.include_usage:
                 yield sse({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [],

@@ -17,6 +17,7 @@ and goes out as events passed to a callback, from the engine's thread.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -41,12 +42,14 @@ IDLE_PREFILL_CHUNK = 512
 def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[int, float, list[tuple[int, float]]]:
     """token's log-probability under the model's distribution (the logits before sampling's
     penalties and temperature, as OpenAI reports them) and the k most likely tokens'."""
-    x = logits.astype(np.float64)
-    top = x.max()
-    log_total = top + np.log(np.exp(x - top).sum())
-    best = np.argpartition(-x, k)[:k] if 0 < k < len(x) else np.arange(len(x) if k else 0)
-    best = best[np.argsort(-x[best], kind="stable")]
-    return token, float(x[token] - log_total), [(int(t), float(x[t] - log_total)) for t in best]
+    # float32 exponentials summed in float64: one pass over the vocabulary, on the engine's
+    # thread, so cheap enough not to slow the other sequences of its steps
+    top = float(logits.max())
+    log_total = top + math.log(float(np.exp(logits - np.float32(top)).sum(dtype=np.float64)))
+    best = np.argpartition(logits, len(logits) - k)[len(logits) - k:] if 0 < k < len(logits) else \
+        np.arange(len(logits) if k else 0)
+    best = best[np.argsort(-logits[best], kind="stable")]
+    return token, float(logits[token]) - log_total, [(int(t), float(logits[t]) - log_total) for t in best]
 
 
 def _extends(tokens: list[int], prefix: list[int]) -> bool:
@@ -90,6 +93,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     warm_up: bool = False  # only caches its state (Engine.remember): no client waits for it
+    stopped_by_text: bool = False  # a stop string ended it (its last tokens' text was cut)
     logprobs: int | None = None  # alternatives to record with each generated token; None: none
     # per generated token, with logprobs: (token, its log-probability, [(alternative, log-probability)])
     token_logprobs: list = field(default_factory=list)
@@ -376,9 +380,11 @@ class Engine:
             cut = _find_stop(seq.text_pending, seq.stops)
             if cut >= 0:
                 seq.text_pending = seq.text_pending[:cut]
+                stopped_by_text = True
         if seq.text_pending and reason in ("stop", "length"):
             seq.on_event("text", seq.text_pending)
         seq.text_pending = ""
+        seq.stopped_by_text = stopped_by_text
         seq.finish_reason = reason
         seq.error = error
         # what this sequence read and wrote, for the next turn of its conversation
