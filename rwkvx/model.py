@@ -143,6 +143,14 @@ class RWKV:
         self._initial = state
         self._initial_digest = hashlib.sha256(state.tobytes()).hexdigest()[:32]
 
+    def read_initial_state(self, path: str | os.PathLike) -> np.ndarray:
+        """The state a file would start sequences from (set_initial_state's files: an rwkvx
+        state file or a state-tuning file), checked for this model, without setting it."""
+        state = self._check_state(self._read_initial_state(os.fsdecode(path)))
+        if not np.isfinite(state).all():
+            raise RwkvxError(f"{os.fsdecode(path)}: the state holds NaN or infinite values")
+        return state
+
     def _read_initial_state(self, path: str) -> np.ndarray:
         # state tuning exists for RWKV-5/6/7 only: RWKV-4 reads state files alone
         if is_state_file(path) or not hasattr(self, "n_head"):

@@ -475,6 +475,51 @@ def test_initial_state_serves_every_request(tmp_path):
     assert done.stderr.strip().endswith("neither an rwkvx state file nor a state-tuning file (.pth or safetensors)")
 
 
+def test_named_states_are_models_of_their_own(tmp_path):
+    # --named-state NAME=FILE: requests for MODEL:NAME start from FILE's state, the others
+    # from the model's own; the state cache keeps the two apart
+    import rwkvx
+    model = rwkvx.load("demo")
+    tokenizer = rwkvx.load_tokenizer("bytes", model.n_vocab)
+    ids = tokenizer.encode("def fibonacci(n):\n    ")
+    model.save_state(tmp_path / "fib.state", model.forward(ids)[1], ids)
+
+    def greedy(prompt):
+        return "".join(rwkvx.generate(model, tokenizer, prompt, max_tokens=12, sampler=rwkvx.Sampler(temperature=0)))
+    plain = {p: greedy(p) for p in ("if", "return")}
+    model.set_initial_state(tmp_path / "fib.state")
+    tuned = {p: greedy(p) for p in ("if", "return")}
+    assert plain != tuned
+    s = Server("-m", "demo", "--model-name", "demo", "--named-state", f"fib={tmp_path / 'fib.state'}")
+    try:
+        client = s.client()
+        assert [m.id for m in client.models.list().data] == ["demo", "demo:fib"]
+        for _ in range(2):  # the second round finds both prompts' states in the cache
+            for prompt in ("if", "return"):
+                for name, expected in (("demo", plain), ("demo:fib", tuned)):
+                    got = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+                    assert got.choices[0].text == expected[prompt] and got.model == name
+        # a chat's second turn resumes from its first under the same start
+        messages = [{"role": "user", "content": "What is a list?"}]
+        first = client.chat.completions.create(model="demo:fib", messages=messages, max_tokens=8, seed=1)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And a tuple?"}]
+        wait_idle(s)
+        second = client.chat.completions.create(model="demo:fib", messages=messages, max_tokens=8, seed=1)
+        assert second.usage.prompt_tokens_details.cached_tokens > 0
+        with pytest.raises(openai.NotFoundError, match="'demo', 'demo:fib'"):
+            client.completions.create(model="demo:other", prompt="x", max_tokens=1)
+    finally:
+        s.stop()
+    for flag, message in ((["--named-state", "a b=x"], "expected NAME=FILE"),
+                          (["--named-state", f"a={tmp_path / 'fib.state'}", "--named-state",
+                            f"a={tmp_path / 'fib.state'}"], "the name 'a' is given twice"),
+                          (["--named-state", f"a={tmp_path}"], "is a directory")):
+        done = subprocess.run([sys.executable, "-m", "rwkvx.serve", "-m", "demo", "--port", str(free_port()), *flag],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def test_without_the_extra_it_says_what_to_install(tmp_path):
     # hide starlette from a child process: one line, exit 2
     (tmp_path / "starlette.py").write_text("raise ImportError('hidden')\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sys
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-cache-mb", type=int_at_least(0), default=512, metavar="MB",
                    help="memory for states of earlier prompts and conversations, reused by requests that "
                         "start with the same tokens (default: %(default)s)")
+    p.add_argument("--named-state", action="append", default=[], metavar="NAME=FILE", type=named_state,
+                   help="also offer the model starting from FILE's state (a state-tuning file, or an rwkvx state "
+                        "file) as the model MODEL:NAME; repeatable")
     p.add_argument("--template", choices=("world", "raven"),
                    help="chat template (default: raven for the 20B tokenizer, else world)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=4096, metavar="N",
@@ -84,6 +88,15 @@ def _vocabulary(path: str) -> int:
     return source.tensors["emb.weight"].shape[0]
 
 
+def named_state(text: str) -> tuple[str, str]:
+    """--named-state's NAME=FILE."""
+    name, sep, path = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name) or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE with a NAME of letters, digits, '.', '_' or '-', "
+                                         f"got {text[:80]!r}")
+    return name, path
+
+
 def default_model_name(model: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(model)))[0] or "rwkv"
 
@@ -99,11 +112,14 @@ def _serve(args) -> int:
     n_vocab = _vocabulary(args.model)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model, n_vocab), n_vocab)
     name = args.model_name or default_model_name(args.model)
-    if args.state:
-        # a wrong file is refused before the server listens; its fit to the model is
-        # checked as the model loads
-        from rwkvx.states import open_state_source
-        open_state_source(args.state)
+    names = [name for name, _ in args.named_state]
+    if len(set(names)) < len(names):
+        raise RwkvxError(f"--named-state: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+    # a wrong file is refused before the server listens; its fit to the model is checked as
+    # the model loads
+    from rwkvx.states import open_state_source
+    for path in ([args.state] if args.state else []) + [path for _, path in args.named_state]:
+        open_state_source(path)
     if args.replicas:
         from rwkvx.serve.replicas import serve_replicas
         return serve_replicas(args, name)
@@ -142,9 +158,13 @@ def make_app(args, name: str, tokenizer=None, on_load_failure=None):
             set_adaptive_threads(False)
         model, loaded_tokenizer, seconds = load_model(args)
         log(model_summary(args, model, seconds))
-        return Engine(model, tokenizer or loaded_tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                      state_cache_bytes=args.state_cache_mb << 20,
-                      prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK)
+        engine = Engine(model, tokenizer or loaded_tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                        state_cache_bytes=args.state_cache_mb << 20,
+                        prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK)
+        for state_name, path in args.named_state:
+            engine.add_start(state_name, model.read_initial_state(path))
+            log(f"{name}:{state_name} starts from {path}")
+        return engine
 
     settings = Settings(model_name=name, api_key=args.api_key, template=args.template,
                         replica=os.environ.get("RWKVX_REPLICA"))

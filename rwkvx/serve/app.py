@@ -153,35 +153,44 @@ def build_app(server: Server) -> Starlette:
         return FileResponse(PAGE, media_type="text/html")
 
     async def models(request: Request) -> Response:
-        ready()
+        engine = ready()
+        names = [settings.model_name] + [f"{settings.model_name}:{name}" for name in engine.start_names]
         return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "rwkvx"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "rwkvx"} for name in names]})
 
     async def metrics_route(request: Request) -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    def check_model(params) -> None:
-        if params.model is not None and params.model != settings.model_name:
-            raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has "
-                                f"{settings.model_name!r}", param="model", code="model_not_found")
+    def check_model(params, engine: Engine) -> int:
+        """The start the request's model name asks for: 0 for the model's own, else the
+        number of a named state ("MODEL:NAME", --named-state)."""
+        if params.model is None or params.model == settings.model_name:
+            return 0
+        base, _, name = params.model.partition(":")
+        if base == settings.model_name and name in engine.start_names:
+            return engine.start_names[name]
+        names = ", ".join(repr(n) for n in [settings.model_name] +
+                          [f"{settings.model_name}:{n}" for n in engine.start_names])
+        raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has {names[:400]}",
+                       param="model", code="model_not_found")
 
     async def completions(request: Request) -> Response:
         engine = ready()
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=16)
-        check_model(params)
+        start = check_model(params, engine)
         if params.logprobs is not None:
             needs_token_bytes(engine, "logprobs")
         prompt = parse_prompt(body)
         ids = await asyncio.to_thread(encode, engine, prompt, server.limits)
-        return await respond(request, engine, ids, params, chat=False)
+        return await respond(request, engine, ids, params, chat=False, start=start)
 
     async def chat_completions(request: Request) -> Response:
         engine = ready()
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens), chat=True)
-        check_model(params)
+        start = check_model(params, engine)
         if params.logprobs is not None:
             needs_token_bytes(engine, "logprobs")
         messages = parse_messages(body)
@@ -203,8 +212,8 @@ def build_app(server: Server) -> Starlette:
             # the history as the next turn will send it: its state, cached now, makes the
             # next turn pay only for its new message (tokenized off the event loop)
             task = asyncio.get_running_loop().run_in_executor(None, tokens_of_history, reply)
-            task.add_done_callback(lambda t: t.exception() is None and engine.remember(t.result()))
-        return await respond(request, engine, ids, params, chat=True, on_reply=remember)
+            task.add_done_callback(lambda t: t.exception() is None and engine.remember(t.result(), start))
+        return await respond(request, engine, ids, params, chat=True, on_reply=remember, start=start)
 
     # llama-server's token routes (editors and chat front ends count tokens with them)
     async def tokenize(request: Request) -> Response:
@@ -401,7 +410,7 @@ def _failure(sequences) -> str:
 
 
 async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool,
-                  on_reply=None) -> Response:
+                  on_reply=None, start: int = 0) -> Response:
     """Submit n sequences and answer with their text, streamed as server-sent events or whole."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -414,7 +423,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
                 loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
             sequences.append(engine.submit(ids, make_sampler(params, seed), max_tokens=params.max_tokens,
                                            stops=params.stop, ignore_eos=params.ignore_eos,
-                                           logprobs=params.logprobs, on_event=on_event))
+                                           logprobs=params.logprobs, start=start, on_event=on_event))
     except QueueFull as e:
         for seq in sequences:
             engine.cancel(seq)
@@ -425,7 +434,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
         raise bad("request", str(e)) from None
     rid = new_id("chatcmpl" if chat else "cmpl")
     created = now()
-    model = request.app.state.model_name
+    model = params.model or request.app.state.model_name  # checked: this model or one of its starts
     kind = "chat.completion" if chat else "text_completion"
 
     def usage():

@@ -52,6 +52,11 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[int, float, list[
     return token, float(logits[token]) - log_total, [(int(t), float(logits[t]) - log_total) for t in best]
 
 
+def _real(tokens: list[int]) -> int:
+    """How many of tokens are the prompt's (not a start's marker)."""
+    return len(tokens) - (1 if tokens and tokens[0] < 0 else 0)
+
+
 def _extends(tokens: list[int], prefix: list[int]) -> bool:
     return len(prefix) <= len(tokens) and tokens[:len(prefix)] == prefix
 
@@ -124,6 +129,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._starts: list[np.ndarray] = []  # add_start's states; start k is _starts[k - 1]
+        self.start_names: dict[str, int] = {}
         # ids the tokenizer cannot decode (a padded vocabulary) are never drawn
         self._mask_from = tokenizer.vocab_size if tokenizer.vocab_size < model.n_vocab else None
 
@@ -140,22 +147,39 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def add_start(self, name: str, state: np.ndarray) -> int:
+        """Register a state sequences may start from instead of the model's (a tuned state
+        the server offers by name); returns its number for submit and remember
+        (start_names[name] too). Call before start()."""
+        self._starts.append(np.array(state, dtype=np.float32))
+        self.start_names[name] = len(self._starts)
+        return len(self._starts)
+
     def submit(self, prompt: list[int], sampler, *, max_tokens: int, stops: tuple[str, ...] = (),
-               ignore_eos: bool = False, logprobs: int | None = None,
+               ignore_eos: bool = False, logprobs: int | None = None, start: int = 0,
                on_event: Callable[[str, object], None]) -> Sequence:
         """Queue a generation. on_event(kind, value) is called from the engine's thread with
         ("text", str) pieces and finally ("done", Sequence). logprobs: record each generated
         token's log-probability and this many alternatives' (Sequence.token_logprobs, filled
-        before the text that holds the token is sent). Raises QueueFull."""
+        before the text that holds the token is sent). start: 0 for the model's own start,
+        else a number from add_start. Raises QueueFull."""
         if not prompt:
             raise RwkvxError("prompt: expected at least one token, got none")
-        seq = Sequence(next(self._ids), list(prompt), sampler, max_tokens, tuple(stops),
+        seq = Sequence(next(self._ids), self._marked(prompt, start), sampler, max_tokens, tuple(stops),
                        None if ignore_eos else self.tokenizer.eos_id, on_event, logprobs=logprobs)
         seq.usage.prompt_tokens = len(prompt)
         if hasattr(sampler, "accept_prompt"):
-            sampler.accept_prompt(seq.prompt)  # the repeat penalty's window starts in the prompt
+            sampler.accept_prompt(list(prompt))  # the repeat penalty's window starts in the prompt
         self._enqueue(seq)
         return seq
+
+    def _marked(self, tokens: list[int], start: int) -> list[int]:
+        """tokens as sequences and the cache hold them: after another start, behind a marker
+        (-start, never a real token) whose effect is that start's state. So the cache, and
+        sequences sharing a prompt, tell the starts apart with no more code than the tokens."""
+        if not 0 <= start <= len(self._starts):
+            raise RwkvxError(f"start: expected 0..{len(self._starts)}, got {start}")
+        return [-start] + list(tokens) if start else list(tokens)
 
     def _enqueue(self, seq: Sequence) -> None:
         with self._cond:
@@ -165,12 +189,12 @@ class Engine:
             self._waiting.append(seq)
             self._cond.notify()
 
-    def remember(self, tokens: list[int]) -> None:
+    def remember(self, tokens: list[int], start: int = 0) -> None:
         """Run tokens (from the longest cached prefix) only to cache their state, e.g. a chat's
         history with its reply written as the next request will send it. Not counted against
         the queue's limit (one per chat request, so bounded by them) nor in the metrics."""
         if tokens:
-            self._enqueue(Sequence(next(self._ids), list(tokens), None, 0, (), None,
+            self._enqueue(Sequence(next(self._ids), self._marked(tokens, start), None, 0, (), None,
                                    lambda kind, value: None, warm_up=True))
 
     def cancel(self, seq: Sequence) -> None:
@@ -246,7 +270,7 @@ class Engine:
         """seq continues from where warm_up (whose prompt is a prefix of seq's) has got to, in
         its slot; the tokens warm_up has read count as cached."""
         seq.state, seq.fed = warm_up.state, list(warm_up.fed)
-        seq.usage.cached_tokens = len(warm_up.fed)
+        seq.usage.cached_tokens = _real(seq.fed)
         warm_up.state = None
         self._finish(warm_up, "length")
         self._active[self._active.index(warm_up)] = seq
@@ -254,13 +278,16 @@ class Engine:
     def _admit(self, seq: Sequence) -> None:
         """Start seq from the longest cached prefix of its prompt."""
         entry = self.cache.longest_prefix(seq.prompt)
-        if entry is None:
-            seq.state = self.model.new_state()
-        else:
+        if entry is not None:
             seq.state = entry.state.copy()
             seq.fed = entry.tokens.tolist()
             seq.logits = entry.logits
-            seq.usage.cached_tokens = len(entry.tokens)
+            seq.usage.cached_tokens = _real(seq.fed)
+        elif seq.prompt[0] < 0:  # another start: its marker is "read" by taking its state
+            seq.state = self._starts[-seq.prompt[0] - 1].copy()
+            seq.fed = seq.prompt[:1]
+        else:
+            seq.state = self.model.new_state()
 
     def _step(self) -> None:
         # sequences whose next logits are known sample first (a whole prompt from the cache)
