@@ -1,5 +1,6 @@
 """The server's engine and state cache, without HTTP: batching never changes what a request gets."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +171,46 @@ def test_a_warm_up_that_a_request_already_covers_is_dropped(model):
     with engine._cond:
         engine._admit_waiting()
     assert engine._active == [seq] and not engine._waiting
+
+
+def test_starts_keep_their_prompts_apart(model):
+    # the same prompt from the model's start and from another, and two choices of each: each
+    # gets what generate gives from its start, and states are shared only within a start
+    tok = ByteTokenizer()
+    _, other = model.forward(list(b"Once upon a time"))
+    engine = Engine(model, tok, max_batch=8)
+    assert engine.add_start("tale", other) == 1
+    with pytest.raises(rwkvx.RwkvxError, match="'tale': given twice"):
+        engine.add_start("tale", other)
+    with pytest.raises(rwkvx.RwkvxError, match=r"a state of shape \(2, 5\)"):
+        engine.add_start("bad", np.zeros((2, 5), np.float32))
+    prompt = list(b"The end")
+    texts = [[] for _ in range(4)]
+    seqs = [engine.submit(prompt, rwkvx.Sampler(temperature=0), max_tokens=8, start=start,
+                          on_event=lambda kind, value, i=i: texts[i].append(value) if kind == "text" else None)
+            for i, start in enumerate((0, 1, 0, 1))]
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(s.finish_reason is None for s in seqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    greedy = rwkvx.Sampler(temperature=0)
+    plain = "".join(rwkvx.generate(model, tok, prompt, max_tokens=8, sampler=greedy))
+    model.set_initial_state(other)
+    try:
+        tuned = "".join(rwkvx.generate(model, tok, prompt, max_tokens=8, sampler=rwkvx.Sampler(temperature=0)))
+    finally:
+        model.set_initial_state(None)
+    assert plain != tuned
+    assert ["".join(t) for t in texts] == [plain, tuned, plain, tuned]
+    assert all(s.usage.prompt_tokens == len(prompt) for s in seqs)
+    assert all(s.usage.cached_tokens in (0, len(prompt)) for s in seqs)
+    # a warm-up of the other start is cached under its marker, not as the model's own start
+    history = list(b"A history")
+    engine.remember(history, 1)
+    drive(engine, lambda: engine.cache.longest_prefix([-1] + history, need_logits_at_end=False) is not None)
+    assert engine.cache.longest_prefix(history, need_logits_at_end=False) is None
+    with pytest.raises(rwkvx.RwkvxError, match="token ids must be in"):
+        engine.submit([-1, 5], rwkvx.Sampler(), max_tokens=1, on_event=lambda kind, value: None)

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import warnings
 
 from rwkvx._cli import EXIT_FAILURE, EXIT_OK, Parser, add_model_args, int_at_least, log, run_main
 
@@ -162,7 +163,11 @@ def make_app(args, name: str, tokenizer=None, on_load_failure=None):
                         state_cache_bytes=args.state_cache_mb << 20,
                         prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK)
         for state_name, path in args.named_state:
-            engine.add_start(state_name, model.read_initial_state(path))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.add_start(state_name, model.read_initial_state(path))
+            for w in caught:  # a state saved from another checkpoint of the same shape
+                log(f"warning: {w.message}")
             log(f"{name}:{state_name} starts from {path}")
         return engine
 

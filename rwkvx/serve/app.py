@@ -167,9 +167,9 @@ def build_app(server: Server) -> Starlette:
         number of a named state ("MODEL:NAME", --named-state)."""
         if params.model is None or params.model == settings.model_name:
             return 0
-        base, _, name = params.model.partition(":")
-        if base == settings.model_name and name in engine.start_names:
-            return engine.start_names[name]
+        prefix = settings.model_name + ":"  # the model's name may hold ":" itself
+        if params.model.startswith(prefix) and params.model[len(prefix):] in engine.start_names:
+            return engine.start_names[params.model[len(prefix):]]
         names = ", ".join(repr(n) for n in [settings.model_name] +
                           [f"{settings.model_name}:{n}" for n in engine.start_names])
         raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has {names[:400]}",

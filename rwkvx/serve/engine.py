@@ -151,7 +151,13 @@ class Engine:
         """Register a state sequences may start from instead of the model's (a tuned state
         the server offers by name); returns its number for submit and remember
         (start_names[name] too). Call before start()."""
-        self._starts.append(np.array(state, dtype=np.float32))
+        if name in self.start_names:
+            raise RwkvxError(f"start {name!r}: given twice")
+        state = np.array(state, dtype=np.float32)
+        if state.shape != tuple(self.model.state_shape):
+            raise RwkvxError(f"start {name!r}: a state of shape {state.shape}, this model's are "
+                             f"{tuple(self.model.state_shape)}")
+        self._starts.append(state)
         self.start_names[name] = len(self._starts)
         return len(self._starts)
 
@@ -179,7 +185,10 @@ class Engine:
         sequences sharing a prompt, tell the starts apart with no more code than the tokens."""
         if not 0 <= start <= len(self._starts):
             raise RwkvxError(f"start: expected 0..{len(self._starts)}, got {start}")
-        return [-start] + list(tokens) if start else list(tokens)
+        tokens = list(tokens)
+        if any(not 0 <= t < self.model.n_vocab for t in tokens):  # a negative id would pass for a marker
+            raise RwkvxError(f"prompt: token ids must be in 0..{self.model.n_vocab - 1}")
+        return [-start] + tokens if start else tokens
 
     def _enqueue(self, seq: Sequence) -> None:
         with self._cond:
