@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from rwkvx.errors import CheckpointError, RwkvxError, RwkvxWarning
+from rwkvx.errors import RwkvxError, RwkvxWarning
 from rwkvx.formats.safetensors_io import STATE_FORMAT_NAME as FORMAT_NAME
 from rwkvx.formats.safetensors_io import looks_like_safetensors, open_safetensors, refuse_to_replace
 from rwkvx.formats.tensorfile import NUMPY_DTYPES, MappedFile, fail
