@@ -393,7 +393,7 @@ static inline void rwkvx_q4i8_block(const rwkvx_q4 *m, ptrdiff_t i, int n_r, con
     const int level = rwkvx_i8_level();
     if (n_r == 4 && level == 2) {
         rwkvx_q4i8_block4_vnni(m, i, n, P, ldp, n_tok, Y, ldy, prefetch);
-        rwkvx_i8_last_loops = 2;
+        rwkvx_i8_note_loops(2);
         return;
     }
     if (level >= 1) {
@@ -406,12 +406,12 @@ static inline void rwkvx_q4i8_block(const rwkvx_q4 *m, ptrdiff_t i, int n_r, con
             rwkvx_q4i8_block_vnni256(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
         else
             rwkvx_q4i8_block_avx2(m, i, n_r, n, P, ldp, n_tok, Y, ldy);
-        rwkvx_i8_last_loops = rwkvx_i8_vnni256 ? 2 + rwkvx_i8_vnni256 : 1;
+        rwkvx_i8_note_loops(rwkvx_i8_vnni256 ? 2 + rwkvx_i8_vnni256 : 1);
         return;
     }
 #endif
     (void)prefetch;
-    rwkvx_i8_last_loops = 0;
+    rwkvx_i8_note_loops(0);
     for (ptrdiff_t t = 0; t < n_tok; t++)
         for (int r = 0; r < n_r; r++)
             Y[t * ldy + r] = rwkvx_q4i8_dot(m, i + r, P + t * ldp, n);
