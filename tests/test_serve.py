@@ -117,6 +117,15 @@ def test_completion_and_its_stream_agree(server):
     assert pieces[-1].choices[0].finish_reason == "length"
 
 
+def test_a_prompt_of_token_ids_is_the_same_prompt(server):
+    client = server.client()
+    text = client.completions.create(model="demo", prompt="The built-in function", max_tokens=10, temperature=0)
+    ids = list("The built-in function".encode())
+    for prompt in (ids, [ids]):
+        got = client.completions.create(model="demo", prompt=prompt, max_tokens=10, temperature=0)
+        assert got.choices[0].text == text.choices[0].text and got.usage.prompt_tokens == len(ids)
+
+
 def test_stop_strings_and_n(server):
     client = server.client()
     result = client.completions.create(model="demo", prompt="def f(x):\n", max_tokens=64, temperature=0, stop=["\n"],
@@ -233,6 +242,11 @@ def test_unknown_routes_get_openai_errors(server, method, path, status):
     (json.dumps({"prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
     (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": []}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, 256]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, True]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": ["a", "b"]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [[1], [2]]}).encode(), 400, "prompt"),
     (json.dumps({"prompt": "x", "stop": [""]}).encode(), 400, "stop"),
     (json.dumps({"prompt": "x", "logit_bias": {"999999": 1}}).encode(), 400, "logit_bias"),
     (json.dumps({"prompt": "x", "n": 100}).encode(), 400, "n"),

@@ -182,8 +182,8 @@ def build_app(server: Server) -> Starlette:
         start = check_model(params, engine)
         if params.logprobs is not None:
             needs_token_bytes(engine, "logprobs")
-        prompt = parse_prompt(body)
-        ids = await asyncio.to_thread(encode, engine, prompt, server.limits)
+        prompt = parse_prompt(body, server.limits)
+        ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(encode, engine, prompt, server.limits)
         return await respond(request, engine, ids, params, chat=False, start=start)
 
     async def chat_completions(request: Request) -> Response:

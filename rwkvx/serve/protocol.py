@@ -167,12 +167,22 @@ def _flag(body: dict, name: str) -> bool:
     return bool(value)
 
 
-def parse_prompt(body: dict) -> str:
+def parse_prompt(body: dict, limits: Limits) -> str | list[int]:
+    """One prompt: text, or token ids (OpenAI's list of ints; a list holding one of either)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt:
+            raise bad("prompt", "expected at least one token")
+        if len(prompt) > limits.max_prompt_tokens:
+            raise bad("prompt", f"{len(prompt)} tokens, more than this server accepts ({limits.max_prompt_tokens})")
+        if not all(type(t) is int and 0 <= t < limits.n_vocab for t in prompt):
+            raise bad("prompt", f"expected text, or token ids in 0..{limits.n_vocab - 1}; "
+                                "one prompt a request")
+        return prompt
     if not isinstance(prompt, str):
-        raise bad("prompt", "expected a string")
+        raise bad("prompt", "expected a string or a list of token ids (one prompt a request)")
     if not prompt:
         raise bad("prompt", "expected a non-empty string")
     return prompt
