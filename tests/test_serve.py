@@ -348,6 +348,38 @@ def test_completion_logprobs_are_the_model_s(server):
     assert client.completions.create(model="demo", prompt="x", max_tokens=2).choices[0].logprobs is None
 
 
+def test_echo_gives_the_prompt_and_its_logprobs_back(server):
+    # as lm-eval-harness scores a text: echo, logprobs 1, one token
+    import rwkvx
+    client = server.client()
+    prompt = "def f(x):"
+    plain = client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    got = client.completions.create(model="demo", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = got.choices[0].logprobs
+    assert "".join(lp.tokens) == got.choices[0].text and lp.text_offset == list(range(len(prompt) + 1))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    # each prompt token's log-probability after the ones before it: the model's own
+    model = rwkvx.load("demo")
+    ids = list(prompt.encode())
+    logits, state = model.forward(ids[:1])
+    for i in range(1, len(ids) + 1):
+        expected = _log_softmax(logits)
+        token = ids[i] if i < len(ids) else int(np.argmax(expected))
+        assert abs(lp.token_logprobs[i] - expected[token]) < 1e-6
+        assert _piece(token) in lp.top_logprobs[i] and len(lp.top_logprobs[i]) <= 2
+        if i < len(ids):
+            logits, state = model.forward([ids[i]], state)
+    # streamed: the prompt first, then the completion
+    pieces = list(client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == echoed.choices[0].text
+    assert pieces[0].choices[0].text == prompt
+    assert sum((p.choices[0].logprobs.tokens for p in pieces if p.choices[0].logprobs), []) == \
+        list(echoed.choices[0].text)
+
+
 def test_logprobs_of_several_choices_and_of_a_stop_string(server):
     client = server.client()
     several = client.completions.create(model="demo", prompt="class A:", max_tokens=10, seed=2, n=3, logprobs=1)
@@ -415,7 +447,7 @@ def test_token_bytes_are_needed_for_pieces_and_logprobs():
 @pytest.mark.parametrize("route, body, param", [
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 21}, "top_logprobs"),
@@ -527,6 +559,10 @@ def test_named_states_are_models_of_their_own(tmp_path):
             time.sleep(0.05)
         second = client.chat.completions.create(model="demo:fib", messages=messages, max_tokens=8, seed=1)
         assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+        # an echoed prompt is scored from the request's start
+        scored = [client.completions.create(model=name, prompt="return x", max_tokens=1, temperature=0, echo=True,
+                                            logprobs=0).choices[0].logprobs.token_logprobs for name in ("demo", "demo:fib")]
+        assert scored[0][0] is None and scored[1][0] is None and scored[0][1:] != scored[1][1:]
         with pytest.raises(openai.NotFoundError, match="'demo', 'demo:fib'"):
             client.completions.create(model="demo:other", prompt="x", max_tokens=1)
     finally:

@@ -184,7 +184,10 @@ def build_app(server: Server) -> Starlette:
             needs_token_bytes(engine, "logprobs")
         prompt = parse_prompt(body, server.limits)
         ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(encode, engine, prompt, server.limits)
-        return await respond(request, engine, ids, params, chat=False, start=start)
+        echo = None
+        if params.echo:
+            echo = engine.tokenizer.decode(ids) if isinstance(prompt, list) else prompt
+        return await respond(request, engine, ids, params, chat=False, start=start, echo=echo)
 
     async def chat_completions(request: Request) -> Response:
         engine = ready()
@@ -360,11 +363,12 @@ class _TokenLog:
     Positions are counted in characters of the text as the tokenizer's stream decoder gives
     it (invalid UTF-8 as U+FFFD), decoding the tokens' bytes the same way."""
 
-    def __init__(self, tokenizer, seq, chat: bool):
+    def __init__(self, tokenizer, seq, chat: bool, base: int = 0):
         self.tokenizer, self.seq, self.chat = tokenizer, seq, chat
         self.sent = 0  # tokens handed out
         self.chars = codecs.getincrementaldecoder("utf-8")("replace")
-        self.offset = 0  # characters completed before the next token (its text_offset)
+        self.offset = 0  # characters completed before the next token (its text_offset - base)
+        self.base = base  # characters in front of the generated text (an echoed prompt)
 
     def take(self, text_chars: float) -> dict | None:
         """The tokens not handed out yet that begin within the first text_chars characters
@@ -388,20 +392,59 @@ class _TokenLog:
             out["token_logprobs"].append(lp)
             # the k most likely and the chosen one, as OpenAI's completions give them
             out["top_logprobs"].append({self._text(t): l for t, l in top + [(token, lp)]})
-            out["text_offset"].append(offset)
+            out["text_offset"].append(self.base + offset)
         return out
 
     def _text(self, token: int) -> str:
-        """A token's text; OpenAI's "bytes:\\xe5\\xaa" where its bytes are not whole characters."""
-        raw = self.tokenizer.token_bytes(token)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return _token_text(self.tokenizer, token)
 
     def _chat_entry(self, token: int, logprob: float) -> dict:
         raw = self.tokenizer.token_bytes(token)
         return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    """A token's text; OpenAI's "bytes:\\xe5\\xaa" where its bytes are not whole characters."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+# prompt tokens scored per pass for an echoed prompt's logprobs: 64 x 65536 float32 logits
+PROMPT_LOGPROBS_CHUNK = 64
+
+
+def _prompt_logprobs(engine: Engine, ids: list[int], start: int, k: int) -> dict:
+    """An echoed prompt's logprobs in completions' format: each token's log-probability
+    after the ones before it, from the request's start (the first has none, as OpenAI
+    gives it). The prompt runs through the model once more, beside the engine's reading of
+    it, a chunk at a time (the model serialises the two)."""
+    from rwkvx.serve.engine import _logprobs
+    tokenizer = engine.tokenizer
+    out = {"tokens": [], "token_logprobs": [None], "top_logprobs": [None], "text_offset": []}
+    chars, offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
+    for token in ids:
+        out["tokens"].append(_token_text(tokenizer, token))
+        out["text_offset"].append(offset)
+        offset += len(chars.decode(tokenizer.token_bytes(token)))
+    state = engine.start_state(start)
+    for i in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
+        part = ids[i:min(i + PROMPT_LOGPROBS_CHUNK, len(ids) - 1)]
+        rows, state = engine.model.forward(part, state, all_logits=True)
+        for j, row in enumerate(rows):
+            token, lp, top = _logprobs(engine.masked(row), ids[i + j + 1], k)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({_token_text(tokenizer, t): l for t, l in top + [(token, lp)]})
+    return out
+
+
+def _joined(first: dict | None, then: dict | None) -> dict | None:
+    """Two parts of completions' logprobs as one."""
+    if first is None or then is None:
+        return first or then
+    return {key: first[key] + then[key] for key in first}
 
 
 def _failure(sequences) -> str:
@@ -410,9 +453,14 @@ def _failure(sequences) -> str:
 
 
 async def respond(request: Request, engine: Engine, ids: list[int], params, *, chat: bool,
-                  on_reply=None, start: int = 0) -> Response:
-    """Submit n sequences and answer with their text, streamed as server-sent events or whole."""
+                  on_reply=None, start: int = 0, echo: str | None = None) -> Response:
+    """Submit n sequences and answer with their text, streamed as server-sent events or whole.
+    echo: the prompt's text, to come back in front of each choice's (completions' echo)."""
     loop = asyncio.get_running_loop()
+    echoed = None  # the echoed prompt's logprobs
+    if echo is not None and params.logprobs is not None:
+        echoed = await asyncio.to_thread(_prompt_logprobs, engine, ids, start, params.logprobs)
+    base = len(echo) if echo is not None else 0
     events: asyncio.Queue = asyncio.Queue()
     sequences = []
     try:
@@ -463,10 +511,12 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
         for i, seq in enumerate(sequences):
             logprobs = None
             if params.logprobs is not None:
-                logprobs = _TokenLog(engine.tokenizer, seq, chat).take(
-                    len(texts[i]) if seq.stopped_by_text else math.inf) or \
+                logprobs = _joined(echoed, _TokenLog(engine.tokenizer, seq, chat, base).take(
+                    len(texts[i]) if seq.stopped_by_text else math.inf)) or \
                     ({"content": [], "refusal": None} if chat else
                      {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+            if echo is not None:
+                texts[i] = echo + texts[i]
             if chat:
                 text = templates.clean_reply(texts[i])
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
@@ -496,7 +546,7 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
 
     async def stream():
         shown = [_ChatText() for _ in range(params.n)]
-        logs = [_TokenLog(engine.tokenizer, seq, chat) for seq in sequences]
+        logs = [_TokenLog(engine.tokenizer, seq, chat, base) for seq in sequences]
         text_chars = [0] * params.n  # of the generated text, before a chat reply's trimming
         done = 0
         first_text = []
@@ -504,6 +554,9 @@ async def respond(request: Request, engine: Engine, ids: list[int], params, *, c
             if chat:
                 for i in range(params.n):
                     yield sse(chunk(i, "", role=True))
+            if echo is not None:
+                for i in range(params.n):
+                    yield sse(chunk(i, echo, logprobs=echoed))
             while done < params.n:
                 index, what, value = await events.get()
                 if what == "text":

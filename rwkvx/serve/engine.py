@@ -179,6 +179,18 @@ class Engine:
         self._enqueue(seq)
         return seq
 
+    def start_state(self, start: int) -> np.ndarray:
+        """A fresh copy of the state start number `start` begins from (0: the model's own)."""
+        return self._starts[start - 1].copy() if start else self.model.new_state()
+
+    def masked(self, logits: np.ndarray) -> np.ndarray:
+        """logits with the ids the tokenizer cannot decode (a padded vocabulary) at -inf."""
+        if self._mask_from is None:
+            return logits
+        logits = logits.copy()
+        logits[self._mask_from:] = -np.inf
+        return logits
+
     def _marked(self, tokens: list[int], start: int) -> list[int]:
         """tokens as sequences and the cache hold them: after another start, behind a marker
         (-start, never a real token) whose effect is that start's state. So the cache, and
@@ -373,9 +385,7 @@ class Engine:
 
     def _sample_one(self, seq: Sequence, logits: np.ndarray) -> None:
         seq.logits = None
-        if self._mask_from is not None:
-            logits = logits.copy()
-            logits[self._mask_from:] = -np.inf
+        logits = self.masked(logits)
         token = seq.sampler.sample(logits)
         seq.sampler.accept(token)
         now = time.perf_counter()

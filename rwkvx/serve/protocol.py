@@ -84,6 +84,7 @@ class Params:
     ignore_eos: bool
     model: str | None
     logprobs: int | None = None  # alternatives per generated token's log-probability; None: off
+    echo: bool = False  # completions: the prompt comes back in front of the text (and its logprobs)
     extra: dict = field(default_factory=dict)
 
 
@@ -136,8 +137,7 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int, chat: b
             raise bad("top_logprobs", "needs logprobs: true")
     else:
         logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        if _flag(body, "echo"):
-            raise bad("echo", "not supported: the prompt's tokens are not returned")
+
     return Params(
         max_tokens=_integer(body, "max_tokens", None, 1, limits.max_tokens)
         or _integer(body, "max_completion_tokens", default_max_tokens, 1, limits.max_tokens),
@@ -157,6 +157,7 @@ def parse_params(body: dict, limits: Limits, *, default_max_tokens: int, chat: b
         ignore_eos=_flag(body, "ignore_eos"),
         model=model,
         logprobs=logprobs,
+        echo=not chat and _flag(body, "echo"),
     )
 
 
