@@ -299,14 +299,10 @@ def load_model(args):
     from rwkvx.tokenizer import default_tokenizer, load_tokenizer
 
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        # a --state file saved from another checkpoint of the same shape: one line
-        warnings.simplefilter("always", RwkvxWarning)
-        model = load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
-                     check_tensors=True if args.check_tensors else None, arithmetic=args.arithmetic,
-                     initial_state=args.state)
-    for w in caught:
-        print(f"rwkvx: warning: {w.message}", file=sys.stderr)
+    # a --state file saved from another checkpoint of the same shape warns
+    model = with_warnings(lambda: load(args.model, dtype=args.dtype, threads=args.threads, mmap=not args.no_mmap,
+                                       check_tensors=True if args.check_tensors else None,
+                                       arithmetic=args.arithmetic, initial_state=args.state))
     if args.batch_size is not None:
         model.chunk_size = args.batch_size
     seconds = time.perf_counter() - start
@@ -345,6 +341,16 @@ def peak_rss_mb() -> float:
 def log(message: str) -> None:
     """One line on stderr, for everything that is not the tool's output."""
     print(f"rwkvx: {message}", file=sys.stderr, flush=True)
+
+
+def with_warnings(action):
+    """Return action(), showing its warnings (a state of another checkpoint) as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RwkvxWarning)
+        result = action()
+    for w in caught:
+        log(f"warning: {w.message}")
+    return result
 
 
 # ---- sampling flags ----------------------------------------------------------------------

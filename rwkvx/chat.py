@@ -19,15 +19,14 @@ import copy
 import signal
 import sys
 import time
-import warnings
 from collections import deque
 
 import numpy as np
 
 from rwkvx import templates
 from rwkvx._cli import (EXIT_OK, Parser, add_model_args, add_sampling_args, int_at_least, is_demo, load_model,
-                        log, model_summary, run_main, sampler_from_args)
-from rwkvx.errors import RwkvxError, RwkvxWarning
+                        log, model_summary, run_main, sampler_from_args, with_warnings)
+from rwkvx.errors import RwkvxError
 from rwkvx.generate import generate
 from rwkvx.tokenizer import HFTokenizer
 
@@ -382,16 +381,6 @@ class _Terminal:
                 f"conversation {self.conversation.n_tokens} tokens")
 
 
-def _with_warnings(action):
-    """Return action(), showing its warnings (a state of another checkpoint) as one line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RwkvxWarning)
-        result = action()
-    for w in caught:
-        log(f"warning: {w.message}")
-    return result
-
-
 def _command(line: str, conversation: Conversation, terminal: _Terminal) -> bool:
     """Run a /command; returns False for /quit."""
     name, _, argument = line[1:].partition(" ")
@@ -414,7 +403,7 @@ def _command(line: str, conversation: Conversation, terminal: _Terminal) -> bool
             conversation.save(argument)
             log(f"saved the conversation ({conversation.n_tokens} tokens) to {argument}")
         else:
-            _with_warnings(lambda: conversation.load(argument))
+            with_warnings(lambda: conversation.load(argument))
             log(f"loaded a conversation of {conversation.n_tokens} tokens from {argument}")
     else:
         raise RwkvxError(f"unknown command /{name} (/help lists them; start a message with // to send a '/')")
@@ -428,7 +417,7 @@ def _chat(args) -> int:
     log(f"{model_summary(args, model, load_seconds)}, seed {args.seed}")
     template = templates.TEMPLATES[args.template] if args.template else default_template(tokenizer)
     started = time.perf_counter()
-    conversation = _with_warnings(lambda: Conversation(model, tokenizer, template, sampler, system=args.system,
+    conversation = with_warnings(lambda: Conversation(model, tokenizer, template, sampler, system=args.system,
                                                        max_tokens=args.n_predict, load=args.load))
     if args.load:
         log(f"loaded a conversation of {conversation.n_tokens} tokens from {args.load}")

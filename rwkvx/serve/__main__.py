@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import sys
-import warnings
 
 from rwkvx._cli import EXIT_FAILURE, EXIT_OK, Parser, add_model_args, int_at_least, log, run_main
 
@@ -144,7 +143,7 @@ def _serve(args) -> int:
 
 def make_app(args, name: str, tokenizer=None, on_load_failure=None):
     """The ASGI app for these flags; the model loads in a background thread."""
-    from rwkvx._cli import load_model, model_summary
+    from rwkvx._cli import load_model, model_summary, with_warnings
     from rwkvx.serve.app import Settings, create_app
     from rwkvx.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
     from rwkvx.serve.protocol import Limits
@@ -163,11 +162,7 @@ def make_app(args, name: str, tokenizer=None, on_load_failure=None):
                         state_cache_bytes=args.state_cache_mb << 20,
                         prefill_chunk=args.prefill_chunk or DEFAULT_PREFILL_CHUNK)
         for state_name, path in args.named_state:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                engine.add_start(state_name, model.read_initial_state(path))
-            for w in caught:  # a state saved from another checkpoint of the same shape
-                log(f"warning: {w.message}")
+            engine.add_start(state_name, with_warnings(lambda: model.read_initial_state(path)))
             log(f"{name}:{state_name} starts from {path}")
         return engine
 
