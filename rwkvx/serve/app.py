@@ -162,26 +162,29 @@ def build_app(server: Server) -> Starlette:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    def check_model(params, engine: Engine) -> int:
+    def check_request(params, engine: Engine) -> int:
         """The start the request's model name asks for: 0 for the model's own, else the
-        number of a named state ("MODEL:NAME", --named-state)."""
-        if params.model is None or params.model == settings.model_name:
-            return 0
+        number of a named state ("MODEL:NAME", --named-state); and that its logprobs, if
+        asked for, can be shown."""
         prefix = settings.model_name + ":"  # the model's name may hold ":" itself
-        if params.model.startswith(prefix) and params.model[len(prefix):] in engine.start_names:
-            return engine.start_names[params.model[len(prefix):]]
-        names = ", ".join(repr(n) for n in [settings.model_name] +
-                          [f"{settings.model_name}:{n}" for n in engine.start_names])
-        raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has {names[:400]}",
-                       param="model", code="model_not_found")
+        if params.model is None or params.model == settings.model_name:
+            start = 0
+        elif params.model.startswith(prefix) and params.model[len(prefix):] in engine.start_names:
+            start = engine.start_names[params.model[len(prefix):]]
+        else:
+            names = ", ".join(repr(n) for n in [settings.model_name] +
+                              [f"{settings.model_name}:{n}" for n in engine.start_names])
+            raise ApiError(404, f"model {params.model[:80]!r} does not exist; this server has {names[:400]}",
+                           param="model", code="model_not_found")
+        if params.logprobs is not None:
+            needs_token_bytes(engine, "logprobs")
+        return start
 
     async def completions(request: Request) -> Response:
         engine = ready()
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=16)
-        start = check_model(params, engine)
-        if params.logprobs is not None:
-            needs_token_bytes(engine, "logprobs")
+        start = check_request(params, engine)
         prompt = parse_prompt(body, server.limits)
         ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(encode, engine, prompt, server.limits)
         echo = None
@@ -193,9 +196,7 @@ def build_app(server: Server) -> Starlette:
         engine = ready()
         body = await read_json(request)
         params = parse_params(body, server.limits, default_max_tokens=min(1024, server.limits.max_tokens), chat=True)
-        start = check_model(params, engine)
-        if params.logprobs is not None:
-            needs_token_bytes(engine, "logprobs")
+        start = check_request(params, engine)
         messages = parse_messages(body)
         if messages[-1]["role"] == "assistant":
             raise bad("messages", "the last message must not be the assistant's: there is nothing to reply to")

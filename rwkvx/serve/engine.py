@@ -304,11 +304,10 @@ class Engine:
             seq.fed = entry.tokens.tolist()
             seq.logits = entry.logits
             seq.usage.cached_tokens = _real(seq.fed)
-        elif seq.prompt[0] < 0:  # another start: its marker is "read" by taking its state
-            seq.state = self._starts[-seq.prompt[0] - 1].copy()
-            seq.fed = seq.prompt[:1]
         else:
-            seq.state = self.model.new_state()
+            start = -seq.prompt[0] if seq.prompt[0] < 0 else 0
+            seq.state = self.start_state(start)
+            seq.fed = seq.prompt[:1] if start else []  # a marker is "read" by taking its state
 
     def _step(self) -> None:
         # sequences whose next logits are known sample first (a whole prompt from the cache)
