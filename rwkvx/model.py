@@ -135,23 +135,20 @@ class RWKV:
             self._initial, self._initial_digest = None, ""
             return
         if isinstance(state, (str, bytes, os.PathLike)):
-            state = self._read_initial_state(os.fsdecode(state))
-        state = self._check_state(state)
-        if not np.isfinite(state).all():
-            raise RwkvxError("initial state: holds NaN or infinite values")
+            state = self.read_initial_state(state)
+        else:
+            state = self._check_state(state)
+            if not np.isfinite(state).all():
+                raise RwkvxError("initial state: holds NaN or infinite values")
         state.flags.writeable = False
         self._initial = state
         self._initial_digest = hashlib.sha256(state.tobytes()).hexdigest()[:32]
 
     def read_initial_state(self, path: str | os.PathLike) -> np.ndarray:
         """The state a file would start sequences from (set_initial_state's files: an rwkvx
-        state file or a state-tuning file), checked for this model, without setting it."""
-        state = self._check_state(self._read_initial_state(os.fsdecode(path)))
-        if not np.isfinite(state).all():
-            raise RwkvxError(f"{os.fsdecode(path)}: the state holds NaN or infinite values")
-        return state
-
-    def _read_initial_state(self, path: str) -> np.ndarray:
+        state file or a state-tuning file), checked for this model (its shape, finite
+        values), without setting it: a private float32 array."""
+        path = os.fsdecode(path)
         # state tuning exists for RWKV-5/6/7 only: RWKV-4 reads state files alone
         if is_state_file(path) or not hasattr(self, "n_head"):
             arrays, _ = read_state_file(path, architecture=self.architecture, state_shape=self.state_shape,
