@@ -79,7 +79,7 @@ def assert_same_bits_everywhere(lin, X: np.ndarray, one_row_too: bool = False) -
     with each of int8's loops) and thread count, and for each row whichever rows share its
     product; with one_row_too, a row alone (the matrix-vector product, as decoding runs it)
     as well."""
-    before = set_int8_loops((_matvec.simd_level(), _matvec.int8_vnni256()))
+    before = (_matvec.simd_level(), _matvec.int8_vnni256())
     try:
         results = []
         for loops in INT8_LOOPS:
